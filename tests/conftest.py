@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny random models of every supported family and an offline character tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VOCAB_SIZE = 104  # 4 special tokens + printable ASCII (95), rounded up
+
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=VOCAB_SIZE,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**_COMMON, tie_word_embeddings=False),
+    "llama-tied": lambda: LlamaConfig(**_COMMON, tie_word_embeddings=True),
+    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=32),
+    "qwen2": lambda: Qwen2Config(**_COMMON),
+    "qwen3": lambda: Qwen3Config(**_COMMON),
+    "gemma": lambda: GemmaConfig(**_COMMON),
+    "gemma2": lambda: Gemma2Config(**_COMMON, sliding_window=32),
+}
+FAMILY_NAMES = list(CONFIGS)
+
+
+def make_tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random causal LM of ``family`` in eval mode (deterministic for a seed)."""
+    config = CONFIGS[family]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    # Random init of these tiny models is close to zero; scale up so units differ clearly.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def make_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer built offline (no hub access)."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for code in range(32, 127):
+        vocab[chr(code)] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(params=FAMILY_NAMES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(family):
+    return make_tiny_model(family)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_char_tokenizer()
+
+
+SAMPLE_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Pruning removes whole neurons, heads or blocks from a network.",
+    "A small model can still answer simple questions well.",
+    "Paris is the capital of France and a large city.",
+    "Calibration text decides which units matter most.",
+    "Fairness is measured on pairs that differ in one word.",
+]
+
+
+@pytest.fixture
+def calibration_batches(tokenizer):
+    """Four padded batches of two sentences: a list of dicts with input_ids and attention_mask."""
+    batches = []
+    for i in range(0, 8, 2):
+        texts = [SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)], SAMPLE_TEXTS[(i + 1) % len(SAMPLE_TEXTS)]]
+        batches.append(dict(tokenizer(texts, padding=True, return_tensors="pt")))
+    return batches

@@ -38,22 +38,21 @@ _COMMON = dict(
 )
 
 CONFIGS = {
-    "llama": lambda: LlamaConfig(**_COMMON, tie_word_embeddings=False),
-    "llama-tied": lambda: LlamaConfig(**_COMMON, tie_word_embeddings=True),
-    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=32),
-    "qwen2": lambda: Qwen2Config(**_COMMON),
-    "qwen3": lambda: Qwen3Config(**_COMMON),
-    "gemma": lambda: GemmaConfig(**_COMMON),
-    "gemma2": lambda: Gemma2Config(**_COMMON, sliding_window=32),
+    "llama": (LlamaConfig, dict(tie_word_embeddings=False)),
+    "llama-tied": (LlamaConfig, dict(tie_word_embeddings=True)),
+    "mistral": (MistralConfig, dict(sliding_window=32)),
+    "qwen2": (Qwen2Config, {}),
+    "qwen3": (Qwen3Config, {}),
+    "gemma": (GemmaConfig, {}),
+    "gemma2": (Gemma2Config, dict(sliding_window=32)),
 }
 FAMILY_NAMES = list(CONFIGS)
 
 
 def make_tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
     """A tiny random causal LM of ``family`` in eval mode (deterministic for a seed)."""
-    config = CONFIGS[family]()
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    config_class, extra = CONFIGS[family]
+    config = config_class(**{**_COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     # Random init of these tiny models is close to zero; scale up so units differ clearly.

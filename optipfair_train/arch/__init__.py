@@ -20,8 +20,16 @@ from operator import attrgetter
 
 from torch import nn
 
-__all__ = ["Family", "FAMILIES", "ModelAdapter", "MLPParts", "AttentionParts", "get_adapter",
-           "supported_model_types", "UnsupportedModelError"]
+__all__ = [
+    "Family",
+    "FAMILIES",
+    "ModelAdapter",
+    "MLPParts",
+    "AttentionParts",
+    "get_adapter",
+    "supported_model_types",
+    "UnsupportedModelError",
+]
 
 
 class UnsupportedModelError(ValueError):

@@ -1,0 +1,34 @@
+"""Structured pruning engine: scorers, planning, surgery, save/load."""
+
+from .api import PRUNING_TYPES, prune_model
+from .calibration import as_batches, block_influence, mlp_activation_sumsq
+from .depth import LAYER_SELECTION_METHODS, select_layers_to_remove
+from .io import MANIFEST_NAME, load_pruned_model, pruning_manifest, save_pruned_model
+from .scorers import ScoringContext, available_scorers, get_scorer, register_scorer
+from .surgery import ParamSlice, prune_mlp_neurons, remove_layers, slice_linear
+from .width import apply_width_plan, neuron_scores, plan_mlp_width
+
+__all__ = [
+    "PRUNING_TYPES",
+    "prune_model",
+    "as_batches",
+    "block_influence",
+    "mlp_activation_sumsq",
+    "LAYER_SELECTION_METHODS",
+    "select_layers_to_remove",
+    "MANIFEST_NAME",
+    "load_pruned_model",
+    "pruning_manifest",
+    "save_pruned_model",
+    "ScoringContext",
+    "available_scorers",
+    "get_scorer",
+    "register_scorer",
+    "ParamSlice",
+    "prune_mlp_neurons",
+    "remove_layers",
+    "slice_linear",
+    "apply_width_plan",
+    "neuron_scores",
+    "plan_mlp_width",
+]

@@ -1,0 +1,196 @@
+"""``prune_model``: the one-shot pruning entry point, with OptiPFair's names.
+
+Everything is validated (and data-driven scores are computed) before the first weight changes, so
+bad input never leaves a half-pruned model behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from ..analysis import count_parameters
+from ..arch import get_adapter
+from .calibration import as_batches
+from .depth import select_layers_to_remove
+from .io import record_pruning_event
+from .surgery import remove_layers
+from .targets import layers_to_remove_count
+from .width import apply_width_plan, plan_mlp_width
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PRUNING_TYPES", "prune_model"]
+
+PRUNING_TYPES = ("MLP_GLU", "DEPTH")
+
+
+def _check_model(model: torch.nn.Module) -> None:
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError(
+            "Cannot prune a quantized model: load it in float32/bfloat16 (for a GGUF, drop the "
+            "quantizer flags after loading; see optipfair_train.models)."
+        )
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError("Cannot prune a model with weights on the meta device: load real weights first.")
+    if hasattr(model, "peft_config"):
+        raise ValueError("Cannot prune a PEFT-wrapped model directly: call model.merge_and_unload() first.")
+
+
+def prune_model(
+    model: torch.nn.Module,
+    pruning_type: str = "MLP_GLU",
+    neuron_selection_method: str | None = None,
+    pruning_percentage: float | None = None,
+    expansion_rate: float | None = None,
+    expansion_divisor: int | None = None,
+    dataloader: Iterable | None = None,
+    show_progress: bool = True,
+    return_stats: bool = False,
+    *,
+    target_parameters: int | None = None,
+    layer_allocation: str = "uniform",
+    num_layers_to_remove: int | None = None,
+    layer_indices: Sequence[int] | None = None,
+    depth_pruning_percentage: float | None = None,
+    layer_selection_method: str | None = None,
+    block_metric: str = "cosine",
+    seed: int = 0,
+) -> torch.nn.Module | tuple[torch.nn.Module, dict[str, Any]]:
+    """Prune ``model`` in place and return it (with statistics when ``return_stats``).
+
+    Args:
+        pruning_type: ``"MLP_GLU"`` (MLP width) or ``"DEPTH"`` (whole blocks).
+        neuron_selection_method: scorer name (``MAW``/``PPM``, ``VOW``, ``PON``, ``L2``, ``random``,
+            ``activation``). Default: ``activation`` when a ``dataloader`` is given, else ``MAW``
+            (weight-only scores lose much more quality; a warning says so).
+        pruning_percentage: share of neurons to remove per layer (0-100, exclusive). Default 10 when
+            no other width target is given.
+        expansion_rate: target intermediate size as a percentage of the hidden size.
+        expansion_divisor: round the kept width down to a multiple of this.
+        dataloader: calibration batches (dicts with ``input_ids`` and ``attention_mask``).
+        target_parameters: prune MLP width uniformly until the model has at most this many parameters.
+        layer_allocation: ``"uniform"`` (same width everywhere) or ``"global"`` (per-layer widths from a
+            global ranking of normalised scores; reload with :func:`load_pruned_model`).
+        layer_indices: for ``MLP_GLU``, the layers to prune (default all); for ``DEPTH`` with
+            ``layer_selection_method="custom"``, the blocks to remove.
+        num_layers_to_remove / depth_pruning_percentage: how many blocks ``DEPTH`` removes.
+        layer_selection_method: ``importance`` (default with a dataloader), ``contiguous``, ``last``
+            (default without), ``first`` or ``custom``.
+        block_metric: ``cosine`` or ``angular`` distance for block influence.
+        seed: for the ``random`` scorer.
+
+    Returns:
+        The pruned model, or ``(model, stats)`` with ``original_parameters``, ``pruned_parameters``,
+        ``reduction``, ``percentage_reduction`` and the event that was recorded.
+
+    Example:
+        >>> model, stats = prune_model(model, pruning_percentage=20, dataloader=batches,
+        ...                            return_stats=True)  # doctest: +SKIP
+        >>> stats["percentage_reduction"]  # doctest: +SKIP
+    """
+    if pruning_type not in PRUNING_TYPES:
+        raise ValueError(
+            f"Unsupported pruning_type {pruning_type!r}; choose one of {', '.join(PRUNING_TYPES)}."
+        )
+    _check_model(model)
+    adapter = get_adapter(model)
+    batches = as_batches(dataloader) if dataloader is not None else None
+    width_args = dict(
+        neuron_selection_method=neuron_selection_method,
+        pruning_percentage=pruning_percentage,
+        expansion_rate=expansion_rate,
+        expansion_divisor=expansion_divisor,
+        target_parameters=target_parameters,
+    )
+    depth_args = dict(
+        num_layers_to_remove=num_layers_to_remove,
+        depth_pruning_percentage=depth_pruning_percentage,
+        layer_selection_method=layer_selection_method,
+    )
+    misplaced = [
+        k for k, v in (depth_args if pruning_type == "MLP_GLU" else width_args).items() if v is not None
+    ]
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)} do(es) not apply to pruning_type={pruning_type!r}.")
+    original = count_parameters(model)
+    event: dict[str, Any] = {"pruning_type": pruning_type, "parameters_before": original}
+
+    if pruning_type == "MLP_GLU":
+        if not adapter.family.is_glu:
+            raise ValueError(
+                f"{adapter.family.name} has no GLU MLP; MLP_GLU pruning needs gate/up/down projections."
+            )
+        method = neuron_selection_method or ("activation" if batches is not None else "MAW")
+        if neuron_selection_method is None and batches is None:
+            logger.warning(
+                "Pruning with weight-only MAW scores because no dataloader was given; on real "
+                "models this loses far more quality than neuron_selection_method='activation' "
+                "with a few calibration batches."
+            )
+        if pruning_percentage is None and expansion_rate is None and target_parameters is None:
+            pruning_percentage = 10
+        plan = plan_mlp_width(
+            model,
+            method=method,
+            pruning_percentage=pruning_percentage,
+            expansion_rate=expansion_rate,
+            expansion_divisor=expansion_divisor,
+            target_parameters=target_parameters,
+            batches=batches,
+            layer_indices=layer_indices,
+            layer_allocation=layer_allocation,
+            seed=seed,
+            show_progress=show_progress,
+        )
+        apply_width_plan(model, plan)
+        event.update(
+            method=method,
+            pruning_percentage=pruning_percentage,
+            expansion_rate=expansion_rate,
+            expansion_divisor=expansion_divisor,
+            target_parameters=target_parameters,
+            layer_allocation=layer_allocation,
+            intermediate_sizes=adapter.intermediate_sizes(),
+        )
+    else:
+        method = layer_selection_method or (
+            "custom" if layer_indices else "importance" if batches is not None else "last"
+        )
+        if method == "last" and layer_selection_method is None:
+            logger.warning(
+                "Removing the last blocks because no dataloader was given; measured block "
+                "importance ('importance' with a dataloader) keeps far more quality."
+            )
+        count = None
+        if method != "custom":
+            count = layers_to_remove_count(adapter.num_layers, num_layers_to_remove, depth_pruning_percentage)
+        drop = select_layers_to_remove(
+            model,
+            count,
+            method,
+            layer_indices=layer_indices,
+            batches=batches,
+            metric=block_metric,
+            show_progress=show_progress,
+        )
+        remove_layers(adapter, drop)
+        event.update(method=method, removed_layers=drop, num_layers=adapter.num_layers)
+
+    pruned = count_parameters(model)
+    event["parameters_after"] = pruned
+    record_pruning_event(model, event)
+    logger.info("%s pruning (%s): %s -> %s parameters", pruning_type, method, f"{original:,}", f"{pruned:,}")
+    if not return_stats:
+        return model
+    stats = {
+        "original_parameters": original,
+        "pruned_parameters": pruned,
+        "reduction": original - pruned,
+        "percentage_reduction": 100.0 * (original - pruned) / original,
+        "event": event,
+    }
+    return model, stats

@@ -1,0 +1,168 @@
+"""MLP width pruning: score neurons, plan how many to keep per layer, then cut.
+
+Planning (scores, targets, validation) touches no weight; only :func:`apply_width_plan` does.
+
+Example:
+    >>> plan = plan_mlp_width(model, method="MAW", pruning_percentage=20)  # doctest: +SKIP
+    >>> apply_width_plan(model, plan)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ..analysis import count_parameters
+from ..arch import ModelAdapter, get_adapter
+from .calibration import CalibrationBatch, mlp_activation_sumsq
+from .scorers import ScoringContext, get_scorer
+from .surgery import ParamSlice, prune_mlp_neurons, record_mlp_sizes
+from .targets import kept_width, width_for_parameter_budget
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["plan_mlp_width", "apply_width_plan", "neuron_scores", "MIN_LAYER_FRACTION"]
+
+# With global allocation a layer still keeps this share of its neurons: a block whose MLP is
+# emptied is better removed by depth pruning, where its attention goes too.
+MIN_LAYER_FRACTION = 0.1
+
+
+def neuron_scores(
+    model: torch.nn.Module,
+    method: str,
+    *,
+    batches: list[CalibrationBatch] | None = None,
+    layer_indices: Sequence[int] | None = None,
+    seed: int = 0,
+    adapter: ModelAdapter | None = None,
+    show_progress: bool = False,
+) -> dict[int, torch.Tensor]:
+    """Importance of every intermediate neuron of the chosen layers, keyed by layer index.
+
+    Example:
+        >>> scores = neuron_scores(model, "MAW")  # doctest: +SKIP
+        >>> scores[0].shape  # (intermediate_size,)  # doctest: +SKIP
+    """
+    adapter = adapter or get_adapter(model)
+    scorer = get_scorer(method)
+    layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
+    sumsq = None
+    if scorer.needs_calibration:
+        if batches is None:
+            scorer(adapter.mlp(layers[0]), ScoringContext(layers[0]))  # raises the helpful error
+        sumsq = mlp_activation_sumsq(model, batches, adapter=adapter, show_progress=show_progress)
+    return {i: scorer(adapter.mlp(i), ScoringContext(i, sumsq[i] if sumsq else None, seed)) for i in layers}
+
+
+def _global_allocation(
+    scores: dict[int, torch.Tensor], total_keep: int, divisor: int | None
+) -> dict[int, int]:
+    """Per-layer widths from a global ranking of scores normalised by each layer's mean."""
+    minimum = {i: max(1, math.ceil(MIN_LAYER_FRACTION * len(s)), divisor or 1) for i, s in scores.items()}
+    keep = dict(minimum)
+    pool = []
+    for i, s in scores.items():
+        normalised = s / s.mean().clamp_min(1e-12)
+        ranked = normalised.sort(descending=True).values[minimum[i] :]
+        pool += [(float(v), i) for v in ranked]
+    pool.sort(reverse=True)
+    for _, i in pool[: max(0, total_keep - sum(minimum.values()))]:
+        keep[i] += 1
+    if divisor:
+        keep = {i: max(divisor, (k // divisor) * divisor) for i, k in keep.items()}
+    return keep
+
+
+def plan_mlp_width(
+    model: torch.nn.Module,
+    *,
+    method: str = "MAW",
+    pruning_percentage: float | None = None,
+    expansion_rate: float | None = None,
+    expansion_divisor: int | None = None,
+    target_parameters: int | None = None,
+    batches: list[CalibrationBatch] | None = None,
+    layer_indices: Sequence[int] | None = None,
+    layer_allocation: str = "uniform",
+    seed: int = 0,
+    show_progress: bool = False,
+) -> dict[int, torch.Tensor]:
+    """Decide which neurons each layer keeps: ``{layer_idx: sorted kept indices}``.
+
+    ``layer_allocation="uniform"`` keeps the same number in every layer (OptiPFair's behaviour);
+    ``"global"`` keeps the same total but ranks neurons of all layers together after dividing each
+    layer's scores by their mean, so layers that matter more keep more (never below
+    ``MIN_LAYER_FRACTION`` of their width).
+
+    Example:
+        >>> plan = plan_mlp_width(model, method="L2", pruning_percentage=25)  # doctest: +SKIP
+        >>> {i: len(idx) for i, idx in plan.items()}  # doctest: +SKIP
+    """
+    adapter = get_adapter(model)
+    if layer_allocation not in ("uniform", "global"):
+        raise ValueError(f"layer_allocation must be 'uniform' or 'global', got {layer_allocation!r}.")
+    layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
+    for i in layers:
+        if not isinstance(i, int) or not 0 <= i < adapter.num_layers:
+            raise ValueError(
+                f"layer index {i!r} out of range: the model has layers 0..{adapter.num_layers - 1}."
+            )
+    if len(set(layers)) != len(layers) or not layers:
+        raise ValueError(f"layer_indices must be distinct and non-empty, got {layer_indices!r}.")
+    widths = {i: adapter.mlp(i).intermediate_size for i in layers}
+    get_scorer(method)  # unknown method fails here, before any forward pass
+
+    if target_parameters is not None:
+        if pruning_percentage is not None or expansion_rate is not None:
+            raise ValueError("Give target_parameters alone, not with pruning_percentage or expansion_rate.")
+        mlp = adapter.mlp(layers[0])
+        per_neuron = (
+            sum(m.weight.shape[1] + (m.bias is not None) for m in mlp.width_linears)
+            + mlp.down.weight.shape[0]
+        )
+        k = width_for_parameter_budget(
+            count_parameters(model), target_parameters, list(widths.values()), per_neuron, expansion_divisor
+        )
+        targets = dict.fromkeys(layers, k)
+    else:
+        targets = {
+            i: kept_width(
+                w,
+                hidden_size=adapter.hidden_size,
+                pruning_percentage=pruning_percentage,
+                expansion_rate=expansion_rate,
+                expansion_divisor=expansion_divisor,
+            )
+            for i, w in widths.items()
+        }
+
+    scores = neuron_scores(
+        model,
+        method,
+        batches=batches,
+        layer_indices=layers,
+        seed=seed,
+        adapter=adapter,
+        show_progress=show_progress,
+    )
+    if layer_allocation == "global":
+        targets = _global_allocation(scores, sum(targets.values()), expansion_divisor)
+    return {i: scores[i].topk(targets[i]).indices.sort().values for i in layers}
+
+
+def apply_width_plan(model: torch.nn.Module, plan: dict[int, torch.Tensor]) -> list[ParamSlice]:
+    """Cut every layer of ``plan`` down to its kept neurons and record the new widths in the config.
+
+    Example:
+        >>> slices = apply_width_plan(model, {0: torch.tensor([0, 3, 5])})  # doctest: +SKIP
+    """
+    adapter = get_adapter(model)
+    slices: list[ParamSlice] = []
+    for i, keep in plan.items():
+        slices += prune_mlp_neurons(adapter.mlp(i), keep)
+    record_mlp_sizes(adapter)
+    return slices

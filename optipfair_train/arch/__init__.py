@@ -76,7 +76,10 @@ def supported_model_types() -> list[str]:
 
 @dataclass
 class MLPParts:
-    """The projections of one MLP block. ``gate`` is None for a plain MLP."""
+    """The projections of one MLP block. ``gate`` is None for a plain MLP.
+
+    A projection may be a PEFT LoRA layer wrapping the Linear: its ``weight`` is the base weight.
+    """
 
     module: nn.Module
     gate: nn.Module | None
@@ -109,11 +112,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     if hasattr(model, "get_base_model"):
         return model.get_base_model()
     return model
-
-
-def base_layer(module: nn.Module) -> nn.Module:
-    """The plain Linear under a PEFT LoRA layer (or the module itself)."""
-    return getattr(module, "base_layer", module)
 
 
 class ModelAdapter:
@@ -153,15 +151,15 @@ class ModelAdapter:
         module = self._part(layer_idx, f.mlp)
         return MLPParts(
             module=module,
-            gate=base_layer(attrgetter(f.gate)(module)) if f.gate else None,
-            up=base_layer(attrgetter(f.up)(module)),
-            down=base_layer(attrgetter(f.down)(module)),
+            gate=attrgetter(f.gate)(module) if f.gate else None,
+            up=attrgetter(f.up)(module),
+            down=attrgetter(f.down)(module),
         )
 
     def attention(self, layer_idx: int) -> AttentionParts:
         f = self.family
         module = self._part(layer_idx, f.attention)
-        get = lambda name: base_layer(attrgetter(name)(module))  # noqa: E731
+        get = lambda name: attrgetter(name)(module)  # noqa: E731
         return AttentionParts(module=module, q=get(f.q), k=get(f.k), v=get(f.v), o=get(f.o))
 
     def input_norm(self, layer_idx: int) -> nn.Module:

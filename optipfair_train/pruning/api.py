@@ -36,8 +36,6 @@ def _check_model(model: torch.nn.Module) -> None:
         )
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError("Cannot prune a model with weights on the meta device: load real weights first.")
-    if hasattr(model, "peft_config"):
-        raise ValueError("Cannot prune a PEFT-wrapped model directly: call model.merge_and_unload() first.")
 
 
 def prune_model(

@@ -21,7 +21,15 @@ from torch import nn
 
 from ..arch import MLPParts, ModelAdapter
 
-__all__ = ["ParamSlice", "slice_linear", "prune_mlp_neurons", "remove_layers", "record_mlp_sizes"]
+__all__ = [
+    "ParamSlice",
+    "slice_linear",
+    "prune_mlp_neurons",
+    "remove_layers",
+    "record_mlp_sizes",
+    "slice_optimizer_state",
+    "check_optimizer_state",
+]
 
 
 @dataclass
@@ -41,13 +49,29 @@ def _slice_param(param: nn.Parameter, dim: int, index: torch.Tensor) -> ParamSli
 
 
 def slice_linear(linear: nn.Module, index: torch.Tensor, dim: int) -> list[ParamSlice]:
-    """Keep the output rows (``dim=0``, with the bias) or input columns (``dim=1``) ``index`` of a Linear."""
+    """Keep the output rows (``dim=0``, with the bias) or input columns (``dim=1``) ``index`` of a Linear.
+
+    A PEFT LoRA layer is sliced consistently without merging: the base Linear, and ``lora_B`` rows
+    (outputs) or ``lora_A`` columns (inputs) of every adapter, so that merging afterwards gives the
+    same weights as slicing the merged Linear.
+    """
     if dim not in (0, 1):
         raise ValueError(f"dim must be 0 (outputs) or 1 (inputs), got {dim}")
-    slices = [_slice_param(linear.weight, dim, index)]
-    if dim == 0:
-        if getattr(linear, "bias", None) is not None:
+    base = getattr(linear, "base_layer", None)
+    if base is None:
+        slices = [_slice_param(linear.weight, dim, index)]
+        if dim == 0 and getattr(linear, "bias", None) is not None:
             slices.append(_slice_param(linear.bias, 0, index))
+    else:
+        if any(getattr(linear, "use_dora", {}).values()):
+            raise ValueError("Cannot slice a DoRA layer exactly (its column norms change): merge it first.")
+        slices = slice_linear(base, index, dim)
+        lora = linear.lora_B if dim == 0 else linear.lora_A
+        for adapter_linear in lora.values():
+            slices.append(_slice_param(adapter_linear.weight, dim, index))
+            if dim == 0 and getattr(adapter_linear, "bias", None) is not None:
+                slices.append(_slice_param(adapter_linear.bias, 0, index))
+    if dim == 0:
         linear.out_features = len(index)
     else:
         linear.in_features = len(index)
@@ -102,3 +126,43 @@ def record_mlp_sizes(adapter: ModelAdapter) -> None:
         config.layer_intermediate_sizes = sizes
     elif hasattr(config, "layer_intermediate_sizes"):
         del config.layer_intermediate_sizes
+
+
+def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer under Accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def slice_optimizer_state(optimizer: torch.optim.Optimizer, slices: list[ParamSlice]) -> None:
+    """Replay ``slices`` on the optimizer state, then check every state tensor has its parameter's shape.
+
+    Every state tensor with the parameter's number of dimensions (Adam's ``exp_avg``, ``exp_avg_sq``,
+    momentum buffers, ...) is cut like the parameter was; scalars such as ``step`` are kept. This
+    matters because the default fused AdamW does not notice stale shapes: it silently uses wrong moments.
+
+    Example:
+        >>> slices = prune_mlp_neurons(parts, keep)  # doctest: +SKIP
+        >>> slice_optimizer_state(trainer.optimizer, slices)  # doctest: +SKIP
+    """
+    state = _torch_optimizer(optimizer).state
+    for cut in slices:
+        param_state = state.get(cut.param)
+        if not param_state:
+            continue
+        for key, value in param_state.items():
+            if torch.is_tensor(value) and value.dim() == cut.param.dim() and value.dim() > 0:
+                param_state[key] = value.index_select(cut.dim, cut.index.to(value.device)).contiguous()
+    check_optimizer_state(optimizer)
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Raise if any non-scalar optimizer state tensor differs in shape from its parameter."""
+    opt = _torch_optimizer(optimizer)
+    for group in opt.param_groups:
+        for param in group["params"]:
+            for key, value in opt.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                    raise RuntimeError(
+                        f"Optimizer state {key!r} has shape {tuple(value.shape)} but its parameter "
+                        f"has shape {tuple(param.shape)}: the state was not sliced with the model."
+                    )

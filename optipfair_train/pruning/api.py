@@ -16,6 +16,7 @@ from ..analysis import count_parameters
 from ..arch import get_adapter
 from .calibration import as_batches
 from .depth import select_layers_to_remove
+from .heads import apply_head_plan, plan_attention_heads
 from .io import record_pruning_event
 from .surgery import remove_layers
 from .targets import layers_to_remove_count
@@ -25,7 +26,18 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PRUNING_TYPES", "prune_model"]
 
-PRUNING_TYPES = ("MLP_GLU", "DEPTH")
+PRUNING_TYPES = ("MLP_GLU", "ATTENTION", "DEPTH")
+_ARGUMENTS = {
+    "MLP_GLU": (
+        "neuron_selection_method",
+        "pruning_percentage",
+        "expansion_rate",
+        "expansion_divisor",
+        "target_parameters",
+    ),
+    "ATTENTION": ("neuron_selection_method", "pruning_percentage"),
+    "DEPTH": ("num_layers_to_remove", "depth_pruning_percentage", "layer_selection_method"),
+}
 
 
 def _check_model(model: torch.nn.Module) -> None:
@@ -51,6 +63,7 @@ def prune_model(
     *,
     target_parameters: int | None = None,
     layer_allocation: str = "uniform",
+    head_granularity: str = "group",
     num_layers_to_remove: int | None = None,
     layer_indices: Sequence[int] | None = None,
     depth_pruning_percentage: float | None = None,
@@ -61,19 +74,22 @@ def prune_model(
     """Prune ``model`` in place and return it (with statistics when ``return_stats``).
 
     Args:
-        pruning_type: ``"MLP_GLU"`` (MLP width) or ``"DEPTH"`` (whole blocks).
+        pruning_type: ``"MLP_GLU"`` (MLP width), ``"ATTENTION"`` (attention heads, GQA-aware) or
+            ``"DEPTH"`` (whole blocks).
         neuron_selection_method: scorer name (``MAW``/``PPM``, ``VOW``, ``PON``, ``L2``, ``random``,
             ``activation``). Default: ``activation`` when a ``dataloader`` is given, else ``MAW``
             (weight-only scores lose much more quality; a warning says so).
         pruning_percentage: share of neurons to remove per layer (0-100, exclusive). Default 10 when
-            no other width target is given.
+            no other width target is given. For ``ATTENTION``: share of KV groups (or of the query heads
+            in each group) to remove, default 25.
         expansion_rate: target intermediate size as a percentage of the hidden size.
         expansion_divisor: round the kept width down to a multiple of this.
         dataloader: calibration batches (dicts with ``input_ids`` and ``attention_mask``).
         target_parameters: prune MLP width uniformly until the model has at most this many parameters.
         layer_allocation: ``"uniform"`` (same width everywhere) or ``"global"`` (per-layer widths from a
             global ranking of normalised scores; reload with :func:`load_pruned_model`).
-        layer_indices: for ``MLP_GLU``, the layers to prune (default all); for ``DEPTH`` with
+        head_granularity: ``"group"`` (remove whole KV groups) or ``"query"`` (query heads inside groups).
+        layer_indices: for ``MLP_GLU`` and ``ATTENTION``, the layers to prune (default all); for ``DEPTH`` with
             ``layer_selection_method="custom"``, the blocks to remove.
         num_layers_to_remove / depth_pruning_percentage: how many blocks ``DEPTH`` removes.
         layer_selection_method: ``importance`` (default with a dataloader), ``contiguous``, ``last``
@@ -97,23 +113,22 @@ def prune_model(
     _check_model(model)
     adapter = get_adapter(model)
     batches = as_batches(dataloader) if dataloader is not None else None
-    width_args = dict(
-        neuron_selection_method=neuron_selection_method,
-        pruning_percentage=pruning_percentage,
-        expansion_rate=expansion_rate,
-        expansion_divisor=expansion_divisor,
-        target_parameters=target_parameters,
-    )
-    depth_args = dict(
-        num_layers_to_remove=num_layers_to_remove,
-        depth_pruning_percentage=depth_pruning_percentage,
-        layer_selection_method=layer_selection_method,
-    )
-    misplaced = [
-        k for k, v in (depth_args if pruning_type == "MLP_GLU" else width_args).items() if v is not None
-    ]
+    given = {
+        "neuron_selection_method": neuron_selection_method,
+        "pruning_percentage": pruning_percentage,
+        "expansion_rate": expansion_rate,
+        "expansion_divisor": expansion_divisor,
+        "target_parameters": target_parameters,
+        "num_layers_to_remove": num_layers_to_remove,
+        "depth_pruning_percentage": depth_pruning_percentage,
+        "layer_selection_method": layer_selection_method,
+    }
+    misplaced = [k for k, v in given.items() if v is not None and k not in _ARGUMENTS[pruning_type]]
     if misplaced:
-        raise ValueError(f"{', '.join(misplaced)} do(es) not apply to pruning_type={pruning_type!r}.")
+        raise ValueError(
+            f"{', '.join(misplaced)} do(es) not apply to pruning_type={pruning_type!r}; it accepts "
+            f"{', '.join(_ARGUMENTS[pruning_type])}."
+        )
     original = count_parameters(model)
     event: dict[str, Any] = {"pruning_type": pruning_type, "parameters_before": original}
 
@@ -153,6 +168,26 @@ def prune_model(
             target_parameters=target_parameters,
             layer_allocation=layer_allocation,
             intermediate_sizes=adapter.intermediate_sizes(),
+        )
+    elif pruning_type == "ATTENTION":
+        method = neuron_selection_method or ("activation" if batches is not None else "L2")
+        plan = plan_attention_heads(
+            model,
+            pruning_percentage=pruning_percentage if pruning_percentage is not None else 25,
+            method=method,
+            granularity=head_granularity,
+            batches=batches,
+            layer_indices=layer_indices,
+            seed=seed,
+            show_progress=show_progress,
+        )
+        apply_head_plan(model, plan)
+        event.update(
+            method=method,
+            pruning_percentage=pruning_percentage,
+            head_granularity=head_granularity,
+            kept_query_heads={i: p.query_heads.tolist() for i, p in plan.items()},
+            kept_kv_heads={i: p.kv_heads.tolist() for i, p in plan.items()},
         )
     else:
         method = layer_selection_method or (

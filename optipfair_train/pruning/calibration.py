@@ -24,7 +24,13 @@ from ..arch import ModelAdapter, get_adapter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CalibrationBatch", "as_batches", "mlp_activation_sumsq", "block_influence"]
+__all__ = [
+    "CalibrationBatch",
+    "as_batches",
+    "input_sumsq",
+    "mlp_activation_sumsq",
+    "block_influence",
+]
 
 CalibrationBatch = dict[str, torch.Tensor]
 
@@ -102,6 +108,39 @@ def _run(
         model.train(was_training)
 
 
+def input_sumsq(
+    model: torch.nn.Module,
+    batches: list[CalibrationBatch],
+    modules: dict,
+    *,
+    show_progress: bool = False,
+    desc: str = "activation statistics",
+) -> dict:
+    """For each module of ``modules`` (``{key: module}``), the per-feature sum over unmasked tokens of
+    its squared input: a streaming statistic, one float64 vector per module.
+
+    Example:
+        >>> input_sumsq(model, batches, {"down0": model.model.layers[0].mlp.down_proj})  # doctest: +SKIP
+    """
+    sums: dict = {}
+    current: dict = {}
+
+    def hook_for(key):
+        def hook(module, args):
+            # select real tokens (not multiply by the mask: a fully padded row may hold NaN)
+            x = args[0][current["mask"].bool()].float()
+            total = (x * x).sum(dim=0).double().cpu()
+            sums[key] = sums[key] + total if key in sums else total
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(key)) for key, module in modules.items()]
+    with _hooks(handles):
+        _run(model, batches, show_progress, desc, current)
+    _all_reduce_(sums.values())
+    return {key: value.float() for key, value in sums.items()}
+
+
 def mlp_activation_sumsq(
     model: torch.nn.Module,
     batches: list[CalibrationBatch],
@@ -116,25 +155,8 @@ def mlp_activation_sumsq(
         >>> stats[0].shape  # (intermediate_size,)  # doctest: +SKIP
     """
     adapter = adapter or get_adapter(model)
-    sums = {
-        i: torch.zeros(adapter.mlp(i).intermediate_size, dtype=torch.float64)
-        for i in range(adapter.num_layers)
-    }
-    current: dict = {}
-
-    def hook_for(layer_idx: int):
-        def hook(module, args):
-            # select real tokens (not multiply by the mask: a fully padded row may hold NaN)
-            x = args[0][current["mask"].bool()].float()
-            sums[layer_idx] += (x * x).sum(dim=0).double().cpu()
-
-        return hook
-
-    handles = [adapter.mlp(i).down.register_forward_pre_hook(hook_for(i)) for i in range(adapter.num_layers)]
-    with _hooks(handles):
-        _run(model, batches, show_progress, "activation statistics", current)
-    _all_reduce_(sums.values())
-    return {i: s.float() for i, s in sums.items()}
+    modules = {i: adapter.mlp(i).down for i in range(adapter.num_layers)}
+    return input_sumsq(model, batches, modules, show_progress=show_progress)
 
 
 def block_influence(

@@ -1,8 +1,10 @@
 """Saving and loading pruned models, with a pruning manifest beside the weights.
 
-A pruned model's config records its real shapes: ``intermediate_size`` when every layer has the
-same width (plain ``AutoModelForCausalLM.from_pretrained`` reloads it), plus ``layer_intermediate_sizes``
-when widths differ per layer (only :func:`load_pruned_model` can build that, with no remote code).
+A pruned model's config records its real shapes: ``intermediate_size``, ``num_attention_heads`` and
+``num_key_value_heads`` when every layer is alike (plain ``AutoModelForCausalLM.from_pretrained``
+reloads it), plus ``layer_intermediate_sizes`` / ``layer_num_attention_heads`` /
+``layer_num_key_value_heads`` when they differ per layer (only :func:`load_pruned_model` builds that,
+with no remote code).
 ``config.pruning_history`` lists every pruning event, so it survives any ``save_pretrained``.
 
 Example:
@@ -23,7 +25,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..analysis import count_parameters
 from ..arch import get_adapter, unwrap_model
-from .surgery import prune_mlp_neurons
+from .heads import HeadPlan, apply_head_plan
+from .surgery import attention_geometry
+from .width import apply_width_plan
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +58,27 @@ def pruning_manifest(model: torch.nn.Module) -> dict[str, Any]:
     """
     adapter = get_adapter(model)
     config = adapter.config
-    sizes = adapter.intermediate_sizes()
+    layers = []
+    for i, width in enumerate(adapter.intermediate_sizes()):
+        n_q, n_kv, head_dim = attention_geometry(adapter, i)
+        layers.append(
+            {
+                "index": i,
+                "intermediate_size": width,
+                "num_attention_heads": n_q,
+                "num_key_value_heads": n_kv,
+                "head_dim": head_dim,
+            }
+        )
+    shapes = {tuple(v for k, v in layer.items() if k != "index") for layer in layers}
     return {
         "format": "optipfair-train pruning manifest",
         "version": 1,
         "model_type": config.model_type,
         "base_model": getattr(config, "_name_or_path", None) or None,
         "num_layers": adapter.num_layers,
-        "uniform": len(set(sizes)) == 1,
-        "layers": [{"index": i, "intermediate_size": s} for i, s in enumerate(sizes)],
+        "uniform": len(shapes) == 1,
+        "layers": layers,
         "parameters": count_parameters(model),
         "history": list(getattr(config, "pruning_history", None) or []),
     }
@@ -114,18 +130,30 @@ def load_pruned_model(
     """
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
-    sizes = getattr(config, "layer_intermediate_sizes", None)
-    if not sizes:
+    widths = getattr(config, "layer_intermediate_sizes", None)
+    query_heads = getattr(config, "layer_num_attention_heads", None)
+    kv_heads = getattr(config, "layer_num_key_value_heads", None)
+    if not widths and not query_heads:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **from_pretrained_kwargs).to(device)
     from transformers.initialization import no_init_weights
 
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config)
-    adapter = get_adapter(model)
-    if len(sizes) != adapter.num_layers:
-        raise ValueError(f"{path}: config lists {len(sizes)} layer widths for {adapter.num_layers} layers.")
-    for i, size in enumerate(sizes):
-        prune_mlp_neurons(adapter.mlp(i), torch.arange(size))
+    n = get_adapter(model).num_layers
+    for name, values in (("layer_intermediate_sizes", widths), ("layer_num_attention_heads", query_heads)):
+        if values and len(values) != n:
+            raise ValueError(f"{path}: config.{name} lists {len(values)} layers, the model has {n}.")
+    # carve every layer down to its saved shape; the values are overwritten by the checkpoint below
+    if widths:
+        apply_width_plan(model, {i: torch.arange(w) for i, w in enumerate(widths)})
+    if query_heads:
+        apply_head_plan(
+            model,
+            {
+                i: HeadPlan(torch.arange(q), torch.arange(kv))
+                for i, (q, kv) in enumerate(zip(query_heads, kv_heads, strict=True))
+            },
+        )
     state = _state_dict_from(path)
     result = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])

@@ -110,6 +110,7 @@ def remove_layers(adapter: ModelAdapter, drop: list[int]) -> list[int]:
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [config.layer_types[i] for i in kept]
     record_mlp_sizes(adapter)
+    record_attention_sizes(adapter)
     return kept
 
 
@@ -126,6 +127,37 @@ def record_mlp_sizes(adapter: ModelAdapter) -> None:
         config.layer_intermediate_sizes = sizes
     elif hasattr(config, "layer_intermediate_sizes"):
         del config.layer_intermediate_sizes
+
+
+def attention_geometry(adapter: ModelAdapter, layer_idx: int) -> tuple[int, int, int]:
+    """``(num_query_heads, num_kv_heads, head_dim)`` of one layer, read from its weights."""
+    parts = adapter.attention(layer_idx)
+    head_dim = int(
+        getattr(parts.module, "head_dim", 0)
+        or adapter.config.hidden_size // adapter.config.num_attention_heads
+    )
+    return parts.q.weight.shape[0] // head_dim, parts.k.weight.shape[0] // head_dim, head_dim
+
+
+def record_attention_sizes(adapter: ModelAdapter) -> None:
+    """Write the real head counts into the config.
+
+    When every layer has the same counts and the hidden size divides by them (transformers validates
+    that on load), ``num_attention_heads`` / ``num_key_value_heads`` hold them and plain
+    ``from_pretrained`` rebuilds the model. Otherwise those keep their earlier (larger, valid) values and
+    ``layer_num_attention_heads`` / ``layer_num_key_value_heads`` list the real ones for ``load_pruned_model``.
+    """
+    config = adapter.config
+    geometry = [attention_geometry(adapter, i) for i in range(adapter.num_layers)]
+    config.head_dim = geometry[0][2]  # explicit, so head_dim is not re-derived from a smaller head count
+    n_q, n_kv = [g[0] for g in geometry], [g[1] for g in geometry]
+    if len(set(n_q)) == 1 and len(set(n_kv)) == 1 and config.hidden_size % n_q[0] == 0:
+        config.num_attention_heads, config.num_key_value_heads = n_q[0], n_kv[0]
+        for name in ("layer_num_attention_heads", "layer_num_key_value_heads"):
+            if hasattr(config, name):
+                delattr(config, name)
+    else:
+        config.layer_num_attention_heads, config.layer_num_key_value_heads = n_q, n_kv
 
 
 def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -1,0 +1,222 @@
+"""Attention-head pruning that respects grouped-query attention (GQA).
+
+Query head ``h`` reads key/value head ``h // g`` (``g = num_heads / num_kv_heads``: transformers'
+``repeat_kv`` layout). Two granularities keep that structure valid:
+
+- ``"group"``: remove whole KV groups (the key/value head and its ``g`` query heads);
+- ``"query"``: remove the same number of query heads inside every group (keys/values stay).
+
+``head_dim`` never changes (RoPE depends on it). Importance per query head:
+
+- ``L2``: ``||W_q[h]||_F + ||W_o[:, h]||_F`` (+ ``||W_k[g]||_F + ||W_v[g]||_F`` for a group);
+- ``activation``: ``sqrt(sum over tokens of ||a_h||^2) * ||W_o[:, h]||_F``, ``a_h`` the head's output
+  (the ``o_proj`` input slice), padding excluded;
+- ``random``: seeded baseline.
+
+A group's score is the sum of its query heads' scores.
+
+Example:
+    >>> plan = plan_attention_heads(model, pruning_percentage=34, method="L2")  # doctest: +SKIP
+    >>> apply_head_plan(model, plan)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..arch import get_adapter
+from .calibration import CalibrationBatch, input_sumsq
+from .surgery import ParamSlice, attention_geometry, record_attention_sizes, slice_linear
+
+__all__ = ["HEAD_METHODS", "HeadPlan", "head_scores", "plan_attention_heads", "apply_head_plan"]
+
+HEAD_METHODS = ("L2", "activation", "random")
+
+
+@dataclass
+class HeadPlan:
+    """Kept query heads and kept key/value heads of one layer (sorted indices)."""
+
+    query_heads: torch.Tensor
+    kv_heads: torch.Tensor
+
+
+def _blocks(weight: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """Frobenius norm of each of ``n`` equal blocks of ``weight`` along ``dim``."""
+    w = weight.detach().float()
+    w = w.reshape(n, -1, w.shape[1]) if dim == 0 else w.reshape(w.shape[0], n, -1).transpose(0, 1)
+    return w.flatten(1).norm(dim=1)
+
+
+def _check_method(method: str, batches: list[CalibrationBatch] | None) -> None:
+    if method not in HEAD_METHODS:
+        raise ValueError(
+            f"Unknown head importance method {method!r}; attention heads accept "
+            f"{', '.join(HEAD_METHODS)} (MAW, VOW and PON are defined for MLP neurons only)."
+        )
+    if method == "activation" and batches is None:
+        raise ValueError(
+            "Head importance 'activation' needs calibration data: pass dataloader=..., or use L2."
+        )
+
+
+def head_scores(
+    model: torch.nn.Module,
+    method: str,
+    *,
+    batches: list[CalibrationBatch] | None = None,
+    layer_indices: Sequence[int] | None = None,
+    granularity: str = "group",
+    seed: int = 0,
+    show_progress: bool = False,
+) -> dict[int, torch.Tensor]:
+    """Importance per KV group (``granularity="group"``) or per query head (``"query"``), per layer.
+
+    Example:
+        >>> head_scores(model, "L2")[0].shape  # (num_kv_heads,)  # doctest: +SKIP
+    """
+    adapter = get_adapter(model)
+    layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
+    _check_method(method, batches)
+    sumsq: dict[int, torch.Tensor] = {}
+    if method == "activation":
+        if batches is None:
+            raise ValueError(
+                "Head importance 'activation' needs calibration data: pass dataloader=..., or use L2."
+            )
+        sumsq = input_sumsq(
+            model,
+            batches,
+            {i: adapter.attention(i).o for i in layers},
+            show_progress=show_progress,
+            desc="head statistics",
+        )
+    scores = {}
+    for i in layers:
+        parts = adapter.attention(i)
+        n_q, n_kv, head_dim = attention_geometry(adapter, i)
+        o_norm = _blocks(parts.o.weight, n_q, dim=1)
+        if method == "L2":
+            per_head = _blocks(parts.q.weight, n_q, dim=0) + o_norm
+        elif method == "activation":
+            per_head = sumsq[i].reshape(n_q, head_dim).sum(dim=1).sqrt() * o_norm
+        else:
+            per_head = torch.rand(n_q, generator=torch.Generator().manual_seed(seed * 100_003 + i))
+        if granularity == "group":
+            per_head = per_head.reshape(n_kv, n_q // n_kv).sum(dim=1)
+            if method == "L2":
+                per_head = per_head + _blocks(parts.k.weight, n_kv, 0) + _blocks(parts.v.weight, n_kv, 0)
+        scores[i] = per_head
+    return scores
+
+
+def plan_attention_heads(
+    model: torch.nn.Module,
+    *,
+    pruning_percentage: float,
+    method: str = "L2",
+    granularity: str = "group",
+    batches: list[CalibrationBatch] | None = None,
+    layer_indices: Sequence[int] | None = None,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> dict[int, HeadPlan]:
+    """Which heads each layer keeps. Validates everything; changes nothing.
+
+    ``pruning_percentage`` is the share of KV groups removed (``"group"``) or of the query heads in each
+    group (``"query"``); it is floored to whole units and must remove at least one and keep at least one.
+
+    Example:
+        >>> plan = plan_attention_heads(model, pruning_percentage=50, granularity="query")  # doctest: +SKIP
+    """
+    adapter = get_adapter(model)
+    _check_method(method, batches)
+    if granularity not in ("group", "query"):
+        raise ValueError(
+            f"granularity must be 'group' (whole KV groups) or 'query' (query heads inside groups), "
+            f"got {granularity!r}."
+        )
+    if not isinstance(pruning_percentage, (int, float)) or not 0 < pruning_percentage < 100:
+        raise ValueError(
+            f"pruning_percentage must be strictly between 0 and 100, got {pruning_percentage!r}."
+        )
+    layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
+    bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < adapter.num_layers]
+    if bad or not layers:
+        raise ValueError(
+            f"layer indices {bad or layer_indices} invalid: the model has layers 0..{adapter.num_layers - 1}."
+        )
+    counts = {}
+    for i in layers:
+        n_q, n_kv, _ = attention_geometry(adapter, i)
+        if n_q % n_kv:
+            raise ValueError(
+                f"Layer {i} has {n_q} query heads for {n_kv} key/value heads, which do not divide "
+                "into equal groups; head pruning needs num_heads % num_kv_heads == 0."
+            )
+        units = n_kv if granularity == "group" else n_q // n_kv
+        removed = int(pruning_percentage / 100 * units + 1e-9)
+        if removed == 0:
+            raise ValueError(
+                f"pruning_percentage {pruning_percentage}% removes no {granularity} in layer {i} "
+                f"({units} units): the smallest step is {100 / units:.1f}%."
+            )
+        if removed >= units:
+            raise ValueError(f"pruning_percentage {pruning_percentage}% would remove all heads of layer {i}.")
+        counts[i] = units - removed
+    scores = head_scores(
+        model,
+        method,
+        batches=batches,
+        layer_indices=layers,
+        granularity=granularity,
+        seed=seed,
+        show_progress=show_progress,
+    )
+    plan = {}
+    for i in layers:
+        n_q, n_kv, _ = attention_geometry(adapter, i)
+        g = n_q // n_kv
+        if granularity == "group":
+            kv = scores[i].topk(counts[i]).indices.sort().values
+            q = (kv[:, None] * g + torch.arange(g)).flatten()
+        else:
+            kv = torch.arange(n_kv)
+            within = scores[i].reshape(n_kv, g).topk(counts[i], dim=1).indices.sort(dim=1).values
+            q = (kv[:, None] * g + within).flatten()
+        plan[i] = HeadPlan(query_heads=q, kv_heads=kv)
+    return plan
+
+
+def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def apply_head_plan(model: torch.nn.Module, plan: dict[int, HeadPlan]) -> list[ParamSlice]:
+    """Cut q/k/v rows and o_proj columns to the kept heads; update module attributes and config.
+
+    Example:
+        >>> slices = apply_head_plan(model, plan)  # doctest: +SKIP
+    """
+    adapter = get_adapter(model)
+    slices: list[ParamSlice] = []
+    for i, keep in plan.items():
+        parts = adapter.attention(i)
+        n_q, n_kv, head_dim = attention_geometry(adapter, i)
+        q_rows, kv_rows = _head_rows(keep.query_heads, head_dim), _head_rows(keep.kv_heads, head_dim)
+        slices += slice_linear(parts.q, q_rows, dim=0)
+        slices += slice_linear(parts.o, q_rows, dim=1)
+        if len(keep.kv_heads) < n_kv:
+            slices += slice_linear(parts.k, kv_rows, dim=0)
+            slices += slice_linear(parts.v, kv_rows, dim=0)
+        parts.module.num_key_value_groups = len(keep.query_heads) // len(keep.kv_heads)
+        for name in ("num_heads", "num_attention_heads"):
+            if hasattr(parts.module, name):
+                setattr(parts.module, name, len(keep.query_heads))
+        if hasattr(parts.module, "num_key_value_heads"):
+            parts.module.num_key_value_heads = len(keep.kv_heads)
+    record_attention_sizes(adapter)
+    return slices

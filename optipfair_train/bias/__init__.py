@@ -1,0 +1,115 @@
+"""Bias probing: prompt pairs, activation capture, activation-difference metrics, behavioural scores, figures.
+
+Names follow OptiPFair (``visualize_bias``, ``calculate_bias_metrics``, ``get_activation_pairs``,
+``generate_prompt_pairs``, ``ATTRIBUTES``, layer keys such as ``mlp_output_layer_3``). The capture
+layer (:func:`capture_activations` + reducers) streams statistics, so the probes are cheap enough
+to run at every evaluation step of a training run, and a pruning scorer can reuse it.
+
+Example:
+    >>> from optipfair_train.bias import behavioural_bias_score, load_pairs, visualize_bias
+    >>> figures, metrics = visualize_bias(model, tokenizer, output_dir="bias_out")  # doctest: +SKIP
+    >>> score = behavioural_bias_score(model, tokenizer, load_pairs("crows-pairs:crows.csv"), sample_size=200)  # doctest: +SKIP
+"""
+
+from .behaviour import SCORE_METHODS, behavioural_bias_score, js_divergence, prefix_token_id, token_log_probs
+from .capture import (
+    ALL_COMPONENTS,
+    COMPONENTS,
+    NeuronStats,
+    Reducer,
+    available_layer_keys,
+    capture_activations,
+    check_layer_keys,
+    layer_key,
+    parse_layer_key,
+    select_layer_keys,
+    store_activations,
+)
+from .figures import heatmap_figure, mean_difference_figure, pca_figure, save_figure, trajectory_figure
+from .metrics import (
+    ActivationDict,
+    aggregate_bias_metrics,
+    bootstrap_ci,
+    calculate_bias_metrics,
+    get_activation_pairs,
+    probe_activation_bias,
+)
+from .pairs import (
+    ATTRIBUTES,
+    DEFAULT_PROMPT_PAIRS,
+    PROMPT_TEMPLATES,
+    PromptPair,
+    generate_prompt_pairs,
+    load_crows_pairs,
+    load_pairs,
+    pairs_from_records,
+    sample_pairs,
+)
+from .report import format_summary, summary_scalars, write_json
+from .tokens import TokenAlignment, align_tokens, encode_texts
+from .visualize import (
+    VISUALIZATION_TYPES,
+    visualize_bias,
+    visualize_bias_trajectory,
+    visualize_heatmap,
+    visualize_mean_differences,
+    visualize_pca,
+)
+
+__all__ = [
+    # pairs
+    "PromptPair",
+    "ATTRIBUTES",
+    "PROMPT_TEMPLATES",
+    "DEFAULT_PROMPT_PAIRS",
+    "generate_prompt_pairs",
+    "load_pairs",
+    "load_crows_pairs",
+    "pairs_from_records",
+    "sample_pairs",
+    # tokens
+    "TokenAlignment",
+    "align_tokens",
+    "encode_texts",
+    # capture
+    "COMPONENTS",
+    "ALL_COMPONENTS",
+    "Reducer",
+    "layer_key",
+    "parse_layer_key",
+    "available_layer_keys",
+    "select_layer_keys",
+    "check_layer_keys",
+    "capture_activations",
+    "NeuronStats",
+    "store_activations",
+    # metrics
+    "ActivationDict",
+    "get_activation_pairs",
+    "calculate_bias_metrics",
+    "probe_activation_bias",
+    "aggregate_bias_metrics",
+    "bootstrap_ci",
+    # behaviour
+    "SCORE_METHODS",
+    "behavioural_bias_score",
+    "token_log_probs",
+    "js_divergence",
+    "prefix_token_id",
+    # figures and visualizations
+    "VISUALIZATION_TYPES",
+    "visualize_bias",
+    "visualize_mean_differences",
+    "visualize_heatmap",
+    "visualize_pca",
+    "visualize_bias_trajectory",
+    "mean_difference_figure",
+    "heatmap_figure",
+    "pca_figure",
+    "trajectory_figure",
+    "save_figure",
+    # reporting
+    "summary_scalars",
+    "format_summary",
+    "write_json",
+]

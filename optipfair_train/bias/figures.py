@@ -1,0 +1,259 @@
+"""Figure builders: plain data in, a ``matplotlib.figure.Figure`` out.
+
+Figures are created directly (``Figure`` + an Agg canvas), never through ``pyplot``: nothing here
+changes the user's global backend or opens windows, and figures are freed like any object. A
+callback can log the returned figure to W&B or TensorBoard without touching disk; :func:`save_figure`
+writes one to a file.
+
+Example:
+    >>> fig = trajectory_figure([0, 1, 2], {"score": [50.0, 48.0, 45.0]}, xlabel="step", ylabel="score")
+    >>> fig.axes[0].get_xlabel()
+    'step'
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = [
+    "FIGURE_FORMATS",
+    "new_figure",
+    "save_figure",
+    "mean_difference_figure",
+    "heatmap_figure",
+    "pca_figure",
+    "trajectory_figure",
+]
+
+logger = logging.getLogger(__name__)
+
+FIGURE_FORMATS = ("png", "pdf", "svg", "jpg")
+
+
+def new_figure(width: float = 8.0, height: float = 5.0) -> Figure:
+    """A Figure with its own Agg canvas (no pyplot state).
+
+    Example:
+        >>> new_figure(4, 3).get_size_inches().tolist()
+        [4.0, 3.0]
+    """
+    fig = Figure(figsize=(width, height))  # fixed margins: a layout engine doubles the drawing cost
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(
+    fig: Figure, output_dir: str | Path, stem: str, figure_format: str = "png", dpi: int = 100
+) -> Path:
+    """Write ``fig`` to ``output_dir/stem.figure_format`` (creating the folder) and return the path.
+
+    Raises:
+        ValueError: for an unsupported format.
+
+    Example:
+        >>> save_figure(new_figure(), "/tmp/figs", "empty")  # doctest: +SKIP
+        PosixPath('/tmp/figs/empty.png')
+    """
+    if figure_format not in FIGURE_FORMATS:
+        raise ValueError(
+            f"Unsupported figure format {figure_format!r}; choose from {', '.join(FIGURE_FORMATS)}"
+        )
+    path = Path(output_dir) / f"{stem}.{figure_format}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format=figure_format)
+    logger.info("saved %s", path)
+    return path
+
+
+def _short(text: str, n: int = 90) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _label(token: str, n: int = 16) -> str:
+    return _short(token.replace(" ", "␣").replace("\n", "⏎"), n)
+
+
+def _layout(
+    fig: Figure,
+    prompt_pair: tuple[str, str] | None,
+    left: float = 0.1,
+    right: float = 0.97,
+    bottom: float = 0.12,
+) -> None:
+    """Fixed margins, with room at the top for the prompt-pair caption."""
+    top = 0.9
+    if prompt_pair:
+        fig.suptitle(f'1: "{_short(prompt_pair[0])}"\n2: "{_short(prompt_pair[1])}"', fontsize=8)
+        top = 1 - 0.75 / fig.get_figheight()
+    fig.subplots_adjust(left=left, right=right, bottom=bottom, top=top)
+
+
+def mean_difference_figure(
+    values: Mapping[str, Mapping[int, float]],
+    errors: Mapping[str, Mapping[int, tuple[float, float]]] | None = None,
+    title: str = "Mean activation difference by layer",
+    prompt_pair: tuple[str, str] | None = None,
+) -> Figure:
+    """Grouped bars: one group per layer, one bar per component. ``values[component][layer] = value``;
+    optional ``errors[component][layer] = (low, high)`` draws interval whiskers.
+
+    Example:
+        >>> fig = mean_difference_figure({"mlp_output": {0: 0.1, 5: 0.3}})
+        >>> fig.axes[0].get_ylabel()
+        'mean |Δ activation| (aligned tokens)'
+    """
+    if not values or not any(values.values()):
+        raise ValueError("mean_difference_figure needs at least one value")
+    layers = sorted({layer for per in values.values() for layer in per})
+    fig = new_figure(max(6.0, 0.5 * len(layers) * len(values) + 2), 4.5)
+    ax = fig.add_subplot()
+    width = 0.8 / len(values)
+    x = np.arange(len(layers))
+    for c, (component, per) in enumerate(values.items()):
+        heights = [per.get(layer, np.nan) for layer in layers]
+        yerr = None
+        if errors and component in errors:
+            lo_hi = [errors[component].get(layer, (h, h)) for layer, h in zip(layers, heights, strict=True)]
+            yerr = np.array(
+                [
+                    [h - lo for (lo, _), h in zip(lo_hi, heights, strict=True)],
+                    [hi - h for (_, hi), h in zip(lo_hi, heights, strict=True)],
+                ]
+            )
+        ax.bar(x + (c - (len(values) - 1) / 2) * width, heights, width, label=component, yerr=yerr, capsize=2)
+    ax.set_xticks(x, [str(layer) for layer in layers])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean |Δ activation| (aligned tokens)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    _layout(fig, prompt_pair)
+    return fig
+
+
+def heatmap_figure(
+    matrix: np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    highlight_rows: Sequence[int] = (),
+    title: str = "Activation difference",
+    xlabel: str = "feature",
+    ylabel: str = "token",
+    prompt_pair: tuple[str, str] | None = None,
+) -> Figure:
+    """Heatmap of |Δ activation| with labelled rows (tokens) and columns (features); highlighted rows in red.
+
+    Example:
+        >>> fig = heatmap_figure(np.ones((2, 3)), ["a", "b"], ["0", "1", "2"])
+        >>> fig.axes[0].get_ylabel()
+        'token'
+    """
+    matrix = np.asarray(matrix)
+    rows, cols = matrix.shape
+    width, height = max(6.0, 0.16 * cols + 3), max(3.5, 0.2 * rows + 2)
+    fig = new_figure(width, height)
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(rows), [_label(t, 24) for t in row_labels], fontsize=7)
+    step = max(1, cols // 24)
+    ax.set_xticks(
+        range(0, cols, step), [col_labels[i] for i in range(0, cols, step)], fontsize=7, rotation=90
+    )
+    for r in highlight_rows:
+        ax.get_yticklabels()[r].set_color("red")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    _layout(fig, prompt_pair, left=2.0 / width, right=0.98, bottom=1.0 / height)
+    fig.colorbar(image, ax=ax, label="|activation difference|", fraction=0.04, pad=0.02)
+    return fig
+
+
+def pca_figure(
+    points1: np.ndarray,
+    points2: np.ndarray,
+    tokens1: Sequence[str],
+    tokens2: Sequence[str],
+    links: Sequence[tuple[int, int]] = (),
+    highlight1: Sequence[int] = (),
+    highlight2: Sequence[int] = (),
+    explained: tuple[float, float] = (float("nan"), float("nan")),
+    title: str = "PCA of token representations",
+    prompt_pair: tuple[str, str] | None = None,
+) -> Figure:
+    """Scatter of 2-D token projections of both prompts; ``links`` join aligned tokens, highlighted
+    (differing) tokens are labelled in red.
+
+    Example:
+        >>> fig = pca_figure(np.zeros((2, 2)), np.ones((2, 2)), ["a", "b"], ["a", "c"], [(0, 0)], [1], [1])
+        >>> fig.axes[0].get_xlabel().startswith("PC1")
+        True
+    """
+    fig = new_figure(7.5, 6.0)
+    ax = fig.add_subplot()
+    for i, j in links:
+        ax.plot(
+            [points1[i, 0], points2[j, 0]], [points1[i, 1], points2[j, 1]], color="0.75", lw=0.8, zorder=1
+        )
+    ax.scatter(points1[:, 0], points1[:, 1], s=22, label="prompt 1", zorder=2)
+    ax.scatter(points2[:, 0], points2[:, 1], s=22, marker="s", label="prompt 2", zorder=2)
+    for points, tokens, highlight in (
+        (points1, tokens1, set(highlight1)),
+        (points2, tokens2, set(highlight2)),
+    ):
+        for k, token in enumerate(tokens):
+            red = k in highlight
+            ax.annotate(
+                _label(token),
+                points[k],
+                fontsize=8 if red else 6,
+                color="red" if red else "0.3",
+                fontweight="bold" if red else "normal",
+            )
+    ax.set_xlabel(f"PC1 ({explained[0]:.1%} of variance)")
+    ax.set_ylabel(f"PC2 ({explained[1]:.1%} of variance)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    _layout(fig, prompt_pair)
+    return fig
+
+
+def trajectory_figure(
+    x: Sequence[float],
+    series: Mapping[str, Sequence[float]],
+    bands: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    xlabel: str = "step",
+    ylabel: str = "bias",
+    title: str = "Bias during training",
+    reference: float | None = None,
+) -> Figure:
+    """Lines of bias metrics against training step or round, with optional interval bands and a
+    reference line (e.g. 50 for a CrowS-Pairs score).
+
+    Example:
+        >>> fig = trajectory_figure([0, 1], {"s": [1.0, 2.0]}, {"s": ([0.5, 1.5], [1.5, 2.5])}, reference=1.0)
+        >>> len(fig.axes[0].lines)
+        2
+    """
+    if not series:
+        raise ValueError("trajectory_figure needs at least one series")
+    fig = new_figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    for name, values in series.items():
+        (line,) = ax.plot(x, values, marker="o", ms=3, label=name)
+        if bands and name in bands:
+            lo, hi = bands[name]
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+    if reference is not None:
+        ax.axhline(reference, color="0.5", ls="--", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    _layout(fig, None)
+    return fig

@@ -1,0 +1,124 @@
+"""Turning probe results into things to log or read: flat scalars, a short text summary, JSON.
+
+Example:
+    >>> scalars = summary_scalars(behaviour={"score": 48.7, "ci_low": 46.3, "ci_high": 51.1,
+    ...                                      "next_token_js": {"mean": 0.02}, "by_bias_type": {}})
+    >>> scalars["bias/score"], scalars["bias/score_ci_low"]
+    (48.7, 46.3)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["summary_scalars", "format_summary", "write_json", "to_jsonable"]
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Replace non-finite floats by None (strict JSON) and tuples by lists, recursively.
+
+    Example:
+        >>> to_jsonable({"a": float("inf"), "b": (1, 2.0)})
+        {'a': None, 'b': [1, 2.0]}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented strict JSON (non-finite numbers become null), creating the folder.
+
+    Example:
+        >>> write_json("/tmp/bias/bias_metrics.json", {"score": 48.7})  # doctest: +SKIP
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def summary_scalars(
+    activation: Mapping | None = None, behaviour: Mapping | None = None, prefix: str = "bias/"
+) -> dict[str, float]:
+    """Flat ``name -> float`` dict for ``Trainer.log`` / W&B from probe results.
+
+    ``activation`` is the ``aggregate`` of :func:`probe_activation_bias` (or the whole result);
+    ``behaviour`` is the result of :func:`behavioural_bias_score`.
+
+    Example:
+        >>> summary_scalars(activation={"overall_metrics": {"mean_difference": 0.5, "mean_difference_ci": [0.4, 0.6],
+        ...                                                  "pooled_difference": 0.1}, "component_metrics": {}})
+        {'bias/activation_mean_difference': 0.5, 'bias/activation_mean_difference_ci_low': 0.4, 'bias/activation_mean_difference_ci_high': 0.6, 'bias/activation_pooled_difference': 0.1}
+    """
+    out: dict[str, float] = {}
+    if behaviour is not None:
+        out[f"{prefix}score"] = behaviour["score"]
+        out[f"{prefix}score_ci_low"] = behaviour["ci_low"]
+        out[f"{prefix}score_ci_high"] = behaviour["ci_high"]
+        out[f"{prefix}next_token_js"] = behaviour["next_token_js"]["mean"]
+        for bias_type, entry in behaviour.get("by_bias_type", {}).items():
+            out[f"{prefix}score/{bias_type}"] = entry["score"]
+    if activation is not None:
+        agg = activation.get("aggregate", activation)
+        overall = agg["overall_metrics"]
+        out[f"{prefix}activation_mean_difference"] = overall["mean_difference"]
+        if "mean_difference_ci" in overall:
+            out[f"{prefix}activation_mean_difference_ci_low"] = overall["mean_difference_ci"][0]
+            out[f"{prefix}activation_mean_difference_ci_high"] = overall["mean_difference_ci"][1]
+        out[f"{prefix}activation_pooled_difference"] = overall["pooled_difference"]
+        for component, entry in agg["component_metrics"].items():
+            out[f"{prefix}activation_mean_difference/{component}"] = entry["mean_difference"]
+    return out
+
+
+def format_summary(
+    activation: Mapping | None = None, behaviour: Mapping | None = None, title: str = "Bias probe"
+) -> str:
+    """A short human-readable summary of probe results.
+
+    Example:
+        >>> print(format_summary(behaviour={"score": 48.7, "ci_low": 46.3, "ci_high": 51.1, "num_pairs": 1508,
+        ...     "method": "full", "num_ties": 0, "confidence": 0.95, "next_token_js": {"mean": 0.02, "ci_low": 0.01,
+        ...     "ci_high": 0.03}, "by_bias_type": {}}))  # doctest: +NORMALIZE_WHITESPACE
+        Bias probe
+        Behavioural score (full log-prob, 1508 pairs): 48.7% prefer prompt 1 (sent_more), 95% CI [46.3, 51.1]; 50 = no preference
+        Next-token Jensen-Shannon divergence: 0.0200 [0.0100, 0.0300] nats
+    """
+    lines = [title]
+    if behaviour is not None:
+        lines.append(
+            f"Behavioural score ({behaviour['method']} log-prob, {behaviour['num_pairs']} pairs): "
+            f"{behaviour['score']:.1f}% prefer prompt 1 (sent_more), {behaviour['confidence']:.0%} CI "
+            f"[{behaviour['ci_low']:.1f}, {behaviour['ci_high']:.1f}]; 50 = no preference"
+            + (f"; {behaviour['num_ties']} ties" if behaviour["num_ties"] else "")
+        )
+        for bias_type, e in behaviour["by_bias_type"].items():
+            lines.append(
+                f"  {bias_type:<22} {e['score']:5.1f} [{e['ci_low']:.1f}, {e['ci_high']:.1f}]  n={e['num_pairs']}"
+            )
+        js = behaviour["next_token_js"]
+        lines.append(
+            f"Next-token Jensen-Shannon divergence: {js['mean']:.4f} [{js['ci_low']:.4f}, {js['ci_high']:.4f}] nats"
+        )
+    if activation is not None:
+        agg = activation.get("aggregate", activation)
+        o = agg["overall_metrics"]
+        lines.append(
+            f"Activation difference over {agg['num_pairs']} pairs, {o['total_layers']} layer keys: mean "
+            f"{o['mean_difference']:.4f} [{o['mean_difference_ci'][0]:.4f}, {o['mean_difference_ci'][1]:.4f}], "
+            f"pooled {o['pooled_difference']:.4f}"
+        )
+        for component, e in agg["component_metrics"].items():
+            prog = e.get("progression_metrics", {})
+            trend = f", max at {prog['layer_with_max_diff']}" if prog else ""
+            lines.append(f"  {component:<22} {e['mean_difference']:.4f}{trend}")
+    return "\n".join(lines)

@@ -1,0 +1,336 @@
+"""Text sources and token batches for calibration, healing and perplexity.
+
+Sources accepted by :func:`load_texts`:
+
+- ``"demo"``: English help texts of the Python standard library (``pydoc_data.topics``, PSF licence),
+  present on every machine; ``split="calibration"`` and ``split="evaluation"`` never share text.
+- a local ``.txt`` file: paragraphs separated by blank lines; WikiText headings (`` = Title = ``) dropped.
+- a local ``.jsonl`` / ``.json`` file: the ``text`` field of each record (see ``text_field``).
+- a local ``.csv`` file: the ``text`` column (see ``text_field``).
+- a ``datasets`` hub name, ``"name"`` or ``"name:config"`` (e.g. ``"wikitext:wikitext-2-raw-v1"``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+import textwrap
+import zlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEMO_SPLITS = ("calibration", "evaluation")
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
+ACCEPTED_SOURCES = (
+    "'demo', a local .txt/.jsonl/.json/.csv file, or a datasets hub name such as 'wikitext:wikitext-2-raw-v1'"
+)
+_DEMO_EVAL_BUCKETS = 5  # one demo topic in five (by a stable hash of its name) is evaluation text
+_DEMO_MIN_WORDS = 8
+_BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
+_WIKITEXT_HEADING = re.compile(r"\s*(=+)\s.*\s\1\s*")
+_RST_UNDERLINE = re.compile(r"[*=\-~^\"']{3,}")
+
+
+class DataSourceError(ValueError):
+    """A text source could not be read, or gave no text."""
+
+
+def _demo_topic_is_evaluation(name: str) -> bool:
+    return zlib.crc32(name.encode("utf-8")) % _DEMO_EVAL_BUCKETS == 0
+
+
+def _demo_paragraphs(text: str) -> list[str]:
+    """Prose paragraphs of one help topic: no headings, code, doctests or grammar rules; lines joined."""
+    paragraphs = []
+    for block in _BLANK_LINES.split(text):
+        lines = textwrap.dedent(block).strip("\n").split("\n")
+        if len(lines) > 1 and _RST_UNDERLINE.fullmatch(lines[1].strip()):
+            continue  # a heading
+        if any(line.lstrip().startswith((">>>", "...")) or "::=" in line for line in lines):
+            continue  # a doctest or a grammar rule
+        if not lines[0].startswith(("* ", "- ")) and any(line[:1].isspace() for line in lines[1:]):
+            continue  # indented lines below an unindented one: code
+        paragraph = " ".join(" ".join(lines).split())
+        if len(paragraph.split()) >= _DEMO_MIN_WORDS and paragraph.endswith((".", ":", ")", '"', "?", "!")):
+            paragraphs.append(paragraph)
+    return paragraphs
+
+
+def _demo_texts(split: str | None) -> list[str]:
+    from pydoc_data.topics import topics
+
+    if split not in (None, *DEMO_SPLITS):
+        raise ValueError(
+            f"Unknown split {split!r} for the demo source; accepted: None (all), 'calibration' or 'evaluation'."
+        )
+    parts: dict[str, list[str]] = {"calibration": [], "evaluation": []}
+    for name in sorted(topics):
+        part = "evaluation" if _demo_topic_is_evaluation(name) else "calibration"
+        parts[part].extend(_demo_paragraphs(topics[name]))
+    evaluation = list(dict.fromkeys(parts["evaluation"]))
+    held_out = set(evaluation)
+    calibration = [p for p in dict.fromkeys(parts["calibration"]) if p not in held_out]
+    if split == "calibration":
+        return calibration
+    if split == "evaluation":
+        return evaluation
+    return calibration + evaluation
+
+
+def _txt_paragraphs(text: str) -> list[str]:
+    """Paragraphs separated by blank lines; WikiText heading lines (`` = Title = ``) are dropped."""
+    paragraphs = []
+    for block in _BLANK_LINES.split(text):
+        lines = [line.strip() for line in block.split("\n")]
+        lines = [line for line in lines if line and not _WIKITEXT_HEADING.fullmatch(line)]
+        if lines:
+            paragraphs.append("\n".join(lines))
+    return paragraphs
+
+
+def _field(record: object, text_field: str, where: str) -> str:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise DataSourceError(
+            f"{where}: expected an object with a {text_field!r} field, got {type(record).__name__}."
+        )
+    if text_field not in record:
+        raise DataSourceError(
+            f"{where}: no field {text_field!r} (fields: {sorted(record)}); pass text_field=... to pick one."
+        )
+    value = record[text_field]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataSourceError(f"{where}: field {text_field!r} is {type(value).__name__}, expected a string.")
+    return value
+
+
+def _file_texts(path: Path, text_field: str) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return _txt_paragraphs(path.read_text(encoding="utf-8"))
+    if suffix == ".jsonl":
+        texts = []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataSourceError(f"{path}, line {number}: not valid JSON ({err}).") from err
+                    texts.append(_field(record, text_field, f"{path}, line {number}"))
+        return texts
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataSourceError(f"{path}: not valid JSON ({err}).") from err
+        if isinstance(data, dict) and isinstance(data.get(text_field), list):
+            data = data[text_field]  # column layout: {"text": ["...", "..."]}
+        if not isinstance(data, list):
+            raise DataSourceError(
+                f"{path}: expected a list of records (or of strings), or {{{text_field!r}: [...]}}; "
+                f"got {type(data).__name__}."
+            )
+        return [_field(record, text_field, f"{path}, item {i}") for i, record in enumerate(data)]
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or text_field not in reader.fieldnames:
+                raise DataSourceError(
+                    f"{path}: no column {text_field!r} (columns: {reader.fieldnames}); pass text_field=... to pick one."
+                )
+            return [row[text_field] or "" for row in reader]
+    raise DataSourceError(f"{path}: unsupported file type {suffix!r}; accepted: {', '.join(FILE_SUFFIXES)}.")
+
+
+def _hub_texts(source: str, split: str | None, text_field: str) -> list[str]:
+    import datasets
+    from huggingface_hub import constants
+
+    from optipfair_train.models import hub_reachable
+
+    name, _, config = source.partition(":")
+    split = split or "train"
+    where = f"the datasets hub source {source!r} (split {split!r})"
+    offline_hint = "Offline, use 'demo' or a local .txt/.jsonl/.json/.csv file instead."
+    if not constants.is_offline_mode() and not hub_reachable():
+        raise DataSourceError(
+            f"Cannot load {where}: the Hugging Face Hub is not reachable. {offline_hint} If the dataset is "
+            "in your local datasets cache, set HF_HUB_OFFLINE=1 before starting Python."
+        )
+    try:
+        dataset = datasets.load_dataset(name, config or None, split=split)
+    except Exception as err:  # datasets raises many types (ConnectionError, ValueError, FileNotFoundError...)
+        raise DataSourceError(f"Cannot load {where}: {type(err).__name__}: {err} {offline_hint}") from err
+    if text_field not in dataset.column_names:
+        raise DataSourceError(
+            f"{source!r} has no column {text_field!r} (columns: {dataset.column_names}); pass text_field=..."
+        )
+    return [text for text in dataset[text_field] if text is not None]
+
+
+def _cap_chars(texts: Iterable[str], max_chars: int) -> list[str]:
+    kept, total = [], 0
+    for text in texts:
+        if total >= max_chars:
+            break
+        kept.append(text[: max_chars - total])
+        total += len(kept[-1])
+    return kept
+
+
+def load_texts(
+    source: str, split: str | None = None, max_chars: int | None = None, text_field: str = "text"
+) -> list[str]:
+    """Load a list of non-empty texts (paragraphs or documents) from a source, in a deterministic order.
+
+    Args:
+        source: ``"demo"``, a local ``.txt``/``.jsonl``/``.json``/``.csv`` file, or a ``datasets`` hub name
+            ``"name"`` or ``"name:config"``.
+        split: for ``"demo"``: ``None`` (all), ``"calibration"`` or ``"evaluation"`` (disjoint parts, split
+            by help topic). For a hub name: the dataset split (default ``"train"``). Ignored for local files
+            (use separate files, e.g. WikiText ``valid.txt`` for calibration and ``test.txt`` for evaluation).
+        max_chars: keep at most this many characters in total (the last text kept is cut).
+        text_field: field (JSON/JSONL/hub) or column (CSV) holding the text.
+
+    Raises:
+        FileNotFoundError: ``source`` looks like a file path but does not exist.
+        DataSourceError: unreadable source, unknown file type, missing field, hub unreachable, or no text.
+
+    Example:
+        >>> calibration = load_texts("demo", split="calibration")
+        >>> evaluation = load_texts("demo", split="evaluation")
+        >>> set(calibration).isdisjoint(evaluation)
+        True
+    """
+    if not isinstance(source, str) or not source.strip():
+        raise DataSourceError(f"source must be a non-empty string: {ACCEPTED_SOURCES}; got {source!r}.")
+    if max_chars is not None and max_chars < 1:
+        raise ValueError(f"max_chars must be a positive number of characters or None, got {max_chars!r}.")
+    path = Path(source).expanduser()
+    if source == "demo":
+        texts = _demo_texts(split)
+    elif path.is_file():
+        if split is not None:
+            logger.warning("split=%r is ignored for the local file %s.", split, path)
+        texts = _file_texts(path, text_field)
+    elif path.exists():
+        raise DataSourceError(f"{source!r} is a folder; accepted sources: {ACCEPTED_SOURCES}.")
+    elif path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"Text file {source!r} does not exist; accepted sources: {ACCEPTED_SOURCES}.")
+    else:
+        texts = _hub_texts(source, split, text_field)
+    texts = [text.strip() for text in texts if text and text.strip()]
+    if max_chars is not None:
+        texts = _cap_chars(texts, max_chars)
+    if not texts:
+        raise DataSourceError(
+            f"No text found in {source!r} (split {split!r}); accepted sources: {ACCEPTED_SOURCES}."
+        )
+    logger.debug("Loaded %d texts (%d characters) from %s", len(texts), sum(map(len, texts)), source)
+    return texts
+
+
+def tokenize_for_lm(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len: int, num_sequences: int | None = None
+) -> torch.Tensor:
+    """Concatenate texts with the EOS token between them and cut the stream into ``[N, seq_len]`` blocks.
+
+    This is the standard layout for perplexity and calibration: every block is full (no padding), the
+    trailing tokens that do not fill a block are dropped. Texts are tokenized without special tokens, and
+    only as many as needed when ``num_sequences`` is given.
+
+    Args:
+        tokenizer: a tokenizer with an EOS token.
+        texts: the texts, in order.
+        seq_len: tokens per block (at least 2).
+        num_sequences: at most this many blocks (``None``: as many as the text fills).
+
+    Returns:
+        A LongTensor ``[N, seq_len]``; fewer than ``num_sequences`` rows (with a warning) when the text is short.
+
+    Raises:
+        ValueError: bad sizes, no EOS token, or not enough text for one block.
+
+    Example:
+        >>> ids = tokenize_for_lm(tokenizer, load_texts("demo", split="evaluation"), seq_len=128, num_sequences=4)
+        >>> ids.shape
+        torch.Size([4, 128])
+    """
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not one string; wrap it in a list.")
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}.")
+    if num_sequences is not None and (not isinstance(num_sequences, int) or num_sequences < 1):
+        raise ValueError(f"num_sequences must be a positive integer or None, got {num_sequences!r}.")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("The tokenizer has no EOS token, needed to separate texts; set tokenizer.eos_token.")
+    needed = None if num_sequences is None else num_sequences * seq_len
+    stream: list[int] = []
+    chunk = 64
+    for start in range(0, len(texts), chunk):
+        encoded = tokenizer(list(texts[start : start + chunk]), add_special_tokens=False, verbose=False)
+        for ids in encoded["input_ids"]:
+            if stream:
+                stream.append(eos)
+            stream.extend(ids)
+        if needed is not None and len(stream) >= needed:
+            break
+    available = len(stream) // seq_len
+    if available == 0:
+        raise ValueError(f"The texts give {len(stream)} tokens, fewer than one block of seq_len={seq_len}.")
+    count = available if num_sequences is None else min(num_sequences, available)
+    if num_sequences is not None and count < num_sequences:
+        logger.warning(
+            "The texts fill only %d blocks of %d tokens; %d were asked for.", count, seq_len, num_sequences
+        )
+    return torch.tensor(stream[: count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+class _BlockDataset(Dataset):
+    """Full token blocks as ``{"input_ids", "attention_mask"}`` dicts."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.blocks[index]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def calibration_dataloader(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    num_samples: int = 8,
+    seq_len: int = 256,
+    batch_size: int = 4,
+) -> DataLoader:
+    """A deterministic DataLoader over ``num_samples`` full token blocks of ``seq_len`` tokens.
+
+    Each batch is ``{"input_ids": LongTensor[B, S], "attention_mask": LongTensor[B, S]}`` (mask all ones:
+    blocks are cut from the concatenated text, see :func:`tokenize_for_lm`).
+
+    Example:
+        >>> loader = calibration_dataloader(tokenizer, load_texts("demo", split="calibration"), 8, 256, 4)
+        >>> [tuple(batch["input_ids"].shape) for batch in loader]
+        [(4, 256), (4, 256)]
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    blocks = tokenize_for_lm(tokenizer, texts, seq_len=seq_len, num_sequences=num_samples)
+    return DataLoader(_BlockDataset(blocks), batch_size=batch_size, shuffle=False)

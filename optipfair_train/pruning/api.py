@@ -20,6 +20,7 @@ from .heads import apply_head_plan, plan_attention_heads
 from .io import record_pruning_event
 from .surgery import remove_layers
 from .targets import layers_to_remove_count
+from .taylor import TaylorImportance
 from .width import apply_width_plan, plan_mlp_width
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def prune_model(
     depth_pruning_percentage: float | None = None,
     layer_selection_method: str | None = None,
     block_metric: str = "cosine",
+    gradient_importance: TaylorImportance | None = None,
     seed: int = 0,
 ) -> torch.nn.Module | tuple[torch.nn.Module, dict[str, Any]]:
     """Prune ``model`` in place and return it (with statistics when ``return_stats``).
@@ -77,7 +79,8 @@ def prune_model(
         pruning_type: ``"MLP_GLU"`` (MLP width), ``"ATTENTION"`` (attention heads, GQA-aware) or
             ``"DEPTH"`` (whole blocks).
         neuron_selection_method: scorer name (``MAW``/``PPM``, ``VOW``, ``PON``, ``L2``, ``random``,
-            ``activation``). Default: ``activation`` when a ``dataloader`` is given, else ``MAW``
+            ``activation``, ``taylor``; for ``ATTENTION``: ``L2``, ``activation``, ``taylor``, ``random``).
+            Default: ``activation`` when a ``dataloader`` is given, else ``MAW``
             (weight-only scores lose much more quality; a warning says so).
         pruning_percentage: share of neurons to remove per layer (0-100, exclusive). Default 10 when
             no other width target is given. For ``ATTENTION``: share of KV groups (or of the query heads
@@ -95,6 +98,9 @@ def prune_model(
         layer_selection_method: ``importance`` (default with a dataloader), ``contiguous``, ``last``
             (default without), ``first`` or ``custom``.
         block_metric: ``cosine`` or ``angular`` distance for block influence.
+        gradient_importance: Taylor scores accumulated from gradients a training loop already computed
+            (:class:`~optipfair_train.pruning.taylor.TaylorImportance`), used by the ``taylor`` method
+            instead of computing gradients on ``dataloader``.
         seed: for the ``random`` scorer.
 
     Returns:
@@ -157,6 +163,7 @@ def prune_model(
             layer_indices=layer_indices,
             layer_allocation=layer_allocation,
             seed=seed,
+            gradient_importance=gradient_importance,
             show_progress=show_progress,
         )
         apply_width_plan(model, plan)
@@ -179,6 +186,7 @@ def prune_model(
             batches=batches,
             layer_indices=layer_indices,
             seed=seed,
+            gradient_importance=gradient_importance,
             show_progress=show_progress,
         )
         apply_head_plan(model, plan)
@@ -208,6 +216,7 @@ def prune_model(
             layer_indices=layer_indices,
             batches=batches,
             metric=block_metric,
+            gradient_importance=gradient_importance,
             show_progress=show_progress,
         )
         remove_layers(adapter, drop)

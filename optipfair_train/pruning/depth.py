@@ -3,7 +3,8 @@
 Positional choices (``last``, ``first``) are OptiPFair's; they are catastrophic on the demo model
 (removing the last 3 of 30 blocks: perplexity 29.6 -> 16,255) because the first and last blocks do
 most of the work. ``importance`` removes the blocks that change the hidden state least, measured on
-calibration data (3 blocks: 43.7); ``contiguous`` removes the least influential run of consecutive blocks.
+calibration data (3 blocks: 43.7); ``contiguous`` removes the least influential run of consecutive blocks;
+``taylor`` removes the blocks with the smallest first-order Taylor estimate of the loss change.
 
 Example:
     >>> drop = select_layers_to_remove(model, 2, "importance", batches=batches)  # doctest: +SKIP
@@ -17,10 +18,11 @@ import torch
 
 from ..arch import get_adapter
 from .calibration import CalibrationBatch, block_influence
+from .taylor import TaylorImportance, taylor_importance
 
 __all__ = ["LAYER_SELECTION_METHODS", "select_layers_to_remove"]
 
-LAYER_SELECTION_METHODS = ("last", "first", "custom", "importance", "contiguous")
+LAYER_SELECTION_METHODS = ("last", "first", "custom", "importance", "contiguous", "taylor")
 
 
 def select_layers_to_remove(
@@ -31,6 +33,7 @@ def select_layers_to_remove(
     layer_indices: Sequence[int] | None = None,
     batches: list[CalibrationBatch] | None = None,
     metric: str = "cosine",
+    gradient_importance: TaylorImportance | None = None,
     show_progress: bool = False,
 ) -> list[int]:
     """Indices of the blocks to remove (sorted). Validates everything; changes nothing.
@@ -60,9 +63,12 @@ def select_layers_to_remove(
         return list(range(n - count, n))
     if method == "first":
         return list(range(count))
+    if method == "taylor" and (batches is not None or gradient_importance is not None):
+        taylor = gradient_importance or taylor_importance(model, batches, show_progress=show_progress)
+        return sorted(taylor.block_scores().topk(count, largest=False).indices.tolist())
     if batches is None:
         raise ValueError(
-            f"layer_selection_method={method!r} measures block influence on calibration data: "
+            f"layer_selection_method={method!r} measures blocks on calibration data: "
             "pass dataloader=..., or choose 'last', 'first' or 'custom'."
         )
     if method == "importance":

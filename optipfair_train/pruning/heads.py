@@ -11,6 +11,7 @@ Query head ``h`` reads key/value head ``h // g`` (``g = num_heads / num_kv_heads
 - ``L2``: ``||W_q[h]||_F + ||W_o[:, h]||_F`` (+ ``||W_k[g]||_F + ||W_v[g]||_F`` for a group);
 - ``activation``: ``sqrt(sum over tokens of ||a_h||^2) * ||W_o[:, h]||_F``, ``a_h`` the head's output
   (the ``o_proj`` input slice), padding excluded;
+- ``taylor``: first-order Taylor over the head's q rows and o_proj columns (:mod:`.taylor`);
 - ``random``: seeded baseline.
 
 A group's score is the sum of its query heads' scores.
@@ -30,10 +31,11 @@ import torch
 from ..arch import get_adapter
 from .calibration import CalibrationBatch, input_sumsq
 from .surgery import ParamSlice, attention_geometry, record_attention_sizes, slice_linear
+from .taylor import TaylorImportance, taylor_importance
 
 __all__ = ["HEAD_METHODS", "HeadPlan", "head_scores", "plan_attention_heads", "apply_head_plan"]
 
-HEAD_METHODS = ("L2", "activation", "random")
+HEAD_METHODS = ("L2", "activation", "taylor", "random")
 
 
 @dataclass
@@ -51,15 +53,22 @@ def _blocks(weight: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return w.flatten(1).norm(dim=1)
 
 
-def _check_method(method: str, batches: list[CalibrationBatch] | None) -> None:
+def _check_method(
+    method: str, batches: list[CalibrationBatch] | None, gradient_importance: TaylorImportance | None = None
+) -> None:
     if method not in HEAD_METHODS:
         raise ValueError(
             f"Unknown head importance method {method!r}; attention heads accept "
             f"{', '.join(HEAD_METHODS)} (MAW, VOW and PON are defined for MLP neurons only)."
         )
-    if method == "activation" and batches is None:
+    if (
+        method == "activation"
+        and batches is None
+        or method == "taylor"
+        and batches is gradient_importance is None
+    ):
         raise ValueError(
-            "Head importance 'activation' needs calibration data: pass dataloader=..., or use L2."
+            f"Head importance {method!r} needs calibration data: pass dataloader=..., or use L2."
         )
 
 
@@ -71,6 +80,7 @@ def head_scores(
     layer_indices: Sequence[int] | None = None,
     granularity: str = "group",
     seed: int = 0,
+    gradient_importance: TaylorImportance | None = None,
     show_progress: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Importance per KV group (``granularity="group"``) or per query head (``"query"``), per layer.
@@ -80,20 +90,14 @@ def head_scores(
     """
     adapter = get_adapter(model)
     layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
-    _check_method(method, batches)
-    sumsq: dict[int, torch.Tensor] = {}
+    _check_method(method, batches, gradient_importance)
+    stats: dict[int, torch.Tensor] = {}
     if method == "activation":
-        if batches is None:
-            raise ValueError(
-                "Head importance 'activation' needs calibration data: pass dataloader=..., or use L2."
-            )
-        sumsq = input_sumsq(
-            model,
-            batches,
-            {i: adapter.attention(i).o for i in layers},
-            show_progress=show_progress,
-            desc="head statistics",
-        )
+        modules = {i: adapter.attention(i).o for i in layers}
+        stats = input_sumsq(model, batches, modules, show_progress=show_progress, desc="head statistics")
+    elif method == "taylor":
+        taylor = gradient_importance or taylor_importance(model, batches, show_progress=show_progress)
+        stats = taylor.head_scores()
     scores = {}
     for i in layers:
         parts = adapter.attention(i)
@@ -102,7 +106,9 @@ def head_scores(
         if method == "L2":
             per_head = _blocks(parts.q.weight, n_q, dim=0) + o_norm
         elif method == "activation":
-            per_head = sumsq[i].reshape(n_q, head_dim).sum(dim=1).sqrt() * o_norm
+            per_head = stats[i].reshape(n_q, head_dim).sum(dim=1).sqrt() * o_norm
+        elif method == "taylor":
+            per_head = stats[i]
         else:
             per_head = torch.rand(n_q, generator=torch.Generator().manual_seed(seed * 100_003 + i))
         if granularity == "group":
@@ -122,6 +128,7 @@ def plan_attention_heads(
     batches: list[CalibrationBatch] | None = None,
     layer_indices: Sequence[int] | None = None,
     seed: int = 0,
+    gradient_importance: TaylorImportance | None = None,
     show_progress: bool = False,
 ) -> dict[int, HeadPlan]:
     """Which heads each layer keeps. Validates everything; changes nothing.
@@ -133,7 +140,7 @@ def plan_attention_heads(
         >>> plan = plan_attention_heads(model, pruning_percentage=50, granularity="query")  # doctest: +SKIP
     """
     adapter = get_adapter(model)
-    _check_method(method, batches)
+    _check_method(method, batches, gradient_importance)
     if granularity not in ("group", "query"):
         raise ValueError(
             f"granularity must be 'group' (whole KV groups) or 'query' (query heads inside groups), "
@@ -174,6 +181,7 @@ def plan_attention_heads(
         layer_indices=layers,
         granularity=granularity,
         seed=seed,
+        gradient_importance=gradient_importance,
         show_progress=show_progress,
     )
     plan = {}

@@ -11,6 +11,8 @@ The weight-only scores reproduce OptiPFair 0.4.2 exactly (rows of gate/up are ne
 - ``PON``: ``||W_g[i]||_1 * ||W_u[i]||_1``
 - ``L2``: ``||W_g[i]||_2 + ||W_u[i]||_2``
 
+Data-driven: ``activation`` (below) and ``taylor`` (gradients, :mod:`.taylor`).
+
 On the demo model these collapse quality (FIELD-NOTES: MAW at 20% width -> perplexity 287 vs 29.6),
 whereas ``activation`` (``sqrt(sum_t x_ti^2) * ||W_down[:, i]||_2`` over calibration tokens, padding
 excluded) keeps it at 43.5. ``activation`` is therefore the default whenever calibration data is given.
@@ -41,11 +43,13 @@ class ScoringContext:
         layer_idx: index of the layer being scored.
         activation_sumsq: per-neuron sum over calibration tokens of the squared ``down_proj`` input,
             for data-driven scorers (None when no calibration data was collected).
+        taylor: per-neuron first-order Taylor scores (see :mod:`.taylor`), for ``taylor``.
         seed: seed for stochastic scorers (``random``).
     """
 
     layer_idx: int
     activation_sumsq: torch.Tensor | None = None
+    taylor: torch.Tensor | None = None
     seed: int = 0
 
 
@@ -55,11 +59,15 @@ class Scorer:
 
     name: str
     fn: Callable[[MLPParts, ScoringContext], torch.Tensor]
-    needs_calibration: bool
+    needs: str | None  # the ScoringContext statistic it reads: "activation_sumsq", "taylor" or None
     description: str
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.needs is not None
+
     def __call__(self, parts: MLPParts, context: ScoringContext) -> torch.Tensor:
-        if self.needs_calibration and context.activation_sumsq is None:
+        if self.needs is not None and getattr(context, self.needs) is None:
             raise ValueError(
                 f"Scorer {self.name!r} needs calibration data: pass dataloader=... "
                 f"or choose a weight-only method ({', '.join(weight_only_scorers())})."
@@ -71,8 +79,11 @@ _REGISTRY: dict[str, Scorer] = {}
 _ALIASES: dict[str, str] = {}
 
 
-def register_scorer(name: str, *, needs_calibration: bool = False, aliases: tuple[str, ...] = ()):
+def register_scorer(name: str, *, needs: str | None = None, aliases: tuple[str, ...] = ()):
     """Decorator that registers a neuron scorer under ``name`` (case-insensitive) and ``aliases``.
+
+    ``needs`` names the :class:`ScoringContext` statistic the scorer reads (computed from calibration
+    data before scoring), or None for weight-only scorers.
 
     Example:
         >>> @register_scorer("ones")
@@ -82,7 +93,7 @@ def register_scorer(name: str, *, needs_calibration: bool = False, aliases: tupl
     """
 
     def decorate(fn: Callable[[MLPParts, ScoringContext], torch.Tensor]):
-        scorer = Scorer(name, fn, needs_calibration, (fn.__doc__ or "").strip().splitlines()[0])
+        scorer = Scorer(name, fn, needs, (fn.__doc__ or "").strip().splitlines()[0])
         _REGISTRY[name.upper()] = scorer
         for alias in aliases:
             _ALIASES[alias.upper()] = name.upper()
@@ -150,8 +161,14 @@ def _random(parts: MLPParts, context: ScoringContext) -> torch.Tensor:
     return torch.rand(parts.intermediate_size, generator=generator)
 
 
-@register_scorer("activation", needs_calibration=True)
+@register_scorer("activation", needs="activation_sumsq")
 def _activation(parts: MLPParts, context: ScoringContext) -> torch.Tensor:
     """Activation-aware: sqrt(sum of squared down_proj inputs over tokens) * ||W_down[:, i]||_2."""
     column_norms = parts.down.weight.detach().float().norm(dim=0)
     return context.activation_sumsq.float().sqrt() * column_norms
+
+
+@register_scorer("taylor", needs="taylor")
+def _taylor(parts: MLPParts, context: ScoringContext) -> torch.Tensor:
+    """First-order Taylor: sum over batches of |sum of w * dL/dw over the neuron's weights|."""
+    return context.taylor

@@ -21,6 +21,7 @@ from .calibration import CalibrationBatch, mlp_activation_sumsq
 from .scorers import ScoringContext, get_scorer
 from .surgery import ParamSlice, prune_mlp_neurons, record_mlp_sizes
 from .targets import kept_width, width_for_parameter_budget
+from .taylor import TaylorImportance, taylor_importance
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +39,14 @@ def neuron_scores(
     batches: list[CalibrationBatch] | None = None,
     layer_indices: Sequence[int] | None = None,
     seed: int = 0,
+    gradient_importance: TaylorImportance | None = None,
     adapter: ModelAdapter | None = None,
     show_progress: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Importance of every intermediate neuron of the chosen layers, keyed by layer index.
+
+    Data-driven scorers get their statistics from ``batches``; ``taylor`` may instead read gradients a
+    training loop already accumulated (``gradient_importance``).
 
     Example:
         >>> scores = neuron_scores(model, "MAW")  # doctest: +SKIP
@@ -50,12 +55,28 @@ def neuron_scores(
     adapter = adapter or get_adapter(model)
     scorer = get_scorer(method)
     layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
-    sumsq = None
-    if scorer.needs_calibration:
+    stats: dict[int, torch.Tensor] = {}
+    if scorer.needs == "taylor" and gradient_importance is not None:
+        stats = gradient_importance.neuron_scores()
+        missing = [i for i in layers if i not in stats]
+        if missing:
+            raise ValueError(
+                f"The gradient importance holds no MLP gradients for layers {missing} "
+                "(frozen weights?); accumulate from full fine-tuning or pass calibration batches."
+            )
+    elif scorer.needs is not None:
         if batches is None:
             scorer(adapter.mlp(layers[0]), ScoringContext(layers[0]))  # raises the helpful error
-        sumsq = mlp_activation_sumsq(model, batches, adapter=adapter, show_progress=show_progress)
-    return {i: scorer(adapter.mlp(i), ScoringContext(i, sumsq[i] if sumsq else None, seed)) for i in layers}
+        if scorer.needs == "taylor":
+            stats = taylor_importance(model, batches, show_progress=show_progress).neuron_scores()
+        else:
+            stats = mlp_activation_sumsq(model, batches, adapter=adapter, show_progress=show_progress)
+    return {
+        i: scorer(
+            adapter.mlp(i), ScoringContext(i, seed=seed, **{scorer.needs: stats[i]} if scorer.needs else {})
+        )
+        for i in layers
+    }
 
 
 def _global_allocation(
@@ -89,6 +110,7 @@ def plan_mlp_width(
     layer_indices: Sequence[int] | None = None,
     layer_allocation: str = "uniform",
     seed: int = 0,
+    gradient_importance: TaylorImportance | None = None,
     show_progress: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Decide which neurons each layer keeps: ``{layer_idx: sorted kept indices}``.
@@ -146,6 +168,7 @@ def plan_mlp_width(
         batches=batches,
         layer_indices=layers,
         seed=seed,
+        gradient_importance=gradient_importance,
         adapter=adapter,
         show_progress=show_progress,
     )

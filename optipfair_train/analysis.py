@@ -67,8 +67,7 @@ def analyze(model: nn.Module) -> dict[str, Any]:
     parts["other"] = _count(inner, seen)
     total = sum(parts.values())
     sizes = adapter.intermediate_sizes()
-    attention = adapter.attention(0)
-    head_dim = getattr(attention.module, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    n_q, n_kv, head_dim = adapter.head_counts(0)
     return {
         "family": adapter.family.name,
         "model_type": config.model_type,
@@ -76,8 +75,8 @@ def analyze(model: nn.Module) -> dict[str, Any]:
         "hidden_size": adapter.hidden_size,
         "intermediate_sizes": sizes,
         "expansion_ratio": 100.0 * sum(sizes) / len(sizes) / adapter.hidden_size,
-        "num_attention_heads": attention.q.weight.shape[0] // head_dim,
-        "num_key_value_heads": attention.k.weight.shape[0] // head_dim,
+        "num_attention_heads": n_q,
+        "num_key_value_heads": n_kv,
         "head_dim": head_dim,
         "total_parameters": total,
         "parameter_distribution": {

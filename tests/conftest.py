@@ -11,8 +11,11 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     GemmaConfig,
+    GPT2Config,
     LlamaConfig,
     MistralConfig,
+    OPTConfig,
+    PhiConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -46,13 +49,46 @@ CONFIGS = {
     "gemma": (GemmaConfig, {}),
     "gemma2": (Gemma2Config, dict(sliding_window=32)),
 }
-FAMILY_NAMES = list(CONFIGS)
+FAMILY_NAMES = list(CONFIGS)  # GLU families
+
+_TOKENS = dict(vocab_size=VOCAB_SIZE, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+PLAIN_CONFIGS = {  # plain fc1/fc2 MLPs; GPT-2 stores Conv1D weights [in, out]
+    "gpt2": (GPT2Config, dict(n_embd=64, n_layer=4, n_head=4, n_inner=128, n_positions=256, **_TOKENS)),
+    "opt": (
+        OPTConfig,
+        dict(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=256,
+            **_TOKENS,
+        ),
+    ),
+    "phi": (
+        PhiConfig,
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            **_TOKENS,
+        ),
+    ),
+}
+PLAIN_FAMILY_NAMES = list(PLAIN_CONFIGS)
 
 
 def make_tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
     """A tiny random causal LM of ``family`` in eval mode (deterministic for a seed)."""
-    config_class, extra = CONFIGS[family]
-    config = config_class(**{**_COMMON, **extra, **overrides})
+    if family in PLAIN_CONFIGS:
+        config_class, kwargs = PLAIN_CONFIGS[family]
+        config = config_class(**{**kwargs, **overrides})
+    else:
+        config_class, extra = CONFIGS[family]
+        config = config_class(**{**_COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     # Random init of these tiny models is close to zero; scale up so units differ clearly.

@@ -4,6 +4,9 @@ Every other module asks an adapter for ``layers``, ``mlp(i)``, ``attention(i)`` 
 and never spells attribute names such as ``model.model.layers[i].mlp.gate_proj`` itself. Adding a
 family is one :class:`Family` entry in :data:`FAMILIES` plus one tiny-config test case.
 
+Projections may be ``nn.Linear`` (weight ``[out, in]``), GPT-2's ``Conv1D`` (weight ``[in, out]``) or
+a PEFT LoRA layer wrapping either; :func:`weight_out_in` gives every one of them as ``[out, in]``.
+
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -18,7 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from operator import attrgetter
 
+import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 __all__ = [
     "Family",
@@ -28,6 +33,9 @@ __all__ = [
     "AttentionParts",
     "get_adapter",
     "supported_model_types",
+    "unwrap_model",
+    "is_conv1d",
+    "weight_out_in",
     "UnsupportedModelError",
 ]
 
@@ -38,26 +46,38 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class Family:
-    """Where one model family keeps its parts (attribute paths, relative to the causal-LM model)."""
+    """Where one model family keeps its parts (attribute paths, relative to the causal-LM model).
+
+    ``mlp=""`` means the projections sit on the decoder layer itself (OPT); ``gate=None`` marks a
+    plain (non-GLU) MLP; ``q=k=v=None`` marks a fused query/key/value projection (GPT-2), which head
+    pruning does not support. ``intermediate_key`` is the config field holding the MLP width.
+    """
 
     name: str
     model_types: tuple[str, ...]
     layers: str = "model.layers"
     mlp: str = "mlp"
-    gate: str | None = "gate_proj"  # None for a plain (non-GLU) MLP
+    gate: str | None = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
     attention: str = "self_attn"
-    q: str = "q_proj"
-    k: str = "k_proj"
-    v: str = "v_proj"
+    q: str | None = "q_proj"
+    k: str | None = "k_proj"
+    v: str | None = "v_proj"
     o: str = "o_proj"
     input_norm: str = "input_layernorm"
+    intermediate_key: str = "intermediate_size"
 
     @property
     def is_glu(self) -> bool:
         return self.gate is not None
 
+    @property
+    def separate_qkv(self) -> bool:
+        return self.q is not None
+
+
+_PLAIN = dict(gate=None, up="fc1", down="fc2")
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama",)),
@@ -66,12 +86,53 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3", ("qwen3",)),
     Family("gemma", ("gemma",)),
     Family("gemma2", ("gemma2",)),
+    Family("phi", ("phi",), o="dense", **_PLAIN),
+    Family(
+        "opt",
+        ("opt",),
+        layers="model.decoder.layers",
+        mlp="",
+        o="out_proj",
+        input_norm="self_attn_layer_norm",
+        intermediate_key="ffn_dim",
+        **_PLAIN,
+    ),
+    Family(
+        "gpt2",
+        ("gpt2",),
+        layers="transformer.h",
+        attention="attn",
+        gate=None,
+        up="c_fc",
+        down="c_proj",
+        q=None,
+        k=None,
+        v=None,
+        o="c_proj",
+        input_norm="ln_1",
+        intermediate_key="n_inner",
+    ),
 )
 
 
 def supported_model_types() -> list[str]:
     """All ``config.model_type`` values that have an adapter."""
     return sorted(t for f in FAMILIES for t in f.model_types)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for GPT-2's ``Conv1D`` (also under a LoRA wrapper): its weight is stored ``[in, out]``."""
+    return isinstance(getattr(module, "base_layer", module), Conv1D)
+
+
+def weight_out_in(module: nn.Module, tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """``module``'s weight (or a tensor of the weight's shape, e.g. its gradient) laid out ``[out, in]``."""
+    tensor = module.weight if tensor is None else tensor
+    return tensor.t() if is_conv1d(module) else tensor
+
+
+def out_features(module: nn.Module) -> int:
+    return weight_out_in(module).shape[0]
 
 
 @dataclass
@@ -88,22 +149,22 @@ class MLPParts:
 
     @property
     def intermediate_size(self) -> int:
-        return self.up.weight.shape[0]
+        return out_features(self.up)
 
     @property
     def width_linears(self) -> list[nn.Module]:
-        """Linears whose output rows are intermediate neurons (gate, up)."""
+        """Projections whose outputs are intermediate neurons (gate, up)."""
         return [m for m in (self.gate, self.up) if m is not None]
 
 
 @dataclass
 class AttentionParts:
-    """The projections of one attention block."""
+    """The projections of one attention block (``q``/``k``/``v`` are None when fused)."""
 
     module: nn.Module
-    q: nn.Module
-    k: nn.Module
-    v: nn.Module
+    q: nn.Module | None
+    k: nn.Module | None
+    v: nn.Module | None
     o: nn.Module
 
 
@@ -112,6 +173,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     if hasattr(model, "get_base_model"):
         return model.get_base_model()
     return model
+
+
+def _get(module: nn.Module, path: str | None) -> nn.Module | None:
+    if path is None:
+        return None
+    return attrgetter(path)(module) if path else module
 
 
 class ModelAdapter:
@@ -143,30 +210,36 @@ class ModelAdapter:
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
 
-    def _part(self, layer_idx: int, path: str) -> nn.Module:
-        return attrgetter(path)(self.layers[layer_idx])
-
     def mlp(self, layer_idx: int) -> MLPParts:
         f = self.family
-        module = self._part(layer_idx, f.mlp)
+        module = _get(self.layers[layer_idx], f.mlp)
         return MLPParts(
-            module=module,
-            gate=attrgetter(f.gate)(module) if f.gate else None,
-            up=attrgetter(f.up)(module),
-            down=attrgetter(f.down)(module),
+            module=module, gate=_get(module, f.gate), up=_get(module, f.up), down=_get(module, f.down)
         )
 
     def attention(self, layer_idx: int) -> AttentionParts:
         f = self.family
-        module = self._part(layer_idx, f.attention)
-        get = lambda name: attrgetter(name)(module)  # noqa: E731
-        return AttentionParts(module=module, q=get(f.q), k=get(f.k), v=get(f.v), o=get(f.o))
+        module = _get(self.layers[layer_idx], f.attention)
+        return AttentionParts(
+            module=module, q=_get(module, f.q), k=_get(module, f.k), v=_get(module, f.v), o=_get(module, f.o)
+        )
 
     def input_norm(self, layer_idx: int) -> nn.Module:
-        return self._part(layer_idx, self.family.input_norm)
+        return _get(self.layers[layer_idx], self.family.input_norm)
 
     def intermediate_sizes(self) -> list[int]:
         return [self.mlp(i).intermediate_size for i in range(self.num_layers)]
+
+    def head_counts(self, layer_idx: int) -> tuple[int, int, int]:
+        """``(num_query_heads, num_kv_heads, head_dim)`` of one layer, read from its weights."""
+        parts = self.attention(layer_idx)
+        config = self.config
+        head_dim = int(
+            getattr(parts.module, "head_dim", 0) or config.hidden_size // config.num_attention_heads
+        )
+        if parts.q is None:  # fused qkv: plain multi-head attention
+            return config.num_attention_heads, config.num_attention_heads, head_dim
+        return out_features(parts.q) // head_dim, out_features(parts.k) // head_dim, head_dim
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
@@ -177,7 +250,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 
     Example:
         >>> adapter = get_adapter(model)  # doctest: +SKIP
-        >>> adapter.mlp(0).gate.weight.shape  # doctest: +SKIP
+        >>> adapter.mlp(0).up.weight.shape  # doctest: +SKIP
     """
     inner = unwrap_model(model)
     config = getattr(inner, "config", None)
@@ -190,7 +263,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
             except AttributeError as err:
                 raise UnsupportedModelError(
                     f"{type(inner).__name__} has model_type {model_type!r} but not the expected layout "
-                    f"({family.layers}[i].{family.mlp}); only causal-LM heads (AutoModelForCausalLM) are supported"
+                    f"({family.layers}[i]); only causal-LM heads (AutoModelForCausalLM) are supported"
                 ) from err
             return adapter
     raise UnsupportedModelError(

@@ -27,15 +27,17 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PRUNING_TYPES", "prune_model"]
 
-PRUNING_TYPES = ("MLP_GLU", "ATTENTION", "DEPTH")
+PRUNING_TYPES = ("MLP_GLU", "MLP", "ATTENTION", "DEPTH")
+_WIDTH_ARGUMENTS = (
+    "neuron_selection_method",
+    "pruning_percentage",
+    "expansion_rate",
+    "expansion_divisor",
+    "target_parameters",
+)
 _ARGUMENTS = {
-    "MLP_GLU": (
-        "neuron_selection_method",
-        "pruning_percentage",
-        "expansion_rate",
-        "expansion_divisor",
-        "target_parameters",
-    ),
+    "MLP_GLU": _WIDTH_ARGUMENTS,
+    "MLP": _WIDTH_ARGUMENTS,
     "ATTENTION": ("neuron_selection_method", "pruning_percentage"),
     "DEPTH": ("num_layers_to_remove", "depth_pruning_percentage", "layer_selection_method"),
 }
@@ -76,7 +78,8 @@ def prune_model(
     """Prune ``model`` in place and return it (with statistics when ``return_stats``).
 
     Args:
-        pruning_type: ``"MLP_GLU"`` (MLP width), ``"ATTENTION"`` (attention heads, GQA-aware) or
+        pruning_type: ``"MLP_GLU"`` (GLU MLP width, OptiPFair's name), ``"MLP"`` (MLP width of any
+            family, GLU or plain fc1/fc2), ``"ATTENTION"`` (attention heads, GQA-aware) or
             ``"DEPTH"`` (whole blocks).
         neuron_selection_method: scorer name (``MAW``/``PPM``, ``VOW``, ``PON``, ``L2``, ``random``,
             ``activation``, ``taylor``; for ``ATTENTION``: ``L2``, ``activation``, ``taylor``, ``random``).
@@ -92,7 +95,7 @@ def prune_model(
         layer_allocation: ``"uniform"`` (same width everywhere) or ``"global"`` (per-layer widths from a
             global ranking of normalised scores; reload with :func:`load_pruned_model`).
         head_granularity: ``"group"`` (remove whole KV groups) or ``"query"`` (query heads inside groups).
-        layer_indices: for ``MLP_GLU`` and ``ATTENTION``, the layers to prune (default all); for ``DEPTH`` with
+        layer_indices: for ``MLP_GLU``/``MLP`` and ``ATTENTION``, the layers to prune (default all); for ``DEPTH`` with
             ``layer_selection_method="custom"``, the blocks to remove.
         num_layers_to_remove / depth_pruning_percentage: how many blocks ``DEPTH`` removes.
         layer_selection_method: ``importance`` (default with a dataloader), ``contiguous``, ``last``
@@ -138,10 +141,11 @@ def prune_model(
     original = count_parameters(model)
     event: dict[str, Any] = {"pruning_type": pruning_type, "parameters_before": original}
 
-    if pruning_type == "MLP_GLU":
-        if not adapter.family.is_glu:
+    if pruning_type in ("MLP_GLU", "MLP"):
+        if pruning_type == "MLP_GLU" and not adapter.family.is_glu:
             raise ValueError(
-                f"{adapter.family.name} has no GLU MLP; MLP_GLU pruning needs gate/up/down projections."
+                f"{adapter.family.name} has a plain (non-GLU) MLP: use pruning_type='MLP', which prunes "
+                "fc1 rows and fc2 columns with the same scorers."
             )
         method = neuron_selection_method or ("activation" if batches is not None else "MAW")
         if neuron_selection_method is None and batches is None:

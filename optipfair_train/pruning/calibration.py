@@ -128,7 +128,8 @@ def input_sumsq(
     def hook_for(key):
         def hook(module, args):
             # select real tokens (not multiply by the mask: a fully padded row may hold NaN)
-            x = args[0][current["mask"].bool()].float()
+            # (OPT feeds its MLP a flattened [batch*seq, dim] tensor, hence the reshape)
+            x = args[0].reshape(-1, args[0].shape[-1])[current["mask"].reshape(-1).bool()].float()
             total = (x * x).sum(dim=0).double().cpu()
             sums[key] = sums[key] + total if key in sums else total
 

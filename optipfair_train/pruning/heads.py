@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..arch import get_adapter
+from ..arch import get_adapter, weight_out_in
 from .calibration import CalibrationBatch, input_sumsq
-from .surgery import ParamSlice, attention_geometry, record_attention_sizes, slice_linear
+from .surgery import ParamSlice, record_attention_sizes, slice_linear
 from .taylor import TaylorImportance, taylor_importance
 
 __all__ = ["HEAD_METHODS", "HeadPlan", "head_scores", "plan_attention_heads", "apply_head_plan"]
@@ -101,10 +101,10 @@ def head_scores(
     scores = {}
     for i in layers:
         parts = adapter.attention(i)
-        n_q, n_kv, head_dim = attention_geometry(adapter, i)
-        o_norm = _blocks(parts.o.weight, n_q, dim=1)
+        n_q, n_kv, head_dim = adapter.head_counts(i)
+        o_norm = _blocks(weight_out_in(parts.o), n_q, dim=1)
         if method == "L2":
-            per_head = _blocks(parts.q.weight, n_q, dim=0) + o_norm
+            per_head = _blocks(weight_out_in(parts.q), n_q, dim=0) + o_norm
         elif method == "activation":
             per_head = stats[i].reshape(n_q, head_dim).sum(dim=1).sqrt() * o_norm
         elif method == "taylor":
@@ -114,7 +114,11 @@ def head_scores(
         if granularity == "group":
             per_head = per_head.reshape(n_kv, n_q // n_kv).sum(dim=1)
             if method == "L2":
-                per_head = per_head + _blocks(parts.k.weight, n_kv, 0) + _blocks(parts.v.weight, n_kv, 0)
+                per_head = (
+                    per_head
+                    + _blocks(weight_out_in(parts.k), n_kv, 0)
+                    + _blocks(weight_out_in(parts.v), n_kv, 0)
+                )
         scores[i] = per_head
     return scores
 
@@ -140,6 +144,8 @@ def plan_attention_heads(
         >>> plan = plan_attention_heads(model, pruning_percentage=50, granularity="query")  # doctest: +SKIP
     """
     adapter = get_adapter(model)
+    if not adapter.family.separate_qkv:
+        raise ValueError(f"Head pruning needs separate q/k/v projections; {adapter.family.name} fuses them.")
     _check_method(method, batches, gradient_importance)
     if granularity not in ("group", "query"):
         raise ValueError(
@@ -158,7 +164,7 @@ def plan_attention_heads(
         )
     counts = {}
     for i in layers:
-        n_q, n_kv, _ = attention_geometry(adapter, i)
+        n_q, n_kv, _ = adapter.head_counts(i)
         if n_q % n_kv:
             raise ValueError(
                 f"Layer {i} has {n_q} query heads for {n_kv} key/value heads, which do not divide "
@@ -186,7 +192,7 @@ def plan_attention_heads(
     )
     plan = {}
     for i in layers:
-        n_q, n_kv, _ = attention_geometry(adapter, i)
+        n_q, n_kv, _ = adapter.head_counts(i)
         g = n_q // n_kv
         if granularity == "group":
             kv = scores[i].topk(counts[i]).indices.sort().values
@@ -213,7 +219,7 @@ def apply_head_plan(model: torch.nn.Module, plan: dict[int, HeadPlan]) -> list[P
     slices: list[ParamSlice] = []
     for i, keep in plan.items():
         parts = adapter.attention(i)
-        n_q, n_kv, head_dim = attention_geometry(adapter, i)
+        n_q, n_kv, head_dim = adapter.head_counts(i)
         q_rows, kv_rows = _head_rows(keep.query_heads, head_dim), _head_rows(keep.kv_heads, head_dim)
         slices += slice_linear(parts.q, q_rows, dim=0)
         slices += slice_linear(parts.o, q_rows, dim=1)

@@ -26,7 +26,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..analysis import count_parameters
 from ..arch import get_adapter, unwrap_model
 from .heads import HeadPlan, apply_head_plan
-from .surgery import attention_geometry
 from .width import apply_width_plan
 
 logger = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ def pruning_manifest(model: torch.nn.Module) -> dict[str, Any]:
     config = adapter.config
     layers = []
     for i, width in enumerate(adapter.intermediate_sizes()):
-        n_q, n_kv, head_dim = attention_geometry(adapter, i)
+        n_q, n_kv, head_dim = adapter.head_counts(i)
         layers.append(
             {
                 "index": i,

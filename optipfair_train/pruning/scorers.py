@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..arch import MLPParts
+from ..arch import MLPParts, weight_out_in
 
 __all__ = ["Scorer", "ScoringContext", "register_scorer", "get_scorer", "available_scorers"]
 
@@ -124,7 +124,7 @@ def weight_only_scorers() -> list[str]:
 
 def _rows(parts: MLPParts) -> list[torch.Tensor]:
     """Neuron-major float32 weights of the projections that produce intermediate neurons."""
-    return [m.weight.detach().float() for m in parts.width_linears]
+    return [weight_out_in(m).detach().float() for m in parts.width_linears]
 
 
 @register_scorer("MAW", aliases=("PPM",))
@@ -164,7 +164,7 @@ def _random(parts: MLPParts, context: ScoringContext) -> torch.Tensor:
 @register_scorer("activation", needs="activation_sumsq")
 def _activation(parts: MLPParts, context: ScoringContext) -> torch.Tensor:
     """Activation-aware: sqrt(sum of squared down_proj inputs over tokens) * ||W_down[:, i]||_2."""
-    column_norms = parts.down.weight.detach().float().norm(dim=0)
+    column_norms = weight_out_in(parts.down).detach().float().norm(dim=0)
     return context.activation_sumsq.float().sqrt() * column_norms
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..arch import MLPParts, ModelAdapter
+from ..arch import MLPParts, ModelAdapter, is_conv1d
 
 __all__ = [
     "ParamSlice",
@@ -49,17 +49,18 @@ def _slice_param(param: nn.Parameter, dim: int, index: torch.Tensor) -> ParamSli
 
 
 def slice_linear(linear: nn.Module, index: torch.Tensor, dim: int) -> list[ParamSlice]:
-    """Keep the output rows (``dim=0``, with the bias) or input columns (``dim=1``) ``index`` of a Linear.
+    """Keep the outputs (``dim=0``, with the bias) or inputs (``dim=1``) ``index`` of a projection.
 
-    A PEFT LoRA layer is sliced consistently without merging: the base Linear, and ``lora_B`` rows
+    ``dim`` is logical: GPT-2's ``Conv1D`` stores its weight ``[in, out]`` and is cut accordingly.
+    A PEFT LoRA layer is sliced consistently without merging: the base layer, and ``lora_B`` rows
     (outputs) or ``lora_A`` columns (inputs) of every adapter, so that merging afterwards gives the
-    same weights as slicing the merged Linear.
+    same weights as slicing the merged layer.
     """
     if dim not in (0, 1):
         raise ValueError(f"dim must be 0 (outputs) or 1 (inputs), got {dim}")
     base = getattr(linear, "base_layer", None)
     if base is None:
-        slices = [_slice_param(linear.weight, dim, index)]
+        slices = [_slice_param(linear.weight, 1 - dim if is_conv1d(linear) else dim, index)]
         if dim == 0 and getattr(linear, "bias", None) is not None:
             slices.append(_slice_param(linear.bias, 0, index))
     else:
@@ -71,10 +72,8 @@ def slice_linear(linear: nn.Module, index: torch.Tensor, dim: int) -> list[Param
             slices.append(_slice_param(adapter_linear.weight, dim, index))
             if dim == 0 and getattr(adapter_linear, "bias", None) is not None:
                 slices.append(_slice_param(adapter_linear.bias, 0, index))
-    if dim == 0:
-        linear.out_features = len(index)
-    else:
-        linear.in_features = len(index)
+    attribute = {(False, 0): "out_features", (False, 1): "in_features", (True, 0): "nf", (True, 1): "nx"}
+    setattr(linear, attribute[(base is None and is_conv1d(linear), dim)], len(index))
     return slices
 
 
@@ -110,33 +109,25 @@ def remove_layers(adapter: ModelAdapter, drop: list[int]) -> list[int]:
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [config.layer_types[i] for i in kept]
     record_mlp_sizes(adapter)
-    record_attention_sizes(adapter)
+    if hasattr(config, "layer_num_attention_heads"):
+        record_attention_sizes(adapter)
     return kept
 
 
 def record_mlp_sizes(adapter: ModelAdapter) -> None:
     """Write the model's real MLP widths into its config, so a save describes what it holds.
 
-    Uniform widths go to ``intermediate_size`` (plain ``from_pretrained`` then rebuilds the model);
-    per-layer widths also go to ``layer_intermediate_sizes``, which ``load_pruned_model`` reads.
+    Uniform widths go to the family's width field (``intermediate_size``, ``ffn_dim``, ``n_inner``) so plain
+    ``from_pretrained`` rebuilds the model; per-layer widths also go to ``layer_intermediate_sizes``,
+    which ``load_pruned_model`` reads.
     """
     sizes = adapter.intermediate_sizes()
     config = adapter.config
-    config.intermediate_size = max(sizes)
+    setattr(config, adapter.family.intermediate_key, max(sizes))
     if len(set(sizes)) > 1:
         config.layer_intermediate_sizes = sizes
     elif hasattr(config, "layer_intermediate_sizes"):
         del config.layer_intermediate_sizes
-
-
-def attention_geometry(adapter: ModelAdapter, layer_idx: int) -> tuple[int, int, int]:
-    """``(num_query_heads, num_kv_heads, head_dim)`` of one layer, read from its weights."""
-    parts = adapter.attention(layer_idx)
-    head_dim = int(
-        getattr(parts.module, "head_dim", 0)
-        or adapter.config.hidden_size // adapter.config.num_attention_heads
-    )
-    return parts.q.weight.shape[0] // head_dim, parts.k.weight.shape[0] // head_dim, head_dim
 
 
 def record_attention_sizes(adapter: ModelAdapter) -> None:
@@ -148,7 +139,7 @@ def record_attention_sizes(adapter: ModelAdapter) -> None:
     ``layer_num_attention_heads`` / ``layer_num_key_value_heads`` list the real ones for ``load_pruned_model``.
     """
     config = adapter.config
-    geometry = [attention_geometry(adapter, i) for i in range(adapter.num_layers)]
+    geometry = [adapter.head_counts(i) for i in range(adapter.num_layers)]
     config.head_dim = geometry[0][2]  # explicit, so head_dim is not re-derived from a smaller head count
     n_q, n_kv = [g[0] for g in geometry], [g[1] for g in geometry]
     if len(set(n_q)) == 1 and len(set(n_kv)) == 1 and config.hidden_size % n_q[0] == 0:

@@ -23,19 +23,18 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import get_adapter
+from ..arch import get_adapter, weight_out_in
 from .calibration import CalibrationBatch
-from .surgery import attention_geometry
 
 __all__ = ["TaylorImportance", "taylor_importance"]
 
 
 def _contribution(linear: torch.nn.Module, dim: int, groups: int) -> torch.Tensor | None:
     """``sum(w * grad)`` over each of ``groups`` equal blocks of a Linear along ``dim`` (None without grad)."""
-    weight = linear.weight
-    if weight.grad is None:
+    weight = getattr(linear, "weight", None)  # linear is None for a fused projection (GPT-2's q)
+    if weight is None or weight.grad is None:
         return None
-    product = weight.detach().float() * weight.grad.float()
+    product = weight_out_in(linear, weight.detach().float() * weight.grad.float())
     if dim == 1:
         product = product.t()
     return product.reshape(groups, -1).sum(dim=1)
@@ -74,7 +73,7 @@ class TaylorImportance:
                 self._add(self.neurons, i, neuron)
                 blocks[i] += neuron.sum().double()
             attention = adapter.attention(i)
-            n_q, _, _ = attention_geometry(adapter, i)
+            n_q, _, _ = adapter.head_counts(i)
             head_parts = [_contribution(attention.q, 0, n_q), _contribution(attention.o, 1, n_q)]
             if all(p is not None for p in head_parts):
                 head = head_parts[0] + head_parts[1]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from ..analysis import count_parameters
-from ..arch import ModelAdapter, get_adapter
+from ..arch import ModelAdapter, get_adapter, weight_out_in
 from .calibration import CalibrationBatch, mlp_activation_sumsq
 from .scorers import ScoringContext, get_scorer
 from .surgery import ParamSlice, prune_mlp_neurons, record_mlp_sizes
@@ -143,8 +143,8 @@ def plan_mlp_width(
             raise ValueError("Give target_parameters alone, not with pruning_percentage or expansion_rate.")
         mlp = adapter.mlp(layers[0])
         per_neuron = (
-            sum(m.weight.shape[1] + (m.bias is not None) for m in mlp.width_linears)
-            + mlp.down.weight.shape[0]
+            sum(weight_out_in(m).shape[1] + (m.bias is not None) for m in mlp.width_linears)
+            + weight_out_in(mlp.down).shape[0]
         )
         k = width_for_parameter_budget(
             count_parameters(model), target_parameters, list(widths.values()), per_neuron, expansion_divisor

@@ -73,6 +73,9 @@ def prune_model(
     layer_selection_method: str | None = None,
     block_metric: str = "cosine",
     gradient_importance: TaylorImportance | None = None,
+    bias_pairs: Sequence[Sequence[str]] | None = None,
+    tokenizer=None,
+    fairness_weight: float = 0.5,
     seed: int = 0,
 ) -> torch.nn.Module | tuple[torch.nn.Module, dict[str, Any]]:
     """Prune ``model`` in place and return it (with statistics when ``return_stats``).
@@ -82,7 +85,7 @@ def prune_model(
             family, GLU or plain fc1/fc2), ``"ATTENTION"`` (attention heads, GQA-aware) or
             ``"DEPTH"`` (whole blocks).
         neuron_selection_method: scorer name (``MAW``/``PPM``, ``VOW``, ``PON``, ``L2``, ``random``,
-            ``activation``, ``taylor``; for ``ATTENTION``: ``L2``, ``activation``, ``taylor``, ``random``).
+            ``activation``, ``taylor``, ``fairness``; for ``ATTENTION``: ``L2``, ``activation``, ``taylor``, ``random``).
             Default: ``activation`` when a ``dataloader`` is given, else ``MAW``
             (weight-only scores lose much more quality; a warning says so).
         pruning_percentage: share of neurons to remove per layer (0-100, exclusive). Default 10 when
@@ -104,6 +107,9 @@ def prune_model(
         gradient_importance: Taylor scores accumulated from gradients a training loop already computed
             (:class:`~optipfair_train.pruning.taylor.TaylorImportance`), used by the ``taylor`` method
             instead of computing gradients on ``dataloader``.
+        bias_pairs / tokenizer / fairness_weight: for ``neuron_selection_method="fairness"``: prompt pairs
+            that differ in a demographic term, the tokenizer, and the weight of the bias gap against
+            quality (0 = quality only, 1 = bias only; see :mod:`optipfair_train.pruning.fairness`).
         seed: for the ``random`` scorer.
 
     Returns:
@@ -168,6 +174,9 @@ def prune_model(
             layer_allocation=layer_allocation,
             seed=seed,
             gradient_importance=gradient_importance,
+            bias_pairs=bias_pairs,
+            tokenizer=tokenizer,
+            fairness_weight=fairness_weight,
             show_progress=show_progress,
         )
         apply_width_plan(model, plan)
@@ -179,6 +188,7 @@ def prune_model(
             target_parameters=target_parameters,
             layer_allocation=layer_allocation,
             intermediate_sizes=adapter.intermediate_sizes(),
+            fairness_weight=fairness_weight if method == "fairness" else None,
         )
     elif pruning_type == "ATTENTION":
         method = neuron_selection_method or ("activation" if batches is not None else "L2")

@@ -11,7 +11,8 @@ The weight-only scores reproduce OptiPFair 0.4.2 exactly (rows of gate/up are ne
 - ``PON``: ``||W_g[i]||_1 * ||W_u[i]||_1``
 - ``L2``: ``||W_g[i]||_2 + ||W_u[i]||_2``
 
-Data-driven: ``activation`` (below) and ``taylor`` (gradients, :mod:`.taylor`).
+Data-driven: ``activation`` (below), ``taylor`` (gradients, :mod:`.taylor`) and ``fairness``
+(demographic prompt pairs, :mod:`.fairness`).
 
 On the demo model these collapse quality (FIELD-NOTES: MAW at 20% width -> perplexity 287 vs 29.6),
 whereas ``activation`` (``sqrt(sum_t x_ti^2) * ||W_down[:, i]||_2`` over calibration tokens, padding
@@ -44,12 +45,16 @@ class ScoringContext:
         activation_sumsq: per-neuron sum over calibration tokens of the squared ``down_proj`` input,
             for data-driven scorers (None when no calibration data was collected).
         taylor: per-neuron first-order Taylor scores (see :mod:`.taylor`), for ``taylor``.
+        bias_gap: per-neuron mean activation gap over demographic prompt pairs (see :mod:`.fairness`).
+        fairness_weight: weight of the bias gap against quality in ``fairness``.
         seed: seed for stochastic scorers (``random``).
     """
 
     layer_idx: int
     activation_sumsq: torch.Tensor | None = None
     taylor: torch.Tensor | None = None
+    bias_gap: torch.Tensor | None = None
+    fairness_weight: float = 0.5
     seed: int = 0
 
 
@@ -172,3 +177,12 @@ def _activation(parts: MLPParts, context: ScoringContext) -> torch.Tensor:
 def _taylor(parts: MLPParts, context: ScoringContext) -> torch.Tensor:
     """First-order Taylor: sum over batches of |sum of w * dL/dw over the neuron's weights|."""
     return context.taylor
+
+
+@register_scorer("fairness", needs="bias_gap")
+def _fairness(parts: MLPParts, context: ScoringContext) -> torch.Tensor:
+    """Fairness-aware: quality (activation, else MAW) traded against the demographic bias gap."""
+    from .fairness import combine_fairness  # local: fairness imports the bias package
+
+    quality = _activation(parts, context) if context.activation_sumsq is not None else _maw(parts, context)
+    return combine_fairness(quality, context.bias_gap, context.fairness_weight)

@@ -18,6 +18,7 @@ import torch
 from ..analysis import count_parameters
 from ..arch import ModelAdapter, get_adapter, weight_out_in
 from .calibration import CalibrationBatch, mlp_activation_sumsq
+from .fairness import neuron_bias_gap
 from .scorers import ScoringContext, get_scorer
 from .surgery import ParamSlice, prune_mlp_neurons, record_mlp_sizes
 from .targets import kept_width, width_for_parameter_budget
@@ -40,13 +41,17 @@ def neuron_scores(
     layer_indices: Sequence[int] | None = None,
     seed: int = 0,
     gradient_importance: TaylorImportance | None = None,
+    bias_pairs: Sequence[Sequence[str]] | None = None,
+    tokenizer=None,
+    fairness_weight: float = 0.5,
     adapter: ModelAdapter | None = None,
     show_progress: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Importance of every intermediate neuron of the chosen layers, keyed by layer index.
 
     Data-driven scorers get their statistics from ``batches``; ``taylor`` may instead read gradients a
-    training loop already accumulated (``gradient_importance``).
+    training loop already accumulated (``gradient_importance``); ``fairness`` reads ``bias_pairs``
+    (tokenized with ``tokenizer``) and, when given, ``batches`` for its quality term.
 
     Example:
         >>> scores = neuron_scores(model, "MAW")  # doctest: +SKIP
@@ -55,25 +60,46 @@ def neuron_scores(
     adapter = adapter or get_adapter(model)
     scorer = get_scorer(method)
     layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
-    stats: dict[int, torch.Tensor] = {}
+    stats: dict[str, dict[int, torch.Tensor]] = {}
     if scorer.needs == "taylor" and gradient_importance is not None:
-        stats = gradient_importance.neuron_scores()
-        missing = [i for i in layers if i not in stats]
+        stats["taylor"] = gradient_importance.neuron_scores()
+        missing = [i for i in layers if i not in stats["taylor"]]
         if missing:
             raise ValueError(
                 f"The gradient importance holds no MLP gradients for layers {missing} "
                 "(frozen weights?); accumulate from full fine-tuning or pass calibration batches."
             )
+    elif scorer.needs == "bias_gap":
+        if not bias_pairs or tokenizer is None:
+            raise ValueError(
+                "The fairness scorer needs bias_pairs (prompt pairs that differ in a demographic "
+                "term) and the tokenizer; see optipfair_train.bias.load_pairs."
+            )
+        stats["bias_gap"] = neuron_bias_gap(
+            model, tokenizer, bias_pairs, layer_indices=layers, show_progress=show_progress
+        )
+        if batches is not None:
+            stats["activation_sumsq"] = mlp_activation_sumsq(
+                model, batches, adapter=adapter, show_progress=show_progress
+            )
     elif scorer.needs is not None:
         if batches is None:
             scorer(adapter.mlp(layers[0]), ScoringContext(layers[0]))  # raises the helpful error
         if scorer.needs == "taylor":
-            stats = taylor_importance(model, batches, show_progress=show_progress).neuron_scores()
+            stats["taylor"] = taylor_importance(model, batches, show_progress=show_progress).neuron_scores()
         else:
-            stats = mlp_activation_sumsq(model, batches, adapter=adapter, show_progress=show_progress)
+            stats["activation_sumsq"] = mlp_activation_sumsq(
+                model, batches, adapter=adapter, show_progress=show_progress
+            )
     return {
         i: scorer(
-            adapter.mlp(i), ScoringContext(i, seed=seed, **{scorer.needs: stats[i]} if scorer.needs else {})
+            adapter.mlp(i),
+            ScoringContext(
+                i,
+                seed=seed,
+                fairness_weight=fairness_weight,
+                **{name: values[i] for name, values in stats.items()},
+            ),
         )
         for i in layers
     }
@@ -111,6 +137,9 @@ def plan_mlp_width(
     layer_allocation: str = "uniform",
     seed: int = 0,
     gradient_importance: TaylorImportance | None = None,
+    bias_pairs: Sequence[Sequence[str]] | None = None,
+    tokenizer=None,
+    fairness_weight: float = 0.5,
     show_progress: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Decide which neurons each layer keeps: ``{layer_idx: sorted kept indices}``.
@@ -169,6 +198,9 @@ def plan_mlp_width(
         layer_indices=layers,
         seed=seed,
         gradient_importance=gradient_importance,
+        bias_pairs=bias_pairs,
+        tokenizer=tokenizer,
+        fairness_weight=fairness_weight,
         adapter=adapter,
         show_progress=show_progress,
     )

@@ -1,0 +1,231 @@
+"""Command line: ``optipfair-train {demo,prune,analyze,probe}``.
+
+Example:
+    $ optipfair-train prune --model-path demo --pruning-percentage 20 --output-path ./pruned
+    $ optipfair-train analyze --model-path ./pruned
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from .pruning import LAYER_SELECTION_METHODS, PRUNING_TYPES, available_scorers
+
+logger = logging.getLogger(__name__)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-path",
+        default="demo",
+        help="'demo' (SmolLM2-135M-Instruct, offline), a local folder or a hub name",
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--calibration-data",
+        default="demo",
+        help="'demo', a .txt/.jsonl/.csv file, or a datasets name (name[:config])",
+    )
+    parser.add_argument("--num-calibration-samples", type=int, default=8)
+    parser.add_argument("--calibration-seq-len", type=int, default=256)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pruning-type", default="MLP_GLU", choices=PRUNING_TYPES)
+    parser.add_argument(
+        "--method",
+        dest="neuron_selection_method",
+        default=None,
+        help=f"neuron scorer: {', '.join(available_scorers())} (default: activation)",
+    )
+    parser.add_argument("--pruning-percentage", type=float, default=None)
+    parser.add_argument("--expansion-rate", type=float, default=None)
+    parser.add_argument("--expansion-divisor", type=int, default=None)
+    parser.add_argument("--target-parameters", type=int, default=None)
+    parser.add_argument("--layer-allocation", default="uniform", choices=["uniform", "global"])
+    parser.add_argument("--num-layers-to-remove", type=int, default=None)
+    parser.add_argument("--depth-pruning-percentage", type=float, default=None)
+    parser.add_argument("--layer-selection-method", default=None, choices=LAYER_SELECTION_METHODS)
+    parser.add_argument("--layer-indices", type=int, nargs="+", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``optipfair-train`` command."""
+    from .bias.cli import add_probe_arguments
+
+    parser = argparse.ArgumentParser(prog="optipfair-train", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="prune the offline demo model and report quality before/after")
+    _add_data_arguments(demo)
+    demo.add_argument("--pruning-percentage", type=float, default=20.0)
+    demo.add_argument("--method", dest="neuron_selection_method", default="activation")
+    demo.add_argument("--eval-data", default="demo", help="text for perplexity (never the calibration text)")
+    demo.add_argument("--eval-tokens", type=int, default=8 * 512)
+    demo.add_argument("--output-dir", default="outputs/demo-pruned")
+
+    prune = sub.add_parser("prune", help="prune a model once and save it")
+    _add_model_arguments(prune)
+    _add_data_arguments(prune)
+    _add_pruning_arguments(prune)
+    prune.add_argument("--output-path", required=True)
+
+    analyze = sub.add_parser("analyze", help="architecture and parameter distribution")
+    _add_model_arguments(analyze)
+    analyze.add_argument("--json", action="store_true", help="print the full report as JSON")
+
+    probe = sub.add_parser("probe", help="bias probes: activation differences and behavioural scores")
+    add_probe_arguments(probe)
+    return parser
+
+
+def _calibration(args, tokenizer):
+    from .data import calibration_dataloader, load_texts
+
+    texts = load_texts(args.calibration_data, split="calibration")
+    return calibration_dataloader(
+        tokenizer, texts, num_samples=args.num_calibration_samples, seq_len=args.calibration_seq_len
+    )
+
+
+def _run_prune(args) -> int:
+    from .models import load_model_and_tokenizer
+    from .pruning import prune_model, save_pruned_model
+
+    model, tokenizer = load_model_and_tokenizer(args.model_path, dtype=args.dtype, device=args.device)
+    options = {
+        k: getattr(args, k)
+        for k in (
+            "neuron_selection_method",
+            "pruning_percentage",
+            "expansion_rate",
+            "expansion_divisor",
+            "target_parameters",
+            "num_layers_to_remove",
+            "depth_pruning_percentage",
+            "layer_selection_method",
+            "layer_indices",
+            "layer_allocation",
+        )
+    }
+    _, stats = prune_model(
+        model,
+        pruning_type=args.pruning_type,
+        dataloader=_calibration(args, tokenizer),
+        show_progress=not args.no_progress,
+        return_stats=True,
+        **options,
+    )
+    save_pruned_model(model, args.output_path, tokenizer=tokenizer)
+    print(f"Original parameters: {stats['original_parameters']:,}")
+    print(f"Pruned parameters:   {stats['pruned_parameters']:,}")
+    print(f"Reduction:           {stats['reduction']:,} ({stats['percentage_reduction']:.2f}%)")
+    print(f"Saved to {args.output_path}")
+    return 0
+
+
+def _run_analyze(args) -> int:
+    from .analysis import analyze
+    from .models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(args.model_path, dtype=args.dtype, device=args.device)
+    report = analyze(model)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    sizes = report["intermediate_sizes"]
+    width = str(sizes[0]) if len(set(sizes)) == 1 else f"{min(sizes)}..{max(sizes)} (per layer)"
+    print(f"Family:            {report['family']} ({report['model_type']})")
+    print(f"Layers:            {report['num_layers']}")
+    print(f"Hidden size:       {report['hidden_size']}")
+    print(f"MLP width:         {width}  (expansion ratio {report['expansion_ratio']:.1f}%)")
+    print(
+        f"Attention heads:   {report['num_attention_heads']} query, {report['num_key_value_heads']} key/value, "
+        f"head_dim {report['head_dim']}"
+    )
+    print(f"Parameters:        {report['total_parameters']:,}")
+    for name, part in report["parameter_distribution"].items():
+        print(f"  {name:<16} {part['parameters']:>14,}  {part['percentage']:6.2f}%")
+    return 0
+
+
+def _run_demo(args) -> int:
+    from .analysis import count_parameters
+    from .data import load_texts
+    from .evaluation import greedy_generate, perplexity
+    from .models import load_model_and_tokenizer
+    from .pruning import prune_model, save_pruned_model
+
+    start = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer("demo")
+    eval_texts = load_texts(args.eval_data, split="evaluation")
+    prompt = "The capital of France is"
+    progress = not args.no_progress
+
+    def measure(label: str) -> dict:
+        return {
+            "model": label,
+            "parameters": count_parameters(model),
+            "perplexity": perplexity(
+                model, tokenizer, eval_texts, seq_len=512, max_tokens=args.eval_tokens, show_progress=progress
+            ),
+            "sample": greedy_generate(model, tokenizer, prompt, max_new_tokens=12, chat=True).strip(),
+        }
+
+    rows = [measure("base")]
+    _, stats = prune_model(
+        model,
+        neuron_selection_method=args.neuron_selection_method,
+        pruning_percentage=args.pruning_percentage,
+        dataloader=_calibration(args, tokenizer),
+        show_progress=progress,
+        return_stats=True,
+    )
+    rows.append(measure(f"MLP -{args.pruning_percentage:g}% ({args.neuron_selection_method})"))
+    save_pruned_model(model, args.output_dir, tokenizer=tokenizer)
+
+    print(
+        f"\n| model | parameters | perplexity ({args.eval_data} text, {args.eval_tokens} tokens) | "
+        f"greedy answer to {prompt!r} |"
+    )
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['model']} | {row['parameters']:,} | {row['perplexity']:.2f} | {row['sample']!r} |")
+    print(
+        f"\nParameters removed: {stats['reduction']:,} ({stats['percentage_reduction']:.2f}%). "
+        f"Pruned model saved to {args.output_dir} ({time.perf_counter() - start:.0f} s)."
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``optipfair-train`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "probe":
+        from .bias.cli import run_probe
+
+        return run_probe(args)
+    runners = {"demo": _run_demo, "prune": _run_prune, "analyze": _run_analyze}
+    try:
+        return runners[args.command](args)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -121,3 +121,30 @@ def test_check_optimizer_state_catches_unsliced_state():
     prune_mlp_neurons(get_adapter(model).mlp(0), torch.arange(10))
     with pytest.raises(RuntimeError, match="exp_avg.*not sliced"):
         check_optimizer_state(optimizer)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(pruning_type="MLP_GLU", pruning_percentage=25),
+        dict(pruning_type="ATTENTION", pruning_percentage=50),
+        dict(pruning_type="DEPTH", num_layers_to_remove=1),
+    ],
+)
+def test_prune_model_with_optimizer_keeps_training_consistent(kwargs, calibration_batches):
+    model = make_tiny_model("llama")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    _train_step(model, optimizer)
+    before = {id(p) for p in model.parameters()}
+    prune_model(model, dataloader=calibration_batches, optimizer=optimizer, show_progress=False, **kwargs)
+    params = list(model.parameters())
+    assert {id(p) for p in params} <= before  # the same Parameter objects, none new
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    assert {id(p) for p in held} == {id(p) for p in params}  # removed blocks left the optimizer
+    for p in params:
+        for value in optimizer.state[p].values():
+            if value.dim() > 0:
+                assert value.shape == p.shape
+    snapshot = [p.detach().clone() for p in params]
+    _train_step(model, optimizer)
+    assert all(not torch.equal(a, p) for a, p in zip(snapshot, params, strict=True) if p.requires_grad)

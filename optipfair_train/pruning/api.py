@@ -18,7 +18,7 @@ from .calibration import as_batches
 from .depth import select_layers_to_remove
 from .heads import apply_head_plan, plan_attention_heads
 from .io import record_pruning_event
-from .surgery import remove_layers
+from .surgery import drop_optimizer_parameters, remove_layers, slice_optimizer_state
 from .targets import layers_to_remove_count
 from .taylor import TaylorImportance
 from .width import apply_width_plan, plan_mlp_width
@@ -76,6 +76,7 @@ def prune_model(
     bias_pairs: Sequence[Sequence[str]] | None = None,
     tokenizer=None,
     fairness_weight: float = 0.5,
+    optimizer: torch.optim.Optimizer | None = None,
     seed: int = 0,
 ) -> torch.nn.Module | tuple[torch.nn.Module, dict[str, Any]]:
     """Prune ``model`` in place and return it (with statistics when ``return_stats``).
@@ -110,6 +111,9 @@ def prune_model(
         bias_pairs / tokenizer / fairness_weight: for ``neuron_selection_method="fairness"``: prompt pairs
             that differ in a demographic term, the tokenizer, and the weight of the bias gap against
             quality (0 = quality only, 1 = bias only; see :mod:`optipfair_train.pruning.fairness`).
+        optimizer: an optimizer (or Accelerate's wrapper) holding the model's parameters, e.g.
+            ``trainer.optimizer`` during training: its state is cut exactly like the weights (and the
+            parameters of removed blocks leave it), then every state tensor's shape is checked.
         seed: for the ``random`` scorer.
 
     Returns:
@@ -179,7 +183,7 @@ def prune_model(
             fairness_weight=fairness_weight,
             show_progress=show_progress,
         )
-        apply_width_plan(model, plan)
+        slices = apply_width_plan(model, plan)
         event.update(
             method=method,
             pruning_percentage=pruning_percentage,
@@ -203,7 +207,7 @@ def prune_model(
             gradient_importance=gradient_importance,
             show_progress=show_progress,
         )
-        apply_head_plan(model, plan)
+        slices = apply_head_plan(model, plan)
         event.update(
             method=method,
             pruning_percentage=pruning_percentage,
@@ -233,9 +237,15 @@ def prune_model(
             gradient_importance=gradient_importance,
             show_progress=show_progress,
         )
+        removed_params = [p for i in drop for p in adapter.layers[i].parameters()]
         remove_layers(adapter, drop)
         event.update(method=method, removed_layers=drop, num_layers=adapter.num_layers)
 
+    if optimizer is not None:
+        if pruning_type == "DEPTH":
+            drop_optimizer_parameters(optimizer, removed_params)
+        else:
+            slice_optimizer_state(optimizer, slices)
     pruned = count_parameters(model)
     event["parameters_after"] = pruned
     record_pruning_event(model, event)

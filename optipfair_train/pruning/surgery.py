@@ -29,6 +29,8 @@ __all__ = [
     "record_mlp_sizes",
     "slice_optimizer_state",
     "check_optimizer_state",
+    "drop_optimizer_parameters",
+    "record_attention_sizes",
 ]
 
 
@@ -175,6 +177,21 @@ def slice_optimizer_state(optimizer: torch.optim.Optimizer, slices: list[ParamSl
         for key, value in param_state.items():
             if torch.is_tensor(value) and value.dim() == cut.param.dim() and value.dim() > 0:
                 param_state[key] = value.index_select(cut.dim, cut.index.to(value.device)).contiguous()
+    check_optimizer_state(optimizer)
+
+
+def drop_optimizer_parameters(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    """Remove ``params`` (e.g. those of removed blocks) and their state from the optimizer.
+
+    Example:
+        >>> drop_optimizer_parameters(trainer.optimizer, list(removed_block.parameters()))  # doctest: +SKIP
+    """
+    opt = _torch_optimizer(optimizer)
+    gone = {id(p) for p in params}
+    for group in opt.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in gone]
+    for p in params:
+        opt.state.pop(p, None)
     check_optimizer_state(optimizer)
 
 

@@ -281,7 +281,7 @@ def _load_model(path: str, dtype: torch.dtype, local_files_only: bool) -> PreTra
 
 
 def load_model_and_tokenizer(
-    model_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu"
+    model_path: str | os.PathLike[str], dtype: str | torch.dtype = "float32", device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode, on ``device``.
 

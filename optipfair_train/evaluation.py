@@ -1,0 +1,260 @@
+"""Quality and speed measures: perplexity, greedy generation, tokens per second, parameter count."""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from optipfair_train.data import tokenize_for_lm
+
+logger = logging.getLogger(__name__)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and inference mode inside; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _blocks_for_perplexity(
+    tokenizer: PreTrainedTokenizerBase | None,
+    texts: Sequence[str] | None,
+    input_ids: torch.Tensor | None,
+    seq_len: int,
+    max_tokens: int | None,
+) -> torch.Tensor:
+    max_blocks = None
+    if max_tokens is not None:
+        _check_positive(max_tokens=max_tokens)
+        width = input_ids.shape[-1] if input_ids is not None and input_ids.dim() == 2 else seq_len
+        max_blocks = max_tokens // width
+        if max_blocks == 0:
+            raise ValueError(f"max_tokens={max_tokens} is smaller than one block of {width} tokens.")
+    if input_ids is not None:
+        if texts is not None:
+            raise ValueError("Pass either texts (with a tokenizer) or input_ids, not both.")
+        if input_ids.dim() == 1:
+            usable = (input_ids.numel() // seq_len) * seq_len
+            if usable == 0:
+                raise ValueError(f"input_ids has {input_ids.numel()} tokens, fewer than seq_len={seq_len}.")
+            input_ids = input_ids[:usable].view(-1, seq_len)
+        if input_ids.dim() != 2 or input_ids.shape[1] < 2 or input_ids.shape[0] == 0:
+            raise ValueError(
+                f"input_ids must be a 1-D token stream or [N, S] blocks with S >= 2, got shape {tuple(input_ids.shape)}."
+            )
+        blocks = input_ids.long()
+        return blocks if max_blocks is None else blocks[:max_blocks]
+    if tokenizer is None or texts is None:
+        raise ValueError("perplexity needs a tokenizer and texts, or input_ids.")
+    return tokenize_for_lm(tokenizer, texts, seq_len=seq_len, num_sequences=max_blocks)
+
+
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    texts: Sequence[str] | None = None,
+    *,
+    input_ids: torch.Tensor | None = None,
+    seq_len: int = 512,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    show_progress: bool = False,
+) -> float:
+    """Perplexity ``exp(mean token NLL)`` over non-overlapping blocks of ``seq_len`` tokens.
+
+    Every token of a block but the first is predicted from the ones before it (no context crosses
+    blocks). Runs under ``torch.inference_mode()`` in eval mode and restores the model's train/eval mode.
+    Only one batch of logits exists at a time, and each row is upcast to float32 on its own.
+
+    Args:
+        model: a causal LM returning ``.logits``.
+        tokenizer, texts: the text to score (cut into blocks by :func:`~optipfair_train.data.tokenize_for_lm`).
+        input_ids: instead of texts, ``[N, S]`` blocks (used as they are) or a 1-D stream (cut into
+            ``seq_len`` blocks).
+        seq_len: block length for texts and 1-D streams.
+        max_tokens: score at most ``max_tokens // block length`` blocks.
+        batch_size: blocks per forward pass.
+        show_progress: show a tqdm bar over batches.
+
+    Example:
+        >>> texts = load_texts("demo", split="evaluation")
+        >>> round(perplexity(model, tokenizer, texts, seq_len=512, max_tokens=16 * 512), 1)
+        20.0
+    """
+    _check_positive(seq_len=seq_len, batch_size=batch_size)
+    blocks = _blocks_for_perplexity(tokenizer, texts, input_ids, seq_len, max_tokens)
+    device = _device_of(model)
+    total_nll = 0.0
+    total_tokens = 0
+    starts = range(0, blocks.shape[0], batch_size)
+    with _eval_mode(model):
+        for start in tqdm(starts, desc="perplexity", unit="batch", disable=not show_progress):
+            batch = blocks[start : start + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            for row in range(batch.shape[0]):
+                total_nll += F.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="sum").item()
+            total_tokens += batch.shape[0] * (batch.shape[1] - 1)
+            del logits
+    mean_nll = total_nll / total_tokens
+    logger.debug(
+        "perplexity over %d blocks, %d predicted tokens: mean NLL %.4f", len(blocks), total_tokens, mean_nll
+    )
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> torch.Tensor:
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    if chat:
+        logger.warning("The tokenizer has no chat template; using the plain prompt.")
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+def greedy_generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    max_new_tokens: int = 20,
+    chat: bool = False,
+) -> str:
+    """Greedy (deterministic) continuation of ``prompt``; returns only the new text.
+
+    Args:
+        model: a causal LM with ``generate``.
+        tokenizer: its tokenizer.
+        prompt: the prompt text.
+        max_new_tokens: at most this many new tokens (generation stops earlier at EOS).
+        chat: wrap the prompt as a user turn with the tokenizer's chat template (plain prompt if it has none).
+
+    Example:
+        >>> greedy_generate(model, tokenizer, "The capital of France is", max_new_tokens=2)
+        ' Paris.'
+        >>> greedy_generate(model, tokenizer, "What is the capital of France?", chat=True)
+        'The capital of France is Paris.'
+    """
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}.")
+    _check_positive(max_new_tokens=max_new_tokens)
+    ids = _prompt_ids(tokenizer, prompt, chat).to(_device_of(model))
+    model_config = getattr(model, "generation_config", None)
+    eos = getattr(model_config, "eos_token_id", None)
+    eos = tokenizer.eos_token_id if eos is None else eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad
+    )
+    with _eval_mode(model):
+        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def tokens_per_second(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str = "Structured pruning removes whole neurons, attention heads or blocks from a language model.",
+    max_new_tokens: int = 32,
+    batch_size: int = 1,
+    warmup: int = 1,
+    runs: int = 3,
+) -> dict[str, float]:
+    """Measure prefill and greedy decode speed with the KV cache (median over ``runs``).
+
+    Prefill is one forward pass over the prompt (``batch_size`` copies); decode is ``max_new_tokens``
+    single-token forward passes that reuse the cache. Speeds count tokens of all sequences in the batch.
+
+    Returns:
+        ``prefill_tokens_per_second``, ``decode_tokens_per_second``, ``prefill_seconds``, ``decode_seconds``,
+        ``prompt_tokens``, ``new_tokens``, ``batch_size``.
+
+    Example:
+        >>> speed = tokens_per_second(model, tokenizer, max_new_tokens=16)
+        >>> sorted(speed)[:2]
+        ['batch_size', 'decode_seconds']
+    """
+    _check_positive(max_new_tokens=max_new_tokens, batch_size=batch_size, runs=runs)
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}.")
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise ValueError("The prompt gives no tokens; pass a non-empty prompt.")
+    ids = ids.expand(batch_size, -1).contiguous().to(_device_of(model))
+    prefill_times: list[float] = []
+    decode_times: list[float] = []
+    with _eval_mode(model):
+        for run in range(warmup + runs):
+            start = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            prefilled = time.perf_counter()
+            cache = out.past_key_values
+            next_ids = out.logits[:, -1:].argmax(-1)
+            for _ in range(max_new_tokens):
+                out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                next_ids = out.logits[:, -1:].argmax(-1)
+            next_ids.cpu()  # waits for an accelerator to finish
+            done = time.perf_counter()
+            if run >= warmup:
+                prefill_times.append(prefilled - start)
+                decode_times.append(done - prefilled)
+    prefill = statistics.median(prefill_times)
+    decode = statistics.median(decode_times)
+    return {
+        "prefill_tokens_per_second": batch_size * ids.shape[1] / prefill,
+        "decode_tokens_per_second": batch_size * max_new_tokens / decode,
+        "prefill_seconds": prefill,
+        "decode_seconds": decode,
+        "prompt_tokens": ids.shape[1],
+        "new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+    }
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of unique parameters: a tensor shared by several modules (tied embeddings) counts once.
+
+    Example:
+        >>> count_parameters(load_model_and_tokenizer("demo")[0])
+        134515008
+    """
+    seen: set[int] = set()
+    total = 0
+    for param in model.parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        key = param.data_ptr() if param.device.type != "meta" else id(param)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += param.numel()
+    return total

@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 logger = logging.getLogger(__name__)
 
 DEMO_SPLITS = ("calibration", "evaluation")
+HUB_SPLITS = {"calibration": "train", "evaluation": "test"}  # role names -> dataset splits for hub sources
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
 ACCEPTED_SOURCES = (
     "'demo', a local .txt/.jsonl/.json/.csv file, or a datasets hub name such as 'wikitext:wikitext-2-raw-v1'"
@@ -161,7 +162,7 @@ def _hub_texts(source: str, split: str | None, text_field: str) -> list[str]:
     from optipfair_train.models import hub_reachable
 
     name, _, config = source.partition(":")
-    split = split or "train"
+    split = HUB_SPLITS.get(split or "calibration", split)
     where = f"the datasets hub source {source!r} (split {split!r})"
     offline_hint = "Offline, use 'demo' or a local .txt/.jsonl/.json/.csv file instead."
     if not constants.is_offline_mode() and not hub_reachable():
@@ -199,8 +200,10 @@ def load_texts(
         source: ``"demo"``, a local ``.txt``/``.jsonl``/``.json``/``.csv`` file, or a ``datasets`` hub name
             ``"name"`` or ``"name:config"``.
         split: for ``"demo"``: ``None`` (all), ``"calibration"`` or ``"evaluation"`` (disjoint parts, split
-            by help topic). For a hub name: the dataset split (default ``"train"``). Ignored for local files
-            (use separate files, e.g. WikiText ``valid.txt`` for calibration and ``test.txt`` for evaluation).
+            by help topic). For a hub name: a dataset split; ``None`` or ``"calibration"`` mean ``"train"``,
+            ``"evaluation"`` means ``"test"``. Ignored for local files (use separate files, e.g. WikiText
+            ``valid.txt`` for calibration and ``test.txt`` for evaluation); a value other than
+            ``"calibration"``/``"evaluation"`` is logged as a warning there.
         max_chars: keep at most this many characters in total (the last text kept is cut).
         text_field: field (JSON/JSONL/hub) or column (CSV) holding the text.
 
@@ -222,7 +225,7 @@ def load_texts(
     if source == "demo":
         texts = _demo_texts(split)
     elif path.is_file():
-        if split is not None:
+        if split is not None and split not in DEMO_SPLITS:
             logger.warning("split=%r is ignored for the local file %s.", split, path)
         texts = _file_texts(path, text_field)
     elif path.exists():

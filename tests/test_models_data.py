@@ -304,16 +304,37 @@ def test_split_is_ignored_for_files_with_a_warning(tmp_path, caplog):
     (tmp_path / "a.txt").write_text("Some text here.")
     with caplog.at_level(logging.WARNING, logger="optipfair_train.data"):
         assert load_texts(str(tmp_path / "a.txt"), split="evaluation") == ["Some text here."]
-    assert "ignored" in caplog.text
+        assert caplog.text == ""  # a role name: the file is the text for that role
+        assert load_texts(str(tmp_path / "a.txt"), split="test") == ["Some text here."]
+    assert "split='test' is ignored" in caplog.text
 
 
 def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
     start = time.perf_counter()
     with pytest.raises(DataSourceError) as info:
-        load_texts("wikitext:wikitext-2-raw-v1", split="test")
+        load_texts("wikitext:wikitext-2-raw-v1", split="evaluation")
     assert time.perf_counter() - start < 15
-    assert "'wikitext:wikitext-2-raw-v1'" in str(info.value) and "'demo'" in str(info.value)
+    message = str(info.value)
+    assert "'wikitext:wikitext-2-raw-v1' (split 'test')" in message and "'demo'" in message
+
+
+def test_hub_dataset_gets_name_config_and_split(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"text": ["", " First line. ", None, "Second line."]})
+
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert load_texts("wikitext:wikitext-2-raw-v1", split="calibration") == ["First line.", "Second line."]
+    assert load_texts("someone/corpus", split="validation") == ["First line.", "Second line."]
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "train"), ("someone/corpus", None, "validation")]
+    with pytest.raises(DataSourceError, match=r"no column 'body' \(columns: \['text'\]\)"):
+        load_texts("someone/corpus", text_field="body")
 
 
 # ---------------------------------------------------------------- data: token blocks

@@ -33,7 +33,7 @@ def _by_hand(model, tokenizer, text: str) -> tuple[torch.Tensor, torch.Tensor, l
     return torch.stack([logp[t - 1, ids[t]] for t in range(1, len(ids))]), logp[-1], ids[1:]
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "opt"])
 def test_behavioural_score_equals_hand_computed_log_prob_comparison(family, tokenizer):
     model = make_tiny_model(family)
     result = behavioural_bias_score(model, tokenizer, PAIRS, batch_size=2)

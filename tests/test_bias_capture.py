@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAMILY_NAMES, PLAIN_FAMILY_NAMES, make_tiny_model
 
 from optipfair_train.bias import (
     ALL_COMPONENTS,
@@ -31,9 +32,13 @@ def _hook_count(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def test_capture_keys_and_shapes_per_family(family, tiny_model, tokenizer):
+@pytest.mark.parametrize("family", FAMILY_NAMES + PLAIN_FAMILY_NAMES)
+def test_capture_keys_and_shapes_per_family(family, tokenizer):
+    tiny_model = make_tiny_model(family)
     keys = available_layer_keys(tiny_model, ALL_COMPONENTS)
-    assert len(keys) == len(ALL_COMPONENTS) * 4
+    glu = family in FAMILY_NAMES
+    assert len(keys) == (len(ALL_COMPONENTS) - (not glu)) * 4
+    assert any(k.startswith("gate_proj") for k in keys) == glu
     batch = encode_texts(tokenizer, TEXTS)
     masks = {}
     with capture_activations(tiny_model, keys, lambda k, x, m: masks.__setitem__(k, m)), torch.no_grad():
@@ -54,8 +59,6 @@ def test_capture_keys_and_shapes_per_family(family, tiny_model, tokenizer):
 
 
 def test_layer_selection_and_clear_errors(tokenizer):
-    from conftest import make_tiny_model
-
     model = make_tiny_model("llama")
     assert select_layer_keys(model, "first_middle_last", "mlp_output") == [
         "mlp_output_layer_0",
@@ -74,8 +77,6 @@ def test_layer_selection_and_clear_errors(tokenizer):
 
 
 def test_hooks_removed_after_an_exception(tokenizer):
-    from conftest import make_tiny_model
-
     model = make_tiny_model("qwen2")
     before = _hook_count(model)
     keys = available_layer_keys(model, ALL_COMPONENTS)
@@ -97,8 +98,6 @@ def test_hooks_removed_after_an_exception(tokenizer):
 
 
 def test_streaming_neuron_stats_ignore_padding(tokenizer):
-    from conftest import make_tiny_model
-
     model = make_tiny_model("mistral")
     key = "down_proj_input_layer_1"
     batch = encode_texts(tokenizer, TEXTS)
@@ -110,3 +109,29 @@ def test_streaming_neuron_stats_ignore_padding(tokenizer):
         alone = store_activations(model, encode_texts(tokenizer, [text]).model_inputs(), [key])[key][0]
         assert stats.count[key][g] == alone.shape[0]
         torch.testing.assert_close(stats.mean(key)[g], alone.mean(0), atol=1e-4, rtol=1e-4)
+
+
+def test_capture_through_a_lora_wrapper_sees_the_lora_output(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from optipfair_train.arch import get_adapter
+
+    model = get_peft_model(
+        make_tiny_model("llama"), LoraConfig(r=4, target_modules=["up_proj"], init_lora_weights=False)
+    )
+    wrapper = get_adapter(model).mlp(0).up  # the LoRA layer around the base Linear
+    seen = {}
+    handle = wrapper.register_forward_hook(
+        lambda mod, args, out: seen.update(out=out, base=mod.base_layer(args[0]))
+    )
+    batch = encode_texts(tokenizer, TEXTS)
+    got = {}
+    try:
+        with capture_activations(model, ["up_proj_layer_0"], lambda k, x, m: got.update(x=x, m=m)):
+            with torch.no_grad():
+                model(**batch.model_inputs())
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got["x"], seen["out"])  # includes the LoRA delta...
+    assert not torch.allclose(got["x"], seen["base"], atol=1e-3)  # ...which is not zero here
+    assert torch.equal(got["m"], batch.attention_mask)

@@ -10,7 +10,8 @@ Layer keys are OptiPFair's: ``attention_output_layer_N``, ``mlp_output_layer_N``
 ``gate_proj_layer_N``, ``up_proj_layer_N``, ``down_proj_layer_N`` (outputs of those modules),
 ``input_norm_layer_N`` (output of the block's input norm), plus ``down_proj_input_layer_N``: the
 MLP intermediate activation that enters ``down_proj`` ([B, S, intermediate]), the unit that width
-pruning removes.
+pruning removes. For plain (non-GLU) MLPs ``up_proj``/``down_proj`` name the adapter's ``up``/``down``
+projections (``fc1``/``fc2``, GPT-2's ``c_fc``/``c_proj``) and there is no ``gate_proj`` key.
 
 Example:
     >>> sums = {}
@@ -167,14 +168,6 @@ def check_layer_keys(model: nn.Module, keys: Sequence[str]) -> None:
         raise KeyError(f"Unknown layer key(s) {unknown}. Available keys: {', '.join(available)}")
 
 
-def _outer(container: nn.Module, leaf: nn.Module) -> nn.Module:
-    """The PEFT wrapper whose ``base_layer`` is ``leaf`` (so hooks see the LoRA delta), else ``leaf``."""
-    for module in container.modules():
-        if getattr(module, "base_layer", None) is leaf:
-            return module
-    return leaf
-
-
 def _hook_point(adapter: ModelAdapter, key: str) -> tuple[nn.Module, bool]:
     """(module, read_input) for a layer key; read_input means a pre-hook on the module's input."""
     component, i = parse_layer_key(key)
@@ -182,11 +175,12 @@ def _hook_point(adapter: ModelAdapter, key: str) -> tuple[nn.Module, bool]:
         return adapter.attention(i).module, False
     if component == "input_norm":
         return adapter.input_norm(i), False
-    mlp = adapter.mlp(i)
+    mlp = adapter.mlp(i)  # projections come as the outermost module (a LoRA wrapper sees its delta)
     if component == "mlp_output":
-        return mlp.module, False
+        # A family whose MLP has no module of its own (OPT): the MLP's output is the down projection's.
+        return (mlp.down if mlp.module is adapter.layers[i] else mlp.module), False
     part = {"gate_proj": mlp.gate, "up_proj": mlp.up, "down_proj": mlp.down, "down_proj_input": mlp.down}
-    return _outer(mlp.module, part[component]), component == "down_proj_input"
+    return part[component], component == "down_proj_input"
 
 
 def _first_tensor(value) -> torch.Tensor:
@@ -197,9 +191,10 @@ def _first_tensor(value) -> torch.Tensor:
 def capture_activations(model: nn.Module, keys: Sequence[str], reducer: Reducer) -> Iterator[None]:
     """Call ``reducer(key, tensor, attention_mask)`` for every key on every forward pass in the block.
 
-    ``tensor`` is the detached activation [B, S, dim] in the model's dtype; ``attention_mask`` is the
-    [B, S] mask passed to the model's forward (cut to the last S positions when it is longer, as with
-    a KV cache), or None when the forward had none. The hooks are removed on exit, also on exceptions.
+    ``tensor`` is the detached activation [B, S, dim] in the model's dtype (also for families that
+    flatten it to [B*S, dim] internally); ``attention_mask`` is the [B, S] mask passed to the model's
+    forward (cut to the last S positions when it is longer, as with a KV cache), or None when the
+    forward had none. The hooks are removed on exit, also on exceptions.
 
     Raises:
         KeyError: for an unknown key (the message lists the available keys).
@@ -221,13 +216,16 @@ def capture_activations(model: nn.Module, keys: Sequence[str], reducer: Reducer)
         def hook(module, args, output=None):
             x = _first_tensor(args if read_input else output).detach()
             mask = state["mask"]
-            if mask is not None and x.dim() >= 2:
-                mask = mask[:, -x.shape[1] :] if mask.shape[1] >= x.shape[1] else None
+            if mask is not None and x.dim() == 2 and x.shape[0] % mask.shape[0] == 0:
+                x = x.view(mask.shape[0], x.shape[0] // mask.shape[0], -1)  # OPT flattens [B*S, dim]
+            if mask is not None:
+                mask = mask[:, -x.shape[1] :] if x.dim() == 3 and mask.shape[1] >= x.shape[1] else None
             reducer(key, x, mask)
 
         return hook
 
-    handles = [adapter.model.register_forward_pre_hook(grab_mask, with_kwargs=True)]
+    # The decoder always gets the mask as a keyword, however the user (or a PEFT wrapper) called the model.
+    handles = [adapter.decoder.register_forward_pre_hook(grab_mask, with_kwargs=True)]
     try:
         for key in keys:
             module, read_input = _hook_point(adapter, key)

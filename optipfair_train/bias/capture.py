@@ -279,12 +279,22 @@ class NeuronStats:
         self.count[key].index_add_(0, groups, w.sum(1).double())
 
     def mean(self, key: str) -> torch.Tensor:
-        """Per-group, per-neuron mean over the unmasked tokens seen: [num_groups, dim]."""
+        """Per-group, per-neuron mean over the unmasked tokens seen: [num_groups, dim].
+
+        Example:
+            >>> stats.mean("down_proj_input_layer_1").shape  # doctest: +SKIP
+            torch.Size([2, 1536])
+        """
         return (self.sum[key] / self.count[key].clamp_min(1)[:, None]).float()
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameterless module)."""
+    """The device of the model's first parameter (CPU for a parameterless module).
+
+    Example:
+        >>> model_device(torch.nn.Linear(2, 2))
+        device(type='cpu')
+    """
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 

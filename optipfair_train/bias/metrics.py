@@ -53,7 +53,13 @@ logger = logging.getLogger(__name__)
 
 
 class ActivationDict(dict):
-    """A dict ``layer key -> activation [1, S, dim]`` that also remembers the prompt's ``token_ids``."""
+    """A dict ``layer key -> activation [1, S, dim]`` that also remembers the prompt's ``token_ids``
+    and display ``tokens``; :func:`calculate_bias_metrics` aligns unequal-length prompts with them.
+
+    Example:
+        >>> act1, act2 = get_activation_pairs(model, tokenizer, "He ran", "She ran")  # doctest: +SKIP
+        >>> act1.token_ids, sorted(act1)[0]  # doctest: +SKIP
+    """
 
     token_ids: list[int]
     tokens: list[str]
@@ -65,6 +71,8 @@ class ActivationDict(dict):
 
 
 class _DiffPlan:
+    """Index plan for one batch; ``stats`` reduces one layer's activation to per-pair numbers."""
+
     def __init__(self, alignments: Sequence[TokenAlignment], width: int):
         n = len(alignments)
         idx1, idx2, row_pair = [], [], []

@@ -67,10 +67,22 @@ class PromptPair(tuple):
 
     @property
     def prompt1(self) -> str:
+        """The first prompt (CrowS-Pairs ``sent_more``).
+
+        Example:
+            >>> PromptPair("He ran.", "She ran.").prompt1
+            'He ran.'
+        """
         return self[0]
 
     @property
     def prompt2(self) -> str:
+        """The second prompt (CrowS-Pairs ``sent_less``).
+
+        Example:
+            >>> PromptPair("He ran.", "She ran.").prompt2
+            'She ran.'
+        """
         return self[1]
 
 

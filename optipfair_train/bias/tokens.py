@@ -25,7 +25,12 @@ __all__ = ["TokenAlignment", "align_tokens", "EncodedBatch", "encode_texts", "pa
 
 @dataclass(frozen=True)
 class TokenAlignment:
-    """Common prefix/suffix of two token sequences of lengths ``len1`` and ``len2``."""
+    """Common prefix/suffix of two token sequences of lengths ``len1`` and ``len2``.
+
+    Example:
+        >>> TokenAlignment(len1=5, len2=7, prefix=2, suffix=2).span2
+        (2, 5)
+    """
 
     len1: int
     len2: int
@@ -34,16 +39,32 @@ class TokenAlignment:
 
     @property
     def span1(self) -> tuple[int, int]:
-        """Half-open range of the differing tokens of the first sequence."""
+        """Half-open range of the differing tokens of the first sequence.
+
+        Example:
+            >>> align_tokens([1, 2, 3], [1, 4, 4, 3]).span1
+            (1, 2)
+        """
         return self.prefix, self.len1 - self.suffix
 
     @property
     def span2(self) -> tuple[int, int]:
-        """Half-open range of the differing tokens of the second sequence."""
+        """Half-open range of the differing tokens of the second sequence.
+
+        Example:
+            >>> align_tokens([1, 2, 3], [1, 4, 4, 3]).span2
+            (1, 3)
+        """
         return self.prefix, self.len2 - self.suffix
 
     @property
     def equal_length(self) -> bool:
+        """True when both sequences have the same number of tokens.
+
+        Example:
+            >>> align_tokens([1, 2], [1, 3]).equal_length
+            True
+        """
         return self.len1 == self.len2
 
     def pairs(self) -> list[tuple[int, int]]:
@@ -62,11 +83,22 @@ class TokenAlignment:
 
     @property
     def pooled_span(self) -> bool:
-        """True when the spans differ in length and are both non-empty: they are compared by their mean."""
+        """True when the spans differ in length and are both non-empty: they are compared by their mean.
+
+        Example:
+            >>> align_tokens([1, 2, 3], [1, 4, 4, 3]).pooled_span, align_tokens([1, 3], [1, 4, 3]).pooled_span
+            (True, False)
+        """
         (s1, e1), (s2, e2) = self.span1, self.span2
         return e1 - s1 != e2 - s2 and e1 > s1 and e2 > s2
 
     def as_dict(self) -> dict[str, int | bool]:
+        """The alignment as a JSON-friendly dict.
+
+        Example:
+            >>> align_tokens([1, 2], [1, 3]).as_dict()["prefix"]
+            1
+        """
         return dict(
             len1=self.len1,
             len2=self.len2,
@@ -97,7 +129,13 @@ def align_tokens(ids1: Sequence[int], ids2: Sequence[int]) -> TokenAlignment:
 
 @dataclass
 class EncodedBatch:
-    """Right-padded token ids of several texts."""
+    """Right-padded token ids of several texts (see :func:`encode_texts`).
+
+    Example:
+        >>> batch = EncodedBatch(torch.tensor([[5, 6], [7, 0]]), torch.tensor([[1, 1], [1, 0]]), [[5, 6], [7]])
+        >>> batch.lengths
+        [2, 1]
+    """
 
     input_ids: torch.Tensor  # [B, S] long
     attention_mask: torch.Tensor  # [B, S] long
@@ -105,17 +143,39 @@ class EncodedBatch:
 
     @property
     def lengths(self) -> list[int]:
+        """Number of real tokens of each text.
+
+        Example:
+            >>> EncodedBatch(torch.zeros(1, 3), torch.ones(1, 3), [[4, 5, 6]]).lengths
+            [3]
+        """
         return [len(t) for t in self.token_ids]
 
     def to(self, device: torch.device | str) -> EncodedBatch:
+        """The batch with its tensors on ``device``.
+
+        Example:
+            >>> batch.to("cpu").input_ids.device.type  # doctest: +SKIP
+            'cpu'
+        """
         return EncodedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.token_ids)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments for a model's forward: ``input_ids`` and ``attention_mask``.
+
+        Example:
+            >>> model(**batch.model_inputs())  # doctest: +SKIP
+        """
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
 
 def pad_token_id(tokenizer) -> int:
-    """The id used for padding: the tokenizer's pad token, else its eos token, else 0."""
+    """The id used for padding: the tokenizer's pad token, else its eos token, else 0.
+
+    Example:
+        >>> pad_token_id(tokenizer)  # doctest: +SKIP
+        0
+    """
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return int(tid)

@@ -1,0 +1,424 @@
+"""``PruningCallback``: structured pruning on a schedule, inside ``Trainer.train()``.
+
+The callback decides *when*; :func:`optipfair_train.prune_model` decides *what*. At the end of a
+scheduled optimizer step (``on_step_end``: the optimizer has stepped, gradients are cleared, the
+learning-rate scheduler has advanced) it calls ``prune_model(model, ..., optimizer=optimizer)``,
+which cuts the weights in place, keeping the same ``nn.Parameter`` objects, and slices the
+optimizer state (Adam's moments) the same way, then checks every state tensor's shape: the next
+``optimizer.step()`` updates exactly the pruned parameters with their own moments, and the
+learning-rate schedule simply continues. This holds for plain training, gradient accumulation
+(steps are optimizer steps) and PEFT LoRA models (base weights and ``lora_A``/``lora_B`` cut
+together, without merging).
+
+Targets are percentages of the units the model had when training began (MLP neurons per layer,
+KV groups or query heads per group, or blocks); each event asks the engine for the share of the
+*current* size that brings the model to the scheduled target, so the last event lands exactly on
+the final target (:mod:`.schedule`).
+
+Multi-process training (DDP) is refused with :class:`DistributedPruningError` before the first step:
+DDP's gradient buckets have fixed shapes, and the Trainer keeps its DDP wrapper in a local variable
+of the training loop, so a model cut in the loop either crashes or lets ranks drift. Prune between
+Trainers instead: ``PruneThenHeal`` (one Trainer per round, every rank prunes identically), or
+``prune_model`` before building the Trainer.
+
+Example:
+    >>> cb = PruningCallback(trainer, pruning_type="MLP_GLU", target=30, schedule="cubic",
+    ...                      start_step=100, end_step=1000, num_events=10, dataloader=calibration)  # doctest: +SKIP
+    >>> trainer.add_callback(cb); trainer.train()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from ..arch import get_adapter, unwrap_model
+from ..pruning import PRUNING_TYPES, get_scorer, prune_model
+from ..pruning.calibration import as_batches
+from ..pruning.depth import LAYER_SELECTION_METHODS
+from ..pruning.heads import HEAD_METHODS
+from ..pruning.taylor import TaylorImportance
+from .base import ReportingCallback
+from .importance import GradientImportanceCallback
+from .schedule import PruningSchedule, make_schedule, step_percentage, units_to_remove
+from .stats import PRUNING_TABLE_COLUMNS, model_structure, pruning_scalars, pruning_table_rows
+
+__all__ = ["PruningCallback", "DistributedPruningError"]
+
+logger = logging.getLogger(__name__)
+
+# arguments the callback computes itself; passing them through prune_kwargs would break the schedule
+_RESERVED = {
+    "pruning_type",
+    "pruning_percentage",
+    "expansion_rate",
+    "expansion_divisor",
+    "target_parameters",
+    "num_layers_to_remove",
+    "depth_pruning_percentage",
+    "layer_allocation",
+    "optimizer",
+    "return_stats",
+    "dataloader",
+    "gradient_importance",
+    "neuron_selection_method",
+    "layer_selection_method",
+    "head_granularity",
+    "layer_indices",
+    "show_progress",
+}
+
+
+class DistributedPruningError(RuntimeError):
+    """In-loop structural pruning was asked for under multi-process (DDP) training."""
+
+
+def _world_size(args: Any) -> int:
+    size = int(getattr(args, "world_size", 1) or 1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        size = max(size, torch.distributed.get_world_size())
+    return size
+
+
+def _distributed_error(world_size: int) -> DistributedPruningError:
+    return DistributedPruningError(
+        f"PruningCallback cannot prune inside a multi-process training run (world size {world_size}): "
+        "DDP's gradient buckets have fixed shapes and the Trainer keeps its DDP wrapper for the whole "
+        "loop, so cutting the model here would crash or let the ranks drift apart. Prune between "
+        "Trainers instead: use optipfair_train's PruneThenHeal pipeline (a fresh Trainer per round, "
+        "every rank prunes identically), or call optipfair_train.prune_model(...) before creating the "
+        "Trainer. Nothing was pruned."
+    )
+
+
+class PruningCallback(ReportingCallback):
+    """Prune the model during ``Trainer.train()`` on a schedule, with any registered scorer.
+
+    Args:
+        trainer: the Trainer (or TRL trainer); needed for scalars to reach the ``report_to`` backends
+            and to validate the target against the model at construction.
+        pruning_type: ``"MLP_GLU"``, ``"MLP"``, ``"ATTENTION"`` or ``"DEPTH"`` (as in ``prune_model``).
+        target: final percentage of the original units to remove (MLP neurons per layer, KV groups /
+            query heads per group, or blocks), for the named schedules.
+        schedule: ``"one_shot"`` (with ``step``), ``"linear"`` / ``"cubic"`` (with ``start_step``,
+            ``end_step`` and ``num_events`` or ``every_n_steps``), a list of ``(step, target)``, or a
+            :class:`~optipfair_train.callbacks.schedule.PruningSchedule`. Steps are optimizer steps.
+        neuron_selection_method: the scorer (``activation``, ``taylor``, ``MAW``, ... see
+            ``available_scorers()``; for ``ATTENTION``: ``L2``, ``activation``, ``taylor``, ``random``).
+            Default: ``taylor`` with ``importance``, else ``activation`` with ``dataloader``, else the
+            engine's weight-only default.
+        layer_selection_method: for ``DEPTH``: ``importance`` (default with ``dataloader``), ``taylor``,
+            ``contiguous``, ``last``, ``first``.
+        dataloader: calibration batches (dicts with ``input_ids``/``attention_mask``) for data-driven
+            scorers; materialised once here.
+        importance: a :class:`GradientImportanceCallback` (also add it to the trainer) or a
+            ``TaylorImportance``: Taylor scores from the training's own gradients. Reset after each event.
+        head_granularity: ``"group"`` or ``"query"`` for ``ATTENTION``.
+        layer_indices: layers to prune (width / heads); default all.
+        log_stats: log parameter counts, per-layer widths / heads, depth and sparsity after each event
+            (scalars to every backend, a per-layer ``wandb.Table`` when W&B is active).
+        show_progress: tqdm bars inside the engine during an event.
+        prune_kwargs: further ``prune_model`` arguments (e.g. ``seed``, ``bias_pairs``, ``fairness_weight``).
+
+    Raises:
+        ValueError: bad schedule or target, unknown scorer, a scorer without the data it needs, or a
+            target the model has already reached (checked here when ``trainer`` is given, else at
+            train begin).
+        DistributedPruningError: under multi-process training (see the module docstring).
+
+    Example:
+        >>> cb = PruningCallback(target=25, step=10, pruning_type="MLP_GLU", neuron_selection_method="MAW")
+        >>> cb.schedule.events
+        [PruningEvent(step=10, target=25.0)]
+    """
+
+    def __init__(
+        self,
+        trainer: Any | None = None,
+        *,
+        pruning_type: str = "MLP_GLU",
+        target: float | None = None,
+        schedule: str | Sequence[tuple[int, float]] | PruningSchedule = "one_shot",
+        step: int | None = None,
+        start_step: int | None = None,
+        end_step: int | None = None,
+        num_events: int | None = None,
+        every_n_steps: int | None = None,
+        neuron_selection_method: str | None = None,
+        layer_selection_method: str | None = None,
+        dataloader: Iterable | None = None,
+        importance: GradientImportanceCallback | TaylorImportance | None = None,
+        head_granularity: str = "group",
+        layer_indices: Sequence[int] | None = None,
+        log_stats: bool = True,
+        show_progress: bool = False,
+        prune_kwargs: dict[str, Any] | None = None,
+    ):
+        super().__init__(trainer)
+        if pruning_type not in PRUNING_TYPES:
+            raise ValueError(
+                f"Unknown pruning_type {pruning_type!r}; choose one of {', '.join(PRUNING_TYPES)}."
+            )
+        self.pruning_type = pruning_type
+        if not isinstance(schedule, str) and target is not None and not isinstance(schedule, PruningSchedule):
+            raise ValueError("Give either target= with a named schedule, or a list of (step, target) events.")
+        self.schedule = make_schedule(
+            schedule,
+            target=target,
+            step=step,
+            start_step=start_step,
+            end_step=end_step,
+            num_events=num_events,
+            every_n_steps=every_n_steps,
+        )
+        self.batches = as_batches(dataloader) if dataloader is not None else None
+        if importance is not None and not isinstance(
+            importance, (GradientImportanceCallback, TaylorImportance)
+        ):
+            raise ValueError(
+                f"importance must be a GradientImportanceCallback or a TaylorImportance, got {type(importance).__name__}."
+            )
+        self.importance = importance
+        if head_granularity not in ("group", "query"):
+            raise ValueError(f"head_granularity must be 'group' or 'query', got {head_granularity!r}.")
+        self.head_granularity = head_granularity
+        self.layer_indices = list(layer_indices) if layer_indices is not None else None
+        self.method = self._resolve_method(neuron_selection_method, layer_selection_method)
+        self.prune_kwargs = dict(prune_kwargs or {})
+        clash = sorted(set(self.prune_kwargs) & _RESERVED)
+        if clash:
+            raise ValueError(
+                f"prune_kwargs may not set {', '.join(clash)}: PruningCallback sets them (use its own arguments)."
+            )
+        if self.method == "fairness" and "bias_pairs" not in self.prune_kwargs:
+            raise ValueError(
+                "The 'fairness' scorer needs prune_kwargs={'bias_pairs': [...]} (demographic pairs)."
+            )
+        self.log_stats = log_stats
+        self.show_progress = show_progress
+        self.original_units: int | None = None
+        self.original_parameters: int | None = None
+        self.events_done: list[dict[str, Any]] = []
+        if trainer is not None:
+            world = _world_size(trainer.args)
+            if world > 1:
+                raise _distributed_error(world)
+            self._check_target(trainer.model)
+
+    # ---- validation ----------------------------------------------------------------------------
+    def _resolve_method(self, neuron_method: str | None, layer_method: str | None) -> str | None:
+        has_grads = self.importance is not None
+        if self.pruning_type == "DEPTH":
+            if neuron_method is not None:
+                raise ValueError(
+                    "For pruning_type='DEPTH' choose blocks with layer_selection_method=..., not a neuron scorer."
+                )
+            method = layer_method or ("taylor" if has_grads else "importance" if self.batches else None)
+            if method is not None and method not in LAYER_SELECTION_METHODS:
+                raise ValueError(
+                    f"Unknown layer_selection_method {method!r}; choose one of {', '.join(LAYER_SELECTION_METHODS)}."
+                )
+            if method == "custom":
+                raise ValueError(
+                    "layer_selection_method='custom' removes fixed blocks once: call prune_model(..., "
+                    "layer_indices=...) before training instead of scheduling it."
+                )
+            needs = {"importance": self.batches is not None, "taylor": has_grads or self.batches is not None}
+            if method in needs and not needs[method]:
+                raise ValueError(
+                    f"layer_selection_method={method!r} needs dataloader= (or importance= for taylor)."
+                )
+            return method
+        if layer_method is not None:
+            raise ValueError("layer_selection_method applies to pruning_type='DEPTH' only.")
+        method = neuron_method or ("taylor" if has_grads else "activation" if self.batches else None)
+        if method is None:
+            return None  # the engine's documented weight-only default (with its warning)
+        if self.pruning_type == "ATTENTION":
+            if method not in HEAD_METHODS:
+                raise ValueError(
+                    f"Unknown head importance method {method!r} for ATTENTION; choose one of {', '.join(HEAD_METHODS)}."
+                )
+            canonical = method
+        else:
+            canonical = get_scorer(method).name  # raises for an unknown scorer, listing the known ones
+        if canonical == "activation" and self.batches is None:
+            raise ValueError("The 'activation' scorer needs calibration data: pass dataloader=...")
+        if canonical == "taylor" and not has_grads and self.batches is None:
+            raise ValueError(
+                "The 'taylor' scorer needs importance=GradientImportanceCallback() (gradients from training) "
+                "or dataloader=... (calibration batches)."
+            )
+        return canonical
+
+    def _units(self, model: torch.nn.Module) -> int:
+        """Current size in the schedule's units; raises if the pruned layers are not uniform."""
+        adapter = get_adapter(model)
+        if self.pruning_type == "DEPTH":
+            return adapter.num_layers
+        layers = self.layer_indices if self.layer_indices is not None else list(range(adapter.num_layers))
+        bad = [i for i in layers if not 0 <= i < adapter.num_layers]
+        if bad:
+            raise ValueError(
+                f"layer_indices {bad} out of range: the model has layers 0..{adapter.num_layers - 1}."
+            )
+        if self.pruning_type == "ATTENTION":
+            counts = [adapter.head_counts(i) for i in layers]
+            sizes = {kv if self.head_granularity == "group" else q // kv for q, kv, _ in counts}
+            what = "KV groups" if self.head_granularity == "group" else "query heads per group"
+        else:
+            sizes = {adapter.mlp(i).intermediate_size for i in layers}
+            what = "MLP widths"
+        if len(sizes) != 1:
+            raise ValueError(
+                f"PruningCallback schedules need uniform layers, but the pruned layers have {what} "
+                f"{sorted(sizes)}; pass layer_indices= for a uniform subset."
+            )
+        return sizes.pop()
+
+    def _check_target(self, model: torch.nn.Module) -> None:
+        units = self._units(model)
+        if units_to_remove(units, units, self.schedule.final_target) == 0:
+            unit = {"DEPTH": "blocks"}.get(self.pruning_type, "units")
+            raise ValueError(
+                f"Target already reached: removing {self.schedule.final_target}% of {units} {unit} removes "
+                f"nothing (the smallest step is {100 / units:.1f}%)."
+            )
+
+    # ---- events --------------------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, model=None, **kwargs):
+        world = _world_size(args)
+        if world > 1:
+            raise _distributed_error(world)
+        if state.global_step > 0 and any(e.step <= state.global_step for e in self.schedule.events):
+            raise ValueError(
+                f"Resuming at step {state.global_step} past scheduled pruning events is not supported: "
+                "reload the pruned model with load_pruned_model and schedule only the remaining events."
+            )
+        self._check_target(model)
+        self.original_units = self._units(model)
+        self.original_parameters = model_structure(model)["parameters"]
+        if (
+            self.method == "taylor"
+            and isinstance(self.importance, GradientImportanceCallback)
+            and self.batches is None
+        ):
+            mlp = get_adapter(model).mlp(0)
+            if not mlp.down.weight.requires_grad:
+                raise ValueError(
+                    "The 'taylor' scorer reads the gradients of the pruned weights, but they are frozen "
+                    "(e.g. LoRA): pass dataloader=... and use 'activation' (or 'taylor' on calibration data)."
+                )
+        if self.log_stats:
+            self.log_scalars(args, state, pruning_scalars(model, self.original_parameters, target=0.0))
+
+    def _gradient_importance(self) -> TaylorImportance | None:
+        imp = self.importance
+        acc = imp.importance if isinstance(imp, GradientImportanceCallback) else imp
+        if acc is not None and acc.batches > 0:
+            return acc
+        return None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model=None, optimizer=None, **kwargs):
+        event = self.schedule.event_at(state.global_step)
+        if event is None:
+            return
+        current = self._units(model)
+        remove = units_to_remove(current, self.original_units, event.target)
+        if remove == 0:
+            logger.info(
+                "step %d: target %.2f%% already reached, nothing to prune", state.global_step, event.target
+            )
+            return
+        kwargs_prune: dict[str, Any] = dict(self.prune_kwargs)
+        if self.pruning_type == "DEPTH":
+            kwargs_prune["num_layers_to_remove"] = remove
+            if self.method is not None:
+                kwargs_prune["layer_selection_method"] = self.method
+        else:
+            kwargs_prune["pruning_percentage"] = step_percentage(current, remove)
+            if self.method is not None:
+                kwargs_prune["neuron_selection_method"] = self.method
+            if self.layer_indices is not None:
+                kwargs_prune["layer_indices"] = self.layer_indices
+            if self.pruning_type == "ATTENTION":
+                kwargs_prune["head_granularity"] = self.head_granularity
+        if self.method == "taylor":
+            grads = self._gradient_importance()
+            if grads is None and self.batches is None:
+                raise RuntimeError(
+                    f"Pruning at step {state.global_step} needs Taylor scores, but no gradient was accumulated "
+                    "yet (is the GradientImportanceCallback added to the trainer and scheduled before this step?)."
+                )
+            kwargs_prune["gradient_importance"] = grads
+        if self.method == "fairness" and "tokenizer" not in kwargs_prune:
+            kwargs_prune["tokenizer"] = kwargs.get("processing_class")
+        start = time.perf_counter()
+        _, stats = prune_model(
+            model,
+            pruning_type=self.pruning_type,
+            dataloader=self.batches,
+            optimizer=optimizer,
+            return_stats=True,
+            show_progress=self.show_progress,
+            **kwargs_prune,
+        )
+        seconds = time.perf_counter() - start
+        expected = self.original_units - units_to_remove(
+            self.original_units, self.original_units, event.target
+        )
+        reached = self._units(model)
+        if reached != expected:  # the engine's rounding differs from the schedule's: never hide it
+            raise RuntimeError(
+                f"Pruning at step {state.global_step} left {reached} units, expected {expected} "
+                f"({event.target}% of {self.original_units} removed)."
+            )
+        if isinstance(self.importance, GradientImportanceCallback):
+            self.importance.reset(model)
+        elif isinstance(self.importance, TaylorImportance):
+            self.importance = TaylorImportance(model)
+        record = {
+            "step": state.global_step,
+            "target": event.target,
+            "units": reached,
+            "seconds": seconds,
+            "stats": stats,
+        }
+        self.events_done.append(record)
+        logger.info(
+            "step %d: pruned %s to %.2f%% of the original units removed (%d left) in %.2f s; %s -> %s parameters",
+            state.global_step,
+            self.pruning_type,
+            event.target,
+            reached,
+            seconds,
+            f"{stats['original_parameters']:,}",
+            f"{stats['pruned_parameters']:,}",
+        )
+        if self.log_stats:
+            self._log_event(args, state, unwrap_model(model), event.target, stats, seconds)
+
+    def _log_event(
+        self, args: Any, state: Any, model: torch.nn.Module, target: float, stats: dict, seconds: float
+    ) -> None:
+        structure = model_structure(model)
+        scalars = pruning_scalars(model, self.original_parameters, structure=structure, target=target)
+        scalars["pruning/event"] = float(len(self.events_done))
+        scalars["pruning/event_seconds"] = seconds
+        scalars["pruning/event_reduction"] = float(stats["reduction"])
+        self.log_scalars(args, state, scalars)
+        rows = []
+        for i, done in enumerate(self.events_done):
+            # the table is cumulative (W&B tables are immutable): one row per layer per event so far
+            s = done.get("structure") or (structure if done is self.events_done[-1] else None)
+            if s is None:
+                continue
+            rows += pruning_table_rows(
+                done["step"], i, done["stats"]["event"], s, self.original_parameters, done["target"]
+            )
+        self.events_done[-1]["structure"] = structure
+        self.log_table(args, state, "pruning/layers", PRUNING_TABLE_COLUMNS, rows)

@@ -180,7 +180,7 @@ def _run_demo(args) -> int:
             "perplexity": perplexity(
                 model, tokenizer, eval_texts, seq_len=512, max_tokens=args.eval_tokens, show_progress=progress
             ),
-            "sample": greedy_generate(model, tokenizer, prompt, max_new_tokens=12, chat=True).strip(),
+            "sample": greedy_generate(model, tokenizer, prompt, max_new_tokens=12).strip(),
         }
 
     rows = [measure("base")]

@@ -1,0 +1,11 @@
+"""Healing a pruned model: LoRA (PEFT), distillation from the unpruned teacher, or SFT.
+
+Example:
+    >>> from optipfair_train.heal import DistillationTrainer, add_lora, text_dataset  # doctest: +SKIP
+"""
+
+from .distill import DistillationTrainer, distillation_loss
+from .lora import add_lora, lora_target_modules
+from .text import text_dataset
+
+__all__ = ["DistillationTrainer", "distillation_loss", "add_lora", "lora_target_modules", "text_dataset"]

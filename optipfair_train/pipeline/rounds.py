@@ -1,0 +1,90 @@
+"""Splitting a pruning target into rounds: what each round removes, relative to the model it gets.
+
+Example:
+    >>> share(10, round_idx=1, num_rounds=3), share(10, 2, 3), share(10, 3, 3)
+    (3, 3, 4)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..analysis import count_parameters
+from ..arch import get_adapter
+from .config import PipelineConfig
+
+__all__ = ["share", "round_prunings"]
+
+
+def share(total: int, round_idx: int, num_rounds: int) -> int:
+    """Units that round ``round_idx`` (1-based) removes so the rounds add up to ``total`` exactly."""
+    return total * round_idx // num_rounds - total * (round_idx - 1) // num_rounds
+
+
+def _relative_percentage(current: int, remove: int) -> float:
+    """The ``pruning_percentage`` of ``current`` units that removes exactly ``remove`` of them."""
+    return 100.0 * remove / current
+
+
+def round_prunings(
+    model: torch.nn.Module, base: dict[str, int], config: PipelineConfig, round_idx: int
+) -> list[dict[str, Any]]:
+    """``prune_model`` keyword arguments for round ``round_idx`` (depth first, then heads, then width).
+
+    ``base`` holds the unpruned model's ``width``, ``kv_heads``, ``parameters``. Widths and head counts
+    are uniform in the pipeline, so every round's cut is a share of the original target.
+    """
+    p, rounds = config.pruning, config.pruning.num_rounds
+    adapter = get_adapter(model)
+    steps: list[dict[str, Any]] = []
+    blocks = share(p.num_layers_to_remove, round_idx, rounds)
+    if blocks:
+        steps.append(
+            dict(
+                pruning_type="DEPTH",
+                num_layers_to_remove=blocks,
+                layer_selection_method=p.layer_selection_method,
+            )
+        )
+    groups_total = int(p.attention_pruning_percentage / 100 * base["kv_heads"] + 1e-9)
+    groups = share(groups_total, round_idx, rounds)
+    if groups:
+        steps.append(
+            dict(
+                pruning_type="ATTENTION",
+                pruning_percentage=_relative_percentage(adapter.head_counts(0)[1], groups),
+                neuron_selection_method=_head_method(p.neuron_selection_method),
+            )
+        )
+    mlp_type = "MLP_GLU" if adapter.family.is_glu else "MLP"
+    if p.target_parameters:
+        current = count_parameters(model)
+        goal = base["parameters"] - (base["parameters"] - p.target_parameters) * round_idx // rounds
+        if goal < current:
+            steps.append(
+                dict(
+                    pruning_type=mlp_type,
+                    target_parameters=goal,
+                    neuron_selection_method=p.neuron_selection_method,
+                )
+            )
+    elif p.mlp_pruning_percentage:
+        total = min(int(p.mlp_pruning_percentage / 100 * base["width"] + 1e-9), base["width"] - 1)
+        neurons = share(total, round_idx, rounds)
+        if neurons:
+            width = adapter.mlp(0).intermediate_size
+            steps.append(
+                dict(
+                    pruning_type=mlp_type,
+                    pruning_percentage=_relative_percentage(width, neurons),
+                    neuron_selection_method=p.neuron_selection_method,
+                )
+            )
+    return steps
+
+
+def _head_method(neuron_method: str) -> str:
+    """Heads have fewer scorers than neurons: map the neuron scorer to the closest head scorer."""
+    return neuron_method if neuron_method in ("activation", "taylor", "random", "L2") else "activation"

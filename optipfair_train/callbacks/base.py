@@ -65,6 +65,16 @@ def wandb_active(args: Any) -> bool:
     return wandb.run is not None
 
 
+def _rgba(fig: Any) -> Any:
+    """Render a figure on its own Agg canvas to an RGBA array (``wandb.Image`` of a Figure needs pyplot)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
 class ReportingCallback(TrainerCallback):
     """Base class: holds the (optional) trainer and sends scalars, figures and tables to its backends.
 
@@ -98,7 +108,13 @@ class ReportingCallback(TrainerCallback):
         if not clean:
             return
         if self.trainer is not None:
+            # The callback handler's on_log clears control.should_log; keep the Trainer's own decision
+            # to log its loss at this step (set by DefaultFlowCallback before our on_step_end ran).
+            control = getattr(self.trainer, "control", None)
+            should_log = getattr(control, "should_log", False)
             self.trainer.log(dict(clean))
+            if control is not None and should_log:
+                self.trainer.control.should_log = True
             return
         if not self._warned_no_trainer:
             logger.warning(
@@ -131,7 +147,7 @@ class ReportingCallback(TrainerCallback):
             if wandb_active(args):
                 import wandb
 
-                payload = {key: wandb.Image(fig) for key, fig in figures.items()}
+                payload = {key: wandb.Image(_rgba(fig)) for key, fig in figures.items()}
                 wandb.log({**payload, "train/global_step": state.global_step})
                 sent.append("wandb")
             writer = self._tensorboard_writer(args)

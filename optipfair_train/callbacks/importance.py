@@ -61,6 +61,7 @@ class GradientImportanceCallback(TrainerCallback):
         self.importance: TaylorImportance | None = None
         self.available = True
         self._model: torch.nn.Module | None = None
+        self._shape: tuple = ()
 
     def reset(self, model: torch.nn.Module | None = None) -> None:
         """Start accumulating from zero (call after the model's structure changed).
@@ -72,6 +73,15 @@ class GradientImportanceCallback(TrainerCallback):
         if model is not None:
             self._model = model
             self.importance = TaylorImportance(model)
+            self._shape = self._structure()
+
+    def _structure(self) -> tuple:
+        adapter = self.importance.adapter
+        return (
+            adapter.num_layers,
+            tuple(adapter.intermediate_sizes()),
+            tuple(adapter.head_counts(i)[0] for i in range(adapter.num_layers)),
+        )
 
     @property
     def num_batches(self) -> int:
@@ -93,6 +103,9 @@ class GradientImportanceCallback(TrainerCallback):
         step = state.global_step  # steps completed so far; this is step ``step + 1``
         if step < self.start_step or (step - self.start_step) % self.every_n_steps:
             return
+        if self._structure() != self._shape:  # pruned by someone else since the last reset
+            logger.info("model structure changed at step %d: gradient importance restarts", step)
+            self.reset()
         if not self.importance.accumulate():
             self.available = False
             logger.warning(

@@ -1,4 +1,4 @@
-"""Command line: ``optipfair-train {demo,prune,analyze,probe}``.
+"""Command line: ``optipfair-train {demo,prune,analyze,probe,run}``.
 
 Example:
     $ optipfair-train prune --model-path demo --pruning-percentage 20 --output-path ./pruned
@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="architecture and parameter distribution")
     _add_model_arguments(analyze)
     analyze.add_argument("--json", action="store_true", help="print the full report as JSON")
+
+    run = sub.add_parser("run", help="the prune-then-heal pipeline; flags after --config override its keys")
+    run.add_argument("--config", default=None, help="YAML file of pipeline settings (see configs/)")
 
     probe = sub.add_parser("probe", help="bias probes: activation differences and behavioural scores")
     add_probe_arguments(probe)
@@ -209,9 +212,23 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _run_pipeline(config_path: str | None, overrides: list[str]) -> int:
+    from .pipeline import PruneThenHeal, load_config
+
+    result = PruneThenHeal(load_config(config_path, overrides)).run()
+    base, last = result["baseline"], result["rounds"][-1]["healed"]
+    print(
+        f"parameters {base['parameters']:,} -> {last['parameters']:,}; perplexity {base['perplexity']:.2f} -> "
+        f"{last['perplexity']:.2f}. Final model and model card: {result['final_dir']}"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``optipfair-train`` command."""
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and args.command != "run":
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -221,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_probe(args)
     runners = {"demo": _run_demo, "prune": _run_prune, "analyze": _run_analyze}
     try:
+        if args.command == "run":
+            return _run_pipeline(args.config, extra)
         return runners[args.command](args)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -171,7 +171,7 @@ def load_config(path: str | Path | None = None, args: list[str] | None = None) -
         parsed = parser.parse_args_into_dataclasses(
             _as_flags(values) + list(args or []), look_for_args_file=False
         )
-    except SystemExit as err:  # argparse exits on a bad flag; make it an error the caller can handle
+    except (SystemExit, ValueError) as err:  # argparse exits on a bad flag; make it an error to handle
         raise ValueError(
             f"Invalid configuration flags {args!r}; accepted: --{', --'.join(config_keys())}."
         ) from err

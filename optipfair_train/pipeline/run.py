@@ -196,6 +196,7 @@ class PruneThenHeal:
             warmup_steps=max(1, h.heal_steps // 10),
             optim="adamw_torch",
             logging_steps=1,
+            logging_nan_inf_filter=False,  # the guard must see a NaN loss, not a filtered average
             save_strategy="steps",
             save_steps=r.save_steps,
             save_total_limit=1,
@@ -244,7 +245,8 @@ class PruneThenHeal:
 
     # -- the run -------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Run (or resume) every round; returns the per-round metrics and the final model folder."""
+        """Run (or resume) every round; returns the final model (in memory and its folder) and the
+        baseline and per-round metrics."""
         config = self.config
         start = time.perf_counter()
         self._prepare_output_dir()
@@ -270,16 +272,19 @@ class PruneThenHeal:
             self._save_state()
             self._log_round(0, self.state["baseline"])
 
+        ran = False
         for k in range(1, config.pruning.num_rounds + 1):
             round_dir = self.out / f"round-{k}"
             if k <= len(self.state["rounds"]):
                 continue
             model = self._run_round(k, round_dir, model, tokenizer, base)
+            ran = True
 
         final_dir = self.out / "final"
         last = self.out / f"round-{config.pruning.num_rounds}" / "model"
-        if self.distributed.is_main_process:
+        if not ran:  # every round was finished by an earlier run
             model = load_pruned_model(last)
+        if self.distributed.is_main_process:
             speed = tokens_per_second(model, tokenizer)
             if final_dir.exists():
                 shutil.rmtree(final_dir)
@@ -289,6 +294,7 @@ class PruneThenHeal:
         logger.info("Finished in %.0f s; final model in %s", time.perf_counter() - start, final_dir)
         self._finish_tracking()
         return {
+            "model": model,
             "final_dir": str(final_dir),
             "baseline": self.state["baseline"],
             "rounds": self.state["rounds"],

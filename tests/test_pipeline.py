@@ -1,0 +1,305 @@
+"""PruneThenHeal on a tiny model: rounds, healing, reload, model card, W&B, NaN rollback, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import wandb
+from conftest import make_char_tokenizer, make_tiny_model
+from transformers import TrainerCallback
+from wandb_offline import history, run_files
+
+from optipfair_train import load_pruned_model
+from optipfair_train.pipeline import NonFiniteLossError, PruneThenHeal, config_keys, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+IDS = torch.tensor([[5, 17, 33, 60, 8, 41, 77, 12, 40, 41]])
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny LLaMA-style model with its tokenizer on disk, and a text file."""
+    root = tmp_path_factory.mktemp("pipeline-assets")
+    model = make_tiny_model("llama")
+    model.save_pretrained(root / "model")
+    make_char_tokenizer().save_pretrained(root / "model")
+    text = WIKITEXT.read_text()[:40_000] if WIKITEXT.exists() else "A small example sentence. " * 2000
+    (root / "text.txt").write_text(text)
+    return root
+
+
+def _flags(assets: Path, out: Path, **overrides) -> list[str]:
+    settings = dict(
+        model_path=assets / "model",
+        calibration_data=assets / "text.txt",
+        heal_data=assets / "text.txt",
+        eval_data=assets / "text.txt",
+        num_calibration_samples=2,
+        calibration_seq_len=64,
+        heal_seq_len=64,
+        eval_tokens=256,
+        eval_seq_len=128,
+        num_rounds=2,
+        mlp_pruning_percentage=30,
+        num_layers_to_remove=1,
+        heal_steps=4,
+        per_device_batch_size=2,
+        save_steps=2,
+        output_dir=out,
+        report_to="none",
+        show_progress=False,
+    )
+    settings.update(overrides)
+    return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def test_two_rounds_width_and_depth_with_lora(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    result = PruneThenHeal(load_config(None, _flags(assets, out, report_to="wandb"))).run()
+    wandb.finish()
+
+    final = load_pruned_model(result["final_dir"])
+    torch.testing.assert_close(_logits(final), _logits(result["model"]), rtol=0, atol=0)
+    assert final.config.num_hidden_layers == 3 and final.config.intermediate_size == 128 - 38
+    assert [len(r["events"]) for r in result["rounds"]] == [1, 2]  # width; then depth + width
+    assert all(not any("lora" in n for n, _ in final.named_parameters()) for _ in [0])  # LoRA merged
+    for r in result["rounds"]:
+        assert r["pruned"]["parameters"] == r["healed"]["parameters"] and r["heal_tokens"] == 4 * 2 * 64
+        assert r["healed"]["perplexity"] > 0 and "bias/activation_mean_difference" in r["healed"]
+
+    card = (out / "final" / "README.md").read_text()
+    assert card.startswith("---\nbase_model:")
+    for r in result["rounds"]:
+        assert (
+            f"| round {r['round']} healed | {r['healed']['parameters']:,} | {r['healed']['perplexity']:,.2f} |"
+            in card
+        )
+    assert json.loads((out / "final" / "pruning_manifest.json").read_text())["num_layers"] == 3
+
+    rows = history(run_files(out)[0])
+    rounds_logged = [row["round"] for row in rows if "round" in row]
+    assert rounds_logged == [0, 1, 2]
+    last = [row for row in rows if row.get("round") == 2][0]
+    assert last["round/summary"]["_type"] == "table-file" and last["round/pruning"]["_type"] == "table-file"
+    assert last["round/bias_trajectory"]["_type"] == "image-file"
+    assert last["round/perplexity"] == pytest.approx(result["rounds"][-1]["healed"]["perplexity"])
+    table = json.loads((run_files(out)[0].parent / "files" / last["round/summary"]["path"]).read_text())
+    assert len(table["data"]) == 3 and table["columns"][:3] == ["round", "parameters", "perplexity"]
+
+
+def test_distillation_heal_reloads_exactly(assets, tmp_path):
+    out = tmp_path / "kd"
+    result = PruneThenHeal(
+        load_config(None, _flags(assets, out, heal_method="kd", num_rounds=1, num_layers_to_remove=0))
+    ).run()
+    final = load_pruned_model(result["final_dir"])
+    torch.testing.assert_close(_logits(final), _logits(result["model"]), rtol=0, atol=0)
+    pruned = load_pruned_model(out / "round-1" / "pruned")
+    assert not torch.equal(_logits(pruned), _logits(final))  # healing changed the weights
+
+
+class _PoisonOnce(TrainerCallback):
+    """Makes the weights NaN after the second step of the first healing attempt (a divergence)."""
+
+    def __init__(self):
+        self.fired = False
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 2 and not self.fired:
+            self.fired = True
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+
+
+def test_non_finite_loss_rolls_back_and_retries_with_lower_lr(assets, tmp_path):
+    flags = _flags(
+        assets,
+        tmp_path / "nan",
+        num_rounds=1,
+        num_layers_to_remove=0,
+        learning_rate=1e-3,
+        nan_lr_factor=0.5,
+        heal_steps=4,
+    )
+    result = PruneThenHeal(load_config(None, flags), callbacks=[_PoisonOnce()]).run()
+    assert result["rounds"][0]["learning_rate"] == pytest.approx(5e-4)
+    assert torch.isfinite(_logits(result["model"])).all()
+    assert torch.isfinite(torch.tensor(result["rounds"][0]["healed"]["perplexity"]))
+
+    flags = _flags(
+        assets, tmp_path / "nan2", num_rounds=1, num_layers_to_remove=0, nan_retries=0, heal_steps=4
+    )
+    with pytest.raises(NonFiniteLossError, match="nothing of this round was saved"):
+        PruneThenHeal(load_config(None, flags), callbacks=[_PoisonOnce()]).run()
+    assert not (tmp_path / "nan2" / "round-1" / "model").exists()
+    assert json.loads((tmp_path / "nan2" / "state.json").read_text())["rounds"] == []
+
+
+KILL_ENTRY = """
+import os, signal, sys
+from transformers import TrainerCallback
+from optipfair_train.pipeline import PruneThenHeal, load_config
+
+class KillAt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+callbacks = [KillAt()] if sys.argv[1] == "kill" else []
+PruneThenHeal(load_config(None, sys.argv[2:]), callbacks=callbacks).run()
+"""
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", KILL_ENTRY, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_sigkill_mid_heal_then_rerun_equals_uninterrupted(assets, tmp_path):
+    flags = _flags(assets, tmp_path / "killed", heal_steps=6)
+    killed = _run(["kill", *flags])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "killed" / "round-1" / "heal" / "checkpoint-2").exists()
+    assert json.loads((tmp_path / "killed" / "state.json").read_text())["rounds"] == []
+    resumed = _run(["go", *flags])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    reference = PruneThenHeal(load_config(None, _flags(assets, tmp_path / "straight", heal_steps=6))).run()
+    final = load_pruned_model(tmp_path / "killed" / "final")
+    for (name, a), (_, b) in zip(
+        final.state_dict().items(), reference["model"].state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    state = json.loads((tmp_path / "killed" / "state.json").read_text())
+    assert [r["round"] for r in state["rounds"]] == [1, 2]
+
+
+DDP_ENTRY = """
+import hashlib, sys
+from accelerate import PartialState
+from optipfair_train.pipeline import PruneThenHeal, load_config
+
+result = PruneThenHeal(load_config(None, sys.argv[2:])).run()
+digest = hashlib.sha256()
+for name, tensor in sorted(result["model"].state_dict().items()):
+    digest.update(name.encode()); digest.update(tensor.detach().float().numpy().tobytes())
+open(f"{sys.argv[1]}/rank-{PartialState().process_index}.txt", "w").write(digest.hexdigest())
+"""
+
+
+def test_two_processes_prune_identically(assets, tmp_path):
+    entry = tmp_path / "entry.py"
+    entry.write_text(DDP_ENTRY)
+    flags = _flags(assets, tmp_path / "ddp", num_rounds=1, heal_steps=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(entry),
+            str(tmp_path),
+            *flags,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    hashes = [(tmp_path / f"rank-{r}.txt").read_text() for r in (0, 1)]
+    assert hashes[0] == hashes[1]
+    assert load_pruned_model(tmp_path / "ddp" / "final").config.num_hidden_layers == 3
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.pruning.num_rounds >= 1 and config.model.model_path
+
+
+def test_bad_configuration_is_refused_before_work(assets, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_rounds: 2\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="unknown key\\(s\\) learning_rat. Accepted keys: .*learning_rate"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="--num_rounds"):
+        load_config(None, ["--no_such_flag", "1"])
+    with pytest.raises(ValueError, match="Nothing to prune"):
+        load_config(None, ["--mlp_pruning_percentage", "0"])
+    with pytest.raises(ValueError, match="heal_method must be one of"):
+        load_config(None, ["--heal_method", "magic"])
+    assert "heal_method" in config_keys()
+
+    with pytest.raises(ValueError, match="already reached"):
+        PruneThenHeal(
+            load_config(
+                None, _flags(assets, tmp_path / "reached", mlp_pruning_percentage=0, target_parameters=10**9)
+            )
+        ).run()
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("x")
+    with pytest.raises(OSError, match="not writable"):
+        PruneThenHeal(load_config(None, _flags(assets, blocked / "out"))).run()
+    with pytest.raises(OSError, match="--model-path demo"):
+        PruneThenHeal(
+            load_config(None, _flags(assets, tmp_path / "missing", model_path="no-such-org/no-such-model"))
+        ).run()
+
+
+def test_teacher_with_another_tokenizer_is_refused(assets, tmp_path):
+    other = tmp_path / "other-teacher"
+    make_tiny_model("llama").save_pretrained(other)
+    tokenizer = make_char_tokenizer()
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(ValueError, match="different tokenizer"):
+        PruneThenHeal(
+            load_config(None, _flags(assets, tmp_path / "t", heal_method="kd", teacher_model_path=other))
+        ).run()
+
+
+def test_changed_settings_in_an_existing_output_dir_are_refused(assets, tmp_path):
+    out = tmp_path / "same"
+    PruneThenHeal(
+        load_config(None, _flags(assets, out, num_rounds=1, heal_method="none", num_layers_to_remove=0))
+    ).run()
+    with pytest.raises(ValueError, match="different settings"):
+        PruneThenHeal(
+            load_config(
+                None,
+                _flags(
+                    assets,
+                    out,
+                    num_rounds=1,
+                    heal_method="none",
+                    num_layers_to_remove=0,
+                    mlp_pruning_percentage=50,
+                ),
+            )
+        ).run()

@@ -17,8 +17,8 @@ from .arch import get_adapter, unwrap_model
 __all__ = ["count_parameters", "analyze"]
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of distinct parameters (tied embeddings counted once).
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of distinct parameters: storage shared by several modules (tied embeddings) counts once.
 
     Example:
         >>> count_parameters(nn.Linear(3, 2))
@@ -26,10 +26,13 @@ def count_parameters(model: nn.Module) -> int:
     """
     seen: set[int] = set()
     total = 0
-    for p in unwrap_model(model).parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
+    for param in unwrap_model(model).parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        key = param.data_ptr() if param.device.type != "meta" else id(param)
+        if key not in seen:
+            seen.add(key)
+            total += param.numel()
     return total
 
 

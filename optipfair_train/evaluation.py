@@ -238,23 +238,3 @@ def tokens_per_second(
         "new_tokens": max_new_tokens,
         "batch_size": batch_size,
     }
-
-
-def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Number of unique parameters: a tensor shared by several modules (tied embeddings) counts once.
-
-    Example:
-        >>> count_parameters(load_model_and_tokenizer("demo")[0])
-        134515008
-    """
-    seen: set[int] = set()
-    total = 0
-    for param in model.parameters():
-        if trainable_only and not param.requires_grad:
-            continue
-        key = param.data_ptr() if param.device.type != "meta" else id(param)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += param.numel()
-    return total

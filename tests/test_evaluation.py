@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from conftest import SAMPLE_TEXTS, make_char_tokenizer, make_tiny_model
 
 from optipfair_train import evaluation
+from optipfair_train.analysis import count_parameters
 from optipfair_train.data import tokenize_for_lm
-from optipfair_train.evaluation import count_parameters, greedy_generate, perplexity, tokens_per_second
+from optipfair_train.evaluation import greedy_generate, perplexity, tokens_per_second
 
 WIKITEXT = Path(__file__).parents[1].parent / "shared" / "data" / "wikitext-2"
 TEXTS = SAMPLE_TEXTS * 2

@@ -5,13 +5,16 @@ records with a 7-byte header ``<IHB>`` (crc32, length, type: 1 full, 2 first, 3 
 record may be split across blocks, block tails shorter than a header are padding). Each payload is a
 ``wandb.proto.wandb_internal_pb2.Record``; ``record.history.item[*]`` carries ``key`` or a
 ``nested_key`` path (media and tables: ``["bias/heatmap", "_type"]``, ...) and ``value_json``.
-Call ``wandb.finish()`` before reading.
+Call ``wandb.finish()`` before reading, and then still wait: measured here (wandb 0.31), ``finish()``
+returns when the file holds only its full 32 KiB blocks; the tail (last history rows, ``exit``) lands
+a fraction of a second later. :func:`wait_for_exit` polls until the ``exit`` record is there.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -70,10 +73,26 @@ def read_records(path: str | Path) -> list[Any]:
     return records
 
 
+def wait_for_exit(path: str | Path, timeout: float = 30.0) -> list[Any]:
+    """Records of a finished run: poll until the ``exit`` record is written and the size is stable."""
+    deadline = time.monotonic() + timeout
+    last_size = -1
+    while True:
+        size = Path(path).stat().st_size
+        records = read_records(path)
+        done = any(r.WhichOneof("record_type") == "exit" for r in records)
+        if done and size == last_size:
+            return records
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: no complete run after {timeout} s (exit record: {done})")
+        last_size = size
+        time.sleep(0.2)
+
+
 def history(path: str | Path) -> list[dict[str, Any]]:
-    """The history rows (``wandb.log`` calls) as ``{key: decoded value}`` dicts, in order."""
+    """The history rows (``wandb.log`` calls) of a finished run as ``{key: decoded value}`` dicts, in order."""
     rows = []
-    for record in read_records(path):
+    for record in wait_for_exit(path):
         if record.WhichOneof("record_type") != "history":
             continue
         row: dict[str, Any] = {}

@@ -20,9 +20,11 @@ gradients nor the global random state (sampling and bootstraps use their own see
 run with the probe trains exactly like one without. Under DDP every rank probes the same weights and
 gets the same numbers (so decisions based on them agree); media are written by the main process.
 
-Cost: two forward passes over ``2 x sample_size`` short sentences per probe. The defaults (the 8
-built-in pairs, probes at train begin and end and after evaluations only) keep the overhead on the
-demo model's short benchmark run under 3% (``bench/bench_callbacks.py``); add ``every_n_steps`` and a
+Cost: one forward pass over ``2 x sample_size`` short sentences per probe and per probe kind. On the
+demo model one behavioural probe of the 8 built-in pairs costs about 0.3 of a training step (batch
+2 x 128 tokens), the activation probe about 0.25 more. The defaults (behavioural score on the 8
+built-in pairs, at train begin and end and after evaluations only) keep the overhead of a 24-step run
+under 3% (``bench/bench_callbacks.py``); in long runs add ``every_n_steps``, ``"activation"`` and a
 CrowS-Pairs sample for trajectories.
 
 Example:
@@ -85,7 +87,9 @@ class BiasProbeCallback(ReportingCallback):
             the same pairs, so differences between probes are the model's.
         activation_pairs: pairs for the activation probe (default: ``pairs``).
         sample_size: pairs per probe (None: all).
-        probes: which probes to run, from ``("behaviour", "activation")``.
+        probes: which probes to run, from ``("behaviour", "activation")``. Default: the behavioural
+            score only (one forward pass per probe); add ``"activation"`` for per-layer metrics, the
+            mean-difference / heatmap figures and the per-layer table (a second forward pass).
         every_n_steps: also probe after every n-th optimizer step (None: never in the middle).
         at_train_begin / at_train_end / at_evaluate: when else to probe. A probe is never repeated at
             the same step (e.g. evaluation and train end at the last step).
@@ -104,7 +108,7 @@ class BiasProbeCallback(ReportingCallback):
         ValueError: unknown probe, bad schedule, empty or unknown pair set, bad sample size.
 
     Example:
-        >>> cb = BiasProbeCallback(pairs=[("The man is a nurse.", "The woman is a nurse.")], probes=["behaviour"])
+        >>> cb = BiasProbeCallback(pairs=[("The man is a nurse.", "The woman is a nurse.")])
         >>> cb.probes, len(cb.pairs)
         (('behaviour',), 1)
     """
@@ -117,7 +121,7 @@ class BiasProbeCallback(ReportingCallback):
         pairs: str | Sequence[Sequence[str]] | None = "default",
         activation_pairs: str | Sequence[Sequence[str]] | None = None,
         sample_size: int | None = 32,
-        probes: Sequence[str] = PROBES,
+        probes: Sequence[str] = ("behaviour",),
         every_n_steps: int | None = None,
         at_train_begin: bool = True,
         at_train_end: bool = True,

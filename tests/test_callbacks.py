@@ -489,6 +489,7 @@ def test_fairness_guard_fires_on_a_biased_run_and_not_on_a_neutral_one(tmp_path,
             tmp_path / "biased", tokenizer, stereotyped, pairs, stop=True, save=True, steps=48
         )
     assert guard.fired and "FAIRNESS GUARD" in caplog.text
+    assert guard.baseline == logged(trainer, "bias/score")[0][1]  # the train-begin probe is the baseline
     event = guard.events[0]
     assert event["regression"] > 5 and event["ci"][0] > guard.baseline_ci[1]
     assert trainer.state.global_step == event["step"] < 48  # stopped early
@@ -519,18 +520,18 @@ def test_fairness_guard_rule_with_given_baseline():
     def logs(value, low, high):
         return {"bias/score": value, "bias/score_ci_low": low, "bias/score_ci_high": high}
 
-    g, control = guard(), Control()
-    g.on_log(None, State(), control, logs=logs(59.0, 55.0, 63.0))
+    g, control, state = guard(), Control(), State()
+    g.on_log(None, state, control, logs=logs(59.0, 55.0, 63.0))
     assert not g.fired  # 7 points farther from 50, but the intervals overlap: noise
-    g.on_log(None, State(), control, logs=logs(51.0, 47.0, 55.0))
+    g.on_log(None, state, control, logs=logs(51.0, 47.0, 55.0))
     assert not g.fired  # closer to 50
-    g.on_log(None, State(), control, logs=logs(40.0, 36.0, 44.0))
+    g.on_log(None, state, control, logs=logs(40.0, 36.0, 44.0))
     assert g.fired and control.should_training_stop  # |40-50| = 10 vs 2, intervals apart
     assert g.events[0]["regression"] == 8.0 and g.events[0]["step"] == 7
     g2 = FairnessGuardCallback(metric="bias/score", baseline=52.0, threshold=2.0, patience=2)
-    g2.on_log(None, State(), Control(), logs={"bias/score": 60.0})  # no intervals: threshold decides
+    g2.on_log(None, state, Control(), logs={"bias/score": 60.0})  # no intervals: threshold decides
     assert not g2.fired  # patience 2
-    g2.on_log(None, State(), Control(), logs={"bias/score": 61.0})
+    g2.on_log(None, state, Control(), logs={"bias/score": 61.0})
     assert g2.fired
 
 

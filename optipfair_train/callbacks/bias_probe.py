@@ -225,7 +225,7 @@ class BiasProbeCallback(ReportingCallback):
             return
         self._last_step = state.global_step
         start = time.perf_counter()
-        scalars, activation, behaviour = self.probe(model, tokenizer or self.tokenizer)
+        scalars, activation, behaviour = self.probe(model, self.tokenizer or tokenizer)
         seconds = time.perf_counter() - start
         self.total_seconds += seconds
         self.history.append({"step": state.global_step, "when": when, "scalars": scalars, "seconds": seconds})

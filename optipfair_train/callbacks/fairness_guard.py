@@ -108,6 +108,7 @@ class FairnessGuardCallback(ReportingCallback):
         self._strikes = 0
         self._warned_no_ci = False
         self._pending_mark: dict[str, Any] | None = None
+        self._state: Any = None
 
     def badness(self, value: float) -> float:
         """Distance of ``value`` from the ideal (larger = more biased)."""
@@ -117,13 +118,16 @@ class FairnessGuardCallback(ReportingCallback):
         low, high = logs.get(f"{self.metric}_ci_low"), logs.get(f"{self.metric}_ci_high")
         return (float(low), float(high)) if low is not None and high is not None else None
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs):
-        self.baseline, self.baseline_ci = self._given_baseline
-        self._strikes = 0
-
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs):
         if not logs or self.metric not in logs:
             return
+        if state is not self._state:
+            # a new train() call (the Trainer makes a new TrainerState): start from the given baseline.
+            # Not done in on_train_begin: a probe registered before the guard logs its train-begin
+            # value before the guard's own on_train_begin would run.
+            self._state = state
+            self.baseline, self.baseline_ci = self._given_baseline
+            self._strikes = 0
         value = float(logs[self.metric])
         ci = self._interval(logs)
         if self.baseline is None:

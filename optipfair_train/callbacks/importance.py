@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ class GradientImportanceCallback(TrainerCallback):
         importance: the :class:`~optipfair_train.pruning.taylor.TaylorImportance` (None before training).
         available: False when the MLP weights carry no gradient (e.g. frozen under LoRA); then nothing
             is accumulated and a warning says why.
+        total_seconds: wall time spent accumulating (its whole cost to training).
 
     Example:
         >>> cb = GradientImportanceCallback(every_n_steps=2)
@@ -62,6 +64,7 @@ class GradientImportanceCallback(TrainerCallback):
         self.available = True
         self._model: torch.nn.Module | None = None
         self._shape: tuple = ()
+        self.total_seconds = 0.0
 
     def reset(self, model: torch.nn.Module | None = None) -> None:
         """Start accumulating from zero (call after the model's structure changed).
@@ -103,10 +106,13 @@ class GradientImportanceCallback(TrainerCallback):
         step = state.global_step  # steps completed so far; this is step ``step + 1``
         if step < self.start_step or (step - self.start_step) % self.every_n_steps:
             return
+        start = time.perf_counter()
         if self._structure() != self._shape:  # pruned by someone else since the last reset
             logger.info("model structure changed at step %d: gradient importance restarts", step)
             self.reset()
-        if not self.importance.accumulate():
+        seen = self.importance.accumulate()
+        self.total_seconds += time.perf_counter() - start
+        if not seen:
             self.available = False
             logger.warning(
                 "Gradient importance is unavailable: the MLP weights have no gradient (frozen, e.g. "

@@ -411,14 +411,15 @@ class PruningCallback(ReportingCallback):
         scalars["pruning/event_seconds"] = seconds
         scalars["pruning/event_reduction"] = float(stats["reduction"])
         self.log_scalars(args, state, scalars)
-        rows = []
-        for i, done in enumerate(self.events_done):
-            # the table is cumulative (W&B tables are immutable): one row per layer per event so far
-            s = done.get("structure") or (structure if done is self.events_done[-1] else None)
-            if s is None:
-                continue
-            rows += pruning_table_rows(
-                done["step"], i, done["stats"]["event"], s, self.original_parameters, done["target"]
-            )
         self.events_done[-1]["structure"] = structure
+        rows = []  # cumulative (a logged W&B table is immutable): one row per layer per event so far
+        for i, done in enumerate(self.events_done):
+            rows += pruning_table_rows(
+                done["step"],
+                i,
+                done["stats"]["event"],
+                done["structure"],
+                self.original_parameters,
+                done["target"],
+            )
         self.log_table(args, state, "pruning/layers", PRUNING_TABLE_COLUMNS, rows)

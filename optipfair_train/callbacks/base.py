@@ -103,7 +103,11 @@ class ReportingCallback(TrainerCallback):
 
     # ---- scalars -------------------------------------------------------------------------------
     def log_scalars(self, args: Any, state: Any, scalars: Mapping[str, float]) -> None:
-        """Send ``scalars`` through ``trainer.log`` (all backends, Trainer step axis); see module doc."""
+        """Send ``scalars`` through ``trainer.log`` (all backends, Trainer step axis); see module doc.
+
+        Example:
+            >>> self.log_scalars(args, state, {"bias/score": 48.7})  # doctest: +SKIP
+        """
         clean = {k: float(v) for k, v in scalars.items() if v is not None and math.isfinite(float(v))}
         if not clean:
             return
@@ -138,7 +142,11 @@ class ReportingCallback(TrainerCallback):
     def log_figures(self, args: Any, state: Any, figures: Mapping[str, Any]) -> list[str]:
         """Log matplotlib figures as ``wandb.Image`` (W&B active) and to TensorBoard (its backend).
 
-        Returns the backends that received them. Figures are closed afterwards.
+        Returns the backends that received them. Figures are cleared afterwards.
+
+        Example:
+            >>> self.log_figures(args, state, {"bias/trajectory": fig})  # doctest: +SKIP
+            ['wandb']
         """
         sent: list[str] = []
         if not figures or not state.is_world_process_zero:
@@ -162,7 +170,11 @@ class ReportingCallback(TrainerCallback):
         return sent
 
     def log_table(self, args: Any, state: Any, key: str, columns: list[str], rows: list[list[Any]]) -> bool:
-        """Log a ``wandb.Table`` when a W&B run is active (main process only). Returns True if logged."""
+        """Log a ``wandb.Table`` when a W&B run is active (main process only). Returns True if logged.
+
+        Example:
+            >>> self.log_table(args, state, "pruning/layers", ["layer", "width"], [[0, 96]])  # doctest: +SKIP
+        """
         if not rows or not state.is_world_process_zero or not wandb_active(args):
             return False
         import wandb

@@ -111,7 +111,12 @@ class FairnessGuardCallback(ReportingCallback):
         self._state: Any = None
 
     def badness(self, value: float) -> float:
-        """Distance of ``value`` from the ideal (larger = more biased)."""
+        """Distance of ``value`` from the ideal (larger = more biased).
+
+        Example:
+            >>> FairnessGuardCallback().badness(41.5)
+            8.5
+        """
         return abs(float(value) - self.ideal)
 
     def _interval(self, logs: dict[str, Any]) -> tuple[float, float] | None:

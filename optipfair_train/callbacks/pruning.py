@@ -89,7 +89,7 @@ def _distributed_error(world_size: int) -> DistributedPruningError:
         f"PruningCallback cannot prune inside a multi-process training run (world size {world_size}): "
         "DDP's gradient buckets have fixed shapes and the Trainer keeps its DDP wrapper for the whole "
         "loop, so cutting the model here would crash or let the ranks drift apart. Prune between "
-        "Trainers instead: use optipfair_train's PruneThenHeal pipeline (a fresh Trainer per round, "
+        "X (a fresh Trainer per round, "
         "every rank prunes identically), or call optipfair_train.prune_model(...) before creating the "
         "Trainer. Nothing was pruned."
     )

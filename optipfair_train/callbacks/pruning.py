@@ -18,8 +18,8 @@ the final target (:mod:`.schedule`).
 Multi-process training (DDP) is refused with :class:`DistributedPruningError` before the first step:
 DDP's gradient buckets have fixed shapes, and the Trainer keeps its DDP wrapper in a local variable
 of the training loop, so a model cut in the loop either crashes or lets ranks drift. Prune between
-Trainers instead: ``PruneThenHeal`` (one Trainer per round, every rank prunes identically), or
-``prune_model`` before building the Trainer.
+Trainers instead: :class:`optipfair_train.pipeline.PruneThenHeal` (one Trainer per round, every
+rank prunes identically), or ``prune_model`` before building the Trainer.
 
 Example:
     >>> cb = PruningCallback(trainer, pruning_type="MLP_GLU", target=30, schedule="cubic",
@@ -89,7 +89,7 @@ def _distributed_error(world_size: int) -> DistributedPruningError:
         f"PruningCallback cannot prune inside a multi-process training run (world size {world_size}): "
         "DDP's gradient buckets have fixed shapes and the Trainer keeps its DDP wrapper for the whole "
         "loop, so cutting the model here would crash or let the ranks drift apart. Prune between "
-        "X (a fresh Trainer per round, "
+        "Trainers instead: use optipfair_train.pipeline.PruneThenHeal (a fresh Trainer per round, "
         "every rank prunes identically), or call optipfair_train.prune_model(...) before creating the "
         "Trainer. Nothing was pruned."
     )

@@ -9,11 +9,19 @@ import logging
 
 from .analysis import analyze, count_parameters
 from .arch import get_adapter, supported_model_types
+from .callbacks import BiasProbeCallback, FairnessGuardCallback, GradientImportanceCallback, PruningCallback
+from .pipeline import PruneThenHeal, load_config
 from .pruning import available_scorers, load_pruned_model, prune_model, register_scorer, save_pruned_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PruningCallback",
+    "BiasProbeCallback",
+    "GradientImportanceCallback",
+    "FairnessGuardCallback",
+    "PruneThenHeal",
+    "load_config",
     "analyze",
     "count_parameters",
     "get_adapter",

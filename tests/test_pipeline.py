@@ -20,6 +20,7 @@ from optipfair_train.pipeline import NonFiniteLossError, PruneThenHeal, config_k
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+CROWS = ROOT.parent / "shared" / "data" / "crows-pairs" / "crows_pairs_anonymized.csv"
 IDS = torch.tensor([[5, 17, 33, 60, 8, 41, 77, 12, 40, 41]])
 
 
@@ -69,7 +70,10 @@ def test_two_rounds_width_and_depth_with_lora(assets, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    result = PruneThenHeal(load_config(None, _flags(assets, out, report_to="wandb"))).run()
+    flags = _flags(
+        assets, out, report_to="wandb", behaviour_pairs=f"crows-pairs:{CROWS}", behaviour_sample_size=8
+    )
+    result = PruneThenHeal(load_config(None, flags)).run()
     wandb.finish()
 
     final = load_pruned_model(result["final_dir"])
@@ -80,6 +84,9 @@ def test_two_rounds_width_and_depth_with_lora(assets, tmp_path, monkeypatch):
     for r in result["rounds"]:
         assert r["pruned"]["parameters"] == r["healed"]["parameters"] and r["heal_tokens"] == 4 * 2 * 64
         assert r["healed"]["perplexity"] > 0 and "bias/activation_mean_difference" in r["healed"]
+        assert (
+            r["healed"]["bias/score_ci_low"] <= r["healed"]["bias/score"] <= r["healed"]["bias/score_ci_high"]
+        )
 
     card = (out / "final" / "README.md").read_text()
     assert card.startswith("---\nbase_model:")
@@ -91,6 +98,7 @@ def test_two_rounds_width_and_depth_with_lora(assets, tmp_path, monkeypatch):
     assert json.loads((out / "final" / "pruning_manifest.json").read_text())["num_layers"] == 3
 
     rows = history(run_files(out)[0])
+    assert any("train/bias/score" in row for row in rows)  # fairness watched during healing
     rounds_logged = [row["round"] for row in rows if "round" in row]
     assert rounds_logged == [0, 1, 2]
     last = [row for row in rows if row.get("round") == 2][0]

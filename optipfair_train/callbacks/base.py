@@ -65,7 +65,7 @@ def wandb_active(args: Any) -> bool:
     return wandb.run is not None
 
 
-def _rgba(fig: Any) -> Any:
+def figure_to_rgb(fig: Any) -> Any:
     """Render a figure on its own Agg canvas to an RGBA array (``wandb.Image`` of a Figure needs pyplot)."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -155,7 +155,7 @@ class ReportingCallback(TrainerCallback):
             if wandb_active(args):
                 import wandb
 
-                payload = {key: wandb.Image(_rgba(fig)) for key, fig in figures.items()}
+                payload = {key: wandb.Image(figure_to_rgb(fig)) for key, fig in figures.items()}
                 wandb.log({**payload, "train/global_step": state.global_step})
                 sent.append("wandb")
             writer = self._tensorboard_writer(args)

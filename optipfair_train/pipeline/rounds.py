@@ -1,4 +1,5 @@
-"""Splitting a pruning target into rounds: what each round removes, relative to the model it gets.
+"""Splitting a pruning target into rounds: what each round removes, relative to the model it gets
+(the same conversion the pruning callback's schedules use).
 
 Example:
     >>> share(10, round_idx=1, num_rounds=3), share(10, 2, 3), share(10, 3, 3)
@@ -13,6 +14,7 @@ import torch
 
 from ..analysis import count_parameters
 from ..arch import get_adapter
+from ..callbacks.schedule import step_percentage, units_to_remove
 from .config import PipelineConfig
 
 __all__ = ["share", "round_prunings"]
@@ -21,11 +23,6 @@ __all__ = ["share", "round_prunings"]
 def share(total: int, round_idx: int, num_rounds: int) -> int:
     """Units that round ``round_idx`` (1-based) removes so the rounds add up to ``total`` exactly."""
     return total * round_idx // num_rounds - total * (round_idx - 1) // num_rounds
-
-
-def _relative_percentage(current: int, remove: int) -> float:
-    """The ``pruning_percentage`` of ``current`` units that removes exactly ``remove`` of them."""
-    return 100.0 * remove / current
 
 
 def round_prunings(
@@ -48,13 +45,14 @@ def round_prunings(
                 layer_selection_method=p.layer_selection_method,
             )
         )
-    groups_total = int(p.attention_pruning_percentage / 100 * base["kv_heads"] + 1e-9)
-    groups = share(groups_total, round_idx, rounds)
+    share_of_target = round_idx / rounds  # each round brings the model this far toward the targets
+    kv_heads = adapter.head_counts(0)[1]
+    groups = units_to_remove(kv_heads, base["kv_heads"], p.attention_pruning_percentage * share_of_target)
     if groups:
         steps.append(
             dict(
                 pruning_type="ATTENTION",
-                pruning_percentage=_relative_percentage(adapter.head_counts(0)[1], groups),
+                pruning_percentage=step_percentage(kv_heads, groups),
                 neuron_selection_method=_head_method(p.neuron_selection_method),
             )
         )
@@ -71,14 +69,13 @@ def round_prunings(
                 )
             )
     elif p.mlp_pruning_percentage:
-        total = min(int(p.mlp_pruning_percentage / 100 * base["width"] + 1e-9), base["width"] - 1)
-        neurons = share(total, round_idx, rounds)
+        width = adapter.mlp(0).intermediate_size
+        neurons = units_to_remove(width, base["width"], p.mlp_pruning_percentage * share_of_target)
         if neurons:
-            width = adapter.mlp(0).intermediate_size
             steps.append(
                 dict(
                     pruning_type=mlp_type,
-                    pruning_percentage=_relative_percentage(width, neurons),
+                    pruning_percentage=step_percentage(width, neurons),
                     neuron_selection_method=p.neuron_selection_method,
                 )
             )

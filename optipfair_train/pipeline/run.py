@@ -36,6 +36,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 
 from ..analysis import count_parameters
 from ..arch import get_adapter
+from ..callbacks import BiasProbeCallback
+from ..callbacks.base import figure_to_rgb
 from ..data import calibration_dataloader, load_texts, tokenize_for_lm
 from ..evaluation import perplexity, tokens_per_second
 from ..heal import DistillationTrainer, add_lora, text_dataset
@@ -231,6 +233,19 @@ class PruneThenHeal:
             )
         else:
             trainer = Trainer(**kwargs)
+        if self.behaviour_pairs:  # watch fairness while the model recovers, on the Trainer's step axis
+            trainer.add_callback(
+                BiasProbeCallback(
+                    trainer,
+                    tokenizer=tokenizer,
+                    pairs=self.behaviour_pairs,
+                    seed=self.config.run.seed,
+                    sample_size=min(self.config.data.behaviour_sample_size, len(self.behaviour_pairs)),
+                    every_n_steps=max(1, h.heal_steps // 4),
+                    at_train_begin=False,
+                    at_train_end=False,
+                )
+            )
         checkpoints = sorted(
             (round_dir / "heal").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
         )
@@ -434,7 +449,7 @@ class PruneThenHeal:
         payload = {
             "round": k,
             **scalars,
-            "round/bias_trajectory": _wandb_image(figure),
+            "round/bias_trajectory": wandb.Image(figure_to_rgb(figure)),
             "round/summary": wandb.Table(columns=columns, data=rows),
         }
         if record is not None:
@@ -450,16 +465,3 @@ class PruneThenHeal:
     def _finish_tracking(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
-
-
-def _wandb_image(figure):
-    """A ``wandb.Image`` of a matplotlib Figure built without pyplot (wandb expects pyplot's)."""
-    import io
-
-    import wandb
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    buffer.seek(0)
-    return wandb.Image(Image.open(buffer))

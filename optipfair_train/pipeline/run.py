@@ -91,7 +91,8 @@ class PruneThenHeal:
         self.config = config
         self.callbacks = list(callbacks or [])
         self.out = Path(config.run.output_dir)
-        self.distributed = PartialState()
+        # cpu=True on a CPU-only machine: without it, ranks of a multi-process CPU run all see index 0
+        self.distributed = PartialState(cpu=not torch.cuda.is_available())
         self.state: dict[str, Any] = {}
 
     # -- bookkeeping -------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ class PruneThenHeal:
     def _prepare_output_dir(self) -> None:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / ".write-test"
+            probe = self.out / f".write-test-{os.getpid()}"  # one per process: ranks never race
             probe.write_text("ok")
             probe.unlink()
         except OSError as err:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
 __all__ = [
@@ -66,7 +67,8 @@ def save_figure(
         )
     path = Path(output_dir) / f"{stem}.{figure_format}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format=figure_format)
+    extra = {"pil_kwargs": {"compress_level": 1}} if figure_format == "png" else {}  # fast PNG encoding
+    fig.savefig(path, dpi=dpi, format=figure_format, **extra)
     logger.info("saved %s", path)
     return path
 
@@ -160,7 +162,7 @@ def heatmap_figure(
     ax = fig.add_subplot()
     image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(rows), [_label(t, 24) for t in row_labels], fontsize=7)
-    step = max(1, cols // 24)
+    step = max(1, -(-cols // 16))
     ax.set_xticks(
         range(0, cols, step), [col_labels[i] for i in range(0, cols, step)], fontsize=7, rotation=90
     )
@@ -196,10 +198,8 @@ def pca_figure(
     """
     fig = new_figure(7.5, 6.0)
     ax = fig.add_subplot()
-    for i, j in links:
-        ax.plot(
-            [points1[i, 0], points2[j, 0]], [points1[i, 1], points2[j, 1]], color="0.75", lw=0.8, zorder=1
-        )
+    segments = [[points1[i], points2[j]] for i, j in links]
+    ax.add_collection(LineCollection(segments, colors="0.75", linewidths=0.8, zorder=1))
     ax.scatter(points1[:, 0], points1[:, 1], s=22, label="prompt 1", zorder=2)
     ax.scatter(points2[:, 0], points2[:, 1], s=22, marker="s", label="prompt 2", zorder=2)
     for points, tokens, highlight in (

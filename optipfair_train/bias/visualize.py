@@ -116,18 +116,17 @@ def _heatmap_from_activations(
 def _pca_from_activations(
     act1: ActivationDict, act2: ActivationDict, key: str, highlight_diff: bool, prompt_pair: tuple[str, str]
 ) -> Figure:
-    a, b = act1[key][0].double(), act2[key][0].double()
-    joint = torch.cat([a, b])
+    joint = torch.cat([act1[key][0], act2[key][0]]).double().numpy()
     centered = joint - joint.mean(0)
-    _, s, vh = torch.linalg.svd(centered, full_matrices=False)
-    k = min(2, vh.shape[0])
-    proj = (centered @ vh[:k].T).numpy()
-    if k < 2:
-        proj = np.pad(proj, ((0, 0), (0, 2 - k)))
-    var = (s**2).numpy()
-    explained = tuple(
-        (var[:2] / var.sum() if var.sum() > 0 else np.zeros(2)).tolist() + [0.0] * (2 - len(var[:2]))
-    )
+    # PCA through the small [tokens, tokens] Gram matrix: cheaper than an SVD of [tokens, dim].
+    eigval, eigvec = np.linalg.eigh(centered @ centered.T)
+    top = np.argsort(eigval)[::-1][:2]
+    var = np.clip(eigval[top], 0, None)
+    proj = eigvec[:, top] * np.sqrt(var)
+    if proj.shape[1] < 2:
+        proj, var = np.pad(proj, ((0, 0), (0, 2 - proj.shape[1]))), np.pad(var, (0, 2 - len(var)))
+    total = np.clip(eigval, 0, None).sum()
+    explained = tuple((var / total if total > 0 else np.zeros(2)).tolist())
     al = align_tokens(act1.token_ids, act2.token_ids)
     n1 = len(act1.token_ids)
     highlight1 = list(range(*al.span1)) if highlight_diff else []

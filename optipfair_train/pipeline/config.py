@@ -48,7 +48,7 @@ class DataConfig:
     calibration_data: str = _help(
         "text for importance statistics: 'demo', a file, or a datasets name", "demo"
     )
-    heal_data: str = _help("text for healing (plain text, or instruction data with heal_method=sft)", "demo")
+    heal_data: str = _help("plain text for healing: 'demo', a file, or a datasets name", "demo")
     eval_data: str = _help("held-out text for perplexity; never the calibration or healing text", "demo")
     num_calibration_samples: int = _help("calibration sequences", 8)
     calibration_seq_len: int = _help("tokens per calibration sequence", 256)
@@ -86,7 +86,7 @@ class PruningConfig:
 
 @dataclass
 class HealConfig:
-    heal_method: str = _help("lora, kd (distillation from the unpruned model), kd_lora, sft, or none", "lora")
+    heal_method: str = _help("lora, kd (distillation from the unpruned model), kd_lora, or none", "lora")
     heal_steps: int = _help("optimizer steps of healing per round", 40)
     learning_rate: float = _help("peak learning rate of healing", 2e-4)
     per_device_batch_size: int = _help("sequences per device per step", 4)
@@ -203,7 +203,7 @@ def validate(config: PipelineConfig) -> None:
             "Nothing to prune: set mlp_pruning_percentage, attention_pruning_percentage, "
             "num_layers_to_remove or target_parameters."
         )
-    methods = ("lora", "kd", "kd_lora", "sft", "none")
+    methods = ("lora", "kd", "kd_lora", "none")
     if h.heal_method not in methods:
         raise ValueError(f"heal_method must be one of {', '.join(methods)}, got {h.heal_method!r}.")
     if h.heal_method != "none" and (h.heal_steps < 1 or h.learning_rate <= 0):

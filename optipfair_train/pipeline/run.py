@@ -218,7 +218,7 @@ class PruneThenHeal:
         h = self.config.heal
         if h.heal_method == "none":
             return model
-        if h.heal_method in ("lora", "kd_lora", "sft"):
+        if h.heal_method in ("lora", "kd_lora"):
             model = add_lora(model, r=h.lora_r, alpha=h.lora_alpha, target_modules=h.lora_target_modules)
         guard = _NonFiniteLossGuard()
         kwargs = dict(

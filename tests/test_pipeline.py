@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import wandb
 from conftest import make_char_tokenizer, make_tiny_model
 from transformers import TrainerCallback
 from wandb_offline import history, run_files
 
-import wandb
 from optipfair_train import load_pruned_model
 from optipfair_train.pipeline import NonFiniteLossError, PruneThenHeal, config_keys, load_config
 

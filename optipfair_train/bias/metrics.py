@@ -101,31 +101,48 @@ class _DiffPlan:
         self.row_pair = torch.tensor(row_pair + [i for i, _, _ in span_rows], dtype=torch.long)
         self.pooled = pooled
 
-    def stats(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-pair [n] statistics of the per-row mean absolute differences of ``x`` [2n, S, dim]."""
+    def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per aligned row ``mean_features |a1 - a2|`` [rows] and per pair pooled difference [n] of one
+        layer's activation ``x`` [2n, S, dim] (few tensor ops: this runs inside a forward hook)."""
         flat = x.reshape(-1, x.shape[-1]).float()
         rows = (flat[self.idx1] - flat[self.idx2]).abs().mean(-1)
         if len(self.span):
-            span = self.span.to(flat.device)
-            rows = torch.cat([rows, (span @ flat).abs().mean(-1)])
-        rows = rows.double().cpu()
-        n = self.n
-        count = torch.zeros(n, dtype=torch.float64).index_add_(0, self.row_pair, torch.ones_like(rows))
-        total = torch.zeros(n, dtype=torch.float64).index_add_(0, self.row_pair, rows)
-        sum_sq = torch.zeros(n, dtype=torch.float64).index_add_(0, self.row_pair, rows * rows)
-        vmax = torch.full((n,), -math.inf, dtype=torch.float64).scatter_reduce_(
-            0, self.row_pair, rows, "amax"
-        )
-        vmin = torch.full((n,), math.inf, dtype=torch.float64).scatter_reduce_(0, self.row_pair, rows, "amin")
-        pooled = (self.pooled.to(flat.device) @ flat).abs().mean(-1).double().cpu()
-        return {"count": count, "sum": total, "sum_sq": sum_sq, "max": vmax, "min": vmin, "pooled": pooled}
+            rows = torch.cat([rows, (self.span.to(flat.device) @ flat).abs().mean(-1)])
+        pooled = (self.pooled.to(flat.device) @ flat).abs().mean(-1)
+        return rows.cpu(), pooled.cpu()
+
+    def reduce(self, rows_by_key: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, _Stats]]:
+        """Per pair, per key: count, sum, sum of squares, max and min of the row differences, and pooled."""
+        keys = list(rows_by_key)
+        rows = torch.stack([rows_by_key[k][0] for k in keys]).double()  # [K, R]
+        pooled = torch.stack([rows_by_key[k][1] for k in keys]).double()  # [K, n]
+        onehot = torch.nn.functional.one_hot(self.row_pair, self.n).double()  # [R, n]
+        index = self.row_pair.expand_as(rows)
+        table = {
+            "count": onehot.sum(0).expand(len(keys), -1),
+            "sum": rows @ onehot,
+            "sum_sq": (rows * rows) @ onehot,
+            "max": torch.full((len(keys), self.n), -math.inf, dtype=torch.float64).scatter_reduce(
+                1, index, rows, "amax"
+            ),
+            "min": torch.full((len(keys), self.n), math.inf, dtype=torch.float64).scatter_reduce(
+                1, index, rows, "amin"
+            ),
+            "pooled": pooled,
+        }
+        values = {name: t.tolist() for name, t in table.items()}  # [K][n] floats
+        return [
+            {key: {name: values[name][k][i] for name in values} for k, key in enumerate(keys)}
+            for i in range(self.n)
+        ]
+
+
+_Stats = dict[str, float]
 
 
 # ----------------------------------------------------------------------------------------------
 # From per-layer statistics to OptiPFair's result structure.
 # ----------------------------------------------------------------------------------------------
-
-_Stats = dict[str, float]
 
 
 def _combine(stats: Sequence[_Stats]) -> _Stats:
@@ -286,13 +303,13 @@ def calculate_bias_metrics(
             f"alignment is for lengths {alignment.len1}/{alignment.len2}, activations have {len1}/{len2}"
         )
     plan = _DiffPlan([alignment], max(len1, len2))
-    stats = {}
+    rows = {}
     for key in keys:
         a, b = act1[key].reshape(len1, -1).float(), act2[key].reshape(len2, -1).float()
         x = torch.zeros(2, max(len1, len2), a.shape[-1])
         x[0, :len1], x[1, :len2] = a, b
-        stats[key] = {name: float(v[0]) for name, v in plan.stats(x).items()}
-    metrics = _metrics_from_stats(stats)
+        rows[key] = plan.rows(x)
+    metrics = _metrics_from_stats(plan.reduce(rows)[0])
     metrics["alignment"] = alignment.as_dict()
     return metrics
 
@@ -302,10 +319,10 @@ class _PairStatsReducer:
 
     def __init__(self):
         self.plan: _DiffPlan | None = None
-        self.batch_stats: dict[str, dict[str, torch.Tensor]] = {}
+        self.rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, key: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
-        self.batch_stats[key] = self.plan.stats(x)
+        self.rows[key] = self.plan.rows(x)
 
 
 def probe_activation_bias(
@@ -352,8 +369,7 @@ def probe_activation_bias(
             alignments = [align_tokens(ids[j], ids[len(idx) + j]) for j in range(len(idx))]
             reducer.plan = _DiffPlan(alignments, batch.input_ids.shape[1])
             model(**batch.to(device).model_inputs(), use_cache=False)
-            for j, i in enumerate(idx):
-                stats = {k: {n: float(v[j]) for n, v in reducer.batch_stats[k].items()} for k in keys}
+            for j, (i, stats) in enumerate(zip(idx, reducer.plan.reduce(reducer.rows), strict=True)):
                 metrics = _metrics_from_stats(stats)
                 metrics["alignment"] = alignments[j].as_dict()
                 per_pair[i] = metrics

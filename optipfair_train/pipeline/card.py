@@ -1,7 +1,7 @@
 """The model card written next to the final model: YAML metadata plus a per-round table.
 
 Example:
-    >>> write_model_card(Path("final"), config, state, speed)  # doctest: +SKIP
+    >>> write_model_card(Path("final"), config, state, {"base": {...}, "final": {...}})  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -31,11 +31,14 @@ def _bias(metrics: dict) -> str:
     return f"{metrics['bias/score']:.1f} [{metrics['bias/score_ci_low']:.1f}, {metrics['bias/score_ci_high']:.1f}]"
 
 
-def write_model_card(folder: Path, config: PipelineConfig, state: dict[str, Any], final_speed: dict) -> Path:
-    """Write ``folder/README.md``: base model, every round's pruning, healing, quality and bias numbers."""
+def write_model_card(folder: Path, config: PipelineConfig, state: dict[str, Any], speed: dict) -> Path:
+    """Write ``folder/README.md``: base model, every round's pruning, healing, quality and bias numbers.
+
+    ``speed`` holds ``tokens_per_second`` results of the base and the final model measured side by side.
+    """
     base_model = DEMO_MODEL_ID if config.model.model_path == "demo" else config.model.model_path
     baseline, rounds = state["baseline"], state["rounds"]
-    base_speed = baseline.get("speed", {})
+    base_speed, final_speed = speed["base"], speed["final"]
     speedup = {
         key: final_speed[key] / base_speed[key]
         for key in ("prefill_tokens_per_second", "decode_tokens_per_second")

@@ -284,7 +284,6 @@ class PruneThenHeal:
         self._init_tracking()
         if "baseline" not in self.state:
             self.state["baseline"] = self.evaluate(model, tokenizer)
-            self.state["baseline"]["speed"] = tokens_per_second(model, tokenizer)
             self._save_state()
             self._log_round(0, self.state["baseline"])
 
@@ -301,7 +300,13 @@ class PruneThenHeal:
         if not ran:  # every round was finished by an earlier run
             model = load_pruned_model(last)
         if self.distributed.is_main_process:
-            speed = tokens_per_second(model, tokenizer)
+            # base and final speed measured side by side, so machine load affects both alike
+            base_model, _ = load_model_and_tokenizer(config.model.model_path, dtype=config.model.dtype)
+            speed = {
+                "base": tokens_per_second(base_model, tokenizer),
+                "final": tokens_per_second(model, tokenizer),
+            }
+            del base_model
             if final_dir.exists():
                 shutil.rmtree(final_dir)
             shutil.copytree(last, final_dir)

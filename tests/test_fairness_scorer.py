@@ -50,13 +50,13 @@ def test_planted_bias_neuron_has_the_largest_gap_and_is_pruned_first(tokenizer, 
         pruning_percentage=1,
         bias_pairs=PAIRS,
         tokenizer=tokenizer,
-        fairness_weight=0.9,
+        fairness_weight=1.0,
         dataloader=calibration_batches,
         layer_indices=[PLANTED_LAYER],
         show_progress=False,
         return_stats=True,
     )
-    assert stats["event"]["method"] == "fairness" and stats["event"]["fairness_weight"] == 0.9
+    assert stats["event"]["method"] == "fairness" and stats["event"]["fairness_weight"] == 1.0
     # one neuron (1% of 128) was removed, and it is the planted one: its input weights are gone
     mlp = get_adapter(model).mlp(PLANTED_LAYER)
     assert mlp.intermediate_size == 127
@@ -103,7 +103,7 @@ def test_pooled_gap_equals_manual_per_pair_computation(tokenizer):
 
 def test_combine_and_errors(tokenizer):
     assert torch.allclose(
-        combine_fairness(torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.0]), 0.8), torch.tensor([0.2, 0.9])
+        combine_fairness(torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.0]), 0.8), torch.tensor([0.2, 0.8])
     )
     with pytest.raises(ValueError, match="between 0 and 1"):
         combine_fairness(torch.ones(2), torch.ones(2), 1.5)

@@ -81,7 +81,7 @@ class PruningConfig:
     target_parameters: int = _help(
         "alternatively: prune MLP width until at most this many parameters; 0 = off", 0
     )
-    fairness_weight: float = _help("weight of the bias gap with neuron_selection_method=fairness", 0.5)
+    fairness_weight: float = _help("weight of the bias gap with neuron_selection_method=fairness", 0.2)
 
 
 @dataclass

@@ -75,7 +75,7 @@ def prune_model(
     gradient_importance: TaylorImportance | None = None,
     bias_pairs: Sequence[Sequence[str]] | None = None,
     tokenizer=None,
-    fairness_weight: float = 0.5,
+    fairness_weight: float = 0.2,
     optimizer: torch.optim.Optimizer | None = None,
     seed: int = 0,
 ) -> torch.nn.Module | tuple[torch.nn.Module, dict[str, Any]]:

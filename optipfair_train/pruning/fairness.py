@@ -9,9 +9,15 @@ The ``fairness`` scorer keeps neurons by
 
     importance = (1 - w) * norm(quality) + w * (1 - norm(bias_gap))
 
-with ``norm`` dividing by the layer's maximum (OptiPFair's min-max style) and ``w`` =
-``fairness_weight``. ``quality`` is the ``activation`` score when calibration data is given, else MAW
-(OptiPFair's fairness mode: MAW with ``w = 0.8``). So the neurons that carry bias and little else go first.
+with ``norm`` the rank of a neuron within its layer scaled to [0, 1], and ``w`` = ``fairness_weight``.
+``quality`` is the ``activation`` score when calibration data is given, else MAW. So the neurons that
+carry bias and little else go first.
+
+Why ranks: OptiPFair's fairness mode divides by the maximum (MAW with ``w = 0.8``). Activation scores are
+heavy-tailed, so after that division most neurons sit near 0 and even a small bias weight decides the
+ranking. Measured on the demo model (20% of MLP neurons, WikiText-2 test perplexity, 31.98 unpruned,
+48.2 with ``activation`` alone): max-normalised 61.7 at ``w = 0.05``, 123.9 at 0.2, 357.7 at 0.5;
+rank-normalised 60.2 at 0.2 and 67.9 at 0.5. Default ``w = 0.2``.
 
 Example:
     >>> gaps = neuron_bias_gap(model, tokenizer, pairs)  # doctest: +SKIP
@@ -76,15 +82,16 @@ def neuron_bias_gap(
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
-    return x / x.max().clamp_min(1e-12)
+    """Rank within the layer, scaled to [0, 1] (0 = smallest)."""
+    return x.argsort().argsort().float() / max(1, len(x) - 1)
 
 
 def combine_fairness(quality: torch.Tensor, bias_gap: torch.Tensor, fairness_weight: float) -> torch.Tensor:
     """Keep-importance from a quality score and a bias gap (see the module docstring).
 
     Example:
-        >>> combine_fairness(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 2.0]), 0.5)
-        tensor([1.0000, 0.5000])
+        >>> combine_fairness(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 2.0]), 0.25)
+        tensor([0.2500, 0.7500])
     """
     if not 0 <= fairness_weight <= 1:
         raise ValueError(f"fairness_weight must be between 0 and 1, got {fairness_weight!r}.")

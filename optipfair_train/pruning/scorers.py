@@ -54,7 +54,7 @@ class ScoringContext:
     activation_sumsq: torch.Tensor | None = None
     taylor: torch.Tensor | None = None
     bias_gap: torch.Tensor | None = None
-    fairness_weight: float = 0.5
+    fairness_weight: float = 0.2
     seed: int = 0
 
 

@@ -43,7 +43,7 @@ def neuron_scores(
     gradient_importance: TaylorImportance | None = None,
     bias_pairs: Sequence[Sequence[str]] | None = None,
     tokenizer=None,
-    fairness_weight: float = 0.5,
+    fairness_weight: float = 0.2,
     adapter: ModelAdapter | None = None,
     show_progress: bool = False,
 ) -> dict[int, torch.Tensor]:
@@ -139,7 +139,7 @@ def plan_mlp_width(
     gradient_importance: TaylorImportance | None = None,
     bias_pairs: Sequence[Sequence[str]] | None = None,
     tokenizer=None,
-    fairness_weight: float = 0.5,
+    fairness_weight: float = 0.2,
     show_progress: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Decide which neurons each layer keeps: ``{layer_idx: sorted kept indices}``.

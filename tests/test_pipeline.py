@@ -80,7 +80,7 @@ def test_two_rounds_width_and_depth_with_lora(assets, tmp_path, monkeypatch):
     torch.testing.assert_close(_logits(final), _logits(result["model"]), rtol=0, atol=0)
     assert final.config.num_hidden_layers == 3 and final.config.intermediate_size == 128 - 38
     assert [len(r["events"]) for r in result["rounds"]] == [1, 2]  # width; then depth + width
-    assert all(not any("lora" in n for n, _ in final.named_parameters()) for _ in [0])  # LoRA merged
+    assert not any("lora" in name for name, _ in final.named_parameters())  # LoRA merged
     for r in result["rounds"]:
         assert r["pruned"]["parameters"] == r["healed"]["parameters"] and r["heal_tokens"] == 4 * 2 * 64
         assert r["healed"]["perplexity"] > 0 and "bias/activation_mean_difference" in r["healed"]

@@ -165,8 +165,14 @@ class PruneThenHeal:
 
     # -- evaluation ----------------------------------------------------------------------------------
     def evaluate(self, model, tokenizer) -> dict[str, Any]:
-        """Parameters, perplexity on the held-out text, activation bias and behavioural bias (with CI)."""
+        """Parameters, perplexity on the held-out text, activation bias and behavioural bias (with CI).
+
+        Only the main process measures (every rank holds the same weights); the others get ``{}``.
+        """
         from ..bias import behavioural_bias_score, probe_activation_bias, summary_scalars
+
+        if not self.distributed.is_main_process:
+            return {}
 
         d = self.config.data
         activation = probe_activation_bias(model, tokenizer, self.bias_pairs, layers="first_middle_last")

@@ -116,34 +116,51 @@ def _field(record: object, text_field: str, where: str) -> str:
     return value
 
 
-def _file_texts(path: Path, text_field: str) -> list[str]:
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return _txt_paragraphs(path.read_text(encoding="utf-8"))
-    if suffix == ".jsonl":
-        texts = []
+def read_json_records(path: Path) -> list[object]:
+    """The records of a ``.jsonl`` file (one JSON value per line) or a ``.json`` file, in file order.
+
+    A ``.json`` file holds a list of records, or an object of columns (``{"text": [...], ...}``), which
+    is turned into one record per row.
+
+    Example:
+        >>> read_json_records(Path("pairs.jsonl"))[0]  # doctest: +SKIP
+        {'prompt': 'Capital of France?', 'completion': 'Paris.'}
+    """
+    if path.suffix.lower() == ".jsonl":
+        records = []
         with path.open(encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
                 if line.strip():
                     try:
-                        record = json.loads(line)
+                        records.append(json.loads(line))
                     except json.JSONDecodeError as err:
                         raise DataSourceError(f"{path}, line {number}: not valid JSON ({err}).") from err
-                    texts.append(_field(record, text_field, f"{path}, line {number}"))
-        return texts
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataSourceError(f"{path}: not valid JSON ({err}).") from err
-        if isinstance(data, dict) and isinstance(data.get(text_field), list):
-            data = data[text_field]  # column layout: {"text": ["...", "..."]}
-        if not isinstance(data, list):
-            raise DataSourceError(
-                f"{path}: expected a list of records (or of strings), or {{{text_field!r}: [...]}}; "
-                f"got {type(data).__name__}."
-            )
-        return [_field(record, text_field, f"{path}, item {i}") for i, record in enumerate(data)]
+        return records
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataSourceError(f"{path}: not valid JSON ({err}).") from err
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        if len({len(v) for v in data.values()}) > 1:
+            raise DataSourceError(f"{path}: the columns {list(data)} have different lengths.")
+        data = [dict(zip(data, row, strict=True)) for row in zip(*data.values(), strict=True)]
+    if not isinstance(data, list):
+        raise DataSourceError(
+            f"{path}: expected a list of records (or of strings), or an object of columns; "
+            f"got {type(data).__name__}."
+        )
+    return data
+
+
+def _file_texts(path: Path, text_field: str) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return _txt_paragraphs(path.read_text(encoding="utf-8"))
+    if suffix in (".jsonl", ".json"):
+        return [
+            _field(record, text_field, f"{path}, record {i}")
+            for i, record in enumerate(read_json_records(path), start=1)
+        ]
     if suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as handle:
             reader = csv.DictReader(handle)
@@ -155,7 +172,13 @@ def _file_texts(path: Path, text_field: str) -> list[str]:
     raise DataSourceError(f"{path}: unsupported file type {suffix!r}; accepted: {', '.join(FILE_SUFFIXES)}.")
 
 
-def _hub_texts(source: str, split: str | None, text_field: str) -> list[str]:
+def load_hub_dataset(source: str, split: str | None = None):
+    """A ``datasets.Dataset`` from a hub name ``"name"`` or ``"name:config"`` (``split`` as in
+    :func:`load_texts`), with a clear error when the Hub cannot be reached.
+
+    Example:
+        >>> load_hub_dataset("wikitext:wikitext-2-raw-v1", split="evaluation")  # doctest: +SKIP
+    """
     import datasets
     from huggingface_hub import constants
 
@@ -171,9 +194,13 @@ def _hub_texts(source: str, split: str | None, text_field: str) -> list[str]:
             "in your local datasets cache, set HF_HUB_OFFLINE=1 before starting Python."
         )
     try:
-        dataset = datasets.load_dataset(name, config or None, split=split)
+        return datasets.load_dataset(name, config or None, split=split)
     except Exception as err:  # datasets raises many types (ConnectionError, ValueError, FileNotFoundError...)
         raise DataSourceError(f"Cannot load {where}: {type(err).__name__}: {err} {offline_hint}") from err
+
+
+def _hub_texts(source: str, split: str | None, text_field: str) -> list[str]:
+    dataset = load_hub_dataset(source, split)
     if text_field not in dataset.column_names:
         raise DataSourceError(
             f"{source!r} has no column {text_field!r} (columns: {dataset.column_names}); pass text_field=..."

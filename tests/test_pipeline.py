@@ -312,3 +312,55 @@ def test_changed_settings_in_an_existing_output_dir_are_refused(assets, tmp_path
                 ),
             )
         ).run()
+
+
+QA = [(f"Question {i}: what is {i} plus {i}?", f" It is {2 * i}.") for i in range(8)]
+
+
+def test_sft_lora_heal_on_prompt_completion_records(assets, tmp_path, tokenizer):
+    data = tmp_path / "qa.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": p, "completion": c, "id": i}) + "\n" for i, (p, c) in enumerate(QA))
+    )
+    out = tmp_path / "sft"
+    flags = _flags(assets, out, heal_method="sft_lora", heal_data=data, num_rounds=1, num_layers_to_remove=0)
+    result = PruneThenHeal(load_config(None, flags)).run()
+
+    final = load_pruned_model(result["final_dir"])
+    torch.testing.assert_close(_logits(final), _logits(result["model"]), rtol=0, atol=0)
+    assert not any("lora" in name for name, _ in final.named_parameters())
+    assert not torch.equal(_logits(load_pruned_model(out / "round-1" / "pruned")), _logits(final))
+    # 4 steps x 2 examples = each of the 8 records once: prompt + completion + EOS, no padding counted
+    expected = sum(len(tokenizer(p + c)["input_ids"]) + 1 for p, c in QA)
+    assert result["rounds"][0]["heal_tokens"] == expected
+
+
+def test_sft_full_parameter_heal_on_chat_messages(assets, tmp_path):
+    model_dir = tmp_path / "chat-model"
+    make_tiny_model("llama").save_pretrained(model_dir)
+    chat_tokenizer = make_char_tokenizer()
+    chat_tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    chat_tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "chat.json"
+    chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": c}] for p, c in QA]
+    data.write_text(json.dumps([{"messages": m} for m in chats]))
+    out = tmp_path / "sft-full"
+    flags = _flags(
+        assets,
+        out,
+        model_path=model_dir,
+        heal_method="sft",
+        heal_data=data,
+        num_rounds=1,
+        num_layers_to_remove=0,
+    )
+    result = PruneThenHeal(load_config(None, flags)).run()
+    final = load_pruned_model(result["final_dir"])
+    torch.testing.assert_close(_logits(final), _logits(result["model"]), rtol=0, atol=0)
+    assert not torch.equal(_logits(load_pruned_model(out / "round-1" / "pruned")), _logits(final))
+    rendered = [chat_tokenizer.apply_chat_template(m, tokenize=False) for m in chats]
+    # every conversation once; the chat template (not TRL) decides how a turn ends, so no EOS is added
+    assert result["rounds"][0]["heal_tokens"] == sum(len(chat_tokenizer(t)["input_ids"]) for t in rendered)

@@ -6,6 +6,15 @@ Example:
 
 from .distill import DistillationTrainer, distillation_loss
 from .lora import add_lora, lora_target_modules
+from .sft import SFT_FORMATS, sft_dataset
 from .text import text_dataset
 
-__all__ = ["DistillationTrainer", "distillation_loss", "add_lora", "lora_target_modules", "text_dataset"]
+__all__ = [
+    "DistillationTrainer",
+    "distillation_loss",
+    "add_lora",
+    "lora_target_modules",
+    "SFT_FORMATS",
+    "sft_dataset",
+    "text_dataset",
+]

@@ -79,6 +79,7 @@ def write_model_card(folder: Path, config: PipelineConfig, state: dict[str, Any]
             ],
             "healing": {
                 "method": config.heal.heal_method,
+                "data": config.data.heal_data,
                 "steps_per_round": config.heal.heal_steps,
                 "learning_rate": config.heal.learning_rate,
                 "lora_r": config.heal.lora_r,
@@ -125,7 +126,8 @@ def write_model_card(folder: Path, config: PipelineConfig, state: dict[str, Any]
             )
     lines += [
         "",
-        f"Healing: `{config.heal.heal_method}`, {config.heal.heal_steps} steps per round, "
+        f"Healing: `{config.heal.heal_method}` on `{config.data.heal_data}`, "
+        f"{config.heal.heal_steps} steps per round, "
         f"{sum(r['heal_tokens'] for r in rounds):,} tokens in all.",
         "",
     ]

@@ -48,11 +48,15 @@ class DataConfig:
     calibration_data: str = _help(
         "text for importance statistics: 'demo', a file, or a datasets name", "demo"
     )
-    heal_data: str = _help("plain text for healing: 'demo', a file, or a datasets name", "demo")
+    heal_data: str = _help(
+        "healing text: 'demo', a file, or a datasets name; for sft/sft_lora also instruction data "
+        "(.jsonl/.json or datasets with 'messages' or 'prompt'/'completion')",
+        "demo",
+    )
     eval_data: str = _help("held-out text for perplexity; never the calibration or healing text", "demo")
     num_calibration_samples: int = _help("calibration sequences", 8)
     calibration_seq_len: int = _help("tokens per calibration sequence", 256)
-    heal_seq_len: int = _help("tokens per healing sequence", 256)
+    heal_seq_len: int = _help("tokens per healing sequence (sft: the maximum length)", 256)
     eval_tokens: int = _help("tokens scored for perplexity (fixed across rounds)", 4096)
     eval_seq_len: int = _help("tokens per perplexity window", 512)
     bias_pairs: str = _help("'default', 'crows-pairs:PATH', a .jsonl/.csv file or a datasets name", "default")
@@ -86,7 +90,11 @@ class PruningConfig:
 
 @dataclass
 class HealConfig:
-    heal_method: str = _help("lora, kd (distillation from the unpruned model), kd_lora, or none", "lora")
+    heal_method: str = _help(
+        "lora, kd (distillation from the unpruned model), kd_lora, sft / sft_lora (TRL SFTTrainer on "
+        "heal_data), or none",
+        "lora",
+    )
     heal_steps: int = _help("optimizer steps of healing per round", 40)
     learning_rate: float = _help("peak learning rate of healing", 2e-4)
     per_device_batch_size: int = _help("sequences per device per step", 4)
@@ -116,6 +124,8 @@ class RunConfig:
     show_progress: bool = _help("progress bars", True)
 
 
+HEAL_METHODS = ("lora", "kd", "kd_lora", "sft", "sft_lora", "none")
+LORA_METHODS = ("lora", "kd_lora", "sft_lora")
 SECTIONS = (ModelConfig, DataConfig, PruningConfig, HealConfig, RunConfig)
 
 
@@ -203,7 +213,7 @@ def validate(config: PipelineConfig) -> None:
             "Nothing to prune: set mlp_pruning_percentage, attention_pruning_percentage, "
             "num_layers_to_remove or target_parameters."
         )
-    methods = ("lora", "kd", "kd_lora", "none")
+    methods = HEAL_METHODS
     if h.heal_method not in methods:
         raise ValueError(f"heal_method must be one of {', '.join(methods)}, got {h.heal_method!r}.")
     if h.heal_method != "none" and (h.heal_steps < 1 or h.learning_rate <= 0):

@@ -40,11 +40,11 @@ from ..callbacks import BiasProbeCallback
 from ..callbacks.base import figure_to_rgb
 from ..data import calibration_dataloader, load_texts, tokenize_for_lm
 from ..evaluation import perplexity, tokens_per_second
-from ..heal import DistillationTrainer, add_lora, text_dataset
+from ..heal import DistillationTrainer, add_lora, sft_dataset, text_dataset
 from ..models import load_model_and_tokenizer
 from ..pruning import load_pruned_model, prune_model, save_pruned_model
 from .card import write_model_card
-from .config import PipelineConfig
+from .config import LORA_METHODS, PipelineConfig
 from .rounds import round_prunings
 
 logger = logging.getLogger(__name__)
@@ -152,8 +152,12 @@ class PruneThenHeal:
             num_sequences=max(1, d.eval_tokens // d.eval_seq_len),
         )
         h = self.config.heal
-        if h.heal_method != "none":
-            sequences = h.heal_steps * h.per_device_batch_size * h.gradient_accumulation_steps
+        sequences = h.heal_steps * h.per_device_batch_size * h.gradient_accumulation_steps
+        if h.heal_method in ("sft", "sft_lora"):  # the user's own examples, formatted by TRL
+            self.heal_dataset = sft_dataset(
+                d.heal_data, num_examples=sequences * self.distributed.num_processes
+            )
+        elif h.heal_method != "none":
             self.heal_dataset = text_dataset(
                 tokenizer,
                 load_texts(d.heal_data, split="calibration"),
@@ -195,7 +199,24 @@ class PruneThenHeal:
     # -- healing -------------------------------------------------------------------------------------
     def _training_args(self, round_dir: Path, learning_rate: float) -> TrainingArguments:
         h, r = self.config.heal, self.config.run
-        return TrainingArguments(
+        sft = h.heal_method in ("sft", "sft_lora")
+        if sft:
+            from trl import SFTConfig
+
+            # TRL's own defaults (bf16, gradient checkpointing) are for GPUs; keep the pipeline's settings
+            arguments_class, extra = (
+                SFTConfig,
+                dict(
+                    max_length=self.config.data.heal_seq_len,
+                    packing=False,
+                    bf16=False,
+                    gradient_checkpointing=False,
+                ),
+            )
+        else:
+            arguments_class, extra = TrainingArguments, dict(remove_unused_columns=False)
+        return arguments_class(
+            **extra,
             output_dir=str(round_dir / "heal"),
             max_steps=h.heal_steps,
             learning_rate=learning_rate,
@@ -215,31 +236,39 @@ class PruneThenHeal:
             run_name=r.run_name,
             disable_tqdm=not r.show_progress,
             dataloader_num_workers=0,
-            remove_unused_columns=False,
+            include_num_input_tokens_seen="non_padding",  # the tokens healing really used (card, W&B)
             use_cpu=not torch.cuda.is_available(),
         )
 
-    def _heal(self, model, tokenizer, round_dir: Path, learning_rate: float):
-        """Heal ``model`` with the configured method; returns the healed (merged) model."""
+    def _heal(self, model, tokenizer, round_dir: Path, learning_rate: float) -> tuple[torch.nn.Module, int]:
+        """Heal ``model`` with the configured method; returns the healed (merged) model and the number
+        of (non-padding) tokens healing trained on."""
         h = self.config.heal
         if h.heal_method == "none":
-            return model
-        if h.heal_method in ("lora", "kd_lora"):
+            return model, 0
+        if h.heal_method in LORA_METHODS:
             model = add_lora(model, r=h.lora_r, alpha=h.lora_alpha, target_modules=h.lora_target_modules)
         guard = _NonFiniteLossGuard()
         kwargs = dict(
             model=model,
             args=self._training_args(round_dir, learning_rate),
-            data_collator=default_data_collator,
             train_dataset=self.heal_dataset,
             callbacks=[guard, *self.callbacks],
         )
-        if h.heal_method in ("kd", "kd_lora"):
+        if h.heal_method in ("sft", "sft_lora"):
+            from trl import SFTTrainer
+
+            trainer = SFTTrainer(processing_class=tokenizer, **kwargs)
+        elif h.heal_method in ("kd", "kd_lora"):
             trainer = DistillationTrainer(
-                teacher=self.teacher, temperature=h.kd_temperature, alpha=h.kd_alpha, **kwargs
+                teacher=self.teacher,
+                temperature=h.kd_temperature,
+                alpha=h.kd_alpha,
+                data_collator=default_data_collator,
+                **kwargs,
             )
         else:
-            trainer = Trainer(**kwargs)
+            trainer = Trainer(data_collator=default_data_collator, **kwargs)
         if self.behaviour_pairs:  # watch fairness while the model recovers, on the Trainer's step axis
             trainer.add_callback(
                 BiasProbeCallback(
@@ -263,7 +292,8 @@ class PruneThenHeal:
         if guard.tripped:
             raise NonFiniteLossError(f"non-finite healing loss at lr={learning_rate:g}")
         model = trainer.model
-        return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        tokens = int(trainer.state.num_input_tokens_seen)
+        return (model.merge_and_unload() if hasattr(model, "merge_and_unload") else model), tokens
 
     # -- the run -------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -370,7 +400,7 @@ class PruneThenHeal:
         for attempt in range(config.heal.nan_retries + 1):
             try:
                 torch.manual_seed(config.run.seed + k)
-                model = self._heal(model, tokenizer, round_dir, learning_rate)
+                model, heal_tokens = self._heal(model, tokenizer, round_dir, learning_rate)
                 break
             except NonFiniteLossError as err:
                 if attempt == config.heal.nan_retries:
@@ -397,13 +427,7 @@ class PruneThenHeal:
             "pruned": pruned_metrics,
             "healed": healed,
             "learning_rate": learning_rate,
-            "heal_tokens": 0
-            if config.heal.heal_method == "none"
-            else config.heal.heal_steps
-            * config.heal.per_device_batch_size
-            * config.heal.gradient_accumulation_steps
-            * config.data.heal_seq_len
-            * self.distributed.num_processes,
+            "heal_tokens": heal_tokens,
         }
         self.state["rounds"].append(record)
         self._save_state()

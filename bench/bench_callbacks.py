@@ -1,33 +1,47 @@
-"""Benchmark the Trainer callbacks on the demo model (SmolLM2-135M-Instruct), side by side in one run.
+"""Training-loop overheads: BiasProbeCallback, GradientImportanceCallback and in-loop pruning events.
 
-Prints markdown tables:
-1. training wall time without callbacks vs with ``BiasProbeCallback`` at its default settings and with the
-   activation probe added (interleaved runs, so a busy machine affects all alike), and the probes' own time;
-2. the cost of one in-loop pruning event (MLP width, per scorer) relative to one training step, and the
-   per-step cost of ``GradientImportanceCallback``.
+Writes ``<out>/callbacks.md`` (and prints it):
+
+1. each callback's overhead as a share of training wall time: runs without callbacks and with
+   ``BiasProbeCallback`` (defaults; with the activation probe added) and ``GradientImportanceCallback``,
+   interleaved (each repeat runs every variant, in a rotated order) so a busy machine affects all alike.
+   The headline share is the callback's own measured time over the plain run's wall time; the difference
+   of the runs' wall times is shown next to it as a (noisier) cross-check;
+2. one in-loop pruning event (MLP width -20%, per scorer) in units of the same run's training steps
+   (before the event) and as a share of a run of N steps.
+
+Training: WikiText-2 ``valid.txt`` (from ``--data``) in blocks of ``--seq-len`` tokens, batch ``--batch-size``,
+AdamW, full fine-tuning on the CPU; the calibration batches of the ``activation`` scorer come from the same
+file (8 x ``--seq-len`` tokens).
 
 Usage:
-    python bench/bench_callbacks.py                  # 24 steps, 3 variants + 3 pruning runs (~10 min, 2 cores)
-    python bench/bench_callbacks.py --repeats 3      # medians over interleaved repeats
-    python bench/bench_callbacks.py --threads 1      # steadier on a machine shared with other jobs
+    python bench/bench_callbacks.py --quick --threads 1   # 6-step runs, 1 repeat: 38 steps in all (~4 min on the demo model)
+    python bench/bench_callbacks.py --threads 1           # 24-step runs, 2 interleaved repeats: 230 steps (~20 min)
+    python bench/bench_callbacks.py --only probe          # one section
+
+Times are for a quiet 2-core machine, one thread (about 4.5 s of CPU per demo-model training step); on a
+busy machine everything stretches alike (the quick run took 7.7 min at load average 7).
 """
 
 from __future__ import annotations
 
-import argparse
+import copy
 import logging
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+import transformers
+from common import Report, base_parser, load_workload, setup
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from optipfair_train.callbacks import PROBES, BiasProbeCallback, GradientImportanceCallback, PruningCallback
-from optipfair_train.data import calibration_dataloader, load_texts, tokenize_for_lm
-from optipfair_train.models import load_model_and_tokenizer
+from optipfair_train.data import tokenize_for_lm
 
-logger = logging.getLogger("bench_callbacks")
+LONG_RUN = 1000  # steps of the longer run the pruning event is also compared with
 
 
 class _Blocks(torch.utils.data.Dataset):
@@ -43,7 +57,8 @@ class _Blocks(torch.utils.data.Dataset):
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step (forward, backward, optimizer), callbacks' own work excluded."""
+    """Wall time of each optimizer step (forward, backward, optimizer); added first, so the ``on_step_end``
+    work of the callbacks under test (probes, pruning events) is not included."""
 
     def __init__(self):
         self.times: list[float] = []
@@ -56,8 +71,9 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def _run(model_path: str, dataset, steps: int, batch_size: int, callbacks_for) -> dict:
-    model, tokenizer = load_model_and_tokenizer(model_path)
+def _train(base_model, tokenizer, dataset, steps: int, batch_size: int, seed: int, callbacks_for) -> dict:
+    """Train a fresh copy of ``base_model`` for ``steps`` steps with ``callbacks_for(trainer)`` added."""
+    model = copy.deepcopy(base_model)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out,
@@ -70,9 +86,10 @@ def _run(model_path: str, dataset, steps: int, batch_size: int, callbacks_for) -
             use_cpu=True,
             optim="adamw_torch",
             disable_tqdm=True,
-            seed=0,
+            seed=seed,
         )
         trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer.remove_callback(PrinterCallback)  # keep stdout for the report
         timer = StepTimer()
         trainer.add_callback(timer)
         extra = callbacks_for(trainer)
@@ -84,112 +101,205 @@ def _run(model_path: str, dataset, steps: int, batch_size: int, callbacks_for) -
     return {"wall": wall, "steps": timer.times, "callbacks": extra}
 
 
+def _median(values) -> float:
+    return statistics.median(list(values))
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = base_parser(__doc__)
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps per overhead run (default 24; quick 6)"
     )
-    parser.add_argument("--model-path", default="demo")
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 2; quick 1)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument(
-        "--prune-at", type=int, default=4, help="step of the pruning event (runs prune_at + 2 steps)"
+        "--prune-at",
+        type=int,
+        default=None,
+        help="step of the pruning event; the run stops one step later (default 5; quick 3)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--only", choices=("all", "probe", "pruning"), default="all", help="run one section")
     args = parser.parse_args()
+    args.steps = args.steps or (6 if args.quick else 24)
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    args.prune_at = args.prune_at or (3 if args.quick else 5)
+    if args.steps < 3 or args.prune_at < 2:
+        parser.error("--steps must be at least 3 and --prune-at at least 2 (the first step is a warm-up).")
+    setup(args)
     logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
 
-    _, tokenizer = load_model_and_tokenizer(args.model_path)
-    texts = load_texts("demo", split="calibration")
+    report = Report(
+        "callbacks",
+        "Training-loop overheads",
+        args.out,
+        command="python " + shlex.join(["bench/bench_callbacks.py", *sys.argv[1:]]),
+    )
+    work = load_workload(args, eval_tokens=args.seq_len, calibration_seq_len=args.seq_len)
+    num_blocks = max(args.steps, args.prune_at + 1) * args.batch_size
     blocks = tokenize_for_lm(
-        tokenizer, texts, seq_len=args.seq_len, num_sequences=args.steps * args.batch_size
+        work.tokenizer, work.valid_texts(args.data), seq_len=args.seq_len, num_sequences=num_blocks
     )
     dataset = _Blocks(blocks)
-    calibration = list(
-        calibration_dataloader(tokenizer, texts, num_samples=8, seq_len=args.seq_len, batch_size=4)
+    report.text(
+        f"Model `{args.model_path}` ({sum(p.numel() for p in work.model.parameters()):,} parameters), full "
+        f"fine-tuning with AdamW on WikiText-2 valid, batch {args.batch_size} x {args.seq_len} tokens, "
+        f"{torch.get_num_threads()} torch threads, {args.repeats} interleaved repeat(s)"
+        + (" (`--quick`)." if args.quick else ".")
     )
-
+    # One short untimed run first: one-time costs (lazy initialisation, first calls of the probe and
+    # scoring code) would otherwise land on whichever variant runs first.
+    _train(
+        work.model,
+        work.tokenizer,
+        dataset,
+        2,
+        args.batch_size,
+        args.seed,
+        lambda t: [BiasProbeCallback(t, probes=PROBES), GradientImportanceCallback()],
+    )
     if args.only in ("all", "probe"):
-        _bench_probe(args, dataset)
+        _bench_overheads(args, work, dataset, report)
     if args.only in ("all", "pruning"):
-        _bench_pruning(args, dataset, calibration)
+        _bench_pruning(args, work, dataset, report)
+    report.write()
 
 
-def _bench_probe(args: argparse.Namespace, dataset) -> None:
-    """1. BiasProbeCallback at its defaults (and with the activation probe too), interleaved with plain runs."""
+def _bench_overheads(args, work, dataset, report: Report) -> None:
+    """1. Callbacks' overhead as a share of training time, interleaved with plain runs."""
     variants = {
         "no callbacks": lambda t: [],
-        "BiasProbeCallback() (defaults)": lambda t: [BiasProbeCallback(t)],
-        'BiasProbeCallback(probes=("behaviour", "activation"))': lambda t: [
+        "`BiasProbeCallback()` (defaults)": lambda t: [BiasProbeCallback(t)],
+        '`BiasProbeCallback(probes=("behaviour", "activation"))`': lambda t: [
             BiasProbeCallback(t, probes=PROBES)
         ],
+        "`GradientImportanceCallback()`": lambda t: [GradientImportanceCallback()],
     }
-    runs: dict[str, list[dict]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, factory in variants.items():
-            runs[name].append(_run(args.model_path, dataset, args.steps, args.batch_size, factory))
-    wall_plain = statistics.median(r["wall"] for r in runs["no callbacks"])
-    step = statistics.median(t for r in runs["no callbacks"] for t in r["steps"][1:])  # first step warms up
-    print(
-        f"\n## BiasProbeCallback ({args.steps} steps, batch {args.batch_size} x {args.seq_len} tokens, "
-        f"demo model, {torch.get_num_threads()} threads)\n"
-    )
-    print(
-        f"| run | wall time (median of {args.repeats}) | wall-time overhead | probes | probe time | probe time / plain run |"
-    )
-    print("|---|---|---|---|---|---|")
-    print(f"| no callbacks | {wall_plain:.1f} s | - | - | - | - |")
-    for name in list(variants)[1:]:
-        wall = statistics.median(r["wall"] for r in runs[name])
-        seconds = statistics.median(r["callbacks"][0].total_seconds for r in runs[name])
-        count = len(runs[name][0]["callbacks"][0].history)
-        print(
-            f"| {name} | {wall:.1f} s | {100 * (wall - wall_plain) / wall_plain:+.1f}% | {count} | "
-            f"{seconds:.2f} s | {100 * seconds / wall_plain:.1f}% |"
+    names = list(variants)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for repeat in range(args.repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:  # rotate so no variant always runs first
+            runs[name].append(
+                _train(
+                    work.model,
+                    work.tokenizer,
+                    dataset,
+                    args.steps,
+                    args.batch_size,
+                    args.seed,
+                    variants[name],
+                )
+            )
+    plain = runs["no callbacks"]
+    wall_plain = _median(r["wall"] for r in plain)
+    step = _median(t for r in plain for t in r["steps"][1:])  # the first step warms up
+    rows = [["no callbacks", f"{wall_plain:.1f} s", "-", "-", "-", "-", "-"]]
+    summary = []
+    for name in names[1:]:
+        wall = _median(r["wall"] for r in runs[name])
+        own = _median(r["callbacks"][0].total_seconds for r in runs[name])
+        callback = runs[name][0]["callbacks"][0]
+        if isinstance(callback, BiasProbeCallback):
+            count = len(callback.history)
+            per_call = own / count
+            calls = f"{count} probes"
+        else:  # GradientImportanceCallback accumulates on every optimizer step
+            count = args.steps
+            per_call = own / count
+            calls = f"{count} steps"
+        rows.append(
+            [
+                name,
+                f"{wall:.1f} s",
+                _pct((wall - wall_plain) / wall_plain),
+                calls,
+                f"{own:.2f} s",
+                f"{per_call / step:.2f}",
+                f"**{_pct(own / wall_plain)}**",
+            ]
         )
-    print(f"\nmedian training step: {step:.2f} s")
+        summary.append(f"- {name.replace('`', '')}: **{_pct(own / wall_plain)} of training wall time**")
+    report.table(
+        [
+            f"run ({args.steps} steps)",
+            f"wall time (median of {args.repeats})",
+            "wall-time difference",
+            "callback calls",
+            "callback's own time",
+            "per call, in training steps",
+            "overhead: own time / plain wall time",
+        ],
+        rows,
+        title=f"Overhead of the callbacks on a {args.steps}-step run (interleaved runs)",
+    )
+    report.text(
+        "\n".join(summary)
+        + f"\n\nMedian training step {step:.2f} s (plain runs, first step excluded). The probes at train "
+        "begin and end are a fixed cost per run, so their share shrinks as 1/N on longer runs; with "
+        "`every_n_steps=k` each further probe adds (per call, in training steps) / k. The wall-time "
+        "difference of separate runs includes the machine's noise; the callback's own time is measured "
+        "inside the run."
+    )
 
 
-def _bench_pruning(args: argparse.Namespace, dataset, calibration) -> None:
-    """2. One in-loop pruning event vs one training step; gradient importance per step."""
+def _bench_pruning(args, work, dataset, report: Report) -> None:
+    """2. One in-loop pruning event in training steps (same run, before the event) and as a share of a run."""
     at = args.prune_at
+    scorers = {
+        f"activation (8 x {args.seq_len} calibration tokens)": lambda t: [
+            PruningCallback(t, target=20, step=at, dataloader=work.calibration)
+        ],
+        "MAW (weights only)": lambda t: [
+            PruningCallback(t, target=20, step=at, neuron_selection_method="MAW")
+        ],
+        "taylor from the training's gradients": lambda t: (
+            lambda g: [g, PruningCallback(t, target=20, step=at, importance=g)]
+        )(GradientImportanceCallback()),
+    }
+    names = list(scorers)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for repeat in range(args.repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            runs[name].append(
+                _train(work.model, work.tokenizer, dataset, at + 1, args.batch_size, args.seed, scorers[name])
+            )
     rows = []
-    for label, factory in (
-        (
-            f"activation (8 x {args.seq_len} calibration tokens)",
-            lambda t: [PruningCallback(t, target=20, step=at, dataloader=calibration)],
-        ),
-        (
-            "MAW (weights only)",
-            lambda t: [PruningCallback(t, target=20, step=at, neuron_selection_method="MAW")],
-        ),
-        (
-            "taylor from training gradients",
-            lambda t: (lambda g: [g, PruningCallback(t, target=20, step=at, importance=g)])(
-                GradientImportanceCallback()
-            ),
-        ),
-    ):
-        run = _run(args.model_path, dataset, at + 2, args.batch_size, factory)
-        pruning = run["callbacks"][-1]
-        event = pruning.events_done[0]
-        run_step = statistics.median(run["steps"][1:])
-        rows.append((label, event["seconds"], run_step, run))
-    print(f"\n## One in-loop pruning event (MLP width -20% at step {at}) vs one training step\n")
-    print("| scorer | event time | training step (same run, median) | event / step |")
-    print("|---|---|---|---|")
-    for label, seconds, run_step, _ in rows:
-        print(f"| {label} | {seconds:.2f} s | {run_step:.2f} s | {seconds / run_step:.2f} |")
-    taylor_run = rows[-1][3]
-    grads = taylor_run["callbacks"][0]
-    per_step = grads.total_seconds / (at + 2)  # accumulated on every step of the run
-    print(
-        f"\nGradientImportanceCallback: {per_step:.3f} s per optimizer step "
-        f"({100 * per_step / statistics.median(taylor_run['steps'][1:]):.1f}% of a training step)."
+    for name in names:
+        seconds = _median(r["callbacks"][-1].events_done[0]["seconds"] for r in runs[name])
+        step = _median(t for r in runs[name] for t in r["steps"][1:at])  # unpruned steps after the warm-up
+        rows.append(
+            [
+                name,
+                f"{seconds:.2f} s",
+                f"{step:.2f} s",
+                f"**{seconds / step:.2f}**",
+                _pct(seconds / (args.steps * step)),
+                _pct(seconds / (LONG_RUN * step)),
+            ]
+        )
+    report.table(
+        [
+            "scorer",
+            f"event time (median of {args.repeats})",
+            "training step (same runs, before the event)",
+            "event, in training steps",
+            f"share of a {args.steps}-step run",
+            f"share of a {LONG_RUN:,}-step run",
+        ],
+        rows,
+        title=f"One in-loop pruning event (MLP width -20% at step {at}) vs training steps",
+    )
+    report.text(
+        "The event includes scoring, cutting the weights and Adam's moments in place, and the checks; "
+        "the steps after it are cheaper (fewer parameters) and not counted here. The `taylor` run also "
+        "carries `GradientImportanceCallback` on every step (its cost is in the table above)."
     )
 
 

@@ -66,7 +66,8 @@ class DistillationTrainer(Trainer):
         self, *args, teacher: torch.nn.Module, temperature: float = 2.0, alpha: float = 0.9, **kwargs
     ):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval().requires_grad_(False)
+        # the teacher only runs forward passes, on the device the Trainer puts the student on
+        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
         self.temperature = temperature
         self.alpha = alpha
 

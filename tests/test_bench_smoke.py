@@ -1,0 +1,64 @@
+"""Every benchmark script's ``--quick`` mode runs on a tiny model and writes its markdown report.
+
+Benchmarks assert nothing about time; this only proves each documented command still works.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_char_tokenizer, make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("OPTIPFAIR_TRAIN_DATA", ROOT.parent / "shared" / "data"))
+SCRIPTS = sorted(path.stem for path in (ROOT / "bench").glob("bench_*.py"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model("llama", max_position_embeddings=1024).save_pretrained(path)
+    make_char_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_every_benchmark_is_covered():
+    assert {"bench_quality", "bench_healing", "bench_iterative", "bench_optipfair", "bench_inference"} <= set(
+        SCRIPTS
+    )
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_quick_mode_runs_on_a_tiny_model(script, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / f"{script}.py"),
+            "--quick",
+            "--model-path",
+            str(tiny_model_dir),
+            "--data",
+            str(DATA),
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = out / f"{script.removeprefix('bench_')}.md"
+    text = report.read_text()
+    assert text.startswith("## ") and "|---|" in text
+    for image in out.glob("*.png"):
+        assert image.stat().st_size > 1000

@@ -16,8 +16,6 @@ Usage:
 
 from __future__ import annotations
 
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,7 +81,6 @@ def main() -> None:
         "bias",
         "Bias probing cost and the base CrowS-Pairs score",
         args.out,
-        command="python " + shlex.join(["bench/bench_bias.py", *sys.argv[1:]]),
     )
     (model, tokenizer), load_s = _timed(load_model_and_tokenizer, args.model_path)
     pairs = load_crows_pairs(crows_csv)

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 
@@ -138,7 +136,6 @@ def main() -> None:
         "callbacks",
         "Training-loop overheads",
         args.out,
-        command="python " + shlex.join(["bench/bench_callbacks.py", *sys.argv[1:]]),
     )
     work = load_workload(args, eval_tokens=args.seq_len, calibration_seq_len=args.seq_len)
     num_blocks = max(args.steps, args.prune_at + 1) * args.batch_size

@@ -235,11 +235,7 @@ def main() -> None:
     args.max_tokens = args.max_tokens or (2048 if args.quick else 32768)
     args.batch_size = args.batch_size or (2 if args.quick else 4)
     setup(args)
-
-    command = "python bench/bench_healing.py" + (" --quick" if args.quick else "")
-    if args.max_tokens != (2048 if args.quick else 32768):
-        command += f" --max-tokens {args.max_tokens}"
-    report = Report("healing", "Healing after 20% MLP pruning", args.out, command=command)
+    report = Report("healing", "Healing after 20% MLP pruning", args.out)
     work = load_workload(
         args,
         eval_tokens=(2 if args.quick else 8) * 512,

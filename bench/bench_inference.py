@@ -17,9 +17,7 @@ Usage:
 from __future__ import annotations
 
 import copy
-import shlex
 import statistics
-import sys
 import time
 
 import torch
@@ -102,7 +100,6 @@ def main() -> None:
         "inference",
         "Inference speed after pruning",
         args.out,
-        command="python " + shlex.join(["bench/bench_inference.py", *sys.argv[1:]]),
     )
     work = load_workload(args, eval_tokens=512, calibration_samples=4 if args.quick else 8)
     base, tokenizer = work.model, work.tokenizer

@@ -109,9 +109,7 @@ def main() -> None:
     args.heal_tokens = args.heal_tokens or (1536 if args.quick else 24576)
     args.batch_size = args.batch_size or (2 if args.quick else 4)
     setup(args)
-
-    command = "python bench/bench_iterative.py" + (" --quick" if args.quick else "")
-    report = Report("iterative", "Iterative vs one-shot pruning", args.out, command=command)
+    report = Report("iterative", "Iterative vs one-shot pruning", args.out)
     work = load_workload(
         args,
         eval_tokens=(2 if args.quick else 8) * 512,

@@ -31,7 +31,6 @@ import fcntl
 import inspect
 import json
 import os
-import shlex
 import shutil
 import site
 import statistics
@@ -526,7 +525,6 @@ def main() -> None:
         "optipfair",
         f"Side by side with OptiPFair {OPTIPFAIR_VERSION}",
         args.out,
-        command="python " + shlex.join(["bench/bench_optipfair.py", *sys.argv[1:]]),
     )
     venv = args.optipfair_venv or default_venv()
     python, install_seconds = ensure_optipfair(venv)

@@ -72,8 +72,7 @@ def main() -> None:
         final = args.run_dir / "final" if args.run_dir else run_pipeline(args, Path(tmp) / "run")
         if not (final / "config.json").is_file():
             raise SystemExit(f"No finished run in {final.parent}: {final} has no model.")
-        command = "python bench/bench_pipeline.py" + (f" --run-dir {args.run_dir}" if args.run_dir else "")
-        report = Report("pipeline", "The prune-then-heal demo, before and after", args.out, command=command)
+        report = Report("pipeline", "The prune-then-heal demo, before and after", args.out)
         work = load_workload(
             args,
             eval_tokens=(2 if args.quick else 16) * 512,

@@ -31,6 +31,7 @@ import copy
 import ctypes
 import gc
 import os
+import statistics
 import threading
 import time
 from collections import Counter
@@ -145,9 +146,13 @@ def statistics_cost(work: Workload, args: argparse.Namespace, samples: tuple[int
             mlp_activation_sumsq(model, big)
         memory.append([f"{tokens:,}", f"{rss.extra / 2**20:.0f}"])
 
-    _, plain = timed(forward_only)
-    _, activation = timed(lambda: mlp_activation_sumsq(model, batches))
-    _, taylor = timed(lambda: taylor_importance(model, batches))
+    # Interleaved rounds, medians: a background job slows one round, not one kind of pass.
+    runs: dict[str, list[float]] = {"plain": [], "activation": [], "taylor": []}
+    for _ in range(3):
+        runs["plain"].append(timed(forward_only)[1])
+        runs["activation"].append(timed(lambda: mlp_activation_sumsq(model, batches))[1])
+        runs["taylor"].append(timed(lambda: taylor_importance(model, batches))[1])
+    plain, activation, taylor = (statistics.median(runs[k]) for k in ("plain", "activation", "taylor"))
     cost = [
         ["plain forward passes", f"{plain:.2f}", "1.00"],
         ["forward + activation statistics (`activation`)", f"{activation:.2f}", f"{activation / plain:.2f}"],
@@ -342,9 +347,7 @@ def main() -> None:
         crows_sample=crows_sample or None,
     )
     progress(f"loaded {args.model_path}")
-
-    command = "python bench/bench_quality.py" + (" --quick" if quick else "")
-    report = Report("quality", "One-shot pruning quality", out=args.out, command=command)
+    report = Report("quality", "One-shot pruning quality", out=args.out)
     n_pairs = len(work.crows_pairs)
     scored = min(crows_sample, n_pairs) if crows_sample else n_pairs
     report.text(
@@ -406,7 +409,7 @@ def main() -> None:
     report.table(
         ["pass over the calibration batches", "seconds", "ratio to plain forward"],
         cost,
-        title=f"Cost of the calibration statistics ({calibration_samples} x 256 tokens, batch 4)",
+        title=f"Cost of the calibration statistics ({calibration_samples} x 256 tokens, batch 4; median of 3 interleaved rounds)",
     )
     report.table(
         ["calibration tokens", "peak extra RSS (MB)"],

@@ -19,6 +19,8 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -217,6 +219,13 @@ def machine_line() -> str:
     )
 
 
+def command_line() -> str:
+    """The command that is running, as typed from the repository root (the report's reproduction line)."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return "python " + shlex.join([str(shown), *sys.argv[1:]])
+
+
 class Report:
     """Markdown sections printed as they come and written to ``<out>/<name>.md`` at the end.
 
@@ -226,13 +235,17 @@ class Report:
         >>> path = report.write()
     """
 
-    def __init__(self, name: str, title: str, out: Path, command: str | None = None):
+    def __init__(self, name: str, title: str, out: Path):
         self.name, self.out = name, Path(out)
         self.start = time.perf_counter()
-        self.lines = [f"## {title}", "", f"Measured {machine_line()}."]
-        if command:
-            self.lines += ["", f"Command: `{command}`"]
-        self.lines.append("")
+        self.lines = [
+            f"## {title}",
+            "",
+            f"Measured {machine_line()}.",
+            "",
+            f"Command: `{command_line()}`",
+            "",
+        ]
         print("\n".join(self.lines), flush=True)
 
     def text(self, text: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import statistics
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import DynamicCache, GenerationConfig, PreTrainedTokenizerBase
 
 from optipfair_train.data import tokenize_for_lm
 
@@ -211,16 +212,18 @@ def tokens_per_second(
     ids = ids.expand(batch_size, -1).contiguous().to(_device_of(model))
     prefill_times: list[float] = []
     decode_times: list[float] = []
+    # Transformers >= 5.24 names the cache argument `cache` (`past_key_values` still works there, with a
+    # deprecation warning); a cache object we own is filled in place, so no output attribute is read.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with _eval_mode(model):
         for run in range(warmup + runs):
+            cache = DynamicCache(config=model.config)
             start = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True)
+            out = model(input_ids=ids, use_cache=True, **{cache_arg: cache})
             prefilled = time.perf_counter()
-            cache = out.past_key_values
             next_ids = out.logits[:, -1:].argmax(-1)
             for _ in range(max_new_tokens):
-                out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(input_ids=next_ids, use_cache=True, **{cache_arg: cache})
                 next_ids = out.logits[:, -1:].argmax(-1)
             next_ids.cpu()  # waits for an accelerator to finish
             done = time.perf_counter()

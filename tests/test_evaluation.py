@@ -150,6 +150,20 @@ def test_tokens_per_second(family, tokenizer):
         tokens_per_second(model, tokenizer, warmup=-1)
 
 
+def test_tokens_per_second_decodes_from_the_cache(tokenizer):
+    """Every decode step feeds one token and sees the cache filled by all tokens before it."""
+    model = make_tiny_model("llama")
+    seen: list[tuple[int, int]] = []
+
+    def record(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        seen.append((kwargs["input_ids"].shape[1], cache.get_seq_length()))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    tokens_per_second(model, tokenizer, prompt="hello", max_new_tokens=3, warmup=0, runs=1)
+    assert seen == [(5, 0), (1, 5), (1, 6), (1, 7)]
+
+
 # ---------------------------------------------------------------- parameters
 
 

@@ -68,8 +68,10 @@ class DataConfig:
 
 @dataclass
 class PruningConfig:
+    # One round by default: at an equal healing budget (24k LoRA tokens, MLP -30%, demo model) one-shot
+    # ended at perplexity 44.6 vs 52.8 for three rounds (docs/benchmarks.md, "Iterative vs one-shot").
     num_rounds: int = _help(
-        "rounds of prune -> heal -> evaluate; each removes an equal share of the target", 2
+        "rounds of prune -> heal -> evaluate; each removes an equal share of the target", 1
     )
     mlp_pruning_percentage: float = _help(
         "final share of MLP neurons removed (of the original width); 0 = none", 20.0

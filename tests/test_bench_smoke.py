@@ -60,5 +60,6 @@ def test_quick_mode_runs_on_a_tiny_model(script, tiny_model_dir, tmp_path):
     report = out / f"{script.removeprefix('bench_')}.md"
     text = report.read_text()
     assert text.startswith("## ") and "|---|" in text
+    assert f"Command: `python bench/{script}.py --quick --model-path {tiny_model_dir}" in text
     for image in out.glob("*.png"):
         assert image.stat().st_size > 1000

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -333,6 +334,16 @@ def test_sft_lora_heal_on_prompt_completion_records(assets, tmp_path, tokenizer)
     # 4 steps x 2 examples = each of the 8 records once: prompt + completion + EOS, no padding counted
     expected = sum(len(tokenizer(p + c)["input_ids"]) + 1 for p, c in QA)
     assert result["rounds"][0]["heal_tokens"] == expected
+
+
+def test_sft_arguments_turn_off_trls_gpu_defaults_without_deprecation_warnings(assets, tmp_path):
+    flags = _flags(assets, tmp_path / "args", heal_method="sft", heal_data="demo", num_rounds=1)
+    config = load_config(None, flags)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # e.g. a renamed argument passed under its old name
+        args = PruneThenHeal(config)._training_args(tmp_path / "round", learning_rate=1e-4)
+    assert args.gradient_checkpointing is False and args.bf16 is False and args.packing is False
+    assert args.max_length == config.data.heal_seq_len
 
 
 def test_sft_full_parameter_heal_on_chat_messages(assets, tmp_path):

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -203,15 +204,21 @@ class PruneThenHeal:
         if sft:
             from trl import SFTConfig
 
-            # TRL's own defaults (bf16, gradient checkpointing) are for GPUs; keep the pipeline's settings
+            # TRL's own defaults (bf16, gradient checkpointing) are for GPUs; keep the pipeline's settings.
+            # Transformers 5.24 renamed gradient_checkpointing to activation_checkpointing.
+            checkpointing = (
+                "activation_checkpointing"
+                if "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)}
+                else "gradient_checkpointing"
+            )
             arguments_class, extra = (
                 SFTConfig,
-                dict(
-                    max_length=self.config.data.heal_seq_len,
-                    packing=False,
-                    bf16=False,
-                    gradient_checkpointing=False,
-                ),
+                {
+                    "max_length": self.config.data.heal_seq_len,
+                    "packing": False,
+                    "bf16": False,
+                    checkpointing: False,
+                },
             )
         else:
             arguments_class, extra = TrainingArguments, dict(remove_unused_columns=False)

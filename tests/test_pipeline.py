@@ -253,6 +253,12 @@ def test_every_shipped_config_loads(path):
     assert config.pruning.num_rounds >= 1 and config.model.model_path
 
 
+def test_default_schedule_is_one_shot():
+    """One round unless asked: at an equal healing budget one-shot measured better (docs/benchmarks.md)."""
+    assert load_config(None, []).pruning.num_rounds == 1
+    assert load_config(None, ["--num_rounds", "3"]).pruning.num_rounds == 3
+
+
 def test_bad_configuration_is_refused_before_work(assets, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("num_rounds: 2\nlearning_rat: 0.1\n")

@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--json", action="store_true", help="print the full report as JSON")
 
     run = sub.add_parser("run", help="the prune-then-heal pipeline; flags after --config override its keys")
-    run.add_argument("--config", default=None, help="YAML file of pipeline settings (see configs/)")
+    run.add_argument(
+        "--config", default=None, help="YAML file of pipeline settings (required; see configs/demo.yaml)"
+    )
 
     probe = sub.add_parser("probe", help="bias probes: activation differences and behavioural scores")
     add_probe_arguments(probe)
@@ -215,8 +217,15 @@ def _run_demo(args) -> int:
 def _run_pipeline(config_path: str | None, overrides: list[str]) -> int:
     from .pipeline import PruneThenHeal, load_config
 
+    if config_path is None:  # a default run prunes and heals the demo model for many minutes
+        raise ValueError(
+            "run needs --config FILE (flags after it override its keys). To run the offline demo: "
+            "optipfair-train run --config configs/demo.yaml"
+        )
     result = PruneThenHeal(load_config(config_path, overrides)).run()
     base, last = result["baseline"], result["rounds"][-1]["healed"]
+    if result["already_finished"]:
+        print(f"{result['final_dir']} holds a finished run with these settings; nothing was redone.")
     print(
         f"parameters {base['parameters']:,} -> {last['parameters']:,}; perplexity {base['perplexity']:.2f} -> "
         f"{last['perplexity']:.2f}. Final model and model card: {result['final_dir']}"

@@ -41,10 +41,11 @@ from ..pruning import PRUNING_TYPES, get_scorer, prune_model
 from ..pruning.calibration import as_batches
 from ..pruning.depth import LAYER_SELECTION_METHODS
 from ..pruning.heads import HEAD_METHODS
+from ..pruning.targets import step_percentage, units_to_remove
 from ..pruning.taylor import TaylorImportance
 from .base import ReportingCallback
 from .importance import GradientImportanceCallback
-from .schedule import PruningSchedule, make_schedule, step_percentage, units_to_remove
+from .schedule import PruningSchedule, make_schedule
 from .stats import PRUNING_TABLE_COLUMNS, model_structure, pruning_scalars, pruning_table_rows
 
 __all__ = ["PruningCallback", "DistributedPruningError"]

@@ -3,7 +3,7 @@
 A schedule is a list of :class:`PruningEvent` ``(step, target)``: at optimizer step ``step`` the model
 is brought to ``target`` percent *removed*, measured against the size the model had when training
 began (not against its current size). Targets never decrease and the last one is the final target.
-:func:`step_percentage` turns "this much of the original removed" into the engine's per-call
+:func:`~optipfair_train.pruning.targets.step_percentage` turns "this much of the original removed" into the engine's per-call
 ``pruning_percentage``, which counts against the *current* size (OptiPFair semantics), so that the
 last event lands exactly on the final target.
 
@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from ..pruning.targets import step_percentage, units_to_remove
 
 __all__ = [
     "PruningEvent",
@@ -181,37 +183,3 @@ def make_schedule(
     events = [(s, target * (1 - (1 - (s - origin) / (end - origin)) ** power)) for s in steps]
     events[-1] = (end, target)
     return PruningSchedule(events, kind=kind)
-
-
-def units_to_remove(current: int, original: int, target: float) -> int:
-    """How many of ``current`` units to remove now so that ``target`` percent of ``original`` are gone.
-
-    The final count removed from the original follows the engine's rounding (``int(p / 100 * n)``),
-    at least one unit always stays, and a negative answer (already smaller) becomes 0.
-
-    Example:
-        >>> units_to_remove(current=90, original=100, target=25)
-        15
-    """
-    removed_total = min(int(target / 100 * original + 1e-9), original - 1)
-    return max(0, current - (original - removed_total))
-
-
-def step_percentage(current: int, remove: int) -> float:
-    """The engine's ``pruning_percentage`` that removes exactly ``remove`` of ``current`` units.
-
-    The engine floors ``p / 100 * current``; a quarter unit of margin keeps float error from
-    flooring one unit too few.
-
-    Example:
-        >>> step_percentage(96, 24)
-        25.0
-        >>> int(step_percentage(7, 2) / 100 * 7 + 1e-9)
-        2
-    """
-    if not 0 < remove < current:
-        raise ValueError(f"Cannot remove {remove} of {current} units (need 0 < remove < current).")
-    exact = 100.0 * remove / current
-    if int(exact / 100 * current + 1e-9) == remove:
-        return exact
-    return 100.0 * (remove + 0.25) / current

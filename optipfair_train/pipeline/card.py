@@ -14,7 +14,7 @@ import yaml
 from ..models import DEMO_MODEL_ID
 from .config import PipelineConfig
 
-__all__ = ["write_model_card"]
+__all__ = ["base_model_name", "write_model_card"]
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -31,12 +31,22 @@ def _bias(metrics: dict) -> str:
     return f"{metrics['bias/score']:.1f} [{metrics['bias/score_ci_low']:.1f}, {metrics['bias/score_ci_high']:.1f}]"
 
 
+def base_model_name(config: PipelineConfig) -> str:
+    """The name of the model the run started from, as the card and the pruning manifest give it.
+
+    Example:
+        >>> base_model_name(load_config(None, ["--model_path", "demo"]))  # doctest: +SKIP
+        'HuggingFaceTB/SmolLM2-135M-Instruct'
+    """
+    return DEMO_MODEL_ID if config.model.model_path == "demo" else config.model.model_path
+
+
 def write_model_card(folder: Path, config: PipelineConfig, state: dict[str, Any], speed: dict) -> Path:
     """Write ``folder/README.md``: base model, every round's pruning, healing, quality and bias numbers.
 
     ``speed`` holds ``tokens_per_second`` results of the base and the final model measured side by side.
     """
-    base_model = DEMO_MODEL_ID if config.model.model_path == "demo" else config.model.model_path
+    base_model = base_model_name(config)
     baseline, rounds = state["baseline"], state["rounds"]
     base_speed, final_speed = speed["base"], speed["final"]
     speedup = {

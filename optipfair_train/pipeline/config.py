@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,7 @@ class RunConfig:
 
 HEAL_METHODS = ("lora", "kd", "kd_lora", "sft", "sft_lora", "none")
 LORA_METHODS = ("lora", "kd_lora", "sft_lora")
+DTYPES = ("float32", "bfloat16", "float16")
 SECTIONS = (ModelConfig, DataConfig, PruningConfig, HealConfig, RunConfig)
 
 
@@ -158,6 +160,63 @@ def _as_flags(values: dict[str, Any]) -> list[str]:
     return flags
 
 
+def _field_types() -> dict[str, Any]:
+    hints = {}
+    for section in SECTIONS:
+        hints.update(typing.get_type_hints(section))
+    return hints
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _check_yaml_types(path: Path, values: dict[str, Any]) -> None:
+    """YAML values must already have the key's type (a flag's text is converted by the parser)."""
+    for key, value in values.items():
+        expected = _field_types()[key]
+        if expected == list[str]:
+            ok, accepted = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
+        elif expected is float:
+            ok, accepted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif expected is int:
+            ok, accepted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif expected is str:  # a name like 2024 is still a name
+            ok, accepted = isinstance(value, (str, int, float)) and not isinstance(value, bool), "a string"
+        else:
+            ok, accepted = isinstance(value, expected), _TYPE_NAMES[expected]
+        if not ok:
+            raise ValueError(f"{path}: {key} must be {accepted}, got {value!r} ({type(value).__name__}).")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        raise ValueError(f"{where}: YAML syntax error: {problem}.") from err
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of keys to values at the top level.")
+    unknown = sorted(set(values) - set(config_keys()))
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown key(s) {', '.join(unknown)}. Accepted keys: {', '.join(config_keys())}."
+        )
+    _check_yaml_types(path, values)
+    return values
+
+
+class _Parser(HfArgumentParser):
+    """argparse exits on a bad flag; raise instead, with argparse's message (it names flag and type)."""
+
+    def error(self, message: str):
+        raise ValueError(message)
+
+
 def load_config(path: str | Path | None = None, args: list[str] | None = None) -> PipelineConfig:
     """Read a YAML file (flat keys) and apply command-line flags on top; validate everything.
 
@@ -165,36 +224,50 @@ def load_config(path: str | Path | None = None, args: list[str] | None = None) -
         >>> load_config(None, ["--heal_method", "none"]).heal.heal_method
         'none'
     """
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Config file {path} does not exist.")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of keys to values at the top level.")
-        unknown = sorted(set(values) - set(config_keys()))
-        if unknown:
-            raise ValueError(
-                f"{path}: unknown key(s) {', '.join(unknown)}. Accepted keys: {', '.join(config_keys())}."
-            )
-    parser = HfArgumentParser(SECTIONS)
+    values = _read_yaml(Path(path)) if path is not None else {}
     try:
-        parsed = parser.parse_args_into_dataclasses(
+        parsed = _Parser(SECTIONS).parse_args_into_dataclasses(
             _as_flags(values) + list(args or []), look_for_args_file=False
         )
-    except (SystemExit, ValueError) as err:  # argparse exits on a bad flag; make it an error to handle
-        raise ValueError(
-            f"Invalid configuration flags {args!r}; accepted: --{', --'.join(config_keys())}."
-        ) from err
+    except ValueError as err:  # e.g. "argument --heal_steps: invalid int value: 'x'"
+        raise ValueError(f"Invalid flag: {err}; accepted flags: --{', --'.join(config_keys())}.") from err
     config = PipelineConfig(*parsed)
     validate(config)
     return config
 
 
+def _check_positive(section: Any, names: tuple[str, ...], minimum: float = 1) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value < minimum:
+            raise ValueError(f"{name} must be at least {minimum:g}, got {value}.")
+
+
 def validate(config: PipelineConfig) -> None:
-    """Refuse settings that cannot work, before any model is loaded."""
-    p, h = config.pruning, config.heal
+    """Refuse settings that cannot work, before any model is loaded (names, ranges, combinations).
+
+    What depends on the model's shapes (every round's pruning) is checked by
+    :func:`optipfair_train.pipeline.validate.preflight` once the model is loaded, before any folder.
+
+    Example:
+        >>> validate(load_config(None, ["--lora_r", "8"]))
+    """
+    from ..pruning import LAYER_SELECTION_METHODS, get_scorer
+
+    p, h, d = config.pruning, config.heal, config.data
+    if config.model.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {config.model.dtype!r}.")
+    _check_positive(
+        d,
+        (
+            "num_calibration_samples",
+            "calibration_seq_len",
+            "heal_seq_len",
+            "eval_tokens",
+            "eval_seq_len",
+            "behaviour_sample_size",
+        ),
+    )
     if p.num_rounds < 1:
         raise ValueError(f"num_rounds must be at least 1, got {p.num_rounds}.")
     for name in ("mlp_pruning_percentage", "attention_pruning_percentage"):
@@ -215,12 +288,33 @@ def validate(config: PipelineConfig) -> None:
             "Nothing to prune: set mlp_pruning_percentage, attention_pruning_percentage, "
             "num_layers_to_remove or target_parameters."
         )
+    try:
+        get_scorer(p.neuron_selection_method)
+    except ValueError as err:
+        raise ValueError(f"neuron_selection_method: {err}") from err
+    layer_methods = [m for m in LAYER_SELECTION_METHODS if m != "custom"]  # custom needs indices
+    if p.layer_selection_method not in layer_methods:
+        raise ValueError(
+            f"layer_selection_method must be one of {', '.join(layer_methods)}, "
+            f"got {p.layer_selection_method!r}."
+        )
+    if not 0 <= p.fairness_weight <= 1:
+        raise ValueError(f"fairness_weight must be in [0, 1], got {p.fairness_weight}.")
     methods = HEAL_METHODS
     if h.heal_method not in methods:
         raise ValueError(f"heal_method must be one of {', '.join(methods)}, got {h.heal_method!r}.")
     if h.heal_method != "none" and (h.heal_steps < 1 or h.learning_rate <= 0):
         raise ValueError("heal_steps must be >= 1 and learning_rate > 0 when healing.")
+    _check_positive(h, ("per_device_batch_size", "gradient_accumulation_steps"))
+    _check_positive(config.run, ("save_steps",))
+    if h.heal_method in LORA_METHODS:
+        _check_positive(h, ("lora_r", "lora_alpha"))
+        if not h.lora_target_modules:
+            raise ValueError("lora_target_modules must name at least one module for LoRA healing.")
     if not 0 <= h.kd_alpha <= 1 or h.kd_temperature <= 0:
         raise ValueError("kd_alpha must be in [0, 1] and kd_temperature > 0.")
+    _check_positive(h, ("nan_retries",), minimum=0)
+    if not 0 < h.nan_lr_factor <= 1:
+        raise ValueError(f"nan_lr_factor must be in (0, 1], got {h.nan_lr_factor}.")
     if config.run.report_to not in ("wandb", "tensorboard", "none"):
         raise ValueError(f"report_to must be wandb, tensorboard or none, got {config.run.report_to!r}.")

@@ -2,8 +2,8 @@
 (the same conversion the pruning callback's schedules use).
 
 Example:
-    >>> share(10, round_idx=1, num_rounds=3), share(10, 2, 3), share(10, 3, 3)
-    (3, 3, 4)
+    >>> round_prunings(model, base, config, round_idx=1)  # doctest: +SKIP
+    [{'pruning_type': 'MLP_GLU', 'pruning_percentage': 10.0, 'neuron_selection_method': 'activation'}]
 """
 
 from __future__ import annotations
@@ -14,15 +14,10 @@ import torch
 
 from ..analysis import count_parameters
 from ..arch import get_adapter
-from ..callbacks.schedule import step_percentage, units_to_remove
+from ..pruning.targets import round_share, step_percentage, units_to_remove
 from .config import PipelineConfig
 
-__all__ = ["share", "round_prunings"]
-
-
-def share(total: int, round_idx: int, num_rounds: int) -> int:
-    """Units that round ``round_idx`` (1-based) removes so the rounds add up to ``total`` exactly."""
-    return total * round_idx // num_rounds - total * (round_idx - 1) // num_rounds
+__all__ = ["round_prunings", "head_method"]
 
 
 def round_prunings(
@@ -36,7 +31,7 @@ def round_prunings(
     p, rounds = config.pruning, config.pruning.num_rounds
     adapter = get_adapter(model)
     steps: list[dict[str, Any]] = []
-    blocks = share(p.num_layers_to_remove, round_idx, rounds)
+    blocks = round_share(p.num_layers_to_remove, round_idx, rounds)
     if blocks:
         steps.append(
             dict(
@@ -53,7 +48,7 @@ def round_prunings(
             dict(
                 pruning_type="ATTENTION",
                 pruning_percentage=step_percentage(kv_heads, groups),
-                neuron_selection_method=_head_method(p.neuron_selection_method),
+                neuron_selection_method=head_method(p.neuron_selection_method),
             )
         )
     mlp_type = "MLP_GLU" if adapter.family.is_glu else "MLP"
@@ -82,6 +77,11 @@ def round_prunings(
     return steps
 
 
-def _head_method(neuron_method: str) -> str:
-    """Heads have fewer scorers than neurons: map the neuron scorer to the closest head scorer."""
+def head_method(neuron_method: str) -> str:
+    """Heads have fewer scorers than neurons: map the neuron scorer to the closest head scorer.
+
+    Example:
+        >>> head_method("taylor"), head_method("fairness")
+        ('taylor', 'activation')
+    """
     return neuron_method if neuron_method in ("activation", "taylor", "random", "L2") else "activation"

@@ -2,15 +2,22 @@
 
 Layout of ``output_dir``::
 
-    state.json                 what is finished (baseline, rounds), the config, the W&B run id
-    round-K/pruned/            the model right after round K's pruning (saved before healing starts)
-    round-K/heal/checkpoint-N  Trainer checkpoints while healing (resume continues from the last)
-    round-K/model/             the healed model, LoRA merged; round K is finished once it exists
+    state.json                 the config, the baseline, finished rounds, the W&B run id, ``finished``
+    round-K/pruned/            the model right after round K's pruning, with its events.json
+    round-K/heal/checkpoint-N  Trainer checkpoints while healing (resume continues from the last complete)
+    round-K/model/             the healed model, LoRA merged, with round.json; round K is finished once
+                               it exists
     final/                     the last round's model, tokenizer, pruning_manifest.json, README.md card
+
+Every folder and state file is written under a temporary name and renamed into place once whole
+(:mod:`.state`), so a crash at any point leaves finished steps intact and nothing half-written that a
+rerun would trust; rerunning the same command resumes from the last finished step and reaches the
+same final model, and rerunning a finished run changes nothing. Every setting is checked, and every
+round's pruning dry-run on the model's shapes (:mod:`.validate`), before the output folder is created.
 
 A fresh ``Trainer`` heals each round, so the structural change never happens inside a DDP run: every
 rank prunes identically (calibration statistics are all-reduced) and the next Trainer wraps the new
-shapes. Rerunning the same command after a crash resumes where it stopped; nothing finished is redone.
+shapes.
 
 Example:
     >>> from optipfair_train.pipeline import PruneThenHeal, load_config
@@ -20,60 +27,47 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
-from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import TrainerCallback, TrainingArguments
 
 from ..analysis import count_parameters
-from ..arch import get_adapter
-from ..callbacks import BiasProbeCallback
-from ..callbacks.base import figure_to_rgb
+from ..arch import get_adapter, unwrap_model
 from ..data import calibration_dataloader, load_texts, tokenize_for_lm
 from ..evaluation import perplexity, tokens_per_second
-from ..heal import DistillationTrainer, add_lora, sft_dataset, text_dataset
+from ..heal import sft_dataset, text_dataset
 from ..models import load_model_and_tokenizer
 from ..pruning import load_pruned_model, prune_model, save_pruned_model
-from .card import write_model_card
-from .config import LORA_METHODS, PipelineConfig
+from .card import base_model_name, write_model_card
+from .config import PipelineConfig
+from .faults import crash_point
+from .healing import NonFiniteLossError, heal, training_args
 from .rounds import round_prunings
+from .state import (
+    COMPLETE_NAME,
+    atomic_folder,
+    atomic_write_json,
+    folder_problem,
+    read_json,
+    remove_folder,
+    remove_leftovers,
+)
+from .tracking import RoundTracker
+from .validate import preflight
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PruneThenHeal", "NonFiniteLossError"]
 
-
-class NonFiniteLossError(RuntimeError):
-    """Healing kept producing NaN/inf losses after every allowed retry."""
-
-
-class _NonFiniteLossGuard(TrainerCallback):
-    """Stops training at the first logged NaN/inf loss (the pipeline then rolls the round back)."""
-
-    def __init__(self):
-        self.tripped = False
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            self.tripped = True
-            control.should_training_stop = True
-            control.should_save = False
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        if self.tripped:  # a checkpoint after a NaN must not be resumed from
-            raise NonFiniteLossError("non-finite loss before a checkpoint")
+EVENTS_NAME = "events.json"  # in round-K/pruned: the pruning events of round K
+ROUND_RECORD = "round.json"  # in round-K/model: round K's metrics, as state.json lists them
 
 
 class PruneThenHeal:
@@ -92,19 +86,18 @@ class PruneThenHeal:
         self.config = config
         self.callbacks = list(callbacks or [])
         self.out = Path(config.run.output_dir)
+        self.base_name = base_model_name(config)
         # cpu=True on a CPU-only machine: without it, ranks of a multi-process CPU run all see index 0
         self.distributed = PartialState(cpu=not torch.cuda.is_available())
         self.state: dict[str, Any] = {}
 
-    # -- bookkeeping -------------------------------------------------------------------------------
+    # -- the output folder ---------------------------------------------------------------------------
     def _state_path(self) -> Path:
         return self.out / "state.json"
 
     def _save_state(self) -> None:
         if self.distributed.is_main_process:
-            tmp = self._state_path().with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.state, indent=2))
-            tmp.replace(self._state_path())
+            atomic_write_json(self._state_path(), self.state)
         self.distributed.wait_for_everyone()
 
     def _comparable(self) -> dict:
@@ -112,26 +105,78 @@ class PruneThenHeal:
         settings["run"] = {k: v for k, v in settings["run"].items() if k in ("seed",)}
         return settings
 
-    def _prepare_output_dir(self) -> None:
+    def _read_state(self) -> dict[str, Any] | None:
+        """The state of an earlier run in ``output_dir`` (``None`` if there is none); reads only."""
+        if not self._state_path().is_file():
+            return None
+        state = read_json(self._state_path(), f"delete {self.out} (or choose another output_dir) to start over.")
+        if state.get("config") != self._comparable():
+            raise ValueError(
+                f"{self.out} holds a run with different settings; use a new output_dir "
+                "(or delete it) to start over."
+            )
+        return state
+
+    def _check_writable(self) -> None:
+        """Refuse an output_dir that cannot be created, without creating anything."""
+        existing = self.out
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise OSError(
+                f"Output directory {self.out} is not writable ({existing} is not a writable folder); "
+                "choose another output_dir."
+            )
+
+    def _open_output_dir(self, existing: dict[str, Any] | None) -> None:
+        """Create ``output_dir`` (the first write of a run) or clear what a crash left in it."""
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / f".write-test-{os.getpid()}"  # one per process: ranks never race
-            probe.write_text("ok")
-            probe.unlink()
         except OSError as err:
             raise OSError(
                 f"Output directory {self.out} is not writable ({err}); choose another output_dir."
             ) from err
-        if self._state_path().exists():
-            self.state = json.loads(self._state_path().read_text())
-            if self.state.get("config") != self._comparable():
-                raise ValueError(
-                    f"{self.out} holds a run with different settings; use a new output_dir "
-                    "(or delete it) to start over."
-                )
+        if self.distributed.is_main_process:
+            for folder in [self.out, *sorted(self.out.glob("round-*"))]:
+                remove_leftovers(folder)
+        self.distributed.wait_for_everyone()
+        if existing is not None:
             logger.info("Resuming the run in %s", self.out)
-        else:
-            self.state = {"config": self._comparable(), "rounds": []}
+        self.state = existing or {"config": self._comparable(), "rounds": []}
+        self._save_state()
+
+    def _finished_rounds(self) -> list[dict[str, Any]]:
+        """Records of rounds 1, 2, ... whose healed model was saved (a round is finished once it is)."""
+        records = []
+        for k in range(1, self.config.pruning.num_rounds + 1):
+            folder = self.out / f"round-{k}" / "model"
+            if not folder.is_dir():
+                break
+            records.append(read_json(folder / ROUND_RECORD, f"delete {folder} to redo round {k}."))
+        return records
+
+    def _load_saved(self, folder: Path) -> torch.nn.Module:
+        """A model folder this pipeline wrote, checked file by file first."""
+        problem = folder_problem(folder)
+        if problem is None:
+            try:
+                model = load_pruned_model(folder)
+            except Exception as err:  # e.g. safetensors' own errors, which name no file
+                problem = f"{folder} cannot be loaded ({err})"
+        if problem is not None:
+            raise ValueError(f"{problem}. Delete {folder} to redo the step that wrote it.")
+        unwrap_model(model).config._name_or_path = self.base_name  # the manifest names the original
+        return model
+
+    def _save_model(self, model, tokenizer, folder: Path, records: dict[str, Any]) -> None:
+        """Save ``model`` (with JSON ``records`` beside it) into ``folder``, all at once or not at all."""
+        if self.distributed.is_main_process:
+            with atomic_folder(folder) as tmp:
+                save_pruned_model(model, tmp, tokenizer=tokenizer)
+                crash_point("model-save")
+                for name, data in records.items():
+                    atomic_write_json(tmp / name, data)
+        self.distributed.wait_for_everyone()
 
     # -- data ----------------------------------------------------------------------------------------
     def _load_data(self, tokenizer) -> None:
@@ -199,149 +244,58 @@ class PruneThenHeal:
 
     # -- healing -------------------------------------------------------------------------------------
     def _training_args(self, round_dir: Path, learning_rate: float) -> TrainingArguments:
-        h, r = self.config.heal, self.config.run
-        sft = h.heal_method in ("sft", "sft_lora")
-        if sft:
-            from trl import SFTConfig
-
-            # TRL's own defaults (bf16, gradient checkpointing) are for GPUs; keep the pipeline's settings.
-            # Transformers 5.24 renamed gradient_checkpointing to activation_checkpointing.
-            checkpointing = (
-                "activation_checkpointing"
-                if "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)}
-                else "gradient_checkpointing"
-            )
-            arguments_class, extra = (
-                SFTConfig,
-                {
-                    "max_length": self.config.data.heal_seq_len,
-                    "packing": False,
-                    "bf16": False,
-                    checkpointing: False,
-                },
-            )
-        else:
-            arguments_class, extra = TrainingArguments, dict(remove_unused_columns=False)
-        return arguments_class(
-            **extra,
-            output_dir=str(round_dir / "heal"),
-            max_steps=h.heal_steps,
-            learning_rate=learning_rate,
-            per_device_train_batch_size=h.per_device_batch_size,
-            gradient_accumulation_steps=h.gradient_accumulation_steps,
-            lr_scheduler_type="cosine",
-            warmup_steps=max(1, h.heal_steps // 10),
-            optim="adamw_torch",
-            logging_steps=1,
-            logging_nan_inf_filter=False,  # the guard must see a NaN loss, not a filtered average
-            save_strategy="steps",
-            save_steps=r.save_steps,
-            save_total_limit=1,
-            seed=r.seed,
-            data_seed=r.seed,
-            report_to=[] if r.report_to == "none" else [r.report_to],
-            run_name=r.run_name,
-            disable_tqdm=not r.show_progress,
-            dataloader_num_workers=0,
-            include_num_input_tokens_seen="non_padding",  # the tokens healing really used (card, W&B)
-            use_cpu=not torch.cuda.is_available(),
-        )
+        return training_args(self.config, round_dir, learning_rate)
 
     def _heal(self, model, tokenizer, round_dir: Path, learning_rate: float) -> tuple[torch.nn.Module, int]:
-        """Heal ``model`` with the configured method; returns the healed (merged) model and the number
-        of (non-padding) tokens healing trained on."""
-        h = self.config.heal
-        if h.heal_method == "none":
-            return model, 0
-        if h.heal_method in LORA_METHODS:
-            model = add_lora(model, r=h.lora_r, alpha=h.lora_alpha, target_modules=h.lora_target_modules)
-        guard = _NonFiniteLossGuard()
-        kwargs = dict(
-            model=model,
-            args=self._training_args(round_dir, learning_rate),
-            train_dataset=self.heal_dataset,
-            callbacks=[guard, *self.callbacks],
+        return heal(
+            model,
+            tokenizer,
+            self.config,
+            round_dir,
+            learning_rate,
+            getattr(self, "heal_dataset", None),
+            teacher=self.teacher,
+            behaviour_pairs=self.behaviour_pairs,
+            callbacks=self.callbacks,
         )
-        if h.heal_method in ("sft", "sft_lora"):
-            from trl import SFTTrainer
-
-            trainer = SFTTrainer(processing_class=tokenizer, **kwargs)
-        elif h.heal_method in ("kd", "kd_lora"):
-            trainer = DistillationTrainer(
-                teacher=self.teacher,
-                temperature=h.kd_temperature,
-                alpha=h.kd_alpha,
-                data_collator=default_data_collator,
-                **kwargs,
-            )
-        else:
-            trainer = Trainer(data_collator=default_data_collator, **kwargs)
-        if self.behaviour_pairs:  # watch fairness while the model recovers, on the Trainer's step axis
-            trainer.add_callback(
-                BiasProbeCallback(
-                    trainer,
-                    tokenizer=tokenizer,
-                    pairs=self.behaviour_pairs,
-                    seed=self.config.run.seed,
-                    sample_size=min(self.config.data.behaviour_sample_size, len(self.behaviour_pairs)),
-                    every_n_steps=max(1, h.heal_steps // 4),
-                    at_train_begin=False,
-                    at_train_end=False,
-                )
-            )
-        checkpoints = sorted(
-            (round_dir / "heal").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
-        )
-        try:
-            trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
-        except NonFiniteLossError:
-            guard.tripped = True
-        if guard.tripped:
-            raise NonFiniteLossError(f"non-finite healing loss at lr={learning_rate:g}")
-        model = trainer.model
-        tokens = int(trainer.state.num_input_tokens_seen)
-        return (model.merge_and_unload() if hasattr(model, "merge_and_unload") else model), tokens
 
     # -- the run -------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Run (or resume) every round; returns the final model (in memory and its folder) and the
-        baseline and per-round metrics."""
+        baseline and per-round metrics (``already_finished`` is true when an earlier run had done it all).
+        """
         config = self.config
         start = time.perf_counter()
-        self._prepare_output_dir()
+        existing = self._read_state()
+        if existing is not None and existing.get("finished"):
+            return self._already_finished(existing)
+        self._check_writable()
         torch.manual_seed(config.run.seed)
         model, tokenizer = load_model_and_tokenizer(config.model.model_path, dtype=config.model.dtype)
+        unwrap_model(model).config._name_or_path = self.base_name
         adapter = get_adapter(model)
         base = {
             "width": adapter.mlp(0).intermediate_size,
             "kv_heads": adapter.head_counts(0)[1],
             "parameters": count_parameters(model),
         }
-        if config.pruning.target_parameters and config.pruning.target_parameters >= base["parameters"]:
-            raise ValueError(
-                f"target_parameters {config.pruning.target_parameters:,} is already reached: the model "
-                f"has {base['parameters']:,} parameters."
-            )
+        preflight(model, base, config)
         self._load_data(tokenizer)
         self._prepare_teacher(config, tokenizer)
-        self._init_tracking()
+        self._open_output_dir(existing)  # nothing was written before this point
+        self.tracker = RoundTracker(config, self.state, self.out, self.distributed.is_main_process)
         if "baseline" not in self.state:
             self.state["baseline"] = self.evaluate(model, tokenizer)
             self._save_state()
-            self._log_round(0, self.state["baseline"])
+            self.tracker.log_round(0, self.state["baseline"], self.state)
 
-        ran = False
-        for k in range(1, config.pruning.num_rounds + 1):
-            round_dir = self.out / f"round-{k}"
-            if k <= len(self.state["rounds"]):
-                continue
-            model = self._run_round(k, round_dir, model, tokenizer, base)
-            ran = True
+        self.state["rounds"] = self._finished_rounds()
+        if self.state["rounds"]:  # continue from the last finished round's model
+            model = self._load_saved(self.out / f"round-{len(self.state['rounds'])}" / "model")
+        for k in range(len(self.state["rounds"]) + 1, config.pruning.num_rounds + 1):
+            model = self._run_round(k, self.out / f"round-{k}", model, tokenizer, base)
 
         final_dir = self.out / "final"
-        last = self.out / f"round-{config.pruning.num_rounds}" / "model"
-        if not ran:  # every round was finished by an earlier run
-            model = load_pruned_model(last)
         if self.distributed.is_main_process:
             # base and final speed measured side by side, so machine load affects both alike
             base_model, _ = load_model_and_tokenizer(config.model.model_path, dtype=config.model.dtype)
@@ -350,19 +304,34 @@ class PruneThenHeal:
                 "final": tokens_per_second(model, tokenizer),
             }
             del base_model
-            if final_dir.exists():
-                shutil.rmtree(final_dir)
-            shutil.copytree(last, final_dir)
-            write_model_card(final_dir, config, self.state, speed)
-        self.distributed.wait_for_everyone()
+            last = self.out / f"round-{config.pruning.num_rounds}" / "model"
+            with atomic_folder(final_dir) as tmp:
+                shutil.copytree(
+                    last, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(COMPLETE_NAME, ROUND_RECORD)
+                )
+                crash_point("card-write")
+                write_model_card(tmp, config, self.state, speed)
+        self.state["finished"] = True
+        self._save_state()
         logger.info("Finished in %.0f s; final model in %s", time.perf_counter() - start, final_dir)
-        self._finish_tracking()
+        self.tracker.finish()
+        return self._result(model, final_dir, already_finished=False)
+
+    def _result(self, model, final_dir: Path, already_finished: bool) -> dict[str, Any]:
         return {
             "model": model,
             "final_dir": str(final_dir),
             "baseline": self.state["baseline"],
             "rounds": self.state["rounds"],
+            "already_finished": already_finished,
         }
+
+    def _already_finished(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A finished run's result, read back; nothing is written and no tracking run is started."""
+        self.state = state
+        final_dir = self.out / "final"
+        logger.info("%s holds a finished run; nothing to do.", self.out)
+        return self._result(self._load_saved(final_dir), final_dir, already_finished=True)
 
     def _prepare_teacher(self, config: PipelineConfig, tokenizer) -> None:
         self.teacher = None
@@ -379,9 +348,9 @@ class PruneThenHeal:
     def _run_round(self, k: int, round_dir: Path, model, tokenizer, base: dict) -> torch.nn.Module:
         config = self.config
         pruned_dir = round_dir / "pruned"
-        if (pruned_dir / "config.json").exists():
-            model = load_pruned_model(pruned_dir)
-            events = json.loads((round_dir / "events.json").read_text())
+        if pruned_dir.is_dir():
+            model = self._load_saved(pruned_dir)
+            events = read_json(pruned_dir / EVENTS_NAME, f"delete {pruned_dir} to prune round {k} again.")
         else:
             events = []
             for step in round_prunings(model, base, config, k):
@@ -397,10 +366,7 @@ class PruneThenHeal:
                     **step,
                 )
                 events.append(stats["event"])
-            if self.distributed.is_main_process:
-                save_pruned_model(model, pruned_dir, tokenizer=tokenizer)
-                (round_dir / "events.json").write_text(json.dumps(events, indent=2))
-            self.distributed.wait_for_everyone()
+            self._save_model(model, tokenizer, pruned_dir, {EVENTS_NAME: events})
         pruned_metrics = self.evaluate(model, tokenizer)
 
         learning_rate = config.heal.learning_rate
@@ -420,14 +386,11 @@ class PruneThenHeal:
                     "Round %d: non-finite loss; rolling back and retrying with lr=%g", k, learning_rate
                 )
                 if self.distributed.is_main_process:
-                    shutil.rmtree(round_dir / "heal", ignore_errors=True)
+                    remove_folder(round_dir / "heal")
                 self.distributed.wait_for_everyone()
-                model = load_pruned_model(pruned_dir)
+                model = self._load_saved(pruned_dir)
 
         healed = self.evaluate(model, tokenizer)
-        if self.distributed.is_main_process:
-            save_pruned_model(model, round_dir / "model", tokenizer=tokenizer)
-            shutil.rmtree(round_dir / "heal", ignore_errors=True)
         record = {
             "round": k,
             "events": events,
@@ -436,75 +399,12 @@ class PruneThenHeal:
             "learning_rate": learning_rate,
             "heal_tokens": heal_tokens,
         }
+        self._save_model(model, tokenizer, round_dir / "model", {ROUND_RECORD: record})
         self.state["rounds"].append(record)
         self._save_state()
-        self._log_round(k, healed, record)
+        if self.distributed.is_main_process:
+            remove_folder(round_dir / "heal")
+        self.distributed.wait_for_everyone()
+        self.tracker.log_round(k, healed, self.state, record)
+        crash_point("between-rounds")
         return model
-
-    # -- tracking ------------------------------------------------------------------------------------
-    def _init_tracking(self) -> None:
-        self.wandb_run = None
-        if self.config.run.report_to != "wandb" or not self.distributed.is_main_process:
-            return
-        import wandb
-
-        os.environ.setdefault("WANDB_MODE", "offline")
-        run_id = self.state.setdefault("wandb_run_id", uuid.uuid4().hex[:8])
-        self.wandb_run = wandb.run or wandb.init(
-            project="optipfair-train",
-            name=self.config.run.run_name,
-            id=run_id,
-            resume="allow",
-            dir=str(self.out),
-            config=self.config.to_dict(),
-        )
-        self.wandb_run.define_metric("round")
-        self.wandb_run.define_metric("round/*", step_metric="round")
-
-    def _log_round(self, k: int, metrics: dict, record: dict | None = None) -> None:
-        if self.wandb_run is None:
-            return
-        import wandb
-
-        from ..bias import trajectory_figure
-
-        scalars = {
-            f"round/{name}": value for name, value in metrics.items() if isinstance(value, (int, float))
-        }
-        history = [self.state["baseline"]] + [r["healed"] for r in self.state["rounds"]]
-        figure = trajectory_figure(
-            list(range(len(history))),
-            {"activation mean difference": [h.get("bias/activation_mean_difference", 0.0) for h in history]},
-            xlabel="round",
-            ylabel="bias",
-            title="Bias across rounds",
-        )
-        columns = [
-            "round",
-            "parameters",
-            "perplexity",
-            "bias/activation_mean_difference",
-            "bias/score",
-            "bias/score_ci_low",
-            "bias/score_ci_high",
-        ]
-        rows = [[i] + [h.get(c) for c in columns[1:]] for i, h in enumerate(history)]
-        payload = {
-            "round": k,
-            **scalars,
-            "round/bias_trajectory": wandb.Image(figure_to_rgb(figure)),
-            "round/summary": wandb.Table(columns=columns, data=rows),
-        }
-        if record is not None:
-            payload["round/pruning"] = wandb.Table(
-                columns=["pruning_type", "method", "parameters_before", "parameters_after"],
-                data=[
-                    [e["pruning_type"], e["method"], e["parameters_before"], e["parameters_after"]]
-                    for e in record["events"]
-                ],
-            )
-        self.wandb_run.log(payload)
-
-    def _finish_tracking(self) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.finish()

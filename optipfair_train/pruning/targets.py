@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["kept_width", "width_for_parameter_budget", "layers_to_remove_count"]
+__all__ = [
+    "kept_width",
+    "width_for_parameter_budget",
+    "layers_to_remove_count",
+    "units_to_remove",
+    "step_percentage",
+    "round_share",
+]
 
 
 def _check_percentage(name: str, value: float) -> None:
@@ -141,3 +148,47 @@ def layers_to_remove_count(
             f"Cannot remove {num_layers_to_remove} of {num_layers} layers: at least one must stay."
         )
     return num_layers_to_remove
+
+
+def units_to_remove(current: int, original: int, target: float) -> int:
+    """How many of ``current`` units to remove now so that ``target`` percent of ``original`` are gone.
+
+    The final count removed from the original follows the engine's rounding (``int(p / 100 * n)``),
+    at least one unit always stays, and a negative answer (already smaller) becomes 0.
+
+    Example:
+        >>> units_to_remove(current=90, original=100, target=25)
+        15
+    """
+    removed_total = min(int(target / 100 * original + 1e-9), original - 1)
+    return max(0, current - (original - removed_total))
+
+
+def step_percentage(current: int, remove: int) -> float:
+    """The engine's ``pruning_percentage`` that removes exactly ``remove`` of ``current`` units.
+
+    The engine floors ``p / 100 * current``; a quarter unit of margin keeps float error from
+    flooring one unit too few.
+
+    Example:
+        >>> step_percentage(96, 24)
+        25.0
+        >>> int(step_percentage(7, 2) / 100 * 7 + 1e-9)
+        2
+    """
+    if not 0 < remove < current:
+        raise ValueError(f"Cannot remove {remove} of {current} units (need 0 < remove < current).")
+    exact = 100.0 * remove / current
+    if int(exact / 100 * current + 1e-9) == remove:
+        return exact
+    return 100.0 * (remove + 0.25) / current
+
+
+def round_share(total: int, round_idx: int, num_rounds: int) -> int:
+    """Units that round ``round_idx`` (1-based) of ``num_rounds`` removes so the rounds add up to ``total``.
+
+    Example:
+        >>> [round_share(10, k, 3) for k in (1, 2, 3)]
+        [3, 3, 4]
+    """
+    return total * round_idx // num_rounds - total * (round_idx - 1) // num_rounds

@@ -1,0 +1,175 @@
+"""One round's healing: a fresh Trainer (LoRA, distillation, SFT or plain) that resumes from the last
+complete checkpoint in ``round-K/heal`` and stops at the first NaN/inf loss.
+
+Example:
+    >>> model, tokens = heal(model, tokenizer, config, round_dir, 2e-4, dataset)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+from ..callbacks import BiasProbeCallback
+from ..heal import DistillationTrainer, add_lora
+from .config import LORA_METHODS, PipelineConfig
+from .state import CheckpointCompletion, last_complete_checkpoint, remove_checkpoints
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NonFiniteLossError", "training_args", "heal"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Healing kept producing NaN/inf losses after every allowed retry."""
+
+
+class _NonFiniteLossGuard(TrainerCallback):
+    """Stops training at the first logged NaN/inf loss (the pipeline then rolls the round back)."""
+
+    def __init__(self):
+        self.tripped = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.tripped = True
+            control.should_training_stop = True
+            control.should_save = False
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.tripped:  # a checkpoint after a NaN must not be resumed from
+            raise NonFiniteLossError("non-finite loss before a checkpoint")
+
+
+def training_args(config: PipelineConfig, round_dir: Path, learning_rate: float) -> TrainingArguments:
+    """The Trainer's arguments for healing in ``round_dir/heal`` (SFTConfig for the SFT methods).
+
+    Example:
+        >>> training_args(load_config("configs/demo.yaml"), Path("out/round-1"), 2e-4).max_steps  # doctest: +SKIP
+        30
+    """
+    h, r = config.heal, config.run
+    if h.heal_method in ("sft", "sft_lora"):
+        from trl import SFTConfig
+
+        # TRL's own defaults (bf16, gradient checkpointing) are for GPUs; keep the pipeline's settings.
+        # Transformers 5.24 renamed gradient_checkpointing to activation_checkpointing.
+        checkpointing = (
+            "activation_checkpointing"
+            if "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)}
+            else "gradient_checkpointing"
+        )
+        arguments_class, extra = (
+            SFTConfig,
+            {"max_length": config.data.heal_seq_len, "packing": False, "bf16": False, checkpointing: False},
+        )
+    else:
+        arguments_class, extra = TrainingArguments, dict(remove_unused_columns=False)
+    return arguments_class(
+        **extra,
+        output_dir=str(round_dir / "heal"),
+        max_steps=h.heal_steps,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=h.per_device_batch_size,
+        gradient_accumulation_steps=h.gradient_accumulation_steps,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, h.heal_steps // 10),
+        optim="adamw_torch",
+        logging_steps=1,
+        logging_nan_inf_filter=False,  # the guard must see a NaN loss, not a filtered average
+        save_strategy="steps",
+        save_steps=r.save_steps,
+        save_total_limit=None,  # CheckpointCompletion deletes old checkpoints once a new one is whole
+        seed=r.seed,
+        data_seed=r.seed,
+        report_to=[] if r.report_to == "none" else [r.report_to],
+        run_name=r.run_name,
+        disable_tqdm=not r.show_progress,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",  # the tokens healing really used (card, W&B)
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def heal(
+    model: torch.nn.Module,
+    tokenizer,
+    config: PipelineConfig,
+    round_dir: Path,
+    learning_rate: float,
+    dataset,
+    *,
+    teacher: torch.nn.Module | None = None,
+    behaviour_pairs: list | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> tuple[torch.nn.Module, int]:
+    """Heal ``model`` with the configured method; returns the healed (LoRA-merged) model and the number
+    of (non-padding) tokens healing trained on.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (the caller rolls back and retries).
+    """
+    h = config.heal
+    if h.heal_method == "none":
+        return model, 0
+    if h.heal_method in LORA_METHODS:
+        model = add_lora(model, r=h.lora_r, alpha=h.lora_alpha, target_modules=h.lora_target_modules)
+    guard = _NonFiniteLossGuard()
+    kwargs = dict(
+        model=model,
+        args=training_args(config, round_dir, learning_rate),
+        train_dataset=dataset,
+        callbacks=[guard, CheckpointCompletion(), *(callbacks or [])],
+    )
+    if h.heal_method in ("sft", "sft_lora"):
+        from trl import SFTTrainer
+
+        trainer = SFTTrainer(processing_class=tokenizer, **kwargs)
+    elif h.heal_method in ("kd", "kd_lora"):
+        trainer = DistillationTrainer(
+            teacher=teacher,
+            temperature=h.kd_temperature,
+            alpha=h.kd_alpha,
+            data_collator=default_data_collator,
+            **kwargs,
+        )
+    else:
+        trainer = Trainer(data_collator=default_data_collator, **kwargs)
+    if behaviour_pairs:  # watch fairness while the model recovers, on the Trainer's step axis
+        trainer.add_callback(
+            BiasProbeCallback(
+                trainer,
+                tokenizer=tokenizer,
+                pairs=behaviour_pairs,
+                seed=config.run.seed,
+                sample_size=min(config.data.behaviour_sample_size, len(behaviour_pairs)),
+                every_n_steps=max(1, h.heal_steps // 4),
+                at_train_begin=False,
+                at_train_end=False,
+            )
+        )
+    checkpoint = last_complete_checkpoint(round_dir / "heal")
+    distributed = PartialState()
+    distributed.wait_for_everyone()  # every rank has chosen before the others are deleted
+    if distributed.is_main_process:
+        remove_checkpoints(round_dir / "heal", keep=checkpoint)
+    distributed.wait_for_everyone()
+    if checkpoint is not None:
+        logger.info("Resuming healing from %s", checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except NonFiniteLossError:
+        guard.tripped = True
+    if guard.tripped:
+        raise NonFiniteLossError(f"non-finite healing loss at lr={learning_rate:g}")
+    model = trainer.model
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return (model.merge_and_unload() if hasattr(model, "merge_and_unload") else model), tokens

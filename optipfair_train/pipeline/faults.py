@@ -10,8 +10,7 @@ Only tests set ``OPTIPFAIR_TRAIN_CRASH_AT``; unset (always, in real use) :func:`
 - ``checkpoint-write``: the Trainer wrote a checkpoint, its completion record not yet;
 - ``heal-removal``: a finished round's heal folder was renamed away, not yet deleted;
 - ``between-rounds``: a round is finished and recorded, the next has not started;
-- ``card-write``: the final folder's weights are copied, the model card not yet written;
-- ``state-write``: a new state.json is written under its temporary name, not yet renamed.
+- ``card-write``: the final folder's weights are copied, the model card not yet written.
 
 Example:
     >>> crash_point("model-save")  # nothing happens unless the variable names this point

@@ -28,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -52,10 +51,15 @@ from .healing import NonFiniteLossError, heal, training_args
 from .rounds import round_prunings
 from .state import (
     COMPLETE_NAME,
+    EVENTS_NAME,
+    ROUND_RECORD,
     atomic_folder,
     atomic_write_json,
+    check_writable,
+    finished_rounds,
     folder_problem,
     read_json,
+    read_state,
     remove_folder,
     remove_leftovers,
 )
@@ -65,9 +69,6 @@ from .validate import preflight
 logger = logging.getLogger(__name__)
 
 __all__ = ["PruneThenHeal", "NonFiniteLossError"]
-
-EVENTS_NAME = "events.json"  # in round-K/pruned: the pruning events of round K
-ROUND_RECORD = "round.json"  # in round-K/model: round K's metrics, as state.json lists them
 
 
 class PruneThenHeal:
@@ -107,26 +108,13 @@ class PruneThenHeal:
 
     def _read_state(self) -> dict[str, Any] | None:
         """The state of an earlier run in ``output_dir`` (``None`` if there is none); reads only."""
-        if not self._state_path().is_file():
-            return None
-        state = read_json(self._state_path(), f"delete {self.out} (or choose another output_dir) to start over.")
-        if state.get("config") != self._comparable():
+        state = read_state(self._state_path())
+        if state is not None and state.get("config") != self._comparable():
             raise ValueError(
                 f"{self.out} holds a run with different settings; use a new output_dir "
                 "(or delete it) to start over."
             )
         return state
-
-    def _check_writable(self) -> None:
-        """Refuse an output_dir that cannot be created, without creating anything."""
-        existing = self.out
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK):
-            raise OSError(
-                f"Output directory {self.out} is not writable ({existing} is not a writable folder); "
-                "choose another output_dir."
-            )
 
     def _open_output_dir(self, existing: dict[str, Any] | None) -> None:
         """Create ``output_dir`` (the first write of a run) or clear what a crash left in it."""
@@ -137,23 +125,13 @@ class PruneThenHeal:
                 f"Output directory {self.out} is not writable ({err}); choose another output_dir."
             ) from err
         if self.distributed.is_main_process:
-            for folder in [self.out, *sorted(self.out.glob("round-*"))]:
+            for folder in [self.out, *self.out.glob("round-*")]:
                 remove_leftovers(folder)
         self.distributed.wait_for_everyone()
         if existing is not None:
             logger.info("Resuming the run in %s", self.out)
         self.state = existing or {"config": self._comparable(), "rounds": []}
         self._save_state()
-
-    def _finished_rounds(self) -> list[dict[str, Any]]:
-        """Records of rounds 1, 2, ... whose healed model was saved (a round is finished once it is)."""
-        records = []
-        for k in range(1, self.config.pruning.num_rounds + 1):
-            folder = self.out / f"round-{k}" / "model"
-            if not folder.is_dir():
-                break
-            records.append(read_json(folder / ROUND_RECORD, f"delete {folder} to redo round {k}."))
-        return records
 
     def _load_saved(self, folder: Path) -> torch.nn.Module:
         """A model folder this pipeline wrote, checked file by file first."""
@@ -269,7 +247,7 @@ class PruneThenHeal:
         existing = self._read_state()
         if existing is not None and existing.get("finished"):
             return self._already_finished(existing)
-        self._check_writable()
+        check_writable(self.out)
         torch.manual_seed(config.run.seed)
         model, tokenizer = load_model_and_tokenizer(config.model.model_path, dtype=config.model.dtype)
         unwrap_model(model).config._name_or_path = self.base_name
@@ -289,7 +267,7 @@ class PruneThenHeal:
             self._save_state()
             self.tracker.log_round(0, self.state["baseline"], self.state)
 
-        self.state["rounds"] = self._finished_rounds()
+        self.state["rounds"] = finished_rounds(self.out, config.pruning.num_rounds)
         if self.state["rounds"]:  # continue from the last finished round's model
             model = self._load_saved(self.out / f"round-{len(self.state['rounds'])}" / "model")
         for k in range(len(self.state["rounds"]) + 1, config.pruning.num_rounds + 1):
@@ -369,8 +347,11 @@ class PruneThenHeal:
             self._save_model(model, tokenizer, pruned_dir, {EVENTS_NAME: events})
         pruned_metrics = self.evaluate(model, tokenizer)
 
-        learning_rate = config.heal.learning_rate
-        for attempt in range(config.heal.nan_retries + 1):
+        learning_rate, first = config.heal.learning_rate, 0
+        retry = self.state.get("retry")
+        if retry and retry["round"] == k:  # a crash interrupted a retry: go on with it, at its rate
+            learning_rate, first = retry["learning_rate"], retry["attempt"]
+        for attempt in range(first, config.heal.nan_retries + 1):
             try:
                 torch.manual_seed(config.run.seed + k)
                 model, heal_tokens = self._heal(model, tokenizer, round_dir, learning_rate)
@@ -386,8 +367,9 @@ class PruneThenHeal:
                     "Round %d: non-finite loss; rolling back and retrying with lr=%g", k, learning_rate
                 )
                 if self.distributed.is_main_process:
-                    remove_folder(round_dir / "heal")
-                self.distributed.wait_for_everyone()
+                    remove_folder(round_dir / "heal")  # before the state says "retry", never after
+                self.state["retry"] = {"round": k, "attempt": attempt + 1, "learning_rate": learning_rate}
+                self._save_state()
                 model = self._load_saved(pruned_dir)
 
         healed = self.evaluate(model, tokenizer)
@@ -401,6 +383,7 @@ class PruneThenHeal:
         }
         self._save_model(model, tokenizer, round_dir / "model", {ROUND_RECORD: record})
         self.state["rounds"].append(record)
+        self.state.pop("retry", None)
         self._save_state()
         if self.distributed.is_main_process:
             remove_folder(round_dir / "heal")

@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "COMPLETE_NAME",
+    "EVENTS_NAME",
+    "ROUND_RECORD",
+    "read_state",
+    "check_writable",
+    "finished_rounds",
     "CHECKPOINT_FILES",
     "atomic_write_json",
     "read_json",
@@ -48,6 +53,8 @@ __all__ = [
 ]
 
 COMPLETE_NAME = "optipfair-complete.json"
+EVENTS_NAME = "events.json"  # in round-K/pruned: the pruning events of round K
+ROUND_RECORD = "round.json"  # in round-K/model: round K's metrics, as state.json lists them
 TMP_PREFIX = ".tmp-"
 # What a Trainer checkpoint needs to resume exactly (patterns; each must match at least one file):
 # without scheduler.pt or the RNG state the Trainer resumes silently, on another trajectory.
@@ -69,8 +76,6 @@ def atomic_write_json(path: Path, data: Any) -> None:
         handle.write(json.dumps(data, indent=2))
         handle.flush()
         os.fsync(handle.fileno())
-    if path.name == "state.json":
-        crash_point("state-write")
     os.replace(tmp, path)
     _fsync(path.parent)
 
@@ -81,6 +86,36 @@ def read_json(path: Path, remedy: str) -> Any:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is damaged (not valid JSON: {err}); {remedy}") from err
+
+
+def read_state(path: Path) -> dict[str, Any] | None:
+    """The run's state.json, or ``None`` when there is none yet."""
+    if not path.is_file():
+        return None
+    return read_json(path, f"delete {path.parent} (or choose another output_dir) to start over.")
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an output folder that cannot be created or written, without creating anything."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise OSError(
+            f"Output directory {out} is not writable ({existing} is not a writable folder); "
+            "choose another output_dir."
+        )
+
+
+def finished_rounds(out: Path, num_rounds: int) -> list[dict[str, Any]]:
+    """Records of rounds 1, 2, ... whose healed model folder exists (a round is finished once it does)."""
+    records = []
+    for k in range(1, num_rounds + 1):
+        folder = out / f"round-{k}" / "model"
+        if not folder.is_dir():
+            break
+        records.append(read_json(folder / ROUND_RECORD, f"delete {folder} to redo round {k}."))
+    return records
 
 
 def _sha256(path: Path) -> str:

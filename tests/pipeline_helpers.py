@@ -29,7 +29,7 @@ def write_assets(root: Path) -> Path:
 
 
 def write_config(assets: Path, out: Path, **overrides) -> Path:
-    """A YAML config for a two-round run (width and depth, LoRA, 4 steps, checkpoints every 2) into ``out``."""
+    """A YAML config of a two-round run into ``out``: width and depth, LoRA, 4 steps, checkpoints every 2."""
     settings = dict(
         model_path=str(assets / "model"),
         calibration_data=str(assets / "text.txt"),

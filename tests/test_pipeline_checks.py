@@ -93,7 +93,9 @@ def test_finished_run_is_a_no_op_on_rerun(assets, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "done"
-    config = write_config(assets, out, num_rounds=1, heal_method="none", num_layers_to_remove=0, report_to="wandb")
+    config = write_config(
+        assets, out, num_rounds=1, heal_method="none", num_layers_to_remove=0, report_to="wandb"
+    )
     PruneThenHeal(load_config(config)).run()
     wandb.finish()
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1
@@ -152,7 +154,9 @@ def test_damaged_file_is_an_error_naming_it(damage, assets, killed_in_round_2, t
 
 
 @pytest.mark.parametrize("damage", ["delete scheduler.pt", "truncate adapter_model.safetensors"])
-def test_damaged_checkpoint_is_reported_and_healing_restarts(damage, assets, killed_in_round_2, reference, tmp_path):
+def test_damaged_checkpoint_is_reported_and_healing_restarts(
+    damage, assets, killed_in_round_2, reference, tmp_path
+):
     out = _copy_run(killed_in_round_2, tmp_path, assets)
     action, name = damage.split()
     path = out / "round-2" / "heal" / "checkpoint-2" / name

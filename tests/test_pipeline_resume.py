@@ -40,6 +40,10 @@ def _checkpoint_marked(out: Path, k: int, step: int) -> bool:
     return (_heal_dir(out, k) / f"checkpoint-{step}" / COMPLETE_NAME).is_file()
 
 
+def _recorded_rounds(out: Path) -> list[int]:
+    return [r["round"] for r in json.loads((out / "state.json").read_text())["rounds"]]
+
+
 # point -> what the killed run must have left (proof that it died where the name says)
 KILL_POINTS = {
     # during healing: after step 3 of round 1, checkpoint-2 complete, nothing of the round finished
@@ -57,9 +61,7 @@ KILL_POINTS = {
     "heal-removal:1": lambda out: (out / "round-1" / ".tmp-heal.removed").is_dir()
     and (out / "round-1" / "model").is_dir(),
     # between rounds: round 1 finished and recorded, round 2 not started
-    "between-rounds:1": lambda out: [r["round"] for r in json.loads((out / "state.json").read_text())["rounds"]]
-    == [1]
-    and not (out / "round-2").exists(),
+    "between-rounds:1": lambda out: _recorded_rounds(out) == [1] and not (out / "round-2").exists(),
     # between saving round 2's pruned weights and its events: weights written, events.json not
     "model-save:3": lambda out: (out / "round-2" / ".tmp-pruned" / "model.safetensors").is_file()
     and not (out / "round-2" / ".tmp-pruned" / "events.json").exists()

@@ -175,7 +175,8 @@ def _check_yaml_types(path: Path, values: dict[str, Any]) -> None:
     for key, value in values.items():
         expected = _field_types()[key]
         if expected == list[str]:
-            ok, accepted = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            accepted = "a list of strings"
         elif expected is float:
             ok, accepted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
         elif expected is int:

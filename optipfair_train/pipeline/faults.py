@@ -2,7 +2,7 @@
 
 Only tests set ``OPTIPFAIR_TRAIN_CRASH_AT``; unset (always, in real use) :func:`crash_point` does nothing.
 ``OPTIPFAIR_TRAIN_CRASH_AT=model-save:3`` sends SIGKILL to the process the third time it reaches
-``crash_point("model-save")`` (``:1`` when no count is given). The points, in the order a run meets them:
+``crash_point("model-save")`` (``:1`` when no count is given). The points:
 
 - ``model-save``: a model's weights are written into its temporary folder, nothing else yet
   (saves are counted: 1 = round-1/pruned, 2 = round-1/model, 3 = round-2/pruned, ...);

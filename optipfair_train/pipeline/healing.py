@@ -53,7 +53,8 @@ def training_args(config: PipelineConfig, round_dir: Path, learning_rate: float)
     """The Trainer's arguments for healing in ``round_dir/heal`` (SFTConfig for the SFT methods).
 
     Example:
-        >>> training_args(load_config("configs/demo.yaml"), Path("out/round-1"), 2e-4).max_steps  # doctest: +SKIP
+        >>> args = training_args(load_config("configs/demo.yaml"), Path("out/r1"), 2e-4)  # doctest: +SKIP
+        >>> args.max_steps  # doctest: +SKIP
         30
     """
     h, r = config.heal, config.run
@@ -116,6 +117,9 @@ def heal(
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf (the caller rolls back and retries).
+
+    Example:
+        >>> healed, tokens = heal(model, tokenizer, config, Path("out/round-1"), 2e-4, data)  # doctest: +SKIP
     """
     h = config.heal
     if h.heal_method == "none":

@@ -70,7 +70,11 @@ def _fsync(path: Path) -> None:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` so that a crash leaves the old file or the new one, never half."""
+    """Write ``data`` as JSON to ``path`` so that a crash leaves the old file or the new one, never half.
+
+    Example:
+        >>> atomic_write_json(Path("out/state.json"), {"rounds": []})  # doctest: +SKIP
+    """
     tmp = path.with_name(TMP_PREFIX + path.name)
     with open(tmp, "w") as handle:
         handle.write(json.dumps(data, indent=2))
@@ -81,7 +85,12 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path, remedy: str) -> Any:
-    """Read a JSON file the pipeline wrote; a damaged one is an error naming the file and ``remedy``."""
+    """Read a JSON file the pipeline wrote; a damaged one is an error naming the file and ``remedy``.
+
+    Example:
+        >>> read_json(Path("out/state.json"), "delete out to start over.")  # doctest: +SKIP
+        {'config': {...}, 'rounds': [...]}
+    """
     try:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -89,14 +98,25 @@ def read_json(path: Path, remedy: str) -> Any:
 
 
 def read_state(path: Path) -> dict[str, Any] | None:
-    """The run's state.json, or ``None`` when there is none yet."""
+    """The run's state.json, or ``None`` when there is none yet.
+
+    Example:
+        >>> read_state(Path("new-run/state.json")) is None  # doctest: +SKIP
+        True
+    """
     if not path.is_file():
         return None
     return read_json(path, f"delete {path.parent} (or choose another output_dir) to start over.")
 
 
 def check_writable(out: Path) -> None:
-    """Refuse an output folder that cannot be created or written, without creating anything."""
+    """Refuse an output folder that cannot be created or written, without creating anything.
+
+    Example:
+        >>> check_writable(Path("/etc/passwd/run"))  # doctest: +SKIP
+        Traceback (most recent call last):
+        OSError: Output directory /etc/passwd/run is not writable (/etc/passwd is not a writable folder); ...
+    """
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -108,7 +128,12 @@ def check_writable(out: Path) -> None:
 
 
 def finished_rounds(out: Path, num_rounds: int) -> list[dict[str, Any]]:
-    """Records of rounds 1, 2, ... whose healed model folder exists (a round is finished once it does)."""
+    """Records of rounds 1, 2, ... whose healed model folder exists (a round is finished once it does).
+
+    Example:
+        >>> [r["round"] for r in finished_rounds(Path("out"), num_rounds=3)]  # doctest: +SKIP
+        [1, 2]
+    """
     records = []
     for k in range(1, num_rounds + 1):
         folder = out / f"round-{k}" / "model"
@@ -135,6 +160,9 @@ def mark_complete(folder: Path, required: Sequence[str] = ()) -> None:
 
     Raises:
         FileNotFoundError: when a ``required`` pattern matches no file (the folder stays unmarked).
+
+    Example:
+        >>> mark_complete(Path("out/round-1/heal/checkpoint-10"), CHECKPOINT_FILES)  # doctest: +SKIP
     """
     missing = [pattern for pattern in required if not any(folder.glob(pattern))]
     if missing:
@@ -147,7 +175,12 @@ def mark_complete(folder: Path, required: Sequence[str] = ()) -> None:
 
 
 def folder_problem(folder: Path) -> str | None:
-    """Why ``folder`` cannot be trusted (naming the file at fault), or ``None`` when it is complete."""
+    """Why ``folder`` cannot be trusted (naming the file at fault), or ``None`` when it is complete.
+
+    Example:
+        >>> folder_problem(Path("out/round-1/heal/checkpoint-10"))  # doctest: +SKIP
+        'out/round-1/heal/checkpoint-10/scheduler.pt is missing'
+    """
     marker = folder / COMPLETE_NAME
     if not marker.is_file():
         return f"{folder} has no {COMPLETE_NAME}: its writing was interrupted"
@@ -169,6 +202,10 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success mark it complete and rename it to ``target``.
 
     An existing ``target`` is replaced; an exception (or a crash) leaves ``target`` as it was.
+
+    Example:
+        >>> with atomic_folder(Path("out/final")) as tmp:  # doctest: +SKIP
+        ...     model.save_pretrained(tmp)
     """
     tmp = target.with_name(TMP_PREFIX + target.name)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -181,7 +218,11 @@ def atomic_folder(target: Path) -> Iterator[Path]:
 
 
 def remove_folder(path: Path) -> None:
-    """Delete ``path``: renamed away first (one atomic step), so it is never seen half-deleted."""
+    """Delete ``path``: renamed away first (one atomic step), so it is never seen half-deleted.
+
+    Example:
+        >>> remove_folder(Path("out/round-1/heal"))  # doctest: +SKIP
+    """
     if not path.exists():
         return
     trash = path.with_name(f"{TMP_PREFIX}{path.name}.removed")
@@ -194,7 +235,11 @@ def remove_folder(path: Path) -> None:
 
 
 def remove_leftovers(folder: Path) -> None:
-    """Delete the temporary files and folders a crash left directly inside ``folder``."""
+    """Delete the temporary files and folders a crash left directly inside ``folder``.
+
+    Example:
+        >>> remove_leftovers(Path("out/round-2"))  # doctest: +SKIP
+    """
     for leftover in folder.glob(TMP_PREFIX + "*") if folder.is_dir() else []:
         logger.info("Removing %s, left by an interrupted run", leftover)
         if leftover.is_dir():
@@ -224,7 +269,11 @@ def last_complete_checkpoint(heal_dir: Path) -> Path | None:
 
 
 def remove_checkpoints(heal_dir: Path, keep: Path | None) -> None:
-    """Delete every checkpoint in ``heal_dir`` except ``keep`` (older, incomplete or damaged ones)."""
+    """Delete every checkpoint in ``heal_dir`` except ``keep`` (older, incomplete or damaged ones).
+
+    Example:
+        >>> remove_checkpoints(heal_dir, keep=last_complete_checkpoint(heal_dir))  # doctest: +SKIP
+    """
     for checkpoint in _checkpoints(heal_dir):
         if checkpoint != keep:
             remove_folder(checkpoint)

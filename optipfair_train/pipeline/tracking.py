@@ -56,7 +56,11 @@ class RoundTracker:
         self.run.define_metric("round/*", step_metric="round")
 
     def log_round(self, k: int, metrics: dict, state: dict[str, Any], record: dict | None = None) -> None:
-        """Log round ``k`` (0 = the unpruned baseline) with the history so far in ``state``."""
+        """Log round ``k`` (0 = the unpruned baseline) with the history so far in ``state``.
+
+        Example:
+            >>> tracker.log_round(1, record["healed"], state, record)  # doctest: +SKIP
+        """
         if self.run is None:
             return
         import wandb
@@ -92,5 +96,6 @@ class RoundTracker:
         self.run.log(payload)
 
     def finish(self) -> None:
+        """End the W&B run (if one was started)."""
         if self.run is not None:
             self.run.finish()

@@ -36,6 +36,11 @@ def preflight(model: torch.nn.Module, base: dict[str, int], config: PipelineConf
     """Refuse, with the setting at fault, what the model cannot do in some round; prune nothing.
 
     ``base`` holds the model's ``width``, ``kv_heads`` and ``parameters`` (as ``round_prunings`` takes).
+
+    Example:
+        >>> preflight(model, base, load_config(None, ["--num_layers_to_remove", "30"]))  # doctest: +SKIP
+        Traceback (most recent call last):
+        ValueError: num_layers_to_remove=30 cannot be carried out in round 1 of 1: Cannot remove 30 of 30 ...
     """
     p = config.pruning
     if p.target_parameters and p.target_parameters >= base["parameters"]:
@@ -49,7 +54,8 @@ def preflight(model: torch.nn.Module, base: dict[str, int], config: PipelineConf
     for k in range(1, p.num_rounds + 1):
         for step in round_prunings(twin, base, config, k):
             kind = step["pruning_type"]
-            setting = _SETTING.get(kind, "target_parameters" if p.target_parameters else "mlp_pruning_percentage")
+            width_setting = "target_parameters" if p.target_parameters else "mlp_pruning_percentage"
+            setting = _SETTING.get(kind, width_setting)
             try:
                 _prune_shapes(twin, step)
             except ValueError as err:
@@ -70,7 +76,7 @@ def _prune_shapes(twin: torch.nn.Module, step: dict[str, Any]) -> None:
         n_q, n_kv, _ = adapter.head_counts(0)
         kept = n_kv - int(step["pruning_percentage"] / 100 * n_kv + 1e-9)
         if n_q % n_kv or not 0 < kept < n_kv:
-            raise ValueError(f"{n_kv} key/value groups of {n_q} query heads cannot lose {n_kv - kept} groups.")
+            raise ValueError(f"{n_kv} key/value groups of {n_q} query heads cannot lose {n_kv - kept}.")
         group = n_q // n_kv
         plan = HeadPlan(torch.arange(kept * group), torch.arange(kept))
         apply_head_plan(twin, dict.fromkeys(range(adapter.num_layers), plan))
@@ -88,7 +94,11 @@ def _check_lora_targets(model: torch.nn.Module, config: PipelineConfig) -> None:
     h = config.heal
     if h.heal_method not in LORA_METHODS:
         return
-    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    linear = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D))
+    }
     missing = [name for name in h.lora_target_modules if name not in linear]
     if missing:
         raise ValueError(

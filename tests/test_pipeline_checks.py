@@ -71,6 +71,23 @@ def test_bad_setting_is_refused_before_any_folder(name, assets, tmp_path, capsys
     assert not out.exists()
 
 
+def test_dry_run_plans_exactly_the_shapes_the_rounds_reach(assets, tmp_path):
+    """The pre-flight twin (meta device) is pruned to the same sizes as the real model, round by round."""
+    from optipfair_train.models import load_model_and_tokenizer
+    from optipfair_train.pipeline.validate import preflight
+
+    config = load_config(
+        write_config(assets, tmp_path / "plan", heal_method="none", attention_pruning_percentage=50)
+    )
+    model, _ = load_model_and_tokenizer(config.model.model_path)
+    base = {"width": 128, "kv_heads": 2, "parameters": 161_344}
+    planned = preflight(model, base, config)
+    result = PruneThenHeal(config).run()
+    assert planned == [r["pruned"]["parameters"] for r in result["rounds"]]
+    kinds = [[e["pruning_type"] for e in r["events"]] for r in result["rounds"]]
+    assert kinds == [["MLP_GLU"], ["DEPTH", "ATTENTION", "MLP_GLU"]]  # every kind was planned
+
+
 def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys):
     config = tmp_path / "broken.yaml"
     config.write_text("num_rounds: 2\nheal_steps: [4\nlora_r: 8\n")

@@ -257,7 +257,8 @@ class PruneThenHeal:
             "kv_heads": adapter.head_counts(0)[1],
             "parameters": count_parameters(model),
         }
-        preflight(model, base, config)
+        planned = preflight(model, base, config)
+        logger.info("Parameters after each round, as planned: %s", ", ".join(f"{n:,}" for n in planned))
         self._load_data(tokenizer)
         self._prepare_teacher(config, tokenizer)
         self._open_output_dir(existing)  # nothing was written before this point

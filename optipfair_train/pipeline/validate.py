@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+from ..analysis import count_parameters
 from ..arch import get_adapter, unwrap_model
 from ..pruning.heads import HeadPlan, apply_head_plan
 from ..pruning.surgery import remove_layers
@@ -32,8 +33,10 @@ __all__ = ["preflight"]
 _SETTING = {"DEPTH": "num_layers_to_remove", "ATTENTION": "attention_pruning_percentage"}
 
 
-def preflight(model: torch.nn.Module, base: dict[str, int], config: PipelineConfig) -> None:
+def preflight(model: torch.nn.Module, base: dict[str, int], config: PipelineConfig) -> list[int]:
     """Refuse, with the setting at fault, what the model cannot do in some round; prune nothing.
+
+    Returns the parameter count each round will leave (the dry run's shapes are the real ones).
 
     ``base`` holds the model's ``width``, ``kv_heads`` and ``parameters`` (as ``round_prunings`` takes).
 
@@ -51,6 +54,7 @@ def preflight(model: torch.nn.Module, base: dict[str, int], config: PipelineConf
     _check_lora_targets(model, config)
     with torch.device("meta"):
         twin = AutoModelForCausalLM.from_config(copy.deepcopy(unwrap_model(model).config))
+    planned = []
     for k in range(1, p.num_rounds + 1):
         for step in round_prunings(twin, base, config, k):
             kind = step["pruning_type"]
@@ -63,6 +67,8 @@ def preflight(model: torch.nn.Module, base: dict[str, int], config: PipelineConf
                     f"{setting}={getattr(p, setting)} cannot be carried out in round {k} of {p.num_rounds}: "
                     f"{err}"
                 ) from err
+        planned.append(count_parameters(twin))
+    return planned
 
 
 def _prune_shapes(twin: torch.nn.Module, step: dict[str, Any]) -> None:

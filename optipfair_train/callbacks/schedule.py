@@ -3,9 +3,10 @@
 A schedule is a list of :class:`PruningEvent` ``(step, target)``: at optimizer step ``step`` the model
 is brought to ``target`` percent *removed*, measured against the size the model had when training
 began (not against its current size). Targets never decrease and the last one is the final target.
-:func:`~optipfair_train.pruning.targets.step_percentage` turns "this much of the original removed" into the engine's per-call
-``pruning_percentage``, which counts against the *current* size (OptiPFair semantics), so that the
-last event lands exactly on the final target.
+``step_percentage`` (in :mod:`optipfair_train.pruning.targets`, which the pipeline's rounds share)
+turns "this much of the original removed" into the engine's per-call ``pruning_percentage``, which
+counts against the *current* size (OptiPFair semantics), so that the last event lands exactly on
+the final target.
 
 Ramps follow Zhu & Gupta (2017): ``target_t = final * (1 - (1 - progress) ** power)`` with
 ``power=1`` (linear) or ``power=3`` (cubic: prune fast while the network is redundant, then slowly).

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 from conftest import make_char_tokenizer, make_tiny_model
+from transformers import TrainerCallback
 
 from optipfair_train import load_pruned_model
 from optipfair_train.pipeline.faults import CRASH_ENV
@@ -83,3 +84,39 @@ def assert_same_model(folder: Path, reference: dict[str, torch.Tensor]) -> None:
 def leftovers(out: Path) -> list[Path]:
     """Temporary files or folders anywhere under ``out`` (a finished resume leaves none)."""
     return sorted(p for p in out.rglob(".tmp-*"))
+
+
+class PoisonOnce(TrainerCallback):
+    """Makes the weights NaN after the second step of the first healing attempt (a divergence)."""
+
+    def __init__(self):
+        self.fired = False
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 2 and not self.fired:
+            self.fired = True
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+
+
+POISONED_ENTRY = """
+import sys
+sys.path.insert(0, "tests")
+from pipeline_helpers import PoisonOnce
+from optipfair_train.pipeline import PruneThenHeal, load_config
+
+PruneThenHeal(load_config(sys.argv[1]), callbacks=[PoisonOnce()]).run()
+"""
+
+
+def run_poisoned(config: Path, crash_at: str) -> subprocess.CompletedProcess:
+    """Run the pipeline with :class:`PoisonOnce` in a subprocess, killed at ``crash_at``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", CRASH_ENV: crash_at}
+    return subprocess.run(
+        [sys.executable, "-c", POISONED_ENTRY, str(config)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

@@ -13,7 +13,7 @@ import pytest
 import torch
 import wandb
 from conftest import make_char_tokenizer, make_tiny_model
-from transformers import TrainerCallback
+from pipeline_helpers import PoisonOnce
 from wandb_offline import history, run_files
 
 from optipfair_train import load_pruned_model
@@ -122,19 +122,6 @@ def test_distillation_heal_reloads_exactly(assets, tmp_path):
     assert not torch.equal(_logits(pruned), _logits(final))  # healing changed the weights
 
 
-class _PoisonOnce(TrainerCallback):
-    """Makes the weights NaN after the second step of the first healing attempt (a divergence)."""
-
-    def __init__(self):
-        self.fired = False
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == 2 and not self.fired:
-            self.fired = True
-            with torch.no_grad():
-                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
-
-
 def test_non_finite_loss_rolls_back_and_retries_with_lower_lr(assets, tmp_path):
     flags = _flags(
         assets,
@@ -145,7 +132,7 @@ def test_non_finite_loss_rolls_back_and_retries_with_lower_lr(assets, tmp_path):
         nan_lr_factor=0.5,
         heal_steps=4,
     )
-    result = PruneThenHeal(load_config(None, flags), callbacks=[_PoisonOnce()]).run()
+    result = PruneThenHeal(load_config(None, flags), callbacks=[PoisonOnce()]).run()
     assert result["rounds"][0]["learning_rate"] == pytest.approx(5e-4)
     assert torch.isfinite(_logits(result["model"])).all()
     assert torch.isfinite(torch.tensor(result["rounds"][0]["healed"]["perplexity"]))
@@ -154,7 +141,7 @@ def test_non_finite_loss_rolls_back_and_retries_with_lower_lr(assets, tmp_path):
         assets, tmp_path / "nan2", num_rounds=1, num_layers_to_remove=0, nan_retries=0, heal_steps=4
     )
     with pytest.raises(NonFiniteLossError, match="nothing of this round was saved"):
-        PruneThenHeal(load_config(None, flags), callbacks=[_PoisonOnce()]).run()
+        PruneThenHeal(load_config(None, flags), callbacks=[PoisonOnce()]).run()
     assert not (tmp_path / "nan2" / "round-1" / "model").exists()
     assert json.loads((tmp_path / "nan2" / "state.json").read_text())["rounds"] == []
 

@@ -3,12 +3,21 @@ a finished run is left alone when rerun."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import wandb
-from pipeline_helpers import assert_same_model, leftovers, run_cli, write_assets, write_config
+from pipeline_helpers import (
+    PoisonOnce,
+    assert_same_model,
+    leftovers,
+    run_cli,
+    run_poisoned,
+    write_assets,
+    write_config,
+)
 
 from optipfair_train import load_pruned_model
 from optipfair_train.cli import main
@@ -186,3 +195,27 @@ def test_damaged_checkpoint_is_reported_and_healing_restarts(
     assert f"Not resuming from {path.parent}: {path}" in rerun.stderr
     assert_same_model(out / "final", reference)  # healed again from round-2/pruned, the same steps
     assert leftovers(out) == []
+
+
+def test_kill_during_a_nan_retry_resumes_the_retry_at_its_learning_rate(assets, tmp_path):
+    """Attempt 1 (lr halved after a NaN in attempt 0) is killed after its checkpoint-2; the rerun goes on
+    with attempt 1 at the halved rate, as the uninterrupted run does."""
+    settings = dict(num_rounds=1, num_layers_to_remove=0, learning_rate=1e-3, nan_lr_factor=0.5)
+    reference = PruneThenHeal(
+        load_config(write_config(assets, tmp_path / "straight", **settings)), callbacks=[PoisonOnce()]
+    ).run()
+    assert reference["rounds"][0]["learning_rate"] == pytest.approx(5e-4)
+
+    out = tmp_path / "killed"
+    config = write_config(assets, out, **settings)
+    killed = run_poisoned(config, crash_at="heal-step:6")  # attempt 0: steps 1-3; attempt 1: 1-3
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    state = json.loads((out / "state.json").read_text())
+    assert state["retry"] == {"round": 1, "attempt": 1, "learning_rate": pytest.approx(5e-4)}
+    assert (out / "round-1" / "heal" / "checkpoint-2" / "optipfair-complete.json").is_file()
+
+    resumed = run_cli(config)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    state = json.loads((out / "state.json").read_text())
+    assert state["rounds"][0]["learning_rate"] == pytest.approx(5e-4) and "retry" not in state
+    assert_same_model(out / "final", reference["model"].state_dict())

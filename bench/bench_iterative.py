@@ -41,8 +41,8 @@ from transformers import Trainer, default_data_collator
 
 from optipfair_train import prune_model
 from optipfair_train.arch import get_adapter
-from optipfair_train.callbacks.schedule import step_percentage, units_to_remove
 from optipfair_train.heal import add_lora, text_dataset
+from optipfair_train.pruning.targets import step_percentage, units_to_remove
 
 
 def width(model: torch.nn.Module) -> int:

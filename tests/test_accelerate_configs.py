@@ -75,7 +75,7 @@ def test_fsdp2_plugin_built_from_the_launch_environment():
         plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2
     assert plugin.reshard_after_forward is True  # full shard
-    assert plugin.state_dict_type.name == "FULL_STATE_DICT"  # checkpoints hold whole weights
+    assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"  # each rank saves its shard
     assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
     assert not plugin.activation_checkpointing
     model = make_tiny_model("llama")

@@ -34,6 +34,8 @@ layer r * (in + out) summed over the 7 projections; lm_head and embeddings get n
   one HF LLaMA decoder layer counted in bf16: norm inputs and their fp32 upcasts, q/k/v/o inputs and
   outputs, gate, up, act(gate), act(gate)*up; SDPA/flash attention, no s^2 term), plus the logits:
   b*s*V elements at 14 bytes for the LM loss (bf16 logits, their fp32 upcast, log-softmax, gradient).
+  Without checkpointing (what the pipeline's Trainer healing does today) every layer keeps its saved
+  tensors: L * b*s*2*(10*H + 2*K + 4*I), plus the same logits.
 - KD with the teacher resident (what ``DistillationTrainer`` does today: the whole teacher on every
   GPU, also under FSDP): + 2*P_teacher, and the logits at 44 bytes per element (both models' bf16
   logits + the ten fp32 temporaries ``distillation_loss`` creates: upcasts, masked copies, /T,
@@ -105,6 +107,11 @@ MODELS = {
     "8B": Shape("Llama-3.1-8B", 4096, 14336, 32, 32, 8, 128256, tied=False),
     "70B": Shape("Llama-3.1-70B", 8192, 28672, 80, 64, 8, 128256, tied=False),
 }
+# the shipped presets with a LLaMA-shaped model (Qwen's head_dim and q/k/v biases are not modelled)
+PRESETS = {
+    "llama-3.2-1b.yaml": MODELS["1B"],
+    "mistral-7b.yaml": Shape("Mistral-7B-v0.1", 4096, 14336, 32, 32, 8, 32000, tied=False),
+}
 
 
 def llama_config(m: Shape):
@@ -158,15 +165,18 @@ def pruning_memory(m: Shape, tokens: int) -> dict[str, float]:
     }
 
 
-def activations(m: Shape, batch: int, seq: int, logit_bytes: int) -> float:
-    """Bytes of activations with gradient checkpointing (approximate; see the module docstring)."""
+def activations(m: Shape, batch: int, seq: int, logit_bytes: int, checkpointing: bool = True) -> float:
+    """Bytes of activations, with gradient checkpointing or without (every layer's saved tensors at
+    once); approximate, see the module docstring."""
     tokens = batch * seq
-    checkpoints = m.layers * tokens * m.hidden * 2
     one_layer = tokens * 2 * (10 * m.hidden + 2 * m.kv_width + 4 * m.intermediate)
-    return checkpoints + one_layer + tokens * m.vocab * logit_bytes
+    layers = m.layers * tokens * m.hidden * 2 + one_layer if checkpointing else m.layers * one_layer
+    return layers + tokens * m.vocab * logit_bytes
 
 
-def healing_memory(m: Shape, method: str, strategy: str, world: int, batch: int, seq: int, r: int) -> float:
+def healing_memory(
+    m: Shape, method: str, strategy: str, world: int, batch: int, seq: int, r: int, checkpointing: bool = True
+) -> float:
     """GiB per GPU for ``method`` (a key of ``METHODS``) under ``strategy`` "ddp" or "fsdp"."""
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; expected one of {sorted(METHODS)}.")
@@ -181,7 +191,7 @@ def healing_memory(m: Shape, method: str, strategy: str, world: int, batch: int,
     elif method == "kd_lora_sharded":
         states += 2 * p if strategy == "ddp" else 2 * p / world + working_set
     logit_bytes = LM_LOGIT_BYTES if method == "lora" else TOPK_LOGIT_BYTES if method == "kd_lora_topk" else KD_LOGIT_BYTES
-    return (states + activations(m, batch, seq, logit_bytes)) / GIB
+    return (states + activations(m, batch, seq, logit_bytes, checkpointing)) / GIB
 
 
 def smallest_set(m: Shape, method: str, batch: int, seq: int, r: int, gpu: int) -> str:
@@ -200,6 +210,32 @@ def gpu_seconds_per_million_tokens(m: Shape, method: str) -> float:
     teacher = method in ("kd_lora", "kd_lora_sharded")
     flops = 8 * parameters(m) + (2 * parameters(m) if teacher else 0)
     return flops * 1e6 / (MFU * PEAK_FLOPS)
+
+
+def presets_section() -> list[str]:
+    """Per-GPU memory of the shipped presets' own healing settings (configs/*.yaml), one round-1 student.
+
+    The pipeline does not turn gradient checkpointing on for Trainer healing today, so both columns.
+    """
+    import yaml
+
+    rows = []
+    for name, m in PRESETS.items():
+        c = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / name).read_text())
+        method, b, s, r = c["heal_method"], c["per_device_batch_size"], c["heal_seq_len"], c["lora_r"]
+        cells = [
+            f"{healing_memory(m, method, 'ddp', 1, b, s, r, checkpointing=ck):.1f}" for ck in (False, True)
+        ]
+        fits = [smallest_set(m, method, b, s, r, g) for g in GPU_SIZES]
+        rows.append([f"`{name}` ({m.name}, {method}, {b} x {s}, r={r})", *cells, *fits])
+    header = ["preset", "DDP, no checkpointing", "DDP, checkpointing"] + [f"{g} GB (checkpointing)" for g in GPU_SIZES]
+    return [
+        "## The shipped presets at their own settings (GiB per GPU)",
+        "",
+        f"Parameters: {', '.join(f'{m.name} {parameters(m):,}' for m in PRESETS.values())}.",
+        "",
+        *_table(header, rows),
+    ]
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -280,6 +316,7 @@ def report(batch: int, seq: int, r: int, tokens: int) -> str:
         for method, label in methods.items()
     ]
     out += _table(header, rows)
+    out += ["", *presets_section()]
     out += [
         "",
         "## Time (compute-bound estimate)",

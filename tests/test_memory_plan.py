@@ -25,6 +25,7 @@ def test_published_sizes():
     assert plan.parameters(plan.MODELS["1B"]) == 1_235_814_400  # Llama-3.2-1B, tied embeddings
     assert plan.parameters(plan.MODELS["8B"]) == 8_030_261_248
     assert plan.parameters(plan.MODELS["70B"]) == 70_553_706_496
+    assert plan.parameters(plan.PRESETS["mistral-7b.yaml"]) == 7_241_732_096  # Mistral-7B-v0.1
 
 
 def test_hand_computed_statistics_and_lora():
@@ -41,6 +42,8 @@ def test_hand_computed_activations():
     # 1B, 1 x 1024 tokens: checkpoints 16*1024*2048*2 = 67,108,864; one layer 1024*2*(20480+1024+32768)
     # = 111,149,056; logits 1024*128256*14 = 1,838,678,016
     assert plan.activations(plan.MODELS["1B"], 1, 1024, 14) == 2_016_935_936
+    # without checkpointing: 16 layers x 111,149,056 + the logits
+    assert plan.activations(plan.MODELS["1B"], 1, 1024, 14, checkpointing=False) == 3_617_062_912
 
 
 def test_sharding_shrinks_fsdp_memory_not_ddp():
@@ -64,3 +67,4 @@ def test_report_written(tmp_path):
     text = out.read_text()
     assert "--micro-batch 2 --seq-len 512" in text
     assert "| parameters | 1,235,814,400 | 8,030,261,248 | 70,553,706,496 |" in text
+    assert "`mistral-7b.yaml` (Mistral-7B-v0.1, lora, 4 x 2048, r=64)" in text  # read from the preset

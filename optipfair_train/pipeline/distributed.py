@@ -7,10 +7,11 @@ holding 1/world of its rows and the module classes are swapped for ``FSDP<Name>`
 surgery on it would cut a shard, not the layer. :func:`gather_full_state_dict` collects whole CPU
 tensors on every rank, one parameter at a time (device memory grows by one full tensor, never by the
 whole model); :func:`unshard` loads them into a freshly built plain model of the same shapes.
+Host memory: every rank holds one whole CPU copy (docs/memory-plan.md, "Between rounds").
 
-Example:
-    >>> full = gather_full_state_dict(trainer.model)  # doctest: +SKIP  (every rank calls it)
-    >>> model = unshard(trainer.model, lambda: load_pruned_model(round_dir / "pruned"))  # doctest: +SKIP
+Example (LoRA healing: rebuild the adapters on the checkpoint healing started from, then merge):
+    >>> rebuild = lambda: add_lora(load_pruned_model(round_dir / "pruned"), r=16, alpha=32)  # doctest: +SKIP
+    >>> model = unshard(trainer.model, rebuild).merge_and_unload()  # doctest: +SKIP  (every rank)
 """
 
 from __future__ import annotations

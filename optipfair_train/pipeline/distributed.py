@@ -9,9 +9,10 @@ tensors on every rank, one parameter at a time (device memory grows by one full 
 whole model); :func:`unshard` loads them into a freshly built plain model of the same shapes.
 Host memory: every rank holds one whole CPU copy (docs/memory-plan.md, "Between rounds").
 
-Example (LoRA healing: rebuild the adapters on the checkpoint healing started from, then merge):
+Example (LoRA healing; every rank calls it: rebuild the adapters on the checkpoint healing started
+from, load the gathered weights, merge):
     >>> rebuild = lambda: add_lora(load_pruned_model(round_dir / "pruned"), r=16, alpha=32)  # doctest: +SKIP
-    >>> model = unshard(trainer.model, rebuild).merge_and_unload()  # doctest: +SKIP  (every rank)
+    >>> model = unshard(trainer.model, rebuild).merge_and_unload()  # doctest: +SKIP
 """
 
 from __future__ import annotations

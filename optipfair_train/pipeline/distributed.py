@@ -73,6 +73,7 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, tensor in _module(model).state_dict().items():
         if isinstance(tensor, DTensor):
             tensor = tensor.full_tensor()  # all-gather of this one parameter
+        # copy: on a CPU back-end .to("cpu") would alias a buffer FSDP may free or reuse later
         full[name] = tensor.detach().to("cpu", copy=True)
     return full
 

@@ -1,0 +1,70 @@
+"""bench/memory_plan.py: its arithmetic against transformers' own parameter counts and hand-computed sizes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import memory_plan as plan  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(plan.MODELS))
+def test_parameter_count_equals_llama_on_meta(name):
+    shape = plan.MODELS[name]
+    with torch.device("meta"):
+        model = LlamaForCausalLM(plan.llama_config(shape))
+    assert plan.parameters(shape) == model.num_parameters()
+
+
+def test_published_sizes():
+    assert plan.parameters(plan.MODELS["1B"]) == 1_235_814_400  # Llama-3.2-1B, tied embeddings
+    assert plan.parameters(plan.MODELS["8B"]) == 8_030_261_248
+    assert plan.parameters(plan.MODELS["70B"]) == 70_553_706_496
+    assert plan.parameters(plan.PRESETS["mistral-7b.yaml"]) == 7_241_732_096  # Mistral-7B-v0.1
+
+
+def test_hand_computed_statistics_and_lora():
+    m8 = plan.MODELS["8B"]
+    stats = plan.pruning_memory(m8, tokens=32768)
+    assert stats["down_proj Gram, one layer"] == 14336**2 * 8 / 2**30  # 1.53125 GiB
+    assert stats["down_proj Gram, all layers"] == 32 * 1.53125
+    assert stats["sequential buffer, 32k tokens (in + out)"] == 0.5  # 2 x 32768 x 4096 x 2 bytes
+    # per layer 16 * ((4096+4096)*2 + (4096+1024)*2 + (4096+14336)*3) = 1,310,720; 32 layers
+    assert plan.lora_parameters(m8, 16) == 41_943_040
+
+
+def test_hand_computed_activations():
+    # 1B, 1 x 1024 tokens: checkpoints 16*1024*2048*2 = 67,108,864; one layer 1024*2*(20480+1024+32768)
+    # = 111,149,056; logits 1024*128256*14 = 1,838,678,016
+    assert plan.activations(plan.MODELS["1B"], 1, 1024, 14) == 2_016_935_936
+    # without checkpointing: 16 layers x 111,149,056 + the logits
+    assert plan.activations(plan.MODELS["1B"], 1, 1024, 14, checkpointing=False) == 3_617_062_912
+
+
+def test_sharding_shrinks_fsdp_memory_not_ddp():
+    m = plan.MODELS["70B"]
+    fsdp = [plan.healing_memory(m, "lora", "fsdp", w, 1, 1024, 16) for w in (1, 2, 4, 8)]
+    assert fsdp == sorted(fsdp, reverse=True) and fsdp[0] - fsdp[-1] > 100
+    ddp = {plan.healing_memory(m, "lora", "ddp", w, 1, 1024, 16) for w in (1, 8)}
+    assert len(ddp) == 1
+    assert plan.healing_memory(m, "kd_lora", "ddp", 1, 1, 1024, 16) - plan.healing_memory(
+        m, "kd_lora_topk", "ddp", 1, 1, 1024, 16
+    ) > 2 * plan.parameters(m) / 2**30  # the resident teacher's weights, plus its logit temporaries
+    assert plan.smallest_set(plan.MODELS["1B"], "lora", 1, 1024, 16, 80) == "1 (DDP)"
+    assert plan.smallest_set(m, "kd_lora", 1, 1024, 16, 80) == "> 64"  # an unsharded 131 GiB teacher
+    with pytest.raises(ValueError, match="Unknown method"):
+        plan.healing_memory(m, "full", "ddp", 1, 1, 1024, 16)
+
+
+def test_report_written(tmp_path):
+    out = tmp_path / "plan.md"
+    plan.main(["--micro-batch", "2", "--seq-len", "512", "--out", str(out)])
+    text = out.read_text()
+    assert "--micro-batch 2 --seq-len 512" in text
+    assert "| parameters | 1,235,814,400 | 8,030,261,248 | 70,553,706,496 |" in text
+    assert "`mistral-7b.yaml` (Mistral-7B-v0.1, lora, 4 x 2048, r=64)" in text  # read from the preset

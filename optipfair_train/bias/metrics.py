@@ -11,6 +11,14 @@ every layer key the per-row difference is ``mean_features |a1 - a2|``; the layer
 OptiPFair's mean absolute difference. ``pooled_difference`` compares the mean-pooled
 representations of the two prompts (length-agnostic). Prefix rows are exactly 0 in a causal model.
 
+``normalized_difference`` (added; the OptiPFair keys keep their meaning) is the same difference relative
+to the activations' size: per pair and layer, ``sum_rows mean_features |a1 - a2|`` divided by ``sum_rows
+mean_features (|a1| + |a2|) / 2``; per component and overall the mean of the layers' ratios. It is 0 for
+identical activations, at most 2, and unchanged when a layer's activations are scaled, so pruning that
+merely shrinks activations (removed neurons) does not read as less bias, as ``mean_difference`` does.
+It is chosen over ``1 - cosine`` because it keeps the L1 numerator of ``mean_difference`` (the two are
+directly comparable) and still sees a change of size between the two prompts, which a cosine ignores.
+
 Result structure (OptiPFair's, extended): ``layer_metrics[key]`` and the groups in
 ``component_metrics[component]`` / ``overall_metrics`` hold ``mean_difference``, ``max_difference``,
 ``min_difference``, ``std_difference``, ``l1_norm``, ``l2_norm`` (over the per-row differences),
@@ -94,34 +102,43 @@ class _DiffPlan:
         self.n = n
         self.idx1 = torch.tensor(idx1, dtype=torch.long)
         self.idx2 = torch.tensor(idx2, dtype=torch.long)
-        self.span = torch.zeros(len(span_rows), 2 * n * width)
+        # span means of each side, separately (their difference is the span row; their sizes its scale)
+        self.span1 = torch.zeros(len(span_rows), 2 * n * width)
+        self.span2 = torch.zeros(len(span_rows), 2 * n * width)
         for r, (_, cols1, cols2) in enumerate(span_rows):
-            self.span[r, cols1] = 1.0 / len(cols1)
-            self.span[r, cols2] = -1.0 / len(cols2)
+            self.span1[r, cols1] = 1.0 / len(cols1)
+            self.span2[r, cols2] = 1.0 / len(cols2)
         self.row_pair = torch.tensor(row_pair + [i for i, _, _ in span_rows], dtype=torch.long)
         self.pooled = pooled
 
-    def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per aligned row ``mean_features |a1 - a2|`` [rows] and per pair pooled difference [n] of one
-        layer's activation ``x`` [2n, S, dim] (few tensor ops: this runs inside a forward hook)."""
+    def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per aligned row ``mean_features |a1 - a2|`` and its scale ``mean_features (|a1| + |a2|) / 2``
+        [rows], and per pair pooled difference [n] of one layer's activation ``x`` [2n, S, dim] (few
+        tensor ops: this runs inside a forward hook)."""
         flat = x.reshape(-1, x.shape[-1]).float()
-        rows = (flat[self.idx1] - flat[self.idx2]).abs().mean(-1)
-        if len(self.span):
-            rows = torch.cat([rows, (self.span.to(flat.device) @ flat).abs().mean(-1)])
+        a, b = flat[self.idx1], flat[self.idx2]
+        if len(self.span1):
+            a = torch.cat([a, self.span1.to(flat.device) @ flat])
+            b = torch.cat([b, self.span2.to(flat.device) @ flat])
+        rows = (a - b).abs().mean(-1)
+        scale = (a.abs() + b.abs()).mean(-1) / 2
         pooled = (self.pooled.to(flat.device) @ flat).abs().mean(-1)
-        return rows.cpu(), pooled.cpu()
+        return rows.cpu(), scale.cpu(), pooled.cpu()
 
-    def reduce(self, rows_by_key: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, _Stats]]:
-        """Per pair, per key: count, sum, sum of squares, max and min of the row differences, and pooled."""
+    def reduce(self, rows_by_key: Mapping[str, tuple[torch.Tensor, ...]]) -> list[dict[str, _Stats]]:
+        """Per pair, per key: count, sum, sum of squares, max and min of the row differences, the sum of
+        their scales, and pooled."""
         keys = list(rows_by_key)
         rows = torch.stack([rows_by_key[k][0] for k in keys]).double()  # [K, R]
-        pooled = torch.stack([rows_by_key[k][1] for k in keys]).double()  # [K, n]
+        scale = torch.stack([rows_by_key[k][1] for k in keys]).double()  # [K, R]
+        pooled = torch.stack([rows_by_key[k][2] for k in keys]).double()  # [K, n]
         onehot = torch.nn.functional.one_hot(self.row_pair, self.n).double()  # [R, n]
         index = self.row_pair.expand_as(rows)
         table = {
             "count": onehot.sum(0).expand(len(keys), -1),
             "sum": rows @ onehot,
             "sum_sq": (rows * rows) @ onehot,
+            "scale_sum": scale @ onehot,
             "max": torch.full((len(keys), self.n), -math.inf, dtype=torch.float64).scatter_reduce(
                 1, index, rows, "amax"
             ),
@@ -150,6 +167,7 @@ def _combine(stats: Sequence[_Stats]) -> _Stats:
         "count": sum(s["count"] for s in stats),
         "sum": sum(s["sum"] for s in stats),
         "sum_sq": sum(s["sum_sq"] for s in stats),
+        "scale_sum": sum(s["scale_sum"] for s in stats),
         "max": max(s["max"] for s in stats),
         "min": min(s["min"] for s in stats),
         "pooled": float(np.mean([s["pooled"] for s in stats])),
@@ -167,6 +185,7 @@ def _describe(s: _Stats) -> dict[str, float]:
         "l1_norm": s["sum"],
         "l2_norm": math.sqrt(s["sum_sq"]),
         "pooled_difference": s["pooled"],
+        "normalized_difference": s["sum"] / s["scale_sum"] if s["scale_sum"] > 0 else 0.0,
         "num_positions": int(s["count"]),
     }
 
@@ -193,16 +212,23 @@ def _group_keys(keys: Sequence[str]) -> dict[str, list[str]]:
     return groups
 
 
+def _mean_normalized(layer: Mapping[str, Mapping[str, float]], keys: Sequence[str]) -> float:
+    # the mean of the layers' ratios, not a ratio of sums: a layer whose activations shrink keeps its weight
+    return float(np.mean([layer[k]["normalized_difference"] for k in keys]))
+
+
 def _metrics_from_stats(stats: Mapping[str, _Stats]) -> dict:
     layer = {key: _describe(s) for key, s in stats.items()}
     components = {}
     for component, keys in _group_keys(list(stats)).items():
         entry = _describe(_combine([stats[k] for k in keys])) | {"num_layers": len(keys)}
+        entry["normalized_difference"] = _mean_normalized(layer, keys)
         progression = _progression({k: layer[k]["mean_difference"] for k in keys})
         if progression:
             entry["progression_metrics"] = progression
         components[component] = entry
     overall = _describe(_combine(list(stats.values()))) | {"total_layers": len(stats)}
+    overall["normalized_difference"] = _mean_normalized(layer, list(stats))
     return {"layer_metrics": layer, "component_metrics": components, "overall_metrics": overall}
 
 
@@ -439,7 +465,7 @@ def aggregate_bias_metrics(
     def entry(m: Mapping, group: str, name: str | None) -> Mapping:
         return m[group] if name is None else m[group][name]
 
-    fields = ("mean_difference", "pooled_difference")
+    fields = ("mean_difference", "pooled_difference", "normalized_difference")
     values = np.array([[entry(m, g, k)[f] for m in pair_metrics] for g, k in groups for f in fields])
     mean, lo, hi = bootstrap_ci(values, confidence, n_bootstrap, seed)
     out: dict = {

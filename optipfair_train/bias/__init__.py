@@ -25,7 +25,15 @@ from .capture import (
     select_layer_keys,
     store_activations,
 )
-from .figures import heatmap_figure, mean_difference_figure, pca_figure, save_figure, trajectory_figure
+from .figures import (
+    bias_type_heatmap_figure,
+    heatmap_figure,
+    layer_heatmap_figure,
+    mean_difference_figure,
+    pca_figure,
+    save_figure,
+    trajectory_figure,
+)
 from .metrics import (
     ActivationDict,
     aggregate_bias_metrics,
@@ -132,6 +140,8 @@ __all__ = [
     "heatmap_figure",
     "pca_figure",
     "trajectory_figure",
+    "layer_heatmap_figure",
+    "bias_type_heatmap_figure",
     "save_figure",
     # reporting
     "summary_scalars",

@@ -17,7 +17,7 @@ items, no extra forward passes). Asserts nothing.
 
 Usage:
     python bench/bench_fairness.py --quick --threads 1   # 30 items, tiny samples (a smoke run)
-    python bench/bench_fairness.py --threads 1           # 300 items, 200 CrowS pairs (~25 min on the demo model)
+    python bench/bench_fairness.py --threads 1           # 300 items, 200 CrowS pairs (~50 min on the demo model at load 4-6)
 """
 
 from __future__ import annotations
@@ -130,6 +130,7 @@ def main() -> None:
         "test. Calibration for `activation` / `fairness`: 8 x 256 tokens of WikiText-2 valid."
     )
     results = {"base": _evaluate(work.model, work, eval_items, act_pairs)}
+    print("|", " | ".join(_row("base", results["base"])), "|", flush=True)  # progress: one row per model
     for method in METHODS:
         model = copy.deepcopy(work.model)
         data_driven = method in ("activation", "fairness")
@@ -144,11 +145,14 @@ def main() -> None:
             show_progress=False,
             seed=args.seed,
         )
-        results[f"{method} -{args.percentage:g}%"] = _evaluate(model, work, eval_items, act_pairs)
+        name = f"{method} -{args.percentage:g}%"
+        results[name] = _evaluate(model, work, eval_items, act_pairs)
+        print("|", " | ".join(_row(name, results[name])), "|", flush=True)
         del model
     torch.manual_seed(args.seed)
     random_init = AutoModelForCausalLM.from_config(work.model.config).eval()
     results["random init (collapsed)"] = _evaluate(random_init, work, eval_items, act_pairs)
+    print("|", " | ".join(_row("random init (collapsed)", results["random init (collapsed)"])), "|", flush=True)
     del random_init
     header = [
         "model",

@@ -28,12 +28,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ..arch import get_adapter, weight_out_in
+from ..arch import AttentionParts, get_adapter, weight_out_in
 from .calibration import CalibrationBatch, input_sumsq
 from .surgery import ParamSlice, record_attention_sizes, slice_linear
 from .taylor import TaylorImportance, taylor_importance
 
-__all__ = ["HEAD_METHODS", "HeadPlan", "head_scores", "plan_attention_heads", "apply_head_plan"]
+__all__ = [
+    "HEAD_METHODS",
+    "HeadPlan",
+    "head_scores",
+    "plan_attention_heads",
+    "apply_head_plan",
+    "head_columns",
+    "prune_heads",
+]
 
 HEAD_METHODS = ("L2", "activation", "taylor", "random")
 
@@ -205,8 +213,26 @@ def plan_attention_heads(
     return plan
 
 
-def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Row indices of ``heads`` in q/k/v (= column indices in o_proj), ``head_dim`` rows per head."""
     return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def prune_heads(parts: AttentionParts, keep: HeadPlan, n_kv: int, head_dim: int) -> list[ParamSlice]:
+    """Cut one attention block (``parts``, which had ``n_kv`` KV heads) to the heads of ``keep``."""
+    q_rows, kv_rows = head_columns(keep.query_heads, head_dim), head_columns(keep.kv_heads, head_dim)
+    slices = slice_linear(parts.q, q_rows, dim=0)
+    slices += slice_linear(parts.o, q_rows, dim=1)
+    if len(keep.kv_heads) < n_kv:
+        slices += slice_linear(parts.k, kv_rows, dim=0)
+        slices += slice_linear(parts.v, kv_rows, dim=0)
+    parts.module.num_key_value_groups = len(keep.query_heads) // len(keep.kv_heads)
+    for name in ("num_heads", "num_attention_heads"):
+        if hasattr(parts.module, name):
+            setattr(parts.module, name, len(keep.query_heads))
+    if hasattr(parts.module, "num_key_value_heads"):
+        parts.module.num_key_value_heads = len(keep.kv_heads)
+    return slices
 
 
 def apply_head_plan(model: torch.nn.Module, plan: dict[int, HeadPlan]) -> list[ParamSlice]:
@@ -218,19 +244,7 @@ def apply_head_plan(model: torch.nn.Module, plan: dict[int, HeadPlan]) -> list[P
     adapter = get_adapter(model)
     slices: list[ParamSlice] = []
     for i, keep in plan.items():
-        parts = adapter.attention(i)
         n_q, n_kv, head_dim = adapter.head_counts(i)
-        q_rows, kv_rows = _head_rows(keep.query_heads, head_dim), _head_rows(keep.kv_heads, head_dim)
-        slices += slice_linear(parts.q, q_rows, dim=0)
-        slices += slice_linear(parts.o, q_rows, dim=1)
-        if len(keep.kv_heads) < n_kv:
-            slices += slice_linear(parts.k, kv_rows, dim=0)
-            slices += slice_linear(parts.v, kv_rows, dim=0)
-        parts.module.num_key_value_groups = len(keep.query_heads) // len(keep.kv_heads)
-        for name in ("num_heads", "num_attention_heads"):
-            if hasattr(parts.module, name):
-                setattr(parts.module, name, len(keep.query_heads))
-        if hasattr(parts.module, "num_key_value_heads"):
-            parts.module.num_key_value_heads = len(keep.kv_heads)
+        slices += prune_heads(adapter.attention(i), keep, n_kv, head_dim)
     record_attention_sizes(adapter)
     return slices

@@ -16,13 +16,14 @@ from ..analysis import count_parameters
 from ..arch import get_adapter
 from .calibration import as_batches
 from .depth import select_layers_to_remove
-from .heads import apply_head_plan, head_columns, plan_attention_heads
+from .heads import apply_head_plan, head_columns, head_keep_counts, plan_attention_heads
 from .io import record_pruning_event
 from .reconstruction import DEFAULT_DAMPING, apply_refits, check_calibration_size, collect_grams, plan_refits
+from .sequential import sequential_head_plan, sequential_mlp_plan
 from .surgery import drop_optimizer_parameters, remove_layers, slice_optimizer_state
 from .targets import layers_to_remove_count
 from .taylor import TaylorImportance
-from .width import apply_width_plan, plan_mlp_width
+from .width import apply_width_plan, mlp_width_targets, plan_mlp_width
 
 logger = logging.getLogger(__name__)
 
@@ -211,24 +212,50 @@ def prune_model(
             )
         if pruning_percentage is None and expansion_rate is None and target_parameters is None:
             pruning_percentage = 10
-        plan = plan_mlp_width(
-            model,
-            method=method,
+        width_request = dict(
             pruning_percentage=pruning_percentage,
             expansion_rate=expansion_rate,
             expansion_divisor=expansion_divisor,
             target_parameters=target_parameters,
-            batches=batches,
             layer_indices=layer_indices,
-            layer_allocation=layer_allocation,
-            seed=seed,
-            gradient_importance=gradient_importance,
-            bias_pairs=bias_pairs,
-            tokenizer=tokenizer,
-            fairness_weight=fairness_weight,
-            show_progress=show_progress,
         )
-        refits = _plan_refits(model, "mlp", plan, batches, damping, show_progress) if reconstruct else {}
+        if sequential:
+            # global widths come from one non-sequential scoring pass; the sequential pass then
+            # re-scores and refits each layer at that width on its pruned-prefix inputs
+            if layer_allocation not in ("uniform", "global"):
+                raise ValueError(f"layer_allocation must be 'uniform' or 'global', got {layer_allocation!r}.")
+            targets = mlp_width_targets(model, **width_request)
+            if layer_allocation == "global":
+                first = plan_mlp_width(
+                    model, method=method, batches=batches, layer_allocation="global", seed=seed, **width_request
+                )
+                targets = {i: len(k) for i, k in first.items()}
+            check_calibration_size(batches, max(targets.values()), damping)
+            plan, refits = sequential_mlp_plan(
+                model,
+                batches,
+                method,
+                targets,
+                damping,
+                seed=seed,
+                fairness_weight=fairness_weight,
+                show_progress=show_progress,
+            )
+        else:
+            plan = plan_mlp_width(
+                model,
+                method=method,
+                batches=batches,
+                layer_allocation=layer_allocation,
+                seed=seed,
+                gradient_importance=gradient_importance,
+                bias_pairs=bias_pairs,
+                tokenizer=tokenizer,
+                fairness_weight=fairness_weight,
+                show_progress=show_progress,
+                **width_request,
+            )
+            refits = _plan_refits(model, "mlp", plan, batches, damping, show_progress) if reconstruct else {}
         slices = apply_width_plan(model, plan)
         apply_refits(model, "mlp", refits)
         event.update(
@@ -243,21 +270,31 @@ def prune_model(
         )
     elif pruning_type == "ATTENTION":
         method = neuron_selection_method or ("activation" if batches is not None else "L2")
-        plan = plan_attention_heads(
-            model,
-            pruning_percentage=pruning_percentage if pruning_percentage is not None else 25,
-            method=method,
-            granularity=head_granularity,
-            batches=batches,
-            layer_indices=layer_indices,
-            seed=seed,
-            gradient_importance=gradient_importance,
-            show_progress=show_progress,
-        )
-        refits = {}
-        if reconstruct:
-            columns = {i: head_columns(p.query_heads, adapter.head_counts(i)[2]) for i, p in plan.items()}
-            refits = _plan_refits(model, "attention", columns, batches, damping, show_progress)
+        percentage = pruning_percentage if pruning_percentage is not None else 25
+        if sequential:
+            counts = head_keep_counts(model, percentage, head_granularity, layer_indices)
+            # o_proj's full input width bounds the kept columns (the exact count is known per layer later)
+            n_in = max(adapter.head_counts(i)[0] * adapter.head_counts(i)[2] for i in counts)
+            check_calibration_size(batches, n_in, damping)
+            plan, refits = sequential_head_plan(
+                model, batches, method, counts, head_granularity, damping, seed=seed, show_progress=show_progress
+            )
+        else:
+            plan = plan_attention_heads(
+                model,
+                pruning_percentage=percentage,
+                method=method,
+                granularity=head_granularity,
+                batches=batches,
+                layer_indices=layer_indices,
+                seed=seed,
+                gradient_importance=gradient_importance,
+                show_progress=show_progress,
+            )
+            refits = {}
+            if reconstruct:
+                columns = {i: head_columns(p.query_heads, adapter.head_counts(i)[2]) for i, p in plan.items()}
+                refits = _plan_refits(model, "attention", columns, batches, damping, show_progress)
         slices = apply_head_plan(model, plan)
         apply_refits(model, "attention", refits)
         event.update(

@@ -40,6 +40,9 @@ __all__ = [
     "plan_attention_heads",
     "apply_head_plan",
     "head_columns",
+    "head_keep_counts",
+    "layer_head_scores",
+    "select_heads",
     "prune_heads",
 ]
 
@@ -80,6 +83,40 @@ def _check_method(
         )
 
 
+def layer_head_scores(
+    parts: AttentionParts,
+    counts: tuple[int, int, int],
+    method: str,
+    granularity: str,
+    stat: torch.Tensor | None,
+    seed: int,
+    layer_idx: int,
+) -> torch.Tensor:
+    """One layer's head scores; ``stat``: o_proj input sum of squares (``activation``) or Taylor scores.
+
+    Example:
+        >>> parts, counts = adapter.attention(0), adapter.head_counts(0)  # doctest: +SKIP
+        >>> layer_head_scores(parts, counts, "L2", "group", None, 0, 0)  # doctest: +SKIP
+    """
+    n_q, n_kv, head_dim = counts
+    o_norm = _blocks(weight_out_in(parts.o), n_q, dim=1)
+    if method == "L2":
+        per_head = _blocks(weight_out_in(parts.q), n_q, dim=0) + o_norm
+    elif method == "activation":
+        per_head = stat.reshape(n_q, head_dim).sum(dim=1).sqrt() * o_norm
+    elif method == "taylor":
+        per_head = stat
+    else:
+        per_head = torch.rand(n_q, generator=torch.Generator().manual_seed(seed * 100_003 + layer_idx))
+    if granularity == "group":
+        per_head = per_head.reshape(n_kv, n_q // n_kv).sum(dim=1)
+        if method == "L2":
+            per_head = (
+                per_head + _blocks(weight_out_in(parts.k), n_kv, 0) + _blocks(weight_out_in(parts.v), n_kv, 0)
+            )
+    return per_head
+
+
 def head_scores(
     model: torch.nn.Module,
     method: str,
@@ -108,53 +145,23 @@ def head_scores(
         stats = taylor.head_scores()
     scores = {}
     for i in layers:
-        parts = adapter.attention(i)
-        n_q, n_kv, head_dim = adapter.head_counts(i)
-        o_norm = _blocks(weight_out_in(parts.o), n_q, dim=1)
-        if method == "L2":
-            per_head = _blocks(weight_out_in(parts.q), n_q, dim=0) + o_norm
-        elif method == "activation":
-            per_head = stats[i].reshape(n_q, head_dim).sum(dim=1).sqrt() * o_norm
-        elif method == "taylor":
-            per_head = stats[i]
-        else:
-            per_head = torch.rand(n_q, generator=torch.Generator().manual_seed(seed * 100_003 + i))
-        if granularity == "group":
-            per_head = per_head.reshape(n_kv, n_q // n_kv).sum(dim=1)
-            if method == "L2":
-                per_head = (
-                    per_head
-                    + _blocks(weight_out_in(parts.k), n_kv, 0)
-                    + _blocks(weight_out_in(parts.v), n_kv, 0)
-                )
-        scores[i] = per_head
+        scores[i] = layer_head_scores(
+            adapter.attention(i), adapter.head_counts(i), method, granularity, stats.get(i), seed, i
+        )
     return scores
 
 
-def plan_attention_heads(
-    model: torch.nn.Module,
-    *,
-    pruning_percentage: float,
-    method: str = "L2",
-    granularity: str = "group",
-    batches: list[CalibrationBatch] | None = None,
-    layer_indices: Sequence[int] | None = None,
-    seed: int = 0,
-    gradient_importance: TaylorImportance | None = None,
-    show_progress: bool = False,
-) -> dict[int, HeadPlan]:
-    """Which heads each layer keeps. Validates everything; changes nothing.
-
-    ``pruning_percentage`` is the share of KV groups removed (``"group"``) or of the query heads in each
-    group (``"query"``); it is floored to whole units and must remove at least one and keep at least one.
+def head_keep_counts(
+    model: torch.nn.Module, pruning_percentage: float, granularity: str, layer_indices: Sequence[int] | None
+) -> dict[int, int]:
+    """Validate a head-pruning request; return the units (groups, or query heads per group) each layer keeps.
 
     Example:
-        >>> plan = plan_attention_heads(model, pruning_percentage=50, granularity="query")  # doctest: +SKIP
+        >>> head_keep_counts(model, 50, "group", None)  # doctest: +SKIP
     """
     adapter = get_adapter(model)
     if not adapter.family.separate_qkv:
         raise ValueError(f"Head pruning needs separate q/k/v projections; {adapter.family.name} fuses them.")
-    _check_method(method, batches, gradient_importance)
     if granularity not in ("group", "query"):
         raise ValueError(
             f"granularity must be 'group' (whole KV groups) or 'query' (query heads inside groups), "
@@ -188,6 +195,46 @@ def plan_attention_heads(
         if removed >= units:
             raise ValueError(f"pruning_percentage {pruning_percentage}% would remove all heads of layer {i}.")
         counts[i] = units - removed
+    return counts
+
+
+def select_heads(scores: torch.Tensor, n_q: int, n_kv: int, count: int, granularity: str) -> HeadPlan:
+    """The heads one layer keeps: its ``count`` best groups, or best query heads in every group."""
+    g = n_q // n_kv
+    if granularity == "group":
+        kv = scores.topk(count).indices.sort().values
+        q = (kv[:, None] * g + torch.arange(g)).flatten()
+    else:
+        kv = torch.arange(n_kv)
+        within = scores.reshape(n_kv, g).topk(count, dim=1).indices.sort(dim=1).values
+        q = (kv[:, None] * g + within).flatten()
+    return HeadPlan(query_heads=q, kv_heads=kv)
+
+
+def plan_attention_heads(
+    model: torch.nn.Module,
+    *,
+    pruning_percentage: float,
+    method: str = "L2",
+    granularity: str = "group",
+    batches: list[CalibrationBatch] | None = None,
+    layer_indices: Sequence[int] | None = None,
+    seed: int = 0,
+    gradient_importance: TaylorImportance | None = None,
+    show_progress: bool = False,
+) -> dict[int, HeadPlan]:
+    """Which heads each layer keeps. Validates everything; changes nothing.
+
+    ``pruning_percentage`` is the share of KV groups removed (``"group"``) or of the query heads in each
+    group (``"query"``); it is floored to whole units and must remove at least one and keep at least one.
+
+    Example:
+        >>> plan = plan_attention_heads(model, pruning_percentage=50, granularity="query")  # doctest: +SKIP
+    """
+    _check_method(method, batches, gradient_importance)
+    counts = head_keep_counts(model, pruning_percentage, granularity, layer_indices)
+    layers = list(counts)
+    adapter = get_adapter(model)
     scores = head_scores(
         model,
         method,
@@ -198,19 +245,9 @@ def plan_attention_heads(
         gradient_importance=gradient_importance,
         show_progress=show_progress,
     )
-    plan = {}
-    for i in layers:
-        n_q, n_kv, _ = adapter.head_counts(i)
-        g = n_q // n_kv
-        if granularity == "group":
-            kv = scores[i].topk(counts[i]).indices.sort().values
-            q = (kv[:, None] * g + torch.arange(g)).flatten()
-        else:
-            kv = torch.arange(n_kv)
-            within = scores[i].reshape(n_kv, g).topk(counts[i], dim=1).indices.sort(dim=1).values
-            q = (kv[:, None] * g + within).flatten()
-        plan[i] = HeadPlan(query_heads=q, kv_heads=kv)
-    return plan
+    return {
+        i: select_heads(scores[i], *adapter.head_counts(i)[:2], counts[i], granularity) for i in layers
+    }
 
 
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:

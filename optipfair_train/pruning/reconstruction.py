@@ -50,6 +50,7 @@ __all__ = [
     "plan_refits",
     "apply_refits",
     "refit_target",
+    "effective_weight",
     "check_calibration_size",
 ]
 
@@ -160,7 +161,8 @@ def _lora_delta(module: nn.Module) -> torch.Tensor | None:
     return delta
 
 
-def _effective_weight(module: nn.Module) -> torch.Tensor:
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """``[out, in]`` float64 weight the projection applies: the base weight plus active LoRA deltas."""
     w = weight_out_in(getattr(module, "base_layer", module)).detach().double()
     delta = _lora_delta(module)
     return w if delta is None else w + delta.to(w.device)
@@ -183,7 +185,7 @@ def plan_refits(
         raise ValueError(f"damping must be a number >= 0, got {damping!r}.")
     return {
         i: refit_columns(
-            _effective_weight(refit_target(adapter, kind, i)),
+            effective_weight(refit_target(adapter, kind, i)),
             grams[i],
             keep,
             damping,

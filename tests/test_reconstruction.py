@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from optipfair_train import prune_model
+from optipfair_train.arch import get_adapter, weight_out_in
 from optipfair_train.pruning import as_batches, plan_mlp_width
 from optipfair_train.pruning.heads import HeadPlan, apply_head_plan, head_columns
 from optipfair_train.pruning.reconstruction import apply_refits, collect_grams, plan_refits, refit_columns
@@ -256,3 +257,35 @@ def test_lora_refit_moves_into_the_base_weight():
     effective = down.base_layer.weight + down.scaling["default"] * down.lora_B["default"].weight @ down.lora_A["default"].weight
     torch.testing.assert_close(effective, merged.model.layers[0].mlp.down_proj.weight, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(_logits(lora), _logits(merged), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "phi"])
+def test_plain_mlp_refit_of_fc2_is_exact_for_duplicated_neurons(family):
+    """fc2 / GPT-2's Conv1D c_proj: neurons 96..127 copy 0..31 (fc1 rows and biases), removing them is exact."""
+    model = make_tiny_model(family)
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        for i in range(adapter.num_layers):
+            up = adapter.mlp(i).up
+            weight_out_in(up)[96:] = weight_out_in(up)[:32]
+            up.bias[96:] = up.bias[:32]
+    before = _logits(model)
+    plan = dict.fromkeys(range(adapter.num_layers), torch.arange(96))
+    refits = plan_refits(model, "mlp", plan, collect_grams(model, _batches(), "mlp", plan), damping=0.0)
+    apply_width_plan(model, plan)
+    apply_refits(model, "mlp", refits)
+    torch.testing.assert_close(_logits(model), before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "qwen2", "mistral"])
+def test_sequential_refit_runs_and_reloads_on_other_families(tmp_path, family):
+    model = make_tiny_model(family)
+    pruning_type = "MLP" if family in ("gpt2", "opt") else "MLP_GLU"
+    prune_model(
+        model, pruning_type, pruning_percentage=25, dataloader=_batches(), reconstruct=True, sequential=True,
+        show_progress=False,
+    )
+    assert get_adapter(model).intermediate_sizes() == [96] * 4
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), _logits(model), rtol=0, atol=0)

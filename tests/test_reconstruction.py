@@ -289,3 +289,26 @@ def test_sequential_refit_runs_and_reloads_on_other_families(tmp_path, family):
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(_logits(reloaded), _logits(model), rtol=0, atol=0)
+
+
+def test_sequential_refit_of_a_lora_model_equals_the_merged_model():
+    """L2 scores read gate/up only (no adapter there), so both choose the same neurons; the refit weights agree."""
+    model = make_tiny_model("llama")
+    torch.manual_seed(1)
+    lora = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"], init_lora_weights=False)
+    )
+    merged = copy.deepcopy(lora).merge_and_unload()
+    for m in (lora, merged):
+        prune_model(
+            m, "MLP_GLU", neuron_selection_method="L2", pruning_percentage=25, dataloader=_batches(),
+            reconstruct=True, sequential=True, show_progress=False,
+        )
+    for i in range(4):
+        down = lora.base_model.model.model.layers[i].mlp.down_proj
+        assert down.lora_A["default"].weight.shape == (4, 96) and down.base_layer.weight.shape == (64, 96)
+    torch.testing.assert_close(_logits(lora), _logits(merged), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        copy.deepcopy(lora).merge_and_unload().model.layers[3].mlp.down_proj.weight,
+        merged.model.layers[3].mlp.down_proj.weight, rtol=1e-5, atol=1e-5,
+    )

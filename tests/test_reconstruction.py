@@ -312,3 +312,15 @@ def test_sequential_refit_of_a_lora_model_equals_the_merged_model():
         copy.deepcopy(lora).merge_and_unload().model.layers[3].mlp.down_proj.weight,
         merged.model.layers[3].mlp.down_proj.weight, rtol=1e-5, atol=1e-5,
     )
+
+
+def test_pruning_callback_asks_for_calibration_data_when_refitting():
+    from optipfair_train.callbacks import PruningCallback
+
+    with pytest.raises(ValueError, match="pass dataloader"):
+        PruningCallback(target=20, step=2, neuron_selection_method="MAW", prune_kwargs={"reconstruct": True})
+    callback = PruningCallback(
+        target=20, step=2, neuron_selection_method="activation", dataloader=_batches(n=1),
+        prune_kwargs={"reconstruct": True, "damping": 0.01},
+    )
+    assert callback.prune_kwargs["reconstruct"] is True

@@ -160,6 +160,8 @@ def prune_model(
         damping: ridge strength of the refit, relative to the mean diagonal of the kept inputs' Gram.
         sequential: with ``reconstruct``, take layer ``l``'s statistics on the inputs produced by the
             already pruned and refit layers ``0..l-1`` (:mod:`~optipfair_train.pruning.sequential`).
+            Weight-only and ``activation`` scorers only (not ``taylor``/``fairness``); with
+            ``layer_allocation="global"`` the per-layer widths come from one non-sequential scoring pass.
 
     Returns:
         The pruned model, or ``(model, stats)`` with ``original_parameters``, ``pruned_parameters``,

@@ -314,13 +314,26 @@ def test_sequential_refit_of_a_lora_model_equals_the_merged_model():
     )
 
 
-def test_pruning_callback_asks_for_calibration_data_when_refitting():
+def test_pruning_callback_refits_inside_training(tmp_path, tokenizer):
+    from callbacks_helpers import NEUTRAL_TEXTS, TextDataset, training_args
+    from transformers import Trainer
+
     from optipfair_train.callbacks import PruningCallback
 
     with pytest.raises(ValueError, match="pass dataloader"):
         PruningCallback(target=20, step=2, neuron_selection_method="MAW", prune_kwargs={"reconstruct": True})
-    callback = PruningCallback(
-        target=20, step=2, neuron_selection_method="activation", dataloader=_batches(n=1),
-        prune_kwargs={"reconstruct": True, "damping": 0.01},
+    model = make_tiny_model("llama")
+    trainer = Trainer(
+        model=model, args=training_args(tmp_path, max_steps=4),
+        train_dataset=TextDataset(tokenizer, NEUTRAL_TEXTS, repeat=2), processing_class=tokenizer,
     )
-    assert callback.prune_kwargs["reconstruct"] is True
+    trainer.add_callback(
+        PruningCallback(
+            trainer, target=25, step=2, start_step=2, num_events=1, neuron_selection_method="activation",
+            dataloader=_batches(), prune_kwargs={"reconstruct": True, "damping": 0.01},
+        )
+    )
+    trainer.train()
+    event = model.config.pruning_history[-1]
+    assert event["reconstruct"] is True and event["damping"] == 0.01
+    assert get_adapter(model).intermediate_sizes() == [96] * 4

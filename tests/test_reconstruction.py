@@ -337,3 +337,19 @@ def test_pruning_callback_refits_inside_training(tmp_path, tokenizer):
     event = model.config.pruning_history[-1]
     assert event["reconstruct"] is True and event["damping"] == 0.01
     assert get_adapter(model).intermediate_sizes() == [96] * 4
+
+
+@pytest.mark.parametrize("pruning_type, percentage", [("MLP_GLU", 25), ("ATTENTION", 50)])
+def test_sequential_on_one_layer_equals_non_sequential(pruning_type, percentage):
+    """With only layer 2 pruned its inputs are the unpruned prefix's either way: same heads/neurons, same refit."""
+    models = [make_tiny_model("llama"), make_tiny_model("llama")]
+    for model, sequential in zip(models, (False, True), strict=True):
+        prune_model(
+            model, pruning_type, pruning_percentage=percentage, dataloader=_batches(), layer_indices=[2],
+            reconstruct=True, sequential=sequential, show_progress=False,
+        )
+    a, b = (dict(m.named_parameters()) for m in models)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert models[0].model.layers[2].self_attn.o_proj.weight.shape[1] == (32 if pruning_type == "ATTENTION" else 64)

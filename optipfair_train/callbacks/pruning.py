@@ -195,6 +195,10 @@ class PruningCallback(ReportingCallback):
             raise ValueError(
                 f"prune_kwargs may not set {', '.join(clash)}: PruningCallback sets them (use its own arguments)."
             )
+        if self.prune_kwargs.get("reconstruct") and self.batches is None:
+            raise ValueError(
+                "prune_kwargs={'reconstruct': True} refits weights on calibration data: pass dataloader=..."
+            )
         if self.method == "fairness" and "bias_pairs" not in self.prune_kwargs:
             raise ValueError(
                 "The 'fairness' scorer needs prune_kwargs={'bias_pairs': [...]} (demographic pairs)."

@@ -26,7 +26,7 @@ from .taylor import TaylorImportance, taylor_importance
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plan_mlp_width", "apply_width_plan", "neuron_scores", "MIN_LAYER_FRACTION"]
+__all__ = ["plan_mlp_width", "mlp_width_targets", "apply_width_plan", "neuron_scores", "MIN_LAYER_FRACTION"]
 
 # With global allocation a layer still keeps this share of its neurons: a block whose MLP is
 # emptied is better removed by depth pruning, where its attention goes too.
@@ -124,6 +124,58 @@ def _global_allocation(
     return keep
 
 
+def mlp_width_targets(
+    model: torch.nn.Module,
+    *,
+    pruning_percentage: float | None = None,
+    expansion_rate: float | None = None,
+    expansion_divisor: int | None = None,
+    target_parameters: int | None = None,
+    layer_indices: Sequence[int] | None = None,
+) -> dict[int, int]:
+    """Validate a width request; return how many neurons each chosen layer keeps (uniform allocation).
+
+    Example:
+        >>> mlp_width_targets(model, pruning_percentage=20)  # {layer: kept width}  # doctest: +SKIP
+    """
+    adapter = get_adapter(model)
+    layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
+    for i in layers:
+        if not isinstance(i, int) or not 0 <= i < adapter.num_layers:
+            raise ValueError(
+                f"layer index {i!r} out of range: the model has layers 0..{adapter.num_layers - 1}."
+            )
+    if len(set(layers)) != len(layers) or not layers:
+        raise ValueError(f"layer_indices must be distinct and non-empty, got {layer_indices!r}.")
+    widths = {i: adapter.mlp(i).intermediate_size for i in layers}
+
+    if target_parameters is not None:
+        if pruning_percentage is not None or expansion_rate is not None:
+            raise ValueError("Give target_parameters alone, not with pruning_percentage or expansion_rate.")
+        mlp = adapter.mlp(layers[0])
+        per_neuron = (
+            sum(weight_out_in(m).shape[1] + (m.bias is not None) for m in mlp.width_linears)
+            + weight_out_in(mlp.down).shape[0]
+        )
+        k = width_for_parameter_budget(
+            count_parameters(model), target_parameters, list(widths.values()), per_neuron, expansion_divisor
+        )
+        targets = dict.fromkeys(layers, k)
+    else:
+        targets = {
+            i: kept_width(
+                w,
+                hidden_size=adapter.hidden_size,
+                pruning_percentage=pruning_percentage,
+                expansion_rate=expansion_rate,
+                expansion_divisor=expansion_divisor,
+            )
+            for i, w in widths.items()
+        }
+
+    return targets
+
+
 def plan_mlp_width(
     model: torch.nn.Module,
     *,
@@ -153,44 +205,19 @@ def plan_mlp_width(
         >>> plan = plan_mlp_width(model, method="L2", pruning_percentage=25)  # doctest: +SKIP
         >>> {i: len(idx) for i, idx in plan.items()}  # doctest: +SKIP
     """
-    adapter = get_adapter(model)
     if layer_allocation not in ("uniform", "global"):
         raise ValueError(f"layer_allocation must be 'uniform' or 'global', got {layer_allocation!r}.")
-    layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
-    for i in layers:
-        if not isinstance(i, int) or not 0 <= i < adapter.num_layers:
-            raise ValueError(
-                f"layer index {i!r} out of range: the model has layers 0..{adapter.num_layers - 1}."
-            )
-    if len(set(layers)) != len(layers) or not layers:
-        raise ValueError(f"layer_indices must be distinct and non-empty, got {layer_indices!r}.")
-    widths = {i: adapter.mlp(i).intermediate_size for i in layers}
     get_scorer(method)  # unknown method fails here, before any forward pass
-
-    if target_parameters is not None:
-        if pruning_percentage is not None or expansion_rate is not None:
-            raise ValueError("Give target_parameters alone, not with pruning_percentage or expansion_rate.")
-        mlp = adapter.mlp(layers[0])
-        per_neuron = (
-            sum(weight_out_in(m).shape[1] + (m.bias is not None) for m in mlp.width_linears)
-            + weight_out_in(mlp.down).shape[0]
-        )
-        k = width_for_parameter_budget(
-            count_parameters(model), target_parameters, list(widths.values()), per_neuron, expansion_divisor
-        )
-        targets = dict.fromkeys(layers, k)
-    else:
-        targets = {
-            i: kept_width(
-                w,
-                hidden_size=adapter.hidden_size,
-                pruning_percentage=pruning_percentage,
-                expansion_rate=expansion_rate,
-                expansion_divisor=expansion_divisor,
-            )
-            for i, w in widths.items()
-        }
-
+    adapter = get_adapter(model)
+    targets = mlp_width_targets(
+        model,
+        pruning_percentage=pruning_percentage,
+        expansion_rate=expansion_rate,
+        expansion_divisor=expansion_divisor,
+        target_parameters=target_parameters,
+        layer_indices=layer_indices,
+    )
+    layers = list(targets)
     scores = neuron_scores(
         model,
         method,

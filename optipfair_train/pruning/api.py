@@ -86,7 +86,7 @@ def prune_model(
             family, GLU or plain fc1/fc2), ``"ATTENTION"`` (attention heads, GQA-aware) or
             ``"DEPTH"`` (whole blocks).
         neuron_selection_method: scorer name (``MAW``/``PPM``, ``VOW``, ``PON``, ``L2``, ``random``,
-            ``activation``, ``taylor``, ``fairness``; for ``ATTENTION``: ``L2``, ``activation``, ``taylor``, ``random``).
+            ``activation``, ``hybrid``, ``fluctuation``, ``reconstruction``, ``taylor``, ``fairness``; for ``ATTENTION``: ``L2``, ``activation``, ``taylor``, ``random``).
             Default: ``activation`` when a ``dataloader`` is given, else ``MAW``
             (weight-only scores lose much more quality; a warning says so).
         pruning_percentage: share of neurons to remove per layer (0-100, exclusive). Default 10 when
@@ -96,8 +96,10 @@ def prune_model(
         expansion_divisor: round the kept width down to a multiple of this.
         dataloader: calibration batches (dicts with ``input_ids`` and ``attention_mask``).
         target_parameters: prune MLP width uniformly until the model has at most this many parameters.
-        layer_allocation: ``"uniform"`` (same width everywhere) or ``"global"`` (per-layer widths from a
-            global ranking of normalised scores; reload with :func:`load_pruned_model`).
+        layer_allocation: ``"uniform"`` (same width everywhere), ``"global"`` (per-layer widths from a
+            global ranking of normalised scores) or ``"sensitivity"`` (per-layer widths from each layer's
+            measured output error at the uniform cut; needs a ``dataloader``). Non-uniform widths
+            reload with :func:`load_pruned_model`.
         head_granularity: ``"group"`` (remove whole KV groups) or ``"query"`` (query heads inside groups).
         layer_indices: for ``MLP_GLU``/``MLP`` and ``ATTENTION``, the layers to prune (default all); for ``DEPTH`` with
             ``layer_selection_method="custom"``, the blocks to remove.

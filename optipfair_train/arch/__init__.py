@@ -211,15 +211,23 @@ class ModelAdapter:
         return int(self.config.hidden_size)
 
     def mlp(self, layer_idx: int) -> MLPParts:
+        return self.block_mlp(self.layers[layer_idx])
+
+    def block_mlp(self, block: nn.Module) -> MLPParts:
+        """The MLP parts of a decoder block module (e.g. a detached copy of ``layers[i]``)."""
         f = self.family
-        module = _get(self.layers[layer_idx], f.mlp)
+        module = _get(block, f.mlp)
         return MLPParts(
             module=module, gate=_get(module, f.gate), up=_get(module, f.up), down=_get(module, f.down)
         )
 
     def attention(self, layer_idx: int) -> AttentionParts:
+        return self.block_attention(self.layers[layer_idx])
+
+    def block_attention(self, block: nn.Module) -> AttentionParts:
+        """The attention parts of a decoder block module."""
         f = self.family
-        module = _get(self.layers[layer_idx], f.attention)
+        module = _get(block, f.attention)
         return AttentionParts(
             module=module, q=_get(module, f.q), k=_get(module, f.k), v=_get(module, f.v), o=_get(module, f.o)
         )

@@ -16,12 +16,14 @@ from ..analysis import count_parameters
 from ..arch import get_adapter
 from .calibration import as_batches
 from .depth import select_layers_to_remove
-from .heads import apply_head_plan, plan_attention_heads
+from .heads import apply_head_plan, head_columns, head_keep_counts, plan_attention_heads
 from .io import record_pruning_event
+from .reconstruction import DEFAULT_DAMPING, apply_refits, check_calibration_size, collect_grams, plan_refits
+from .sequential import sequential_head_plan, sequential_mlp_plan
 from .surgery import drop_optimizer_parameters, remove_layers, slice_optimizer_state
 from .targets import layers_to_remove_count
 from .taylor import TaylorImportance
-from .width import apply_width_plan, plan_mlp_width
+from .width import apply_width_plan, mlp_width_targets, plan_mlp_width
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,39 @@ def _check_model(model: torch.nn.Module) -> None:
         raise ValueError("Cannot prune a model with weights on the meta device: load real weights first.")
 
 
+def _check_reconstruct(
+    pruning_type: str, reconstruct: bool, damping: float, sequential: bool, batches: list | None
+) -> None:
+    if not isinstance(reconstruct, bool) or not isinstance(sequential, bool):
+        raise ValueError(f"reconstruct and sequential must be True or False, got {reconstruct!r}, {sequential!r}.")
+    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0:
+        raise ValueError(f"damping must be a number >= 0 (default {DEFAULT_DAMPING}), got {damping!r}.")
+    if sequential and not reconstruct:
+        raise ValueError("sequential=True applies to the refit: pass reconstruct=True as well.")
+    if not reconstruct:
+        return
+    if pruning_type == "DEPTH":
+        raise ValueError(
+            "reconstruct=True refits down_proj after MLP_GLU/MLP pruning or o_proj after ATTENTION "
+            "pruning; DEPTH removes whole blocks and has nothing to refit."
+        )
+    if batches is None:
+        raise ValueError(
+            "reconstruct=True needs calibration data: pass dataloader= (batches of dicts with "
+            "input_ids and attention_mask) or use reconstruct=False."
+        )
+
+
+def _plan_refits(
+    model: torch.nn.Module, kind: str, columns: dict, batches: list, damping: float, show_progress: bool
+) -> dict[int, torch.Tensor]:
+    """Refit weights for every layer of ``columns`` (kept input indices), before any weight changes."""
+    tokens = check_calibration_size(batches, max(len(c) for c in columns.values()), damping)
+    grams = collect_grams(model, batches, kind, columns.keys(), show_progress=show_progress)
+    logger.info("Refitting %d %s layers on %d calibration tokens", len(columns), kind, tokens)
+    return plan_refits(model, kind, columns, grams, damping)
+
+
 def prune_model(
     model: torch.nn.Module,
     pruning_type: str = "MLP_GLU",
@@ -78,6 +113,9 @@ def prune_model(
     fairness_weight: float = 0.2,
     optimizer: torch.optim.Optimizer | None = None,
     seed: int = 0,
+    reconstruct: bool = False,
+    damping: float = DEFAULT_DAMPING,
+    sequential: bool = False,
 ) -> torch.nn.Module | tuple[torch.nn.Module, dict[str, Any]]:
     """Prune ``model`` in place and return it (with statistics when ``return_stats``).
 
@@ -117,6 +155,13 @@ def prune_model(
             ``trainer.optimizer`` during training: its state is cut exactly like the weights (and the
             parameters of removed blocks leave it), then every state tensor's shape is checked.
         seed: for the ``random`` scorer.
+        reconstruct: after ``MLP_GLU``/``MLP`` (or ``ATTENTION``) pruning, refit the kept columns of
+            ``down_proj`` (or ``o_proj``) by ridge least squares so each layer reproduces its unpruned
+            output on the calibration tokens (:mod:`~optipfair_train.pruning.reconstruction`); needs
+            ``dataloader``.
+        damping: ridge strength of the refit, relative to the mean diagonal of the kept inputs' Gram.
+        sequential: with ``reconstruct``, take layer ``l``'s statistics on the inputs produced by the
+            already pruned and refit layers ``0..l-1`` (:mod:`~optipfair_train.pruning.sequential`).
 
     Returns:
         The pruned model, or ``(model, stats)`` with ``original_parameters``, ``pruned_parameters``,
@@ -150,6 +195,7 @@ def prune_model(
             f"{', '.join(misplaced)} do(es) not apply to pruning_type={pruning_type!r}; it accepts "
             f"{', '.join(_ARGUMENTS[pruning_type])}."
         )
+    _check_reconstruct(pruning_type, reconstruct, damping, sequential, batches)
     original = count_parameters(model)
     event: dict[str, Any] = {"pruning_type": pruning_type, "parameters_before": original}
 
@@ -168,24 +214,52 @@ def prune_model(
             )
         if pruning_percentage is None and expansion_rate is None and target_parameters is None:
             pruning_percentage = 10
-        plan = plan_mlp_width(
-            model,
-            method=method,
+        width_request = dict(
             pruning_percentage=pruning_percentage,
             expansion_rate=expansion_rate,
             expansion_divisor=expansion_divisor,
             target_parameters=target_parameters,
-            batches=batches,
             layer_indices=layer_indices,
-            layer_allocation=layer_allocation,
-            seed=seed,
-            gradient_importance=gradient_importance,
-            bias_pairs=bias_pairs,
-            tokenizer=tokenizer,
-            fairness_weight=fairness_weight,
-            show_progress=show_progress,
         )
+        if sequential:
+            # global widths come from one non-sequential scoring pass; the sequential pass then
+            # re-scores and refits each layer at that width on its pruned-prefix inputs
+            if layer_allocation not in ("uniform", "global"):
+                raise ValueError(f"layer_allocation must be 'uniform' or 'global', got {layer_allocation!r}.")
+            targets = mlp_width_targets(model, **width_request)
+            if layer_allocation == "global":
+                first = plan_mlp_width(
+                    model, method=method, batches=batches, layer_allocation="global", seed=seed, **width_request
+                )
+                targets = {i: len(k) for i, k in first.items()}
+            check_calibration_size(batches, max(targets.values()), damping)
+            plan, refits = sequential_mlp_plan(
+                model,
+                batches,
+                method,
+                targets,
+                damping,
+                seed=seed,
+                fairness_weight=fairness_weight,
+                show_progress=show_progress,
+            )
+        else:
+            plan = plan_mlp_width(
+                model,
+                method=method,
+                batches=batches,
+                layer_allocation=layer_allocation,
+                seed=seed,
+                gradient_importance=gradient_importance,
+                bias_pairs=bias_pairs,
+                tokenizer=tokenizer,
+                fairness_weight=fairness_weight,
+                show_progress=show_progress,
+                **width_request,
+            )
+            refits = _plan_refits(model, "mlp", plan, batches, damping, show_progress) if reconstruct else {}
         slices = apply_width_plan(model, plan)
+        apply_refits(model, "mlp", refits)
         event.update(
             method=method,
             pruning_percentage=pruning_percentage,
@@ -198,18 +272,33 @@ def prune_model(
         )
     elif pruning_type == "ATTENTION":
         method = neuron_selection_method or ("activation" if batches is not None else "L2")
-        plan = plan_attention_heads(
-            model,
-            pruning_percentage=pruning_percentage if pruning_percentage is not None else 25,
-            method=method,
-            granularity=head_granularity,
-            batches=batches,
-            layer_indices=layer_indices,
-            seed=seed,
-            gradient_importance=gradient_importance,
-            show_progress=show_progress,
-        )
+        percentage = pruning_percentage if pruning_percentage is not None else 25
+        if sequential:
+            counts = head_keep_counts(model, percentage, head_granularity, layer_indices)
+            # o_proj's full input width bounds the kept columns (the exact count is known per layer later)
+            n_in = max(adapter.head_counts(i)[0] * adapter.head_counts(i)[2] for i in counts)
+            check_calibration_size(batches, n_in, damping)
+            plan, refits = sequential_head_plan(
+                model, batches, method, counts, head_granularity, damping, seed=seed, show_progress=show_progress
+            )
+        else:
+            plan = plan_attention_heads(
+                model,
+                pruning_percentage=percentage,
+                method=method,
+                granularity=head_granularity,
+                batches=batches,
+                layer_indices=layer_indices,
+                seed=seed,
+                gradient_importance=gradient_importance,
+                show_progress=show_progress,
+            )
+            refits = {}
+            if reconstruct:
+                columns = {i: head_columns(p.query_heads, adapter.head_counts(i)[2]) for i, p in plan.items()}
+                refits = _plan_refits(model, "attention", columns, batches, damping, show_progress)
         slices = apply_head_plan(model, plan)
+        apply_refits(model, "attention", refits)
         event.update(
             method=method,
             pruning_percentage=pruning_percentage,
@@ -243,6 +332,8 @@ def prune_model(
         remove_layers(adapter, drop)
         event.update(method=method, removed_layers=drop, num_layers=adapter.num_layers)
 
+    if reconstruct:
+        event.update(reconstruct=True, damping=damping, sequential=sequential)
     if optimizer is not None:
         if pruning_type == "DEPTH":
             drop_optimizer_parameters(optimizer, removed_params)

@@ -172,14 +172,14 @@ class InputMoments:
         sum / sumsq: per-neuron sum of ``x_i`` and of ``x_i^2``.
         batch_norms: per-neuron sum over batches of the batch's L2 norm ``sqrt(sum_t x_ti^2)``
             (OptiPFair's data-driven statistic, padding excluded here).
-        gram: ``sum_t x_t x_t^T`` (``[I, I]``, float64) when requested, else None.
+
+    The Gram matrix ``sum_t x_t x_t^T`` comes from :func:`~optipfair_train.pruning.reconstruction.collect_grams`.
     """
 
     tokens: float
     sum: torch.Tensor
     sumsq: torch.Tensor
     batch_norms: torch.Tensor
-    gram: torch.Tensor | None = None
 
     @property
     def variance(self) -> torch.Tensor:
@@ -192,15 +192,13 @@ def mlp_input_statistics(
     model: torch.nn.Module,
     batches: list[CalibrationBatch],
     *,
-    gram: bool = False,
     adapter: ModelAdapter | None = None,
     layer_indices: Iterable[int] | None = None,
     show_progress: bool = False,
 ) -> dict[int, InputMoments]:
     """Per layer, the :class:`InputMoments` of the ``down_proj`` input (float64 running sums).
 
-    ``gram=True`` also accumulates the ``[I, I]`` Gram matrix (``8 * I^2`` bytes per layer, flat in
-    the number of tokens). All sums are all-reduced under ``torch.distributed``.
+    All sums are all-reduced under ``torch.distributed``.
 
     Example:
         >>> moments = mlp_input_statistics(model, as_batches(loader))  # doctest: +SKIP
@@ -220,8 +218,6 @@ def mlp_input_statistics(
                 "sumsq": (x * x).sum(dim=0).cpu(),
             }
             values["batch_norms"] = values["sumsq"].sqrt()
-            if gram:
-                values["gram"] = (x.T @ x).cpu()
             acc = sums.setdefault(layer_idx, {})
             for key, value in values.items():
                 acc[key] = acc[key] + value if key in acc else value
@@ -238,7 +234,6 @@ def mlp_input_statistics(
             sum=acc["sum"],
             sumsq=acc["sumsq"],
             batch_norms=acc["batch_norms"],
-            gram=acc.get("gram"),
         )
         for i, acc in sums.items()
     }

@@ -28,12 +28,23 @@ from dataclasses import dataclass
 
 import torch
 
-from ..arch import get_adapter, weight_out_in
+from ..arch import AttentionParts, get_adapter, weight_out_in
 from .calibration import CalibrationBatch, input_sumsq
 from .surgery import ParamSlice, record_attention_sizes, slice_linear
 from .taylor import TaylorImportance, taylor_importance
 
-__all__ = ["HEAD_METHODS", "HeadPlan", "head_scores", "plan_attention_heads", "apply_head_plan"]
+__all__ = [
+    "HEAD_METHODS",
+    "HeadPlan",
+    "head_scores",
+    "plan_attention_heads",
+    "apply_head_plan",
+    "head_columns",
+    "head_keep_counts",
+    "layer_head_scores",
+    "select_heads",
+    "prune_heads",
+]
 
 HEAD_METHODS = ("L2", "activation", "taylor", "random")
 
@@ -72,6 +83,40 @@ def _check_method(
         )
 
 
+def layer_head_scores(
+    parts: AttentionParts,
+    counts: tuple[int, int, int],
+    method: str,
+    granularity: str,
+    stat: torch.Tensor | None,
+    seed: int,
+    layer_idx: int,
+) -> torch.Tensor:
+    """One layer's head scores; ``stat``: o_proj input sum of squares (``activation``) or Taylor scores.
+
+    Example:
+        >>> parts, counts = adapter.attention(0), adapter.head_counts(0)  # doctest: +SKIP
+        >>> layer_head_scores(parts, counts, "L2", "group", None, 0, 0)  # doctest: +SKIP
+    """
+    n_q, n_kv, head_dim = counts
+    o_norm = _blocks(weight_out_in(parts.o), n_q, dim=1)
+    if method == "L2":
+        per_head = _blocks(weight_out_in(parts.q), n_q, dim=0) + o_norm
+    elif method == "activation":
+        per_head = stat.reshape(n_q, head_dim).sum(dim=1).sqrt() * o_norm
+    elif method == "taylor":
+        per_head = stat
+    else:
+        per_head = torch.rand(n_q, generator=torch.Generator().manual_seed(seed * 100_003 + layer_idx))
+    if granularity == "group":
+        per_head = per_head.reshape(n_kv, n_q // n_kv).sum(dim=1)
+        if method == "L2":
+            per_head = (
+                per_head + _blocks(weight_out_in(parts.k), n_kv, 0) + _blocks(weight_out_in(parts.v), n_kv, 0)
+            )
+    return per_head
+
+
 def head_scores(
     model: torch.nn.Module,
     method: str,
@@ -100,53 +145,23 @@ def head_scores(
         stats = taylor.head_scores()
     scores = {}
     for i in layers:
-        parts = adapter.attention(i)
-        n_q, n_kv, head_dim = adapter.head_counts(i)
-        o_norm = _blocks(weight_out_in(parts.o), n_q, dim=1)
-        if method == "L2":
-            per_head = _blocks(weight_out_in(parts.q), n_q, dim=0) + o_norm
-        elif method == "activation":
-            per_head = stats[i].reshape(n_q, head_dim).sum(dim=1).sqrt() * o_norm
-        elif method == "taylor":
-            per_head = stats[i]
-        else:
-            per_head = torch.rand(n_q, generator=torch.Generator().manual_seed(seed * 100_003 + i))
-        if granularity == "group":
-            per_head = per_head.reshape(n_kv, n_q // n_kv).sum(dim=1)
-            if method == "L2":
-                per_head = (
-                    per_head
-                    + _blocks(weight_out_in(parts.k), n_kv, 0)
-                    + _blocks(weight_out_in(parts.v), n_kv, 0)
-                )
-        scores[i] = per_head
+        scores[i] = layer_head_scores(
+            adapter.attention(i), adapter.head_counts(i), method, granularity, stats.get(i), seed, i
+        )
     return scores
 
 
-def plan_attention_heads(
-    model: torch.nn.Module,
-    *,
-    pruning_percentage: float,
-    method: str = "L2",
-    granularity: str = "group",
-    batches: list[CalibrationBatch] | None = None,
-    layer_indices: Sequence[int] | None = None,
-    seed: int = 0,
-    gradient_importance: TaylorImportance | None = None,
-    show_progress: bool = False,
-) -> dict[int, HeadPlan]:
-    """Which heads each layer keeps. Validates everything; changes nothing.
-
-    ``pruning_percentage`` is the share of KV groups removed (``"group"``) or of the query heads in each
-    group (``"query"``); it is floored to whole units and must remove at least one and keep at least one.
+def head_keep_counts(
+    model: torch.nn.Module, pruning_percentage: float, granularity: str, layer_indices: Sequence[int] | None
+) -> dict[int, int]:
+    """Validate a head-pruning request; return the units (groups, or query heads per group) each layer keeps.
 
     Example:
-        >>> plan = plan_attention_heads(model, pruning_percentage=50, granularity="query")  # doctest: +SKIP
+        >>> head_keep_counts(model, 50, "group", None)  # doctest: +SKIP
     """
     adapter = get_adapter(model)
     if not adapter.family.separate_qkv:
         raise ValueError(f"Head pruning needs separate q/k/v projections; {adapter.family.name} fuses them.")
-    _check_method(method, batches, gradient_importance)
     if granularity not in ("group", "query"):
         raise ValueError(
             f"granularity must be 'group' (whole KV groups) or 'query' (query heads inside groups), "
@@ -180,6 +195,46 @@ def plan_attention_heads(
         if removed >= units:
             raise ValueError(f"pruning_percentage {pruning_percentage}% would remove all heads of layer {i}.")
         counts[i] = units - removed
+    return counts
+
+
+def select_heads(scores: torch.Tensor, n_q: int, n_kv: int, count: int, granularity: str) -> HeadPlan:
+    """The heads one layer keeps: its ``count`` best groups, or best query heads in every group."""
+    g = n_q // n_kv
+    if granularity == "group":
+        kv = scores.topk(count).indices.sort().values
+        q = (kv[:, None] * g + torch.arange(g)).flatten()
+    else:
+        kv = torch.arange(n_kv)
+        within = scores.reshape(n_kv, g).topk(count, dim=1).indices.sort(dim=1).values
+        q = (kv[:, None] * g + within).flatten()
+    return HeadPlan(query_heads=q, kv_heads=kv)
+
+
+def plan_attention_heads(
+    model: torch.nn.Module,
+    *,
+    pruning_percentage: float,
+    method: str = "L2",
+    granularity: str = "group",
+    batches: list[CalibrationBatch] | None = None,
+    layer_indices: Sequence[int] | None = None,
+    seed: int = 0,
+    gradient_importance: TaylorImportance | None = None,
+    show_progress: bool = False,
+) -> dict[int, HeadPlan]:
+    """Which heads each layer keeps. Validates everything; changes nothing.
+
+    ``pruning_percentage`` is the share of KV groups removed (``"group"``) or of the query heads in each
+    group (``"query"``); it is floored to whole units and must remove at least one and keep at least one.
+
+    Example:
+        >>> plan = plan_attention_heads(model, pruning_percentage=50, granularity="query")  # doctest: +SKIP
+    """
+    _check_method(method, batches, gradient_importance)
+    counts = head_keep_counts(model, pruning_percentage, granularity, layer_indices)
+    layers = list(counts)
+    adapter = get_adapter(model)
     scores = head_scores(
         model,
         method,
@@ -190,23 +245,31 @@ def plan_attention_heads(
         gradient_importance=gradient_importance,
         show_progress=show_progress,
     )
-    plan = {}
-    for i in layers:
-        n_q, n_kv, _ = adapter.head_counts(i)
-        g = n_q // n_kv
-        if granularity == "group":
-            kv = scores[i].topk(counts[i]).indices.sort().values
-            q = (kv[:, None] * g + torch.arange(g)).flatten()
-        else:
-            kv = torch.arange(n_kv)
-            within = scores[i].reshape(n_kv, g).topk(counts[i], dim=1).indices.sort(dim=1).values
-            q = (kv[:, None] * g + within).flatten()
-        plan[i] = HeadPlan(query_heads=q, kv_heads=kv)
-    return plan
+    return {
+        i: select_heads(scores[i], *adapter.head_counts(i)[:2], counts[i], granularity) for i in layers
+    }
 
 
-def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Row indices of ``heads`` in q/k/v (= column indices in o_proj), ``head_dim`` rows per head."""
     return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def prune_heads(parts: AttentionParts, keep: HeadPlan, n_kv: int, head_dim: int) -> list[ParamSlice]:
+    """Cut one attention block (``parts``, which had ``n_kv`` KV heads) to the heads of ``keep``."""
+    q_rows, kv_rows = head_columns(keep.query_heads, head_dim), head_columns(keep.kv_heads, head_dim)
+    slices = slice_linear(parts.q, q_rows, dim=0)
+    slices += slice_linear(parts.o, q_rows, dim=1)
+    if len(keep.kv_heads) < n_kv:
+        slices += slice_linear(parts.k, kv_rows, dim=0)
+        slices += slice_linear(parts.v, kv_rows, dim=0)
+    parts.module.num_key_value_groups = len(keep.query_heads) // len(keep.kv_heads)
+    for name in ("num_heads", "num_attention_heads"):
+        if hasattr(parts.module, name):
+            setattr(parts.module, name, len(keep.query_heads))
+    if hasattr(parts.module, "num_key_value_heads"):
+        parts.module.num_key_value_heads = len(keep.kv_heads)
+    return slices
 
 
 def apply_head_plan(model: torch.nn.Module, plan: dict[int, HeadPlan]) -> list[ParamSlice]:
@@ -218,19 +281,7 @@ def apply_head_plan(model: torch.nn.Module, plan: dict[int, HeadPlan]) -> list[P
     adapter = get_adapter(model)
     slices: list[ParamSlice] = []
     for i, keep in plan.items():
-        parts = adapter.attention(i)
         n_q, n_kv, head_dim = adapter.head_counts(i)
-        q_rows, kv_rows = _head_rows(keep.query_heads, head_dim), _head_rows(keep.kv_heads, head_dim)
-        slices += slice_linear(parts.q, q_rows, dim=0)
-        slices += slice_linear(parts.o, q_rows, dim=1)
-        if len(keep.kv_heads) < n_kv:
-            slices += slice_linear(parts.k, kv_rows, dim=0)
-            slices += slice_linear(parts.v, kv_rows, dim=0)
-        parts.module.num_key_value_groups = len(keep.query_heads) // len(keep.kv_heads)
-        for name in ("num_heads", "num_attention_heads"):
-            if hasattr(parts.module, name):
-                setattr(parts.module, name, len(keep.query_heads))
-        if hasattr(parts.module, "num_key_value_heads"):
-            parts.module.num_key_value_heads = len(keep.kv_heads)
+        slices += prune_heads(adapter.attention(i), keep, n_kv, head_dim)
     record_attention_sizes(adapter)
     return slices

@@ -19,6 +19,7 @@ from ..analysis import count_parameters
 from ..arch import ModelAdapter, get_adapter, weight_out_in
 from .calibration import CalibrationBatch, mlp_activation_sumsq, mlp_input_statistics
 from .fairness import neuron_bias_gap
+from .reconstruction import collect_grams
 from .scorers import ScoringContext, get_scorer
 from .surgery import ParamSlice, prune_mlp_neurons, record_mlp_sizes
 from .targets import kept_width, width_for_parameter_budget
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "plan_mlp_width",
+    "mlp_width_targets",
     "apply_width_plan",
     "neuron_scores",
     "layer_sensitivity",
@@ -96,16 +98,12 @@ def neuron_scores(
             scorer(adapter.mlp(layers[0]), ScoringContext(layers[0]))  # raises the helpful error
         if scorer.needs == "taylor":
             stats["taylor"] = taylor_importance(model, batches, show_progress=show_progress).neuron_scores()
-        elif scorer.needs in ("input_moments", "input_gram"):
-            moments = mlp_input_statistics(
-                model,
-                batches,
-                gram=scorer.needs == "input_gram",
-                adapter=adapter,
-                layer_indices=layers,
-                show_progress=show_progress,
+        elif scorer.needs == "input_moments":
+            stats["input_moments"] = mlp_input_statistics(
+                model, batches, adapter=adapter, layer_indices=layers, show_progress=show_progress
             )
-            stats[scorer.needs] = {i: m if scorer.needs == "input_moments" else m.gram for i, m in moments.items()}
+        elif scorer.needs == "input_gram":
+            stats["input_gram"] = collect_grams(model, batches, "mlp", layers, show_progress=show_progress)
         else:
             stats["activation_sumsq"] = mlp_activation_sumsq(
                 model, batches, adapter=adapter, show_progress=show_progress
@@ -200,6 +198,58 @@ def _sensitivity_allocation(
     return keep
 
 
+def mlp_width_targets(
+    model: torch.nn.Module,
+    *,
+    pruning_percentage: float | None = None,
+    expansion_rate: float | None = None,
+    expansion_divisor: int | None = None,
+    target_parameters: int | None = None,
+    layer_indices: Sequence[int] | None = None,
+) -> dict[int, int]:
+    """Validate a width request; return how many neurons each chosen layer keeps (uniform allocation).
+
+    Example:
+        >>> mlp_width_targets(model, pruning_percentage=20)  # {layer: kept width}  # doctest: +SKIP
+    """
+    adapter = get_adapter(model)
+    layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
+    for i in layers:
+        if not isinstance(i, int) or not 0 <= i < adapter.num_layers:
+            raise ValueError(
+                f"layer index {i!r} out of range: the model has layers 0..{adapter.num_layers - 1}."
+            )
+    if len(set(layers)) != len(layers) or not layers:
+        raise ValueError(f"layer_indices must be distinct and non-empty, got {layer_indices!r}.")
+    widths = {i: adapter.mlp(i).intermediate_size for i in layers}
+
+    if target_parameters is not None:
+        if pruning_percentage is not None or expansion_rate is not None:
+            raise ValueError("Give target_parameters alone, not with pruning_percentage or expansion_rate.")
+        mlp = adapter.mlp(layers[0])
+        per_neuron = (
+            sum(weight_out_in(m).shape[1] + (m.bias is not None) for m in mlp.width_linears)
+            + weight_out_in(mlp.down).shape[0]
+        )
+        k = width_for_parameter_budget(
+            count_parameters(model), target_parameters, list(widths.values()), per_neuron, expansion_divisor
+        )
+        targets = dict.fromkeys(layers, k)
+    else:
+        targets = {
+            i: kept_width(
+                w,
+                hidden_size=adapter.hidden_size,
+                pruning_percentage=pruning_percentage,
+                expansion_rate=expansion_rate,
+                expansion_divisor=expansion_divisor,
+            )
+            for i, w in widths.items()
+        }
+
+    return targets
+
+
 def plan_mlp_width(
     model: torch.nn.Module,
     *,
@@ -231,48 +281,23 @@ def plan_mlp_width(
         >>> plan = plan_mlp_width(model, method="L2", pruning_percentage=25)  # doctest: +SKIP
         >>> {i: len(idx) for i, idx in plan.items()}  # doctest: +SKIP
     """
-    adapter = get_adapter(model)
     if layer_allocation not in LAYER_ALLOCATIONS:
         raise ValueError(
             f"layer_allocation must be one of {', '.join(LAYER_ALLOCATIONS)}, got {layer_allocation!r}."
         )
     if layer_allocation == "sensitivity" and batches is None:
         raise ValueError("layer_allocation='sensitivity' measures output errors: pass calibration batches.")
-    layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
-    for i in layers:
-        if not isinstance(i, int) or not 0 <= i < adapter.num_layers:
-            raise ValueError(
-                f"layer index {i!r} out of range: the model has layers 0..{adapter.num_layers - 1}."
-            )
-    if len(set(layers)) != len(layers) or not layers:
-        raise ValueError(f"layer_indices must be distinct and non-empty, got {layer_indices!r}.")
-    widths = {i: adapter.mlp(i).intermediate_size for i in layers}
     get_scorer(method)  # unknown method fails here, before any forward pass
-
-    if target_parameters is not None:
-        if pruning_percentage is not None or expansion_rate is not None:
-            raise ValueError("Give target_parameters alone, not with pruning_percentage or expansion_rate.")
-        mlp = adapter.mlp(layers[0])
-        per_neuron = (
-            sum(weight_out_in(m).shape[1] + (m.bias is not None) for m in mlp.width_linears)
-            + weight_out_in(mlp.down).shape[0]
-        )
-        k = width_for_parameter_budget(
-            count_parameters(model), target_parameters, list(widths.values()), per_neuron, expansion_divisor
-        )
-        targets = dict.fromkeys(layers, k)
-    else:
-        targets = {
-            i: kept_width(
-                w,
-                hidden_size=adapter.hidden_size,
-                pruning_percentage=pruning_percentage,
-                expansion_rate=expansion_rate,
-                expansion_divisor=expansion_divisor,
-            )
-            for i, w in widths.items()
-        }
-
+    adapter = get_adapter(model)
+    targets = mlp_width_targets(
+        model,
+        pruning_percentage=pruning_percentage,
+        expansion_rate=expansion_rate,
+        expansion_divisor=expansion_divisor,
+        target_parameters=target_parameters,
+        layer_indices=layer_indices,
+    )
+    layers = list(targets)
     scores = neuron_scores(
         model,
         method,
@@ -289,15 +314,11 @@ def plan_mlp_width(
     if layer_allocation == "global":
         targets = _global_allocation(scores, sum(targets.values()), expansion_divisor)
     elif layer_allocation == "sensitivity":
-        grams = {
-            i: m.gram
-            for i, m in mlp_input_statistics(
-                model, batches, gram=True, adapter=adapter, layer_indices=layers, show_progress=show_progress
-            ).items()
-        }
+        grams = collect_grams(model, batches, "mlp", layers, show_progress=show_progress)
         uniform = {i: scores[i].topk(targets[i]).indices for i in layers}
         sensitivity = layer_sensitivity({i: adapter.mlp(i) for i in layers}, grams, uniform)
         logger.info("Layer sensitivity at the uniform width: %s", {i: round(v, 4) for i, v in sensitivity.items()})
+        widths = {i: adapter.mlp(i).intermediate_size for i in layers}
         targets = _sensitivity_allocation(sensitivity, widths, targets, expansion_divisor)
     return {i: scores[i].topk(targets[i]).indices.sort().values for i in layers}
 

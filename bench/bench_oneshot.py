@@ -8,7 +8,8 @@ calibration 8 x 256 tokens of WikiText-2 valid, --quick 4 x 256; CrowS-Pairs on 
    data-driven score, computed by this package with padding masked: OptiPFair itself is not run here;
    bench_optipfair.py runs it), ``fluctuation`` (FLAP) and ``reconstruction`` (OBS saliency), each without
    and — when ``prune_model`` accepts ``reconstruct=`` — with the least-squares refit of the kept weights.
-2. Layer allocation for the best uniform scorer: ``uniform`` vs ``global`` vs ``sensitivity``.
+2. Layer allocation for the best uniform scorer at -20% (with refit when available): ``uniform`` vs
+   ``global`` vs ``sensitivity``.
 3. One KV group of three removed in every layer (``activation`` heads), without and with refit.
 4. Calibration budget for the best setting: perplexity, time and peak extra memory of the statistics vs
    calibration tokens (2k, 8k, 32k, 64k; --quick 512, 2k), and the Gram matrix size per layer.
@@ -23,7 +24,7 @@ Scores are computed once per scorer on the unpruned model and reused for both pe
 Flags: the shared ones of ``bench/common.py``, --crows-sample N, --parts mlp,allocation,attention,budget
 (the parts to run; allocation needs mlp; the budget curve uses the best uniform scorer, else
 ``reconstruction``).
-Writes <out>/oneshot.md.
+Writes <out>/oneshot.md (and, row by row while it runs, <out>/oneshot.partial.md).
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ def _prune(work, refit: bool, batches=None, **kwargs) -> tuple[torch.nn.Module, 
 class Rows:
     """Measured rows: label, setting, parameters, perplexity, ratio, CrowS-Pairs, seconds."""
 
-    def __init__(self, work, base: dict[str, float], progress):
+    def __init__(self, work, base: dict[str, float], progress, partial=None):
         self.work, self.base, self.progress, self.rows = work, base, progress, []
+        self.partial = partial  # a file that holds the rows so far (a long run can be read while it goes)
         self.by_key: dict[tuple, dict[str, Any]] = {}
 
     def add(self, key: tuple, setting: str, label: str, model: torch.nn.Module, seconds: float) -> None:
@@ -102,8 +104,11 @@ class Rows:
         self.rows.append(row)
         self.by_key[key] = row
         self.progress(f"{setting} {label}: perplexity {fmt_ppl(metrics['perplexity'])} (x{ratio:.2f})")
+        if self.partial is not None:
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+            self.partial.write_text("\n".join(self._cells()[0]) + "\n")
 
-    def table(self, report: Report, title: str) -> None:
+    def _cells(self) -> tuple[list[str], list[str], list[list[str]]]:
         header = ["setting", "method", "parameters", "perplexity", "ratio to base", "CrowS-Pairs [95% CI]"]
         header += ["StereoSet", "time (s)"]
         cells = [
@@ -115,6 +120,12 @@ class Rows:
                 [r["setting"], r["label"], f"{int(r['parameters']):,}", fmt_ppl(r["perplexity"])]
                 + [f"{r['ratio']:.2f}", crows_cell(r), STEREOSET, f"{r['seconds']:.1f}"]
             )
+        lines = ["| " + " | ".join(row) + " |" for row in [header, *cells]]
+        lines.insert(1, "|" + "---|" * len(header))
+        return lines, header, cells
+
+    def table(self, report: Report, title: str) -> None:
+        _, header, cells = self._cells()
         report.table(header, cells, title=title)
 
 
@@ -279,24 +290,25 @@ def main() -> None:
     )
     base = measure(work.model, work, crows=True)
     progress(f"unpruned: perplexity {fmt_ppl(base['perplexity'])}, CrowS-Pairs {crows_cell(base)}")
-    rows = Rows(work, base, progress)
+    rows = Rows(work, base, progress, partial=args.out / "oneshot.partial.md")
     percentages = (20.0, 30.0)
     parts = set(args.parts.split(","))
     best = "reconstruction"
-    if "mlp" in parts:
-        scoring_seconds = mlp_rows(work, rows, percentages, refit, progress)
-        best = min(SCORERS, key=lambda m: rows.by_key[("mlp", m, 20.0, False)]["ratio"])
-        progress(f"best uniform scorer at -20% (no refit): {best}")
-        if "allocation" in parts:
-            allocation_rows(work, rows, best, percentages, refit, scoring_seconds)
     if "attention" in parts:
         attention_rows(work, rows, refit, report)
+    if "mlp" in parts:
+        scoring_seconds = mlp_rows(work, rows, percentages, refit, progress)
+        best = min(SCORERS, key=lambda m: rows.by_key[("mlp", m, 20.0, refit)]["ratio"])
+        progress(f"best uniform scorer at -20%{' with refit' if refit else ''}: {best}")
+        if "allocation" in parts:
+            allocation_rows(work, rows, best, percentages, refit, scoring_seconds)
     _cached_scores.clear()
     rows.table(report, "Perplexity, ratio to the unpruned model and CrowS-Pairs, every setting")
     report.table(["target", "limit", "best measured ratio", "status"], verdict(rows), title="Targets")
     if "budget" in parts:
         budget(work, args, base, best, refit, (512, 2048) if quick else (2048, 8192, 32768, 65536), report, progress)
     report.write()
+    rows.partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

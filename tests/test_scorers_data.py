@@ -35,7 +35,8 @@ def test_hybrid_is_batch_norms_times_normalised_ppm_of_gate_up_down():
 
 def test_fluctuation_is_variance_times_squared_down_column_norm():
     # variances over the three tokens: [1, 3, 0] (neuron 2 is constant: a bias can replace it)
-    scores = get_scorer("fluctuation")(_mlp(GATE, UP, DOWN), ScoringContext(0, input_moments=_moments(TOKENS)))
+    context = ScoringContext(0, input_moments=_moments(TOKENS))
+    scores = get_scorer("fluctuation")(_mlp(GATE, UP, DOWN), context)
     assert torch.allclose(scores, torch.tensor([1.0 * 1, 3.0 * 9, 0.0]), atol=1e-5)
     assert scores.topk(2).indices.sort().values.tolist() == [0, 1]
 
@@ -50,7 +51,7 @@ def test_reconstruction_with_uncorrelated_inputs_is_energy_times_column_norm():
 
 def test_reconstruction_equals_least_error_after_refit_and_spares_unique_neurons():
     # neurons 0 and 1 always fire together (one can stand in for the other); neuron 2 is weaker but alone
-    x = torch.tensor([[2.0, 2.0, 0.0], [1.0, 1.0, 1.0], [3.0, 3.0, 0.0], [0.0, 0.0, -1.0]], dtype=torch.float64)
+    x = torch.tensor([[2.0, 2.0, 0.0], [1.0, 1.0, 1.0], [3.0, 3.0, 0.0], [0.0, 0.0, -1.0]]).double()
     down = [[1.0, 1.0, 0.5], [0.0, 0.0, 0.5]]
     parts = _mlp(GATE, UP, down)
     gram = x.T @ x

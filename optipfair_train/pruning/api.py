@@ -124,7 +124,8 @@ def prune_model(
             family, GLU or plain fc1/fc2), ``"ATTENTION"`` (attention heads, GQA-aware) or
             ``"DEPTH"`` (whole blocks).
         neuron_selection_method: scorer name (``MAW``/``PPM``, ``VOW``, ``PON``, ``L2``, ``random``,
-            ``activation``, ``hybrid``, ``fluctuation``, ``reconstruction``, ``taylor``, ``fairness``; for ``ATTENTION``: ``L2``, ``activation``, ``taylor``, ``random``).
+            ``activation``, ``hybrid``, ``fluctuation``, ``reconstruction``, ``taylor``, ``fairness``;
+            for ``ATTENTION``: ``L2``, ``activation``, ``taylor``, ``random``).
             Default: ``activation`` when a ``dataloader`` is given, else ``MAW``
             (weight-only scores lose much more quality; a warning says so).
         pruning_percentage: share of neurons to remove per layer (0-100, exclusive). Default 10 when

@@ -173,7 +173,8 @@ class InputMoments:
         batch_norms: per-neuron sum over batches of the batch's L2 norm ``sqrt(sum_t x_ti^2)``
             (OptiPFair's data-driven statistic, padding excluded here).
 
-    The Gram matrix ``sum_t x_t x_t^T`` comes from :func:`~optipfair_train.pruning.reconstruction.collect_grams`.
+    The Gram matrix ``sum_t x_t x_t^T`` comes from
+    :func:`~optipfair_train.pruning.reconstruction.collect_grams`.
     """
 
     tokens: float

@@ -207,7 +207,8 @@ def _ppm(weight: torch.Tensor, dim: int) -> torch.Tensor:
 def _hybrid(parts: MLPParts, context: ScoringContext) -> torch.Tensor:
     """OptiPFair 0.4.2's data-driven score, padding masked: batch-norm sum x normalised MAW of gate, up, down.
 
-    ``score_i = (sum_b ||X_b[:, i]||_2) * (PPM_g[i] / max PPM_g + PPM_u[i] / max PPM_u + PPM_d[i] / max PPM_d)``
+    ``score_i = (sum_b ||X_b[:, i]||_2) * (PPM_g[i] / max PPM_g + PPM_u[i] / max PPM_u
+    + PPM_d[i] / max PPM_d)``
     where ``X_b`` is batch ``b``'s ``down_proj`` input over its unmasked tokens (OptiPFair counts padding
     tokens too; on unpadded batches both agree), ``PPM = max + |min|`` of the neuron's gate row, up row
     and down column. Source: OptiPFair 0.4.2 ``compute_neuron_pair_importance_maw_hybrid``.

@@ -317,7 +317,8 @@ def plan_mlp_width(
         grams = collect_grams(model, batches, "mlp", layers, show_progress=show_progress)
         uniform = {i: scores[i].topk(targets[i]).indices for i in layers}
         sensitivity = layer_sensitivity({i: adapter.mlp(i) for i in layers}, grams, uniform)
-        logger.info("Layer sensitivity at the uniform width: %s", {i: round(v, 4) for i, v in sensitivity.items()})
+        rounded = {i: round(v, 4) for i, v in sensitivity.items()}
+        logger.info("Layer sensitivity at the uniform width: %s", rounded)
         widths = {i: adapter.mlp(i).intermediate_size for i in layers}
         targets = _sensitivity_allocation(sensitivity, widths, targets, expansion_divisor)
     return {i: scores[i].topk(targets[i]).indices.sort().values for i in layers}

@@ -130,22 +130,24 @@ class Rows:
 
 
 def mlp_rows(work, rows: Rows, percentages, refit: bool, progress) -> dict[str, float]:
-    scoring_seconds = {}
+    """Scores once per scorer on the unpruned model, then rows percentage by percentage."""
+    all_scores, scoring_seconds = {}, {}
     for method in SCORERS:
-        scores, seconds = timed(
+        all_scores[method], scoring_seconds[method] = timed(
             lambda method=method: neuron_scores(work.model, method, batches=work.calibration)
         )
-        scoring_seconds[method] = seconds
-        progress(f"{method}: scores in {seconds:.1f} s")
-        _cached_scores.clear()
-        _cached_scores.update(scores)
-        for pct in percentages:
+        progress(f"{method}: scores in {scoring_seconds[method]:.1f} s")
+    for pct in percentages:
+        for method in SCORERS:
+            _cached_scores.clear()
+            _cached_scores.update(all_scores[method])
             for with_refit in (False, True) if refit else (False,):
                 model, cut = _prune(
                     work, with_refit, pruning_type="MLP", neuron_selection_method=CACHED, pruning_percentage=pct
                 )
                 label = f"`{method}`" + (" + refit" if with_refit else "")
-                rows.add(("mlp", method, pct, with_refit), f"MLP -{pct:g}%", label, model, seconds + cut)
+                seconds = scoring_seconds[method] + cut
+                rows.add(("mlp", method, pct, with_refit), f"MLP -{pct:g}%", label, model, seconds)
                 del model
     return scoring_seconds
 

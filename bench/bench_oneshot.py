@@ -195,8 +195,12 @@ def attention_rows(work, rows: Rows, refit: bool, report: Report) -> None:
 
 
 def budget(work, args, base, method: str, refit: bool, tokens_list, report: Report, progress) -> None:
+    """Perplexity, seconds and peak extra memory vs calibration tokens (-20% always, -30% up to 32k)."""
     texts = work.valid_texts(args.data)
     out = []
+    header = ["calibration tokens", "MLP cut", "perplexity", "ratio to base", "scoring + pruning (s)"]
+    header.append("peak extra RSS (MB)")
+    title = f"Calibration budget: `{method}`{' + refit' if refit else ''} (batches of 4 x 256 tokens)"
     for tokens in tokens_list:
         batches = as_batches(
             calibration_dataloader(
@@ -204,33 +208,33 @@ def budget(work, args, base, method: str, refit: bool, tokens_list, report: Repo
             )
         )
         counted = sum(int(b["attention_mask"].sum()) for b in batches)
-        model = copy.deepcopy(work.model)
-        extra = {"reconstruct": True} if refit else {}
-        with PeakRSS() as rss:
-            _, seconds = timed(
-                lambda model=model, batches=batches, extra=extra: prune_model(
-                    model,
-                    pruning_type="MLP",
-                    neuron_selection_method=method,
-                    pruning_percentage=20,
-                    dataloader=batches,
-                    show_progress=False,
-                    **extra,
+        for pct in (20.0, 30.0) if tokens <= 32768 else (20.0,):
+            model = copy.deepcopy(work.model)
+            extra = {"reconstruct": True} if refit else {}
+            with PeakRSS() as rss:
+                _, seconds = timed(
+                    lambda model=model, batches=batches, extra=extra, pct=pct: prune_model(
+                        model,
+                        pruning_type="MLP",
+                        neuron_selection_method=method,
+                        pruning_percentage=pct,
+                        dataloader=batches,
+                        show_progress=False,
+                        **extra,
+                    )
                 )
+            metrics = measure(model, work, crows=False)
+            del model
+            ratio = metrics["perplexity"] / base["perplexity"]
+            out.append(
+                [f"{counted:,}", f"-{pct:g}%", fmt_ppl(metrics["perplexity"]), f"{ratio:.2f}", f"{seconds:.1f}"]
+                + [f"{rss.extra / 2**20:.0f}"]
             )
-        metrics = measure(model, work, crows=False)
-        del model
-        ratio = metrics["perplexity"] / base["perplexity"]
-        out.append(
-            [f"{counted:,}", fmt_ppl(metrics["perplexity"]), f"{ratio:.2f}", f"{seconds:.1f}"]
-            + [f"{rss.extra / 2**20:.0f}"]
-        )
-        progress(f"budget {counted} tokens: perplexity {fmt_ppl(metrics['perplexity'])}, {seconds:.1f} s")
-    report.table(
-        ["calibration tokens", "perplexity", "ratio to base", "statistics + pruning (s)", "peak extra RSS (MB)"],
-        out,
-        title=f"Calibration budget: `{method}`{' + refit' if refit else ''}, MLP -20% (batches of 4 x 256 tokens)",
-    )
+            progress(f"budget {counted} tokens -{pct:g}%: perplexity {fmt_ppl(metrics['perplexity'])}, {seconds:.1f} s")
+            partial = ["| " + " | ".join(map(str, row)) + " |" for row in [header, *out]]
+            (args.out / "oneshot.budget.partial.md").write_text("\n".join(partial) + "\n")
+    report.table(header, out, title=title)
+    (args.out / "oneshot.budget.partial.md").unlink(missing_ok=True)
     adapter = get_adapter(work.model)
     width = adapter.mlp(0).intermediate_size
     per_layer = 8 * width**2
@@ -238,9 +242,8 @@ def budget(work, args, base, method: str, refit: bool, tokens_list, report: Repo
         f"Gram matrix of the `down_proj` input (float64, `intermediate_size^2`): {per_layer / 2**20:.1f} MB "
         f"per layer, {adapter.num_layers * per_layer / 2**20:,.0f} MB for all {adapter.num_layers} layers of "
         "this model, the same for any number of tokens (streamed sums). For an 8B LLaMA (intermediate 14336, "
-        "32 layers): "
-        f"{8 * 14336**2 / 2**30:.2f} GiB per layer, {32 * 8 * 14336**2 / 2**30:.1f} GiB for all layers at once: "
-        "such models need the statistics one layer at a time."
+        f"32 layers): {8 * 14336**2 / 2**30:.2f} GiB per layer, {32 * 8 * 14336**2 / 2**30:.1f} GiB for all "
+        "layers at once: such models need the statistics one layer at a time."
     )
 
 

@@ -143,3 +143,19 @@ def test_sensitivity_plan_keeps_the_total_and_protects_the_sensitive_layer(calib
     sizes = {i: len(k) for i, k in plan.items()}
     assert sum(sizes.values()) == 64 * adapter.num_layers
     assert sizes[2] < 64 and all(sizes[i] > 64 for i in sizes if i != 2)
+
+
+def test_default_scorer_is_hybrid_with_data_and_activation_when_sequential(calibration_batches):
+    _, stats = prune_model(
+        make_tiny_model("llama"), dataloader=calibration_batches, show_progress=False, return_stats=True
+    )
+    assert stats["event"]["method"] == "hybrid"
+    _, stats = prune_model(
+        make_tiny_model("llama"),
+        dataloader=calibration_batches,
+        reconstruct=True,
+        sequential=True,
+        show_progress=False,
+        return_stats=True,
+    )
+    assert stats["event"]["method"] == "activation"

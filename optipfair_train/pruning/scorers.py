@@ -18,7 +18,8 @@ pairs, :mod:`.fairness`).
 
 On the demo model these collapse quality (FIELD-NOTES: MAW at 20% width -> perplexity 287 vs 29.6),
 whereas ``activation`` (``sqrt(sum_t x_ti^2) * ||W_down[:, i]||_2`` over calibration tokens, padding
-excluded) keeps it at 43.5. ``activation`` is therefore the default whenever calibration data is given.
+excluded) keeps it at 43.5, and ``hybrid`` does better still (bench/bench_oneshot.py: 45.3 vs 48.2 at
+-20%, 57.3 vs 72.1 at -30%, unpruned 32.0): ``hybrid`` is ``prune_model``'s default with calibration data.
 
 Example:
     >>> from optipfair_train.pruning.scorers import get_scorer, available_scorers

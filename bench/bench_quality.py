@@ -28,16 +28,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
-import os
 import statistics
-import threading
-import time
 from collections import Counter
 
 import torch
-from common import Report, Workload, base_parser, crows_cell, load_workload, measure, setup
+from common import (
+    PeakRSS,
+    Progress,
+    Report,
+    Workload,
+    base_parser,
+    crows_cell,
+    fmt_ppl,
+    load_workload,
+    measure,
+    setup,
+    timed,
+)
 
 from optipfair_train import prune_model
 from optipfair_train.arch import get_adapter
@@ -66,61 +73,6 @@ _cached_scores: dict[int, torch.Tensor] = {}
 def _cached(parts, context):
     """Precomputed scores of the scorer under test (bench_quality only)."""
     return _cached_scores[context.layer_idx]
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc), so RSS starts from what is really in use."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Samples resident memory every 5 ms; ``extra`` is the peak above the level at entry (after
-    trimming the heap: memory freed earlier would otherwise be reused unseen)."""
-
-    def __enter__(self):
-        gc.collect()
-        _trim_heap()
-        self.start = self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.extra = self.peak - self.start
-
-
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
-
-
-def fmt_ppl(value: float) -> str:
-    return f"{value:.2f}" if value < 100 else f"{value:,.0f}" if value >= 1000 else f"{value:.1f}"
-
-
-class Progress:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        print(f"[{time.perf_counter() - self.start:6.0f} s] {message}", flush=True)
 
 
 def statistics_cost(work: Workload, args: argparse.Namespace, samples: tuple[int, int]):

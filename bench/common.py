@@ -16,11 +16,14 @@ WikiText-2 ``valid.txt`` is calibration and healing text; ``test.txt`` is only e
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
+import gc
 import os
 import platform
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -279,3 +282,58 @@ class Report:
         path.write_text("\n".join(self.lines) + "\n")
         print(f"\nWritten to {path}", flush=True)
         return path
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc), so RSS starts from what is really in use."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples resident memory every 5 ms; ``extra`` is the peak above the level at entry (after
+    trimming the heap: memory freed earlier would otherwise be reused unseen)."""
+
+    def __enter__(self):
+        gc.collect()
+        _trim_heap()
+        self.start = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.extra = self.peak - self.start
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def fmt_ppl(value: float) -> str:
+    return f"{value:.2f}" if value < 100 else f"{value:,.0f}" if value >= 1000 else f"{value:.1f}"
+
+
+class Progress:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.start:6.0f} s] {message}", flush=True)

@@ -24,8 +24,8 @@ def _logits(model, ids=PROMPT):
 def test_width_pruning_equals_zeroing_the_removed_neurons(family, calibration_batches):
     """The pruned model computes exactly what the original computes with removed neurons silenced."""
     model = make_tiny_model(family)
-    plan = plan_mlp_width(
-        model, method="activation", pruning_percentage=30, batches=as_batches(calibration_batches)
+    plan = plan_mlp_width(  # the default scorer with a dataloader
+        model, method="hybrid", pruning_percentage=30, batches=as_batches(calibration_batches)
     )
     reference = make_tiny_model(family)
     adapter = get_adapter(reference)
@@ -61,7 +61,7 @@ def test_uniform_width_and_depth_reload_with_from_pretrained(
     assert manifest["uniform"] and [layer["intermediate_size"] for layer in manifest["layers"]] == [103] * 3
     assert manifest["parameters"] == count_parameters(model)
     assert [e["pruning_type"] for e in manifest["history"]] == ["MLP_GLU", "DEPTH"]
-    assert manifest["history"][0]["method"] == "activation"
+    assert manifest["history"][0]["method"] == "hybrid"  # the default with a dataloader
     assert reloaded.config.pruning_history == manifest["history"]
     assert stats["original_parameters"] - stats["pruned_parameters"] == stats["reduction"] > 0
     assert stats["percentage_reduction"] == pytest.approx(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,8 @@ __all__ = [
     "as_batches",
     "input_sumsq",
     "mlp_activation_sumsq",
+    "InputMoments",
+    "mlp_input_statistics",
     "block_influence",
 ]
 
@@ -158,6 +161,83 @@ def mlp_activation_sumsq(
     adapter = adapter or get_adapter(model)
     modules = {i: adapter.mlp(i).down for i in range(adapter.num_layers)}
     return input_sumsq(model, batches, modules, show_progress=show_progress)
+
+
+@dataclass
+class InputMoments:
+    """Streamed statistics of one layer's ``down_proj`` input over unmasked calibration tokens.
+
+    Attributes:
+        tokens: number of unmasked tokens.
+        sum / sumsq: per-neuron sum of ``x_i`` and of ``x_i^2``.
+        batch_norms: per-neuron sum over batches of the batch's L2 norm ``sqrt(sum_t x_ti^2)``
+            (OptiPFair's data-driven statistic, padding excluded here).
+
+    The Gram matrix ``sum_t x_t x_t^T`` comes from
+    :func:`~optipfair_train.pruning.reconstruction.collect_grams`.
+    """
+
+    tokens: float
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+    batch_norms: torch.Tensor
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Unbiased per-neuron variance over tokens (FLAP's fluctuation)."""
+        n = max(self.tokens, 2.0)
+        return ((self.sumsq - self.sum * self.sum / n) / (n - 1)).clamp_min(0)
+
+
+def mlp_input_statistics(
+    model: torch.nn.Module,
+    batches: list[CalibrationBatch],
+    *,
+    adapter: ModelAdapter | None = None,
+    layer_indices: Iterable[int] | None = None,
+    show_progress: bool = False,
+) -> dict[int, InputMoments]:
+    """Per layer, the :class:`InputMoments` of the ``down_proj`` input (float64 running sums).
+
+    All sums are all-reduced under ``torch.distributed``.
+
+    Example:
+        >>> moments = mlp_input_statistics(model, as_batches(loader))  # doctest: +SKIP
+        >>> moments[0].variance.shape  # (intermediate_size,)  # doctest: +SKIP
+    """
+    adapter = adapter or get_adapter(model)
+    layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
+    sums: dict[int, dict[str, torch.Tensor]] = {}
+    current: dict = {}
+
+    def hook_for(layer_idx: int):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])[current["mask"].reshape(-1).bool()].double()
+            values = {
+                "tokens": torch.tensor([float(x.shape[0])], dtype=torch.float64),
+                "sum": x.sum(dim=0).cpu(),
+                "sumsq": (x * x).sum(dim=0).cpu(),
+            }
+            values["batch_norms"] = values["sumsq"].sqrt()
+            acc = sums.setdefault(layer_idx, {})
+            for key, value in values.items():
+                acc[key] = acc[key] + value if key in acc else value
+
+        return hook
+
+    handles = [adapter.mlp(i).down.register_forward_pre_hook(hook_for(i)) for i in layers]
+    with _hooks(handles):
+        _run(model, batches, show_progress, "input statistics", current)
+    _all_reduce_(t for acc in sums.values() for t in acc.values())
+    return {
+        i: InputMoments(
+            tokens=float(acc["tokens"]),
+            sum=acc["sum"],
+            sumsq=acc["sumsq"],
+            batch_norms=acc["batch_norms"],
+        )
+        for i, acc in sums.items()
+    }
 
 
 def block_influence(

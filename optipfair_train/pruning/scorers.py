@@ -11,12 +11,15 @@ The weight-only scores reproduce OptiPFair 0.4.2 exactly (rows of gate/up are ne
 - ``PON``: ``||W_g[i]||_1 * ||W_u[i]||_1``
 - ``L2``: ``||W_g[i]||_2 + ||W_u[i]||_2``
 
-Data-driven: ``activation`` (below), ``taylor`` (gradients, :mod:`.taylor`) and ``fairness``
-(demographic prompt pairs, :mod:`.fairness`).
+Data-driven: ``activation``, ``hybrid`` (OptiPFair's data-driven score), ``fluctuation`` (FLAP),
+``reconstruction`` (OBS saliency from the Gram matrix) — all below, from the streamed statistics of
+:mod:`.calibration` —, ``taylor`` (gradients, :mod:`.taylor`) and ``fairness`` (demographic prompt
+pairs, :mod:`.fairness`).
 
 On the demo model these collapse quality (FIELD-NOTES: MAW at 20% width -> perplexity 287 vs 29.6),
 whereas ``activation`` (``sqrt(sum_t x_ti^2) * ||W_down[:, i]||_2`` over calibration tokens, padding
-excluded) keeps it at 43.5. ``activation`` is therefore the default whenever calibration data is given.
+excluded) keeps it at 43.5, and ``hybrid`` does better still (bench/bench_oneshot.py: 45.3 vs 48.2 at
+-20%, 57.3 vs 72.1 at -30%, unpruned 32.0): ``hybrid`` is ``prune_model``'s default with calibration data.
 
 Example:
     >>> from optipfair_train.pruning.scorers import get_scorer, available_scorers
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..arch import MLPParts, weight_out_in
+from .calibration import InputMoments
 
 __all__ = ["Scorer", "ScoringContext", "register_scorer", "get_scorer", "available_scorers"]
 
@@ -44,6 +48,8 @@ class ScoringContext:
         layer_idx: index of the layer being scored.
         activation_sumsq: per-neuron sum over calibration tokens of the squared ``down_proj`` input,
             for data-driven scorers (None when no calibration data was collected).
+        input_moments: streamed moments of the ``down_proj`` input (``hybrid``, ``fluctuation``).
+        input_gram: ``sum_t x_t x_t^T`` of the ``down_proj`` input, float64 (``reconstruction``).
         taylor: per-neuron first-order Taylor scores (see :mod:`.taylor`), for ``taylor``.
         bias_gap: per-neuron mean activation gap over demographic prompt pairs (see :mod:`.fairness`).
         fairness_weight: weight of the bias gap against quality in ``fairness``.
@@ -52,6 +58,8 @@ class ScoringContext:
 
     layer_idx: int
     activation_sumsq: torch.Tensor | None = None
+    input_moments: InputMoments | None = None
+    input_gram: torch.Tensor | None = None
     taylor: torch.Tensor | None = None
     bias_gap: torch.Tensor | None = None
     fairness_weight: float = 0.2
@@ -64,7 +72,7 @@ class Scorer:
 
     name: str
     fn: Callable[[MLPParts, ScoringContext], torch.Tensor]
-    needs: str | None  # the ScoringContext statistic it reads: "activation_sumsq", "taylor" or None
+    needs: str | None  # the ScoringContext field it reads ("activation_sumsq", "input_moments", ...) or None
     description: str
 
     @property
@@ -186,3 +194,56 @@ def _fairness(parts: MLPParts, context: ScoringContext) -> torch.Tensor:
 
     quality = _activation(parts, context) if context.activation_sumsq is not None else _maw(parts, context)
     return combine_fairness(quality, context.bias_gap, context.fairness_weight)
+
+
+# Ridge damping of the Gram matrix, relative to its mean diagonal (as in OBS/SparseGPT-style solvers).
+RECONSTRUCTION_DAMPING = 0.01
+
+
+def _ppm(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    return weight.max(dim=dim).values + weight.min(dim=dim).values.abs()
+
+
+@register_scorer("hybrid", needs="input_moments")
+def _hybrid(parts: MLPParts, context: ScoringContext) -> torch.Tensor:
+    """OptiPFair 0.4.2's data-driven score, padding masked: batch-norm sum x normalised MAW of gate, up, down.
+
+    ``score_i = (sum_b ||X_b[:, i]||_2) * (PPM_g[i] / max PPM_g + PPM_u[i] / max PPM_u
+    + PPM_d[i] / max PPM_d)``
+    where ``X_b`` is batch ``b``'s ``down_proj`` input over its unmasked tokens (OptiPFair counts padding
+    tokens too; on unpadded batches both agree), ``PPM = max + |min|`` of the neuron's gate row, up row
+    and down column. Source: OptiPFair 0.4.2 ``compute_neuron_pair_importance_maw_hybrid``.
+    """
+    ppms = [_ppm(w, 1) for w in _rows(parts)] + [_ppm(weight_out_in(parts.down).detach().float(), 0)]
+    magnitude = sum(p / p.max().clamp_min(1e-12) for p in ppms)
+    return context.input_moments.batch_norms.float() * magnitude
+
+
+@register_scorer("fluctuation", needs="input_moments")
+def _fluctuation(parts: MLPParts, context: ScoringContext) -> torch.Tensor:
+    """FLAP's fluctuation (WIFV): variance over tokens of the down_proj input x ||W_down[:, i]||_2^2.
+
+    ``score_i = Var_t(x_ti) * ||W_d[:, i]||^2`` (unbiased variance over unmasked calibration tokens):
+    removing neuron ``i`` and adding its mean ``E[x_i] W_d[:, i]`` as a bias leaves an output error
+    whose energy is exactly this (An et al., "Fluctuation-based Adaptive Structured Pruning for Large
+    Language Models", AAAI 2024). The bias compensation itself is not applied here.
+    """
+    column_sq = weight_out_in(parts.down).detach().double().pow(2).sum(dim=0)
+    return context.input_moments.variance * column_sq
+
+
+@register_scorer("reconstruction", needs="input_gram")
+def _reconstruction(parts: MLPParts, context: ScoringContext) -> torch.Tensor:
+    """OBS saliency: ||W_down[:, i]||^2 / [(G + lambda I)^-1]_ii, G = sum_t x_t x_t^T of the down_proj input.
+
+    The least output error ``sum_t ||W_d x_t - W_d' x_t||^2`` left when neuron ``i`` alone is removed
+    and the other columns are refit by least squares (Optimal Brain Surgeon, Hassibi & Stork 1993;
+    structured for columns as in SlimGPT, Ling et al. 2024). ``lambda`` is
+    ``RECONSTRUCTION_DAMPING`` times the mean of ``diag(G)``.
+    """
+    gram = context.input_gram.double()
+    damping = RECONSTRUCTION_DAMPING * gram.diagonal().mean().clamp_min(1e-12)
+    regularised = gram + damping * torch.eye(gram.shape[0], dtype=gram.dtype)
+    inverse_diag = torch.cholesky_inverse(torch.linalg.cholesky(regularised)).diagonal()
+    column_sq = weight_out_in(parts.down).detach().double().pow(2).sum(dim=0)
+    return column_sq / inverse_diag

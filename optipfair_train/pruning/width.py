@@ -17,8 +17,9 @@ import torch
 
 from ..analysis import count_parameters
 from ..arch import ModelAdapter, get_adapter, weight_out_in
-from .calibration import CalibrationBatch, mlp_activation_sumsq
+from .calibration import CalibrationBatch, mlp_activation_sumsq, mlp_input_statistics
 from .fairness import neuron_bias_gap
+from .reconstruction import collect_grams
 from .scorers import ScoringContext, get_scorer
 from .surgery import ParamSlice, prune_mlp_neurons, record_mlp_sizes
 from .targets import kept_width, width_for_parameter_budget
@@ -26,7 +27,17 @@ from .taylor import TaylorImportance, taylor_importance
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plan_mlp_width", "mlp_width_targets", "apply_width_plan", "neuron_scores", "MIN_LAYER_FRACTION"]
+__all__ = [
+    "plan_mlp_width",
+    "mlp_width_targets",
+    "apply_width_plan",
+    "neuron_scores",
+    "layer_sensitivity",
+    "LAYER_ALLOCATIONS",
+    "MIN_LAYER_FRACTION",
+]
+
+LAYER_ALLOCATIONS = ("uniform", "global", "sensitivity")
 
 # With global allocation a layer still keeps this share of its neurons: a block whose MLP is
 # emptied is better removed by depth pruning, where its attention goes too.
@@ -87,6 +98,12 @@ def neuron_scores(
             scorer(adapter.mlp(layers[0]), ScoringContext(layers[0]))  # raises the helpful error
         if scorer.needs == "taylor":
             stats["taylor"] = taylor_importance(model, batches, show_progress=show_progress).neuron_scores()
+        elif scorer.needs == "input_moments":
+            stats["input_moments"] = mlp_input_statistics(
+                model, batches, adapter=adapter, layer_indices=layers, show_progress=show_progress
+            )
+        elif scorer.needs == "input_gram":
+            stats["input_gram"] = collect_grams(model, batches, "mlp", layers, show_progress=show_progress)
         else:
             stats["activation_sumsq"] = mlp_activation_sumsq(
                 model, batches, adapter=adapter, show_progress=show_progress
@@ -119,6 +136,63 @@ def _global_allocation(
     pool.sort(reverse=True)
     for _, i in pool[: max(0, total_keep - sum(minimum.values()))]:
         keep[i] += 1
+    if divisor:
+        keep = {i: max(divisor, (k // divisor) * divisor) for i, k in keep.items()}
+    return keep
+
+
+def layer_sensitivity(
+    parts_by_layer: dict[int, object], grams: dict[int, torch.Tensor], kept: dict[int, torch.Tensor]
+) -> dict[int, float]:
+    """Relative output error of each layer's ``down_proj`` on calibration data when only ``kept`` stays.
+
+    ``s_l = tr(W_S G_SS W_S^T) / tr(W G W^T)`` with ``W = W_down`` (``[H, I]``), ``S`` the removed
+    neurons and ``G = sum_t x_t x_t^T`` of the ``down_proj`` input: the share of the MLP output energy
+    over the calibration tokens that the cut removes (no refit).
+
+    Example:
+        >>> layer_sensitivity({0: adapter.mlp(0)}, {0: gram}, {0: keep})  # doctest: +SKIP
+    """
+    result = {}
+    for i, parts in parts_by_layer.items():
+        w = weight_out_in(parts.down).detach().double()
+        removed = torch.ones(w.shape[1], dtype=torch.bool)
+        removed[kept[i]] = False
+        w_s, gram = w[:, removed], grams[i].double()
+        error = ((w_s @ gram[removed][:, removed]) * w_s).sum()
+        total = ((w @ gram) * w).sum().clamp_min(1e-30)
+        result[i] = float(error / total)
+    return result
+
+
+def _sensitivity_allocation(
+    sensitivity: dict[int, float], widths: dict[int, int], targets: dict[int, int], divisor: int | None
+) -> dict[int, int]:
+    """Per-layer widths removing ``r_l`` neurons with ``r_l`` proportional to ``1 / s_l``, same total.
+
+    Under a quadratic error model ``e_l(r) = s_l (r / r_uniform)^2`` this equalises the marginal error
+    of every layer; each layer keeps between ``MIN_LAYER_FRACTION`` of its width and all of it.
+    """
+    total_removed = sum(widths[i] - targets[i] for i in widths)
+    floor = {i: max(1, math.ceil(MIN_LAYER_FRACTION * w), divisor or 1) for i, w in widths.items()}
+    removed = dict.fromkeys(widths, 0)
+    free, left = set(widths), total_removed
+    while left > 0 and free:
+        weights = {i: 1.0 / max(sensitivity[i], 1e-12) for i in free}
+        norm = sum(weights.values())
+        capped = {i for i in free if left * weights[i] / norm >= widths[i] - floor[i] - removed[i]}
+        if not capped:
+            share = {i: int(left * weights[i] / norm) for i in free}
+            for i in sorted(free, key=lambda i: -weights[i])[: left - sum(share.values())]:
+                share[i] += 1  # distribute the rounding remainder to the least sensitive layers
+            for i in free:
+                removed[i] += share[i]
+            break
+        for i in capped:
+            left -= widths[i] - floor[i] - removed[i]
+            removed[i] = widths[i] - floor[i]
+        free -= capped
+    keep = {i: widths[i] - removed[i] for i in widths}
     if divisor:
         keep = {i: max(divisor, (k // divisor) * divisor) for i, k in keep.items()}
     return keep
@@ -199,14 +273,20 @@ def plan_mlp_width(
     ``layer_allocation="uniform"`` keeps the same number in every layer (OptiPFair's behaviour);
     ``"global"`` keeps the same total but ranks neurons of all layers together after dividing each
     layer's scores by their mean, so layers that matter more keep more (never below
-    ``MIN_LAYER_FRACTION`` of their width).
+    ``MIN_LAYER_FRACTION`` of their width); ``"sensitivity"`` (needs ``batches``) measures each
+    layer's relative ``down_proj`` output error at the uniform cut (:func:`layer_sensitivity`) and
+    removes neurons in proportion to its inverse, same total (see ``_sensitivity_allocation``).
 
     Example:
         >>> plan = plan_mlp_width(model, method="L2", pruning_percentage=25)  # doctest: +SKIP
         >>> {i: len(idx) for i, idx in plan.items()}  # doctest: +SKIP
     """
-    if layer_allocation not in ("uniform", "global"):
-        raise ValueError(f"layer_allocation must be 'uniform' or 'global', got {layer_allocation!r}.")
+    if layer_allocation not in LAYER_ALLOCATIONS:
+        raise ValueError(
+            f"layer_allocation must be one of {', '.join(LAYER_ALLOCATIONS)}, got {layer_allocation!r}."
+        )
+    if layer_allocation == "sensitivity" and batches is None:
+        raise ValueError("layer_allocation='sensitivity' measures output errors: pass calibration batches.")
     get_scorer(method)  # unknown method fails here, before any forward pass
     adapter = get_adapter(model)
     targets = mlp_width_targets(
@@ -233,6 +313,14 @@ def plan_mlp_width(
     )
     if layer_allocation == "global":
         targets = _global_allocation(scores, sum(targets.values()), expansion_divisor)
+    elif layer_allocation == "sensitivity":
+        grams = collect_grams(model, batches, "mlp", layers, show_progress=show_progress)
+        uniform = {i: scores[i].topk(targets[i]).indices for i in layers}
+        sensitivity = layer_sensitivity({i: adapter.mlp(i) for i in layers}, grams, uniform)
+        rounded = {i: round(v, 4) for i, v in sensitivity.items()}
+        logger.info("Layer sensitivity at the uniform width: %s", rounded)
+        widths = {i: adapter.mlp(i).intermediate_size for i in layers}
+        targets = _sensitivity_allocation(sensitivity, widths, targets, expansion_divisor)
     return {i: scores[i].topk(targets[i]).indices.sort().values for i in layers}
 
 

@@ -29,6 +29,7 @@ import torch
 from common import Report, base_parser, load_workload, measure, setup
 
 from optipfair_train import prune_model
+from optipfair_train.arch import get_adapter
 
 
 def _forward_seconds(model: torch.nn.Module, batches: list) -> float:
@@ -39,18 +40,19 @@ def _forward_seconds(model: torch.nn.Module, batches: list) -> float:
     return time.perf_counter() - start
 
 
-def _settings(quick: bool) -> list[tuple[str, dict]]:
+def _settings(quick: bool, kv_groups: int) -> list[tuple[str, dict]]:
     """Settings in order of interest (every row is printed as soon as it is measured)."""
     mlp20 = dict(pruning_type="MLP_GLU", pruning_percentage=20)
     mlp30 = dict(pruning_type="MLP_GLU", pruning_percentage=30)
-    heads = dict(pruning_type="ATTENTION", pruning_percentage=34, head_granularity="group")
+    # one KV group of the model's (the demo has three; a tiny test model may have two)
+    heads = dict(pruning_type="ATTENTION", pruning_percentage=100 / kv_groups, head_granularity="group")
     rows = [
         ("MLP -20%", dict(mlp20)),
         ("MLP -20%", dict(mlp20, reconstruct=True, damping=0.01)),
         ("MLP -20%", dict(mlp20, reconstruct=True, damping=0.01, sequential=True)),
-        ("1 of 3 KV groups", dict(heads)),
-        ("1 of 3 KV groups", dict(heads, reconstruct=True, damping=0.01)),
-        ("1 of 3 KV groups", dict(heads, reconstruct=True, damping=0.01, sequential=True)),
+        (f"1 of {kv_groups} KV groups", dict(heads)),
+        (f"1 of {kv_groups} KV groups", dict(heads, reconstruct=True, damping=0.01)),
+        (f"1 of {kv_groups} KV groups", dict(heads, reconstruct=True, damping=0.01, sequential=True)),
     ]
     if quick:
         return rows
@@ -88,7 +90,7 @@ def main() -> None:
     calibration_tokens = sum(int(b["attention_mask"].sum()) for b in work.calibration)
     forward = [_forward_seconds(base, work.calibration)]
     rows = []
-    for label, setting in _settings(args.quick):
+    for label, setting in _settings(args.quick, get_adapter(work.model).head_counts(0)[1]):
         setting = dict(setting)
         tokens = setting.pop("tokens", calibration_tokens)
         batches = work.calibration if tokens == calibration_tokens else _batches_with_tokens(work.calibration, tokens)

@@ -27,31 +27,35 @@ def main() -> None:
     setup(args)
     report = Report("depth", "Depth pruning with linear replacement", args.out)
     work = load_workload(
-        args, eval_tokens=(2 if args.quick else 16) * 512, calibration_samples=8, crows_sample=30 if args.quick else 200
+        args, eval_tokens=(2 if args.quick else 16) * 512, calibration_samples=8, crows_sample=30 if args.quick else 100
     )
-    counts = [4] if args.quick else [2, 4, 6]
     big = as_batches(
         calibration_dataloader(
             work.tokenizer,
             work.valid_texts(args.data),
-            num_samples=args.big_calibration,
+            num_samples=8 if args.quick else args.big_calibration,
             seq_len=256,
             batch_size=8,
         )
     )
     base = measure(work.model, work)
     rows = [["none (base)", 0, "-", f"{base['perplexity']:.2f}", "1.00", "-", crows_cell(base)]]
-    settings = [
-        ("importance", dict(layer_selection_method="importance"), work.calibration),
-        ("contiguous", dict(layer_selection_method="contiguous"), work.calibration),
-        ("contiguous + linear, damping 0", dict(replace_with_linear=True, linear_damping=0.0), work.calibration),
-        ("contiguous + linear, damping 1e-3", dict(replace_with_linear=True, linear_damping=1e-3), work.calibration),
-    ]
-    runs = [(name, n, kwargs, batches) for n in counts for name, kwargs, batches in settings]
-    for damping in (0.0, 1e-3):
-        runs.append((f"contiguous + linear, damping {damping:g}, {args.big_calibration} x 256 calibration", 4,
-                     dict(replace_with_linear=True, linear_damping=damping), big))
-    for name, n, kwargs, batches in runs:
+    importance = ("importance", dict(layer_selection_method="importance"), work.calibration)
+    plain = ("contiguous", dict(layer_selection_method="contiguous"), work.calibration)
+    linear = {
+        damping: (f"contiguous + linear, damping {damping:g}", dict(replace_with_linear=True, linear_damping=damping))
+        for damping in (0.0, 1e-3)
+    }
+    small = {d: (*v, work.calibration) for d, v in linear.items()}
+    large = {
+        d: (f"{name}, {args.big_calibration} x 256 calibration", kwargs, big) for d, (name, kwargs) in linear.items()
+    }
+    # most informative first (4 blocks), so an interrupted run still answers the main question
+    runs = [(4, s) for s in (importance, plain, small[1e-3], small[0.0])]
+    if not args.quick:
+        runs += [(4, large[1e-3]), (4, large[0.0])]
+        runs += [(n, s) for n in (2, 6) for s in (importance, plain, small[1e-3], small[0.0])]
+    for n, (name, kwargs, batches) in runs:
         model = copy.deepcopy(work.model)
         _, stats = prune_model(
             model, pruning_type="DEPTH", num_layers_to_remove=n, dataloader=batches, show_progress=False,

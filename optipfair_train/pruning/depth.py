@@ -5,6 +5,8 @@ Positional choices (``last``, ``first``) are OptiPFair's; they are catastrophic 
 most of the work. ``importance`` removes the blocks that change the hidden state least, measured on
 calibration data (3 blocks: 43.7); ``contiguous`` removes the least influential run of consecutive blocks;
 ``taylor`` removes the blocks with the smallest first-order Taylor estimate of the loss change.
+A removed ``contiguous`` run can be replaced by a fitted linear map folded into the block before it
+(:mod:`.depth_replace`, ``prune_model(..., replace_with_linear=True)``).
 
 Example:
     >>> drop = select_layers_to_remove(model, 2, "importance", batches=batches)  # doctest: +SKIP

@@ -16,6 +16,7 @@ from ..analysis import count_parameters
 from ..arch import get_adapter
 from .calibration import as_batches
 from .depth import select_layers_to_remove
+from .depth_replace import fit_linear_replacement, fold_linear_replacement
 from .heads import apply_head_plan, head_columns, head_keep_counts, plan_attention_heads
 from .io import record_pruning_event
 from .reconstruction import DEFAULT_DAMPING, apply_refits, check_calibration_size, collect_grams, plan_refits
@@ -41,7 +42,13 @@ _ARGUMENTS = {
     "MLP_GLU": _WIDTH_ARGUMENTS,
     "MLP": _WIDTH_ARGUMENTS,
     "ATTENTION": ("neuron_selection_method", "pruning_percentage"),
-    "DEPTH": ("num_layers_to_remove", "depth_pruning_percentage", "layer_selection_method"),
+    "DEPTH": (
+        "num_layers_to_remove",
+        "depth_pruning_percentage",
+        "layer_selection_method",
+        "replace_with_linear",
+        "linear_damping",
+    ),
 }
 
 
@@ -106,6 +113,8 @@ def prune_model(
     layer_indices: Sequence[int] | None = None,
     depth_pruning_percentage: float | None = None,
     layer_selection_method: str | None = None,
+    replace_with_linear: bool | None = None,
+    linear_damping: float | None = None,
     block_metric: str = "cosine",
     gradient_importance: TaylorImportance | None = None,
     bias_pairs: Sequence[Sequence[str]] | None = None,
@@ -147,6 +156,12 @@ def prune_model(
         num_layers_to_remove / depth_pruning_percentage: how many blocks ``DEPTH`` removes.
         layer_selection_method: ``importance`` (default with a dataloader), ``contiguous``, ``last``
             (default without), ``first`` or ``custom``.
+        replace_with_linear: for ``DEPTH``: replace the removed run of consecutive blocks by a linear map
+            fitted on ``dataloader`` and folded into the previous block's MLP output projection (the model
+            stays a plain model of its family). Selection defaults to ``contiguous`` (runs from block 1 on);
+            see :mod:`optipfair_train.pruning.depth_replace`.
+        linear_damping: ridge damping of that map toward the identity, relative to the mean
+            activation energy (default 1e-3; 0 is plain least squares).
         block_metric: ``cosine`` or ``angular`` distance for block influence.
         gradient_importance: Taylor scores accumulated from gradients a training loop already computed
             (:class:`~optipfair_train.pruning.taylor.TaylorImportance`), used by the ``taylor`` method
@@ -193,6 +208,8 @@ def prune_model(
         "num_layers_to_remove": num_layers_to_remove,
         "depth_pruning_percentage": depth_pruning_percentage,
         "layer_selection_method": layer_selection_method,
+        "replace_with_linear": replace_with_linear,
+        "linear_damping": linear_damping,
     }
     misplaced = [k for k, v in given.items() if v is not None and k not in _ARGUMENTS[pruning_type]]
     if misplaced:
@@ -316,7 +333,9 @@ def prune_model(
         )
     else:
         method = layer_selection_method or (
-            "custom" if layer_indices else "importance" if batches is not None else "last"
+            "custom"
+            if layer_indices
+            else "contiguous" if replace_with_linear else "importance" if batches is not None else "last"
         )
         if method == "last" and layer_selection_method is None:
             logger.warning(
@@ -335,10 +354,18 @@ def prune_model(
             metric=block_metric,
             gradient_importance=gradient_importance,
             show_progress=show_progress,
+            first_start=1 if replace_with_linear else 0,
         )
+        fit = None
+        if replace_with_linear:
+            damping = 1e-3 if linear_damping is None else linear_damping
+            fit = fit_linear_replacement(model, batches, drop, damping=damping, show_progress=show_progress)
         removed_params = [p for i in drop for p in adapter.layers[i].parameters()]
         remove_layers(adapter, drop)
         event.update(method=method, removed_layers=drop, num_layers=adapter.num_layers)
+        if fit is not None:
+            fold_linear_replacement(adapter, fit)
+            event["linear_replacement"] = fit.summary(adapter)
 
     if reconstruct:
         event.update(reconstruct=True, damping=damping, sequential=sequential)

@@ -5,6 +5,8 @@ Positional choices (``last``, ``first``) are OptiPFair's; they are catastrophic 
 most of the work. ``importance`` removes the blocks that change the hidden state least, measured on
 calibration data (3 blocks: 43.7); ``contiguous`` removes the least influential run of consecutive blocks;
 ``taylor`` removes the blocks with the smallest first-order Taylor estimate of the loss change.
+A removed ``contiguous`` run can be replaced by a fitted linear map folded into the block before it
+(:mod:`.depth_replace`, ``prune_model(..., replace_with_linear=True)``).
 
 Example:
     >>> drop = select_layers_to_remove(model, 2, "importance", batches=batches)  # doctest: +SKIP
@@ -35,8 +37,12 @@ def select_layers_to_remove(
     metric: str = "cosine",
     gradient_importance: TaylorImportance | None = None,
     show_progress: bool = False,
+    first_start: int = 0,
 ) -> list[int]:
     """Indices of the blocks to remove (sorted). Validates everything; changes nothing.
+
+    ``first_start`` is the earliest block a ``contiguous`` run may start at (1 when the run is replaced
+    by a map folded into the block before it).
 
     Example:
         >>> select_layers_to_remove(model, 2, "last")  # with 4 layers  # doctest: +SKIP
@@ -74,6 +80,8 @@ def select_layers_to_remove(
     if method == "importance":
         influence = block_influence(model, batches, span=1, metric=metric, show_progress=show_progress)
         return sorted(influence.topk(count, largest=False).indices.tolist())
+    if n - count < first_start:
+        raise ValueError(f"No run of {count} blocks starts at block {first_start} or later in {n} blocks.")
     influence = block_influence(model, batches, span=count, metric=metric, show_progress=show_progress)
-    start = int(influence.argmin())
+    start = first_start + int(influence[first_start:].argmin())
     return list(range(start, start + count))

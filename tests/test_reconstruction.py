@@ -346,6 +346,7 @@ def test_sequential_on_one_layer_equals_non_sequential(pruning_type, percentage)
     for model, sequential in zip(models, (False, True), strict=True):
         prune_model(
             model, pruning_type, pruning_percentage=percentage, dataloader=_batches(), layer_indices=[2],
+            neuron_selection_method="activation",  # the defaults differ: hybrid, but activation when sequential
             reconstruct=True, sequential=sequential, show_progress=False,
         )
     a, b = (dict(m.named_parameters()) for m in models)

@@ -33,10 +33,11 @@ def _args(tmp_path, **overrides) -> TrainingArguments:
         output_dir=str(tmp_path / "out"),
         max_steps=1,
         per_device_train_batch_size=4,
-        learning_rate=0.1,
+        learning_rate=0.01,
         optim="sgd",
         lr_scheduler_type="constant",
         weight_decay=0.0,
+        max_grad_norm=0.0,  # no clipping: a GA scaling error must show in the update
         save_strategy="no",
         report_to=[],
         disable_tqdm=True,

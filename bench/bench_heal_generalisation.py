@@ -40,7 +40,13 @@ from transformers import GenerationConfig, Trainer, default_data_collator
 from optipfair_train import prune_model
 from optipfair_train.data import calibration_dataloader, load_texts, tokenize_for_lm
 from optipfair_train.evaluation import perplexity
-from optipfair_train.heal import DistillationTrainer, add_example_ids, add_lora, build_teacher_cache, text_dataset
+from optipfair_train.heal import (
+    DistillationTrainer,
+    add_example_ids,
+    add_lora,
+    build_teacher_cache,
+    text_dataset,
+)
 
 METHODS = {
     "lora": "LoRA CE, demo text (today)",

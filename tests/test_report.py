@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from test_card import _card
 
 from optipfair_train.pipeline.card import card_rows
-from optipfair_train.pipeline.report import figure_png, write_report
+from optipfair_train.pipeline.report import figure_png, trajectory_figures, write_report
 
 
 def _two_rounds() -> dict:
@@ -52,6 +52,13 @@ def test_report_is_self_contained_and_shows_every_stage(tmp_path):
     assert base64.b64decode(images[3]) == png
     assert "<figcaption>bias heatmap</figcaption>" in text and "round 2 healed" in text
     assert "Speed: not measured side by side." in text
+
+
+def test_bias_trajectory_leaves_out_an_ss_without_its_lms():
+    card = _two_rounds()
+    plotted = trajectory_figures(card)["bias across stages"].axes[0].lines
+    ss = next(line for line in plotted if line.get_label() == "StereoSet SS")
+    assert list(ss.get_xdata()) == [0, 4] and list(ss.get_ydata()) == [61.234, 57.0]  # round 1 pruned left out
 
 
 def test_bad_figures_are_refused_before_writing(tmp_path):

@@ -33,7 +33,15 @@ import yaml
 from ..models import DEMO_MODEL_ID
 from ..speed import speed_line
 
-__all__ = ["STAGE_KEYS", "card_inputs", "card_rows", "render_model_card", "write_model_card"]
+__all__ = [
+    "STAGE_KEYS",
+    "card_header",
+    "card_inputs",
+    "card_rows",
+    "render_model_card",
+    "shown_metrics",
+    "write_model_card",
+]
 
 STAGE_KEYS = (
     "parameters",
@@ -77,6 +85,18 @@ def _interval(m: dict, key: str) -> str:
     return f"{m[key]:.1f}{bounds}"
 
 
+def shown_metrics(m: dict) -> dict:
+    """The stage metrics the card and the report may print: StereoSet SS and ICAT only beside an LMS.
+
+    Example:
+        >>> shown_metrics({"stereoset/ss": 60.0, "perplexity": 20.0})
+        {'perplexity': 20.0}
+    """
+    if m.get("stereoset/lms") is not None:
+        return dict(m)
+    return {k: v for k, v in m.items() if not (k.startswith("stereoset/ss") or k == "stereoset/icat")}
+
+
 def card_rows(card: dict) -> list[dict[str, str]]:
     """The stage table as cells (base, then every round pruned / healed), exactly as the card prints it.
 
@@ -88,17 +108,17 @@ def card_rows(card: dict) -> list[dict[str, str]]:
     for r in card.get("rounds", []):
         stages += [(f"round {r['round']} pruned", r["pruned"]), (f"round {r['round']} healed", r["healed"])]
     rows = []
-    for name, m in stages:
-        with_lm = m.get("stereoset/lms") is not None  # no SS without its LM score
+    for name, logged in stages:
+        m = shown_metrics(logged)  # no SS without its LM score
         rows.append(
             {
                 "stage": name,
                 "parameters": _fmt(m.get("parameters")),
                 "perplexity": _fmt(m.get("perplexity")),
                 "perplexity/general": _fmt(m.get("perplexity/general")),
-                "stereoset/ss": _interval(m, "stereoset/ss") if with_lm else "-",
+                "stereoset/ss": _interval(m, "stereoset/ss"),
                 "stereoset/lms": _fmt(m.get("stereoset/lms"), 1),
-                "stereoset/icat": _fmt(m.get("stereoset/icat"), 1) if with_lm else "-",
+                "stereoset/icat": _fmt(m.get("stereoset/icat"), 1),
                 "bias/score": _interval(m, "bias/score"),
             }
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..speed import speed_line
-from .card import card_header, card_rows, render_model_card
+from .card import card_header, card_rows, render_model_card, shown_metrics
 
 __all__ = ["figure_png", "trajectory_figures", "write_report"]
 
@@ -56,7 +56,7 @@ def _stages(card: dict) -> list[tuple[str, dict]]:
     stages = [("base", card["baseline"])]
     for r in card.get("rounds", []):
         stages += [(f"r{r['round']} pruned", r["pruned"]), (f"r{r['round']} healed", r["healed"])]
-    return stages
+    return [(name, shown_metrics(m)) for name, m in stages]  # no SS without its LMS, as on the card
 
 
 def trajectory_figures(card: dict) -> dict[str, Any]:

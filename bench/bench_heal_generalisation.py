@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import statistics
 import tempfile
 import time
@@ -77,27 +78,37 @@ def make_trainer(kind: str, model, teacher, cache, dataset, output_dir: str, ste
     return DistillationTrainer(teacher_cache=cache, temperature=2.0, alpha=0.9, **common)
 
 
-def step_costs(pruned, teacher, cache, dataset, args) -> dict[str, list[float]]:
-    """Seconds of one optimizer step of each kind, interleaved; the first round is a warm-up."""
+def step_costs(pruned, teacher, cache, dataset, args) -> dict[str, dict[str, list[float]]]:
+    """Wall and process-CPU seconds of one optimizer step of each kind, interleaved; round 0 warms up.
+
+    CPU time of this process is less disturbed than wall time by other jobs on a shared machine (with
+    one torch thread no time is spent spin-waiting), so the ratios are read from it.
+    """
     batch = default_data_collator([dataset[i] for i in range(args.batch_size)])
     setups = {}
     with tempfile.TemporaryDirectory(prefix="bench-step-") as out:
         for kind in STEP_KINDS:
-            model = student(pruned, lora=kind == "lora" or "lora" in kind)
+            model = student(pruned, lora="lora" in kind)
             trainer = make_trainer(kind, model, teacher, cache, dataset, out, 1, args)
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
             setups[kind] = (trainer, model, optimizer)
-        times: dict[str, list[float]] = {kind: [] for kind in STEP_KINDS}
+        times: dict[str, dict[str, list[float]]] = {kind: {"wall": [], "cpu": []} for kind in STEP_KINDS}
         for repeat in range(args.repeats + 1):
             for kind, (trainer, model, optimizer) in setups.items():
-                start = time.perf_counter()
+                wall, cpu = time.perf_counter(), time.process_time()
                 loss = trainer.compute_loss(model, dict(batch))
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if repeat:
-                    times[kind].append(time.perf_counter() - start)
-            print(f"step costs, round {repeat}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if v))
+                    times[kind]["wall"].append(time.perf_counter() - wall)
+                    times[kind]["cpu"].append(time.process_time() - cpu)
+            if repeat:
+                print(
+                    f"step costs, round {repeat}: "
+                    + ", ".join(f"{k} {v['wall'][-1]:.2f}s wall {v['cpu'][-1]:.2f}s cpu" for k, v in times.items()),
+                    flush=True,
+                )
     del setups
     gc.collect()
     return times
@@ -131,6 +142,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed step rounds (3; quick 1)")
     parser.add_argument("--lora-lr", type=float, default=2e-4)
     parser.add_argument("--kd-lr", type=float, default=5e-5)
+    parser.add_argument("--eval-blocks", type=int, default=8, help="512-token blocks per perplexity")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     args = parser.parse_args()
     args.steps = args.steps or (3 if args.quick else 30)
@@ -138,7 +150,7 @@ def main() -> None:
     args.repeats = args.repeats or (1 if args.quick else 3)
     setup(args)
     report = Report("heal-generalisation", "Healing on the demo text: generalisation and cost", args.out)
-    eval_blocks = 2 if args.quick else 8
+    eval_blocks = 2 if args.quick else args.eval_blocks
     work = load_workload(args, eval_tokens=eval_blocks * 512, crows_sample=0)
     teacher, tokenizer = work.model, work.tokenizer
     teacher.requires_grad_(False)
@@ -178,24 +190,28 @@ def main() -> None:
         build_teacher_cache(teacher, dataset, cache_dir, k=k, show_progress=False)
         reuse_seconds = time.perf_counter() - began
 
+        load_before = f"{os.getloadavg()[0]:.1f}"
         times = step_costs(pruned, teacher, cache, dataset, args)
-        lora_median = statistics.median(times["lora"])
+        lora_cpu = statistics.median(times["lora"]["cpu"])
         report.text(
             f"One optimizer step (forward, backward, AdamW) of {args.batch_size} x {args.seq_len} tokens on the "
-            f"demo model pruned by 20% of its MLP width; median of {args.repeats} interleaved rounds after a "
-            f"warm-up round; min-max in brackets. Teacher cache: top-{k} logits, {cache.bytes_per_token} bytes "
-            f"per token; building it for {tokens:,} tokens took {build_seconds:.1f} s "
-            f"({1000 * build_seconds / tokens:.2f} s per 1,000 tokens), loading it again {reuse_seconds:.2f} s."
+            f"demo model pruned by 20% of its MLP width; {args.repeats} interleaved rounds after a warm-up "
+            f"round; wall seconds (median, min-max) and CPU seconds of this process (median; the ratio column "
+            f"uses it). Teacher cache: top-{k} logits, {cache.bytes_per_token} bytes per token; building it for "
+            f"{tokens:,} tokens took {build_seconds:.1f} s wall ({1000 * build_seconds / tokens:.2f} s per 1,000 "
+            f"tokens), loading it again {reuse_seconds:.2f} s. Load average before / after the step timing: "
+            f"{load_before} / {os.getloadavg()[0]:.1f}."
         )
         report.table(
-            ["step", "median s", "min-max s", "x LoRA step"],
+            ["step", "wall median s", "wall min-max s", "CPU median s", "x LoRA step (CPU)"],
             [
-                [kind, f"{statistics.median(t):.2f}", f"{min(t):.2f}-{max(t):.2f}",
-                 f"{statistics.median(t) / lora_median:.2f}"]
+                [kind, f"{statistics.median(t['wall']):.2f}", f"{min(t['wall']):.2f}-{max(t['wall']):.2f}",
+                 f"{statistics.median(t['cpu']):.2f}", f"{statistics.median(t['cpu']) / lora_cpu:.2f}"]
                 for kind, t in times.items()
             ],  # fmt: skip
             title="Step cost",
         )
+        partial(report)
 
         rows = [
             ["base (unpruned)", "-", f"{base_scores['wikitext']:.2f}", f"{base_scores['demo']:.2f}", "-"],
@@ -230,6 +246,7 @@ def main() -> None:
                 [METHODS[method], f"{seconds:.0f} + {extra:.0f}", f"{result['wikitext']:.2f}",
                  f"{result['demo']:.2f}", f"{trainer.state.log_history[-1].get('train_loss', float('nan')):.3f}"]
             )  # fmt: skip
+            partial(report, rows)
             del trainer, model, healed
             gc.collect()
 
@@ -245,6 +262,15 @@ def main() -> None:
         title="Generalisation",
     )
     report.write()
+
+
+def partial(report: Report, rows: list | None = None) -> None:
+    """Write what is measured so far (a long run on a shared machine may be stopped before the end)."""
+    lines = list(report.lines)
+    if rows:
+        lines += ["### Generalisation (so far)", "", *("| " + " | ".join(r) + " |" for r in rows), ""]
+    report.out.mkdir(parents=True, exist_ok=True)
+    (report.out / f"{report.name}.md").write_text("\n".join(lines + ["(run still going)"]) + "\n")
 
 
 def text_dataset_from_blocks(blocks: torch.Tensor):

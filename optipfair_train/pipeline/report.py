@@ -27,7 +27,7 @@ _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; font-size: 0.9em; } th, td { border: 1px solid #ccc; padding: 4px 8px; }
-th { background: #f3f3f3; } td { text-align: right; } td:first-child { text-align: left; }
+th { background: #f3f3f3; } td { text-align: right; } td:first-child { text-align: left; white-space: nowrap; }
 figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; }
 pre { background: #f8f8f8; padding: 1em; overflow-x: auto; font-size: 0.8em; white-space: pre-wrap; }

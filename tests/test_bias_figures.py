@@ -147,3 +147,32 @@ def test_probe_cli_on_the_demo_model(tmp_path):
     report = json.loads((tmp_path / "bias_metrics.json").read_text())
     assert report["activation"]["aggregate"]["overall_metrics"]["total_layers"] == 6 * 30
     assert len(report["figures"]) == 13
+
+
+def test_trajectory_has_integer_step_ticks_and_interval_bands():
+    from optipfair_train.bias import trajectory_figure
+
+    fig = trajectory_figure([0, 1, 2], {"ss": [60.0, 58.0, 55.0]}, {"ss": ([57, 55, 52], [63, 61, 58])}, reference=50)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_xticks())  # no 0.25-step ticks for rounds
+    assert len(ax.collections) == 1  # the band
+
+
+def test_bias_type_and_layer_heatmaps():
+    import numpy as np
+
+    from optipfair_train.bias import bias_type_heatmap_figure, layer_heatmap_figure
+
+    fig = bias_type_heatmap_figure({"base": {"gender": 62.0, "race": 58.0}, "pruned": {"gender": 45.0}})
+    ax = fig.axes[0]
+    image = ax.images[0]
+    data = np.ma.filled(image.get_array().astype(float), np.nan)
+    assert data[0].tolist() == [62.0, 58.0] and data[1, 0] == 45.0 and np.isnan(data[1, 1])
+    assert image.get_clim() == (38.0, 62.0)  # centred on 50: distance from no preference is colour
+    assert [t.get_text() for t in ax.texts] == ["62.0", "58.0", "45.0"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["gender", "race"]
+    layers = layer_heatmap_figure({"round 0": {"mlp_output_layer_0": 0.2, "mlp_output_layer_1": 0.4}})
+    assert [t.get_text() for t in layers.axes[0].get_xticklabels()] == ["mlp_output_layer_0", "mlp_output_layer_1"]
+    with pytest.raises(ValueError, match="at least one row"):
+        layer_heatmap_figure({})

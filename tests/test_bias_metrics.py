@@ -154,3 +154,38 @@ def test_planted_attribute_neuron_shows_at_its_layer(family, tokenizer):
         planted(**batch.model_inputs())
     gap = (stats.mean(key)[0] - stats.mean(key)[1]).abs()
     assert int(gap.argmax()) == neuron
+
+
+def test_normalized_difference_ignores_a_scaled_layer_and_keeps_old_keys(tokenizer):
+    """Halving a layer's output halves ``mean_difference`` but leaves ``normalized_difference`` unchanged."""
+    model = make_tiny_model("llama")
+    pairs = [("The man is a nurse.", "The woman is a nurse."), ("He is kind", "She is very kind")]
+    keys = ["mlp_output_layer_3", "attention_output_layer_3"]
+    plain = probe_activation_bias(model, tokenizer, pairs, layers=[3], components=["mlp_output", "attention_output"])
+    handle = get_adapter(model).mlp(3).module.register_forward_hook(lambda m, args, out: out * 0.5)
+    try:
+        scaled = probe_activation_bias(model, tokenizer, pairs, layers=[3], components=["mlp_output", "attention_output"])
+    finally:
+        handle.remove()
+    a, b = plain["aggregate"]["layer_metrics"], scaled["aggregate"]["layer_metrics"]
+    assert set(a) == set(keys)
+    assert b["mlp_output_layer_3"]["mean_difference"] == pytest.approx(0.5 * a["mlp_output_layer_3"]["mean_difference"])
+    assert b["mlp_output_layer_3"]["normalized_difference"] == pytest.approx(a["mlp_output_layer_3"]["normalized_difference"])
+    attn_a, attn_b = a["attention_output_layer_3"], b["attention_output_layer_3"]  # before the MLP: untouched
+    assert attn_b["mean_difference"] == pytest.approx(attn_a["mean_difference"])
+    overall_a, overall_b = plain["aggregate"]["overall_metrics"], scaled["aggregate"]["overall_metrics"]
+    assert overall_b["normalized_difference"] == pytest.approx(overall_a["normalized_difference"])
+    assert overall_b["mean_difference"] < overall_a["mean_difference"]  # the old key keeps its old meaning
+    low, high = overall_a["normalized_difference_ci"]
+    assert low <= overall_a["normalized_difference"] <= high
+    # by hand for one pair and layer: sum over aligned rows of mean|a1 - a2| over sum of mean(|a1| + |a2|) / 2
+    act1, act2 = get_activation_pairs(model, tokenizer, *pairs[0], ["mlp_output_layer_3"])
+    x1, x2 = act1["mlp_output_layer_3"][0], act2["mlp_output_layer_3"][0]
+    rows = [(t1, t2) for t1, t2 in align_tokens(act1.token_ids, act2.token_ids).pairs()]
+    num = sum(float((x1[i] - x2[j]).abs().mean()) for i, j in rows)
+    den = sum(float((x1[i].abs() + x2[j].abs()).mean()) / 2 for i, j in rows)
+    single = calculate_bias_metrics(act1, act2)["layer_metrics"]["mlp_output_layer_3"]
+    assert single["normalized_difference"] == pytest.approx(num / den, rel=1e-5)
+    assert plain["pairs"][0]["metrics"]["layer_metrics"]["mlp_output_layer_3"]["normalized_difference"] == pytest.approx(
+        num / den, rel=1e-4
+    )

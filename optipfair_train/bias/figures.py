@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 __all__ = [
     "FIGURE_FORMATS",
@@ -30,6 +31,8 @@ __all__ = [
     "heatmap_figure",
     "pca_figure",
     "trajectory_figure",
+    "layer_heatmap_figure",
+    "bias_type_heatmap_figure",
 ]
 
 logger = logging.getLogger(__name__)
@@ -147,6 +150,10 @@ def heatmap_figure(
     xlabel: str = "feature",
     ylabel: str = "token",
     prompt_pair: tuple[str, str] | None = None,
+    colorbar_label: str = "|activation difference|",
+    cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
 ) -> Figure:
     """Heatmap of |Δ activation| with labelled rows (tokens) and columns (features); highlighted rows in red.
 
@@ -160,7 +167,7 @@ def heatmap_figure(
     width, height = max(6.0, 0.16 * cols + 3), max(3.5, 0.2 * rows + 2)
     fig = new_figure(width, height)
     ax = fig.add_subplot()
-    image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
+    image = ax.imshow(matrix, aspect="auto", cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
     ax.set_yticks(range(rows), [_label(t, 24) for t in row_labels], fontsize=7)
     step = max(1, -(-cols // 16))
     ax.set_xticks(
@@ -172,7 +179,85 @@ def heatmap_figure(
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     _layout(fig, prompt_pair, left=2.0 / width, right=0.98, bottom=1.0 / height)
-    fig.colorbar(image, ax=ax, label="|activation difference|", fraction=0.04, pad=0.02)
+    fig.colorbar(image, ax=ax, label=colorbar_label, fraction=0.04, pad=0.02)
+    return fig
+
+
+def _table(values: Mapping[str, Mapping[str, float]], columns: Sequence[str] | None) -> tuple[np.ndarray, list]:
+    if not values or not any(values.values()):
+        raise ValueError("a heatmap needs at least one row with a value")
+    if columns is None:
+        columns = list(dict.fromkeys(c for row in values.values() for c in row))
+    matrix = np.array([[row.get(c, np.nan) for c in columns] for row in values.values()], dtype=float)
+    return matrix, list(columns)
+
+
+def layer_heatmap_figure(
+    values: Mapping[str, Mapping[str, float]],
+    layer_keys: Sequence[str] | None = None,
+    title: str = "Normalised activation difference per layer",
+    ylabel: str = "round",
+) -> Figure:
+    """Heatmap of a per-layer bias metric: one row per label (a step, a round, a model), one column per
+    layer key. ``values[row][layer_key] = value``, e.g. the ``normalized_difference`` of
+    ``aggregate["layer_metrics"]`` of :func:`~optipfair_train.bias.probe_activation_bias`.
+
+    Example:
+        >>> fig = layer_heatmap_figure({"base": {"mlp_output_layer_0": 0.2}, "round 1": {"mlp_output_layer_0": 0.3}})
+        >>> fig.axes[0].get_xlabel()
+        'layer key'
+    """
+    matrix, columns = _table(values, layer_keys)
+    return heatmap_figure(
+        matrix,
+        list(values),
+        columns,
+        title=title,
+        xlabel="layer key",
+        ylabel=ylabel,
+        colorbar_label="normalised |activation difference|",
+    )
+
+
+def bias_type_heatmap_figure(
+    values: Mapping[str, Mapping[str, float]],
+    bias_types: Sequence[str] | None = None,
+    title: str = "StereoSet SS per bias type (50 = no stereotype preference)",
+    ylabel: str = "round",
+    metric: str = "SS",
+    center: float | None = 50.0,
+) -> Figure:
+    """Heatmap of a score per bias type: one row per label (a step, a round, a model), one column per bias
+    type, each cell annotated. ``values[row][bias_type] = value``, e.g. ``{t: e["ss"] for t, e in
+    stereoset_scores(...)["by_bias_type"].items()}``. With ``center`` (50 for SS) a diverging colour map
+    is centred there, so distance from no preference reads as colour; None (ICAT, LMS) a plain one.
+
+    Example:
+        >>> fig = bias_type_heatmap_figure({"base": {"gender": 62.0, "race": 58.0}})
+        >>> fig.axes[0].get_xlabel()
+        'bias type'
+    """
+    matrix, columns = _table(values, bias_types)
+    spread = None
+    if center is not None:
+        spread = float(np.nanmax(np.abs(matrix - center))) or 1.0
+    fig = heatmap_figure(
+        matrix,
+        list(values),
+        columns,
+        title=title,
+        xlabel="bias type",
+        ylabel=ylabel,
+        colorbar_label=metric,
+        cmap="RdBu_r" if center is not None else "viridis",
+        vmin=None if spread is None else center - spread,
+        vmax=None if spread is None else center + spread,
+    )
+    ax = fig.axes[0]
+    for r in range(matrix.shape[0]):
+        for c in range(matrix.shape[1]):
+            if np.isfinite(matrix[r, c]):
+                ax.text(c, r, f"{matrix[r, c]:.1f}", ha="center", va="center", fontsize=7)
     return fig
 
 
@@ -232,8 +317,8 @@ def trajectory_figure(
     title: str = "Bias during training",
     reference: float | None = None,
 ) -> Figure:
-    """Lines of bias metrics against training step or round, with optional interval bands and a
-    reference line (e.g. 50 for a CrowS-Pairs score).
+    """Lines of bias metrics against training step or round (integer ticks), with optional interval bands
+    and a reference line (e.g. 50 for SS or a CrowS-Pairs score).
 
     Example:
         >>> fig = trajectory_figure([0, 1], {"s": [1.0, 2.0]}, {"s": ([0.5, 1.5], [1.5, 2.5])}, reference=1.0)
@@ -251,6 +336,7 @@ def trajectory_figure(
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
     if reference is not None:
         ax.axhline(reference, color="0.5", ls="--", lw=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and rounds are whole numbers
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

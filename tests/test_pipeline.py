@@ -57,6 +57,7 @@ def _flags(assets: Path, out: Path, **overrides) -> list[str]:
         output_dir=out,
         report_to="none",
         show_progress=False,
+        stereoset_data="",  # StereoSet at every stage: tests/test_pipeline_report.py, on a few items
     )
     settings.update(overrides)
     return [item for key, value in settings.items() for item in (f"--{key}", str(value))]

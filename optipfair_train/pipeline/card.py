@@ -185,6 +185,7 @@ def card_inputs(config, state: dict[str, Any], speed: dict | None) -> dict[str, 
         "base_model": base_model_name(config),
         "heal_text": config.data.eval_data,
         "general_text": state.get("general_text"),
+        "general_note": state.get("general_note"),
         "eval_tokens": config.data.eval_tokens,
         "healing": {
             "method": heal.heal_method,
@@ -236,7 +237,11 @@ def render_model_card(card: dict[str, Any]) -> str:
         "",
         f"Perplexity on held-out `{card.get('heal_text')}` text (the healing domain, "
         f"{_fmt(card.get('eval_tokens'))} tokens) and on "
-        + (f"{general} (text no healing saw)" if general else "no general held-out text (none was given)")
+        + (
+            f"{general} (text no healing saw)"
+            if general
+            else card.get("general_note") or "no general held-out text (none was given)"
+        )
         + ". StereoSet: SS = % stereotyped choices (50 = none), LMS = % meaningful over meaningless "
         "choices, ICAT = LMS x min(SS, 100 - SS) / 50; an SS is shown only with its LMS. CrowS-Pairs: % of "
         "pairs where the stereotyped sentence is more likely; intervals are 95% bootstrap.",

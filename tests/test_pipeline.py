@@ -106,7 +106,7 @@ def test_two_rounds_width_and_depth_with_lora(assets, tmp_path, monkeypatch):
     assert rounds_logged == [0, 1, 2]
     last = [row for row in rows if row.get("round") == 2][0]
     assert last["round/summary"]["_type"] == "table-file" and last["round/pruning"]["_type"] == "table-file"
-    assert last["round/bias_trajectory"]["_type"] == "image-file"
+    assert last["round/bias_heatmap"]["_type"] == "image-file"
     assert last["round/perplexity"] == pytest.approx(result["rounds"][-1]["healed"]["perplexity"])
     table = json.loads((run_files(out)[0].parent / "files" / last["round/summary"]["path"]).read_text())
     assert len(table["data"]) == 3 and table["columns"][:3] == ["round", "parameters", "perplexity"]
@@ -204,7 +204,8 @@ def test_two_processes_prune_identically(assets, tmp_path):
     entry = tmp_path / "entry.py"
     entry.write_text(DDP_ENTRY)
     flags = _flags(assets, tmp_path / "ddp", num_rounds=1, heal_steps=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the entry script lives in tmp_path: without PYTHONPATH Python would import the installed package
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [
             sys.executable,

@@ -165,7 +165,7 @@ def _what_remains(event: dict) -> str:
         return f"removed layers {event['removed_layers']}"
     for key, name in (("intermediate_sizes", "MLP width"), ("kept_kv_heads", "KV heads")):
         sizes = _compact_event(event).get(key)
-        if isinstance(sizes, dict):
+        if isinstance(sizes, dict) and "every_layer" in sizes:  # compacted above; else a per-layer map
             return f"{name} {sizes['every_layer']:,} in all {sizes['layers']} layers"
         if sizes:
             return f"{name} per layer {sizes}"

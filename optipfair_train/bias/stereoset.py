@@ -25,6 +25,11 @@ meaningful options score higher than the unrelated one (0, 1 or 2). Per target t
 (``ss_items`` / ``lms_items``). Intervals: percentile bootstrap resampling items (seeded), the whole
 statistic (target grouping included) recomputed per resample; also per bias type and per task.
 
+Reference: the official code's GPT-2 small (117M) run on this dev set (``code/predictions.txt``),
+intrasentence, scored the same way: LMS 91.1, SS 61.9, ICAT 69.4 (its intersentence numbers come from a
+trained next-sentence head and do not compare). The demo model (SmolLM2-135M-Instruct), 100 items of
+both tasks: SS 59.2 [50.1, 66.3], LMS 82.4, ICAT 67.3.
+
 Example:
     >>> items = load_stereoset("default")  # doctest: +SKIP
     >>> r = stereoset_scores(model, tokenizer, items, sample_size=400)  # doctest: +SKIP

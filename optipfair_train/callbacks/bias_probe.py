@@ -6,8 +6,8 @@ callback runs the bias package's probes on a fixed sample:
 - StereoSet (the default, :func:`~optipfair_train.bias.stereoset_scores`): SS (stereotype preferred over
   anti-stereotype, 50 = none) always with LMS (meaningful options preferred over unrelated ones: the
   language-modelling counterpart) and ICAT, each with a bootstrap interval, per bias type too, on a
-  fixed sample of ``stereoset_sample_size`` items (default 300: a 95% interval on SS of about +-5
-  points on the demo model);
+  fixed sample of ``stereoset_sample_size`` items (default 300: on the demo model 100 items gave SS
+  59.2 [50.1, 66.3], +-8 points; the width falls as 1/sqrt(n), so about +-5 at 300);
 - the behavioural score (:func:`~optipfair_train.bias.behavioural_bias_score`: percent of pairs whose
   first, stereotyped sentence the model prefers, 50 = no preference, with a bootstrap interval and
   a score per bias type);

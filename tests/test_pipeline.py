@@ -109,7 +109,9 @@ def test_two_rounds_width_and_depth_with_lora(assets, tmp_path, monkeypatch):
     assert last["round/bias_heatmap"]["_type"] == "image-file"
     assert last["round/perplexity"] == pytest.approx(result["rounds"][-1]["healed"]["perplexity"])
     table = json.loads((run_files(out)[0].parent / "files" / last["round/summary"]["path"]).read_text())
-    assert len(table["data"]) == 3 and table["columns"][:3] == ["round", "parameters", "perplexity"]
+    assert table["columns"][:3] == ["stage", "parameters", "perplexity"]
+    assert [row[0] for row in table["data"]] == ["base", "r1 pruned", "r1 healed", "r2 pruned", "r2 healed"]
+    assert table["data"][-1][2] == pytest.approx(result["rounds"][-1]["healed"]["perplexity"])
 
 
 def test_distillation_heal_reloads_exactly(assets, tmp_path):

@@ -7,7 +7,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -180,10 +180,52 @@ def greedy_generate(
     return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+def batch_prompt_ids(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, batch_size: int
+) -> torch.Tensor:
+    """``batch_size`` copies of the tokenized ``prompt`` on the model's device (speed measurements)."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise ValueError("The prompt gives no tokens; pass a non-empty prompt.")
+    return ids.expand(batch_size, -1).contiguous().to(_device_of(model))
+
+
+def timed_generation(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    timer: Callable[[], float] = time.perf_counter,
+) -> tuple[float, float]:
+    """Seconds of one prefill (a forward pass over ``ids``) and of ``max_new_tokens`` cached greedy decode
+    steps; call it in eval and inference mode. ``timer`` is injectable for tests.
+
+    Example:
+        >>> with torch.inference_mode():
+        ...     prefill_s, decode_s = timed_generation(model.eval(), ids, max_new_tokens=8)  # doctest: +SKIP
+    """
+    # Transformers >= 5.24 names the cache argument `cache` (`past_key_values` still works there, with a
+    # deprecation warning); a cache object we own is filled in place, so no output attribute is read.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = DynamicCache(config=model.config)
+    start = timer()
+    out = model(input_ids=ids, use_cache=True, **{cache_arg: cache})
+    prefilled = timer()
+    next_ids = out.logits[:, -1:].argmax(-1)
+    for _ in range(max_new_tokens):
+        out = model(input_ids=next_ids, use_cache=True, **{cache_arg: cache})
+        next_ids = out.logits[:, -1:].argmax(-1)
+    next_ids.cpu()  # waits for an accelerator to finish
+    done = timer()
+    return prefilled - start, done - prefilled
+
+
+SPEED_PROMPT = "Structured pruning removes whole neurons, attention heads or blocks from a language model."
+
+
 def tokens_per_second(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    prompt: str = "Structured pruning removes whole neurons, attention heads or blocks from a language model.",
+    prompt: str = SPEED_PROMPT,
     max_new_tokens: int = 32,
     batch_size: int = 1,
     warmup: int = 1,
@@ -206,30 +248,15 @@ def tokens_per_second(
     _check_positive(max_new_tokens=max_new_tokens, batch_size=batch_size, runs=runs)
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}.")
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    if ids.shape[1] == 0:
-        raise ValueError("The prompt gives no tokens; pass a non-empty prompt.")
-    ids = ids.expand(batch_size, -1).contiguous().to(_device_of(model))
+    ids = batch_prompt_ids(model, tokenizer, prompt, batch_size)
     prefill_times: list[float] = []
     decode_times: list[float] = []
-    # Transformers >= 5.24 names the cache argument `cache` (`past_key_values` still works there, with a
-    # deprecation warning); a cache object we own is filled in place, so no output attribute is read.
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with _eval_mode(model):
         for run in range(warmup + runs):
-            cache = DynamicCache(config=model.config)
-            start = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True, **{cache_arg: cache})
-            prefilled = time.perf_counter()
-            next_ids = out.logits[:, -1:].argmax(-1)
-            for _ in range(max_new_tokens):
-                out = model(input_ids=next_ids, use_cache=True, **{cache_arg: cache})
-                next_ids = out.logits[:, -1:].argmax(-1)
-            next_ids.cpu()  # waits for an accelerator to finish
-            done = time.perf_counter()
+            prefill_seconds, decode_seconds = timed_generation(model, ids, max_new_tokens)
             if run >= warmup:
-                prefill_times.append(prefilled - start)
-                decode_times.append(done - prefilled)
+                prefill_times.append(prefill_seconds)
+                decode_times.append(decode_seconds)
     prefill = statistics.median(prefill_times)
     decode = statistics.median(decode_times)
     return {

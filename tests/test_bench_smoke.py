@@ -57,7 +57,7 @@ def test_quick_mode_runs_on_a_tiny_model(script, tiny_model_dir, tmp_path):
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    report = out / f"{script.removeprefix('bench_')}.md"
+    report = out / f"{script.removeprefix('bench_').replace('_', '-')}.md"  # bench_a_b.py writes a-b.md
     text = report.read_text()
     assert text.startswith("## ") and "|---|" in text
     assert f"Command: `python bench/{script}.py --quick --model-path {tiny_model_dir}" in text

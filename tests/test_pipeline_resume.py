@@ -70,6 +70,10 @@ KILL_POINTS = {
     "card-write": lambda out: (out / ".tmp-final" / "model.safetensors").is_file()
     and not (out / ".tmp-final" / "README.md").exists()
     and not (out / "final").exists(),
+    # after the final folder, before report.html: the rerun writes the report and keeps the speed measured
+    "report-write": lambda out: (out / "final" / "README.md").is_file()
+    and not (out / "report.html").exists()
+    and "speed" in json.loads((out / "state.json").read_text()),
 }
 
 

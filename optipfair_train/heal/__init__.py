@@ -4,14 +4,27 @@ Example:
     >>> from optipfair_train.heal import DistillationTrainer, add_lora, text_dataset  # doctest: +SKIP
 """
 
-from .distill import DistillationTrainer, distillation_loss
+from .distill import DistillationTrainer, distillation_loss, topk_distillation_loss
 from .lora import add_lora, lora_target_modules
 from .sft import SFT_FORMATS, sft_dataset
+from .teacher_cache import (
+    TeacherCache,
+    TeacherCacheMismatch,
+    add_example_ids,
+    build_teacher_cache,
+    teacher_fingerprint,
+)
 from .text import text_dataset
 
 __all__ = [
     "DistillationTrainer",
     "distillation_loss",
+    "topk_distillation_loss",
+    "TeacherCache",
+    "TeacherCacheMismatch",
+    "add_example_ids",
+    "build_teacher_cache",
+    "teacher_fingerprint",
     "add_lora",
     "lora_target_modules",
     "SFT_FORMATS",

@@ -1,14 +1,26 @@
 """Off-policy knowledge distillation: a ``Trainer`` whose loss mixes KL to the teacher with cross-entropy.
 
-The loss is ``alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE`` averaged over the
-tokens that have a label (padding excluded). It is a per-batch mean, so the Trainer must divide it by
-the gradient-accumulation steps itself (``loss_is_scaled_for_ga = False``): without that, an update
-with gradient accumulation 2 is twice too large (FIELD-NOTES).
+The loss is ``alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE`` averaged over the tokens that
+have a label (padding excluded). Two teacher distributions are supported:
+
+- full vocabulary (``distillation_loss``): the live teacher's ``softmax(t / T)``;
+- top-k (``topk_distillation_loss``): the teacher's ``k`` largest logits, renormalised,
+  ``p_i = softmax(t_topk / T)_i``, against the student's full-vocabulary ``log_softmax(s / T)`` gathered
+  at those ``k`` indices: ``sum_i p_i (log p_i - log q_i)``. The student's mass outside the teacher's
+  top-k is not modelled by its own term; it only lowers every ``q_i``, so the term is >= 0 and is 0 only
+  when the student puts all its mass on the top-k in the teacher's ratios. A tail bucket (teacher mass
+  beyond the top-k) would need the teacher's full log-normaliser at each temperature, i.e. a cache per
+  temperature; without it one cache of raw top-k logits serves every temperature (``teacher_cache``).
+
+Both are per-batch means, so the Trainer must divide by the gradient-accumulation steps itself
+(``loss_is_scaled_for_ga = False``): without that, an update with gradient accumulation 2 is twice too
+large (FIELD-NOTES).
 
 Example:
     >>> trainer = DistillationTrainer(teacher=teacher, model=student, args=args,
     ...                               train_dataset=dataset, temperature=2.0, alpha=0.9)  # doctest: +SKIP
-    >>> trainer.train()  # doctest: +SKIP
+    >>> cached = DistillationTrainer(teacher_cache=cache, model=student, args=args,
+    ...                              train_dataset=add_example_ids(dataset))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -17,7 +29,15 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-__all__ = ["distillation_loss", "DistillationTrainer"]
+from .teacher_cache import EXAMPLE_ID, TeacherCache
+
+__all__ = ["distillation_loss", "topk_distillation_loss", "DistillationTrainer"]
+
+
+def _labelled(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token targets and the mask of the positions that have one (causal LM shift)."""
+    target = labels[:, 1:]
+    return target, target != -100
 
 
 def distillation_loss(
@@ -27,55 +47,120 @@ def distillation_loss(
     temperature: float = 2.0,
     alpha: float = 0.9,
 ) -> torch.Tensor:
-    """Mean over labelled next-token positions of the mixed KD + CE loss (causal LM shift applied).
+    """Mean over labelled next-token positions of the mixed KD + CE loss (full-vocabulary teacher).
 
     Example:
         >>> logits = torch.zeros(1, 3, 5)
         >>> float(distillation_loss(logits, logits, torch.tensor([[1, 2, 3]]), alpha=1.0))
         0.0
     """
-    student = student_logits[:, :-1].float()
-    teacher = teacher_logits[:, :-1].float()
-    target = labels[:, 1:]
-    keep = target != -100
+    target, keep = _labelled(labels)
     if not keep.any():
-        return student.sum() * 0.0
-    s, t = student[keep], teacher[keep]
-    kl = (
-        F.kl_div(
-            F.log_softmax(s / temperature, -1),
-            F.log_softmax(t / temperature, -1),
-            log_target=True,
-            reduction="none",
-        )
-        .sum(-1)
-        .mean()
-        * temperature**2
-    )
+        return student_logits.sum() * 0.0
+    s, t = student_logits[:, :-1].float()[keep], teacher_logits[:, :-1].float()[keep]
+    kl = F.kl_div(
+        F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True, reduction="none"
+    ).sum(-1)
     ce = F.cross_entropy(s, target[keep])
-    return alpha * kl + (1 - alpha) * ce
+    return alpha * kl.mean() * temperature**2 + (1 - alpha) * ce
+
+
+def topk_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_values: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 2.0,
+    alpha: float = 0.9,
+) -> torch.Tensor:
+    """The mixed KD + CE loss against the teacher's renormalised top-k distribution (see the module doc).
+
+    ``teacher_values`` / ``teacher_indices``: ``[B, S, k]`` raw logits and their vocabulary indices.
+
+    Example:
+        >>> s = torch.zeros(1, 3, 5)
+        >>> values, indices = torch.zeros(1, 3, 5).topk(5, dim=-1)
+        >>> float(topk_distillation_loss(s, values, indices, torch.tensor([[1, 2, 3]]), alpha=1.0))
+        0.0
+    """
+    target, keep = _labelled(labels)
+    if not keep.any():
+        return student_logits.sum() * 0.0
+    s = student_logits[:, :-1].float()[keep]
+    values = teacher_values[:, :-1].float()[keep]
+    indices = teacher_indices[:, :-1].long()[keep]
+    log_p = F.log_softmax(values / temperature, -1)
+    log_q = F.log_softmax(s / temperature, -1).gather(-1, indices)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    ce = F.cross_entropy(s, target[keep])
+    return alpha * kl.mean() * temperature**2 + (1 - alpha) * ce
 
 
 class DistillationTrainer(Trainer):
-    """A ``Trainer`` that distils ``teacher`` into the model being trained (full-parameter or LoRA)."""
+    """A ``Trainer`` that distils a teacher into the model being trained (full-parameter or LoRA).
+
+    Pass either ``teacher`` (a live model, run forward at every step; ``top_k`` switches to the top-k
+    loss) or ``teacher_cache`` (a :class:`~optipfair_train.heal.teacher_cache.TeacherCache`; the dataset
+    needs an ``example_id`` column, see ``add_example_ids``).
+    """
 
     # compute_loss returns a per-batch mean: let the Trainer divide by gradient-accumulation steps
     loss_is_scaled_for_ga = False
 
     def __init__(
-        self, *args, teacher: torch.nn.Module, temperature: float = 2.0, alpha: float = 0.9, **kwargs
+        self,
+        *args,
+        teacher: torch.nn.Module | None = None,
+        teacher_cache: TeacherCache | None = None,
+        top_k: int | None = None,
+        temperature: float = 2.0,
+        alpha: float = 0.9,
+        **kwargs,
     ):
+        if (teacher is None) == (teacher_cache is None):
+            raise ValueError("DistillationTrainer needs exactly one of teacher= or teacher_cache=.")
+        if teacher_cache is not None and top_k is not None and top_k != teacher_cache.k:
+            raise ValueError(f"top_k={top_k} but the teacher cache holds top-{teacher_cache.k} logits.")
         super().__init__(*args, **kwargs)
         # the teacher only runs forward passes, on the device the Trainer puts the student on
-        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
+        self.teacher = None if teacher is None else teacher.eval().requires_grad_(False).to(self.args.device)
+        self.teacher_cache = teacher_cache
+        self.top_k = top_k
         self.temperature = temperature
         self.alpha = alpha
 
+    def _set_signature_columns_if_needed(self) -> None:
+        # keep the example id when remove_unused_columns drops what forward() does not take
+        super()._set_signature_columns_if_needed()
+        if EXAMPLE_ID not in self._signature_columns:
+            self._signature_columns.append(EXAMPLE_ID)
+
+    def _teacher_topk(self, inputs: dict, model_inputs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(values, indices)`` of the teacher's top-k, or None for the full-vocabulary loss."""
+        if self.teacher_cache is not None:
+            if EXAMPLE_ID not in inputs:
+                raise KeyError(
+                    f"A cached teacher needs the {EXAMPLE_ID!r} column in the batch: build the dataset with "
+                    "add_example_ids (and keep the column through the collator)."
+                )
+            values, indices = self.teacher_cache.lookup(inputs[EXAMPLE_ID], inputs["input_ids"])
+            device = inputs["input_ids"].device
+            return values.to(device, non_blocking=True), indices.to(device, non_blocking=True)
+        if self.top_k is None:
+            return None
+        with torch.no_grad():
+            top = self.teacher(**model_inputs).logits.float().topk(self.top_k, dim=-1)
+        return top.values, top.indices
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", EXAMPLE_ID)}
+        top = self._teacher_topk(inputs, model_inputs)
         outputs = model(**model_inputs)
-        with torch.no_grad():
-            teacher_logits = self.teacher(**model_inputs).logits
-        loss = distillation_loss(outputs.logits, teacher_logits, labels, self.temperature, self.alpha)
+        if top is not None:
+            loss = topk_distillation_loss(outputs.logits, *top, labels, self.temperature, self.alpha)
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**model_inputs).logits
+            loss = distillation_loss(outputs.logits, teacher_logits, labels, self.temperature, self.alpha)
         return (loss, outputs) if return_outputs else loss

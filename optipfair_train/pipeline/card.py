@@ -1,7 +1,26 @@
-"""The model card written next to the final model: YAML metadata plus a per-round table.
+"""The model card written next to the final model: compact YAML metadata plus one row per stage.
+
+The card is rendered from one plain dict (what the pipeline logged; JSON-serialisable)::
+
+    {
+      "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+      "heal_text": "demo",                 # the healing domain; "perplexity" is measured on its held-out split
+      "general_text": "WikiText-2",        # held-out general text of "perplexity/general" (None: not measured)
+      "eval_tokens": 4096,
+      "healing": {"method": "lora", "data": "demo", "steps_per_round": 30, ...},
+      "baseline": {metrics},               # metrics: see STAGE_KEYS
+      "rounds": [{"round": 1, "events": [...], "heal_tokens": 15360, "pruned": {metrics}, "healed": {metrics}}],
+      "speed": {...} or None,              # optipfair_train.speed.compare_speed(...)
+    }
+
+A stage's metrics: ``parameters``, ``perplexity`` (healing domain), ``perplexity/general``, StereoSet
+``stereoset/ss`` with ``stereoset/ss_ci_low`` / ``stereoset/ss_ci_high``, ``stereoset/lms``,
+``stereoset/icat``, CrowS-Pairs ``bias/score`` with ``bias/score_ci_low`` / ``bias/score_ci_high``.
+Missing values print as ``-``. A stereotype score is only printed beside its language-modelling
+counterpart (SS needs LMS), since a model that stops modelling language drifts towards 50 (FIELD-NOTES).
 
 Example:
-    >>> write_model_card(Path("final"), config, state, {"base": {...}, "final": {...}})  # doctest: +SKIP
+    >>> write_model_card(Path("final"), card_inputs(config, state, speed))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -12,9 +31,43 @@ from typing import Any
 import yaml
 
 from ..models import DEMO_MODEL_ID
-from .config import PipelineConfig
+from ..speed import speed_line
 
-__all__ = ["base_model_name", "write_model_card"]
+__all__ = [
+    "STAGE_KEYS",
+    "base_model_name",
+    "card_header",
+    "card_inputs",
+    "card_rows",
+    "render_model_card",
+    "shown_metrics",
+    "write_model_card",
+]
+
+STAGE_KEYS = (
+    "parameters",
+    "perplexity",
+    "perplexity/general",
+    "stereoset/ss",
+    "stereoset/ss_ci_low",
+    "stereoset/ss_ci_high",
+    "stereoset/lms",
+    "stereoset/icat",
+    "bias/score",
+    "bias/score_ci_low",
+    "bias/score_ci_high",
+)
+_EVENT_KEYS = (
+    "pruning_type",
+    "method",
+    "pruning_percentage",
+    "removed_layers",
+    "intermediate_sizes",
+    "kept_kv_heads",
+    "parameters_before",
+    "parameters_after",
+    "target_parameters",
+)
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -25,13 +78,15 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def _bias(metrics: dict) -> str:
-    if "bias/score" not in metrics:
+def _interval(m: dict, key: str) -> str:
+    if m.get(key) is None:
         return "-"
-    return f"{metrics['bias/score']:.1f} [{metrics['bias/score_ci_low']:.1f}, {metrics['bias/score_ci_high']:.1f}]"
+    low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    bounds = f" [{low:.1f}, {high:.1f}]" if low is not None and high is not None else ""
+    return f"{m[key]:.1f}{bounds}"
 
 
-def base_model_name(config: PipelineConfig) -> str:
+def base_model_name(config) -> str:
     """The name of the model the run started from, as the card and the pruning manifest give it.
 
     Example:
@@ -41,19 +96,116 @@ def base_model_name(config: PipelineConfig) -> str:
     return DEMO_MODEL_ID if config.model.model_path == "demo" else config.model.model_path
 
 
-def write_model_card(folder: Path, config: PipelineConfig, state: dict[str, Any], speed: dict) -> Path:
-    """Write ``folder/README.md``: base model, every round's pruning, healing, quality and bias numbers.
+def shown_metrics(m: dict) -> dict:
+    """The stage metrics the card and the report may print: StereoSet SS and ICAT only beside an LMS.
 
-    ``speed`` holds ``tokens_per_second`` results of the base and the final model measured side by side.
+    Example:
+        >>> shown_metrics({"stereoset/ss": 60.0, "perplexity": 20.0})
+        {'perplexity': 20.0}
     """
-    base_model = base_model_name(config)
-    baseline, rounds = state["baseline"], state["rounds"]
-    base_speed, final_speed = speed["base"], speed["final"]
-    speedup = {
-        key: final_speed[key] / base_speed[key]
-        for key in ("prefill_tokens_per_second", "decode_tokens_per_second")
-        if base_speed.get(key) and final_speed.get(key)
+    if m.get("stereoset/lms") is not None:
+        return dict(m)
+    return {k: v for k, v in m.items() if not (k.startswith("stereoset/ss") or k == "stereoset/icat")}
+
+
+def card_rows(card: dict) -> list[dict[str, str]]:
+    """The stage table as cells (base, then every round pruned / healed), exactly as the card prints it.
+
+    Example:
+        >>> card_rows({"baseline": {"parameters": 10, "perplexity": 2.5}, "rounds": []})[0]["parameters"]
+        '10'
+    """
+    stages = [("base", card["baseline"])]
+    for r in card.get("rounds", []):
+        stages += [(f"round {r['round']} pruned", r["pruned"]), (f"round {r['round']} healed", r["healed"])]
+    rows = []
+    for name, logged in stages:
+        m = shown_metrics(logged)  # no SS without its LM score
+        rows.append(
+            {
+                "stage": name,
+                "parameters": _fmt(m.get("parameters")),
+                "perplexity": _fmt(m.get("perplexity")),
+                "perplexity/general": _fmt(m.get("perplexity/general")),
+                "stereoset/ss": _interval(m, "stereoset/ss"),
+                "stereoset/lms": _fmt(m.get("stereoset/lms"), 1),
+                "stereoset/icat": _fmt(m.get("stereoset/icat"), 1),
+                "bias/score": _interval(m, "bias/score"),
+            }
+        )
+    return rows
+
+
+def card_header(card: dict) -> list[str]:
+    """Column titles of :func:`card_rows`, named after the texts they were measured on."""
+    general = card.get("general_text") or "general text (none given)"
+    return [
+        "stage",
+        "parameters",
+        f"perplexity, {card.get('heal_text', 'healing domain')} (healing domain)",
+        f"perplexity, {general}",
+        "StereoSet SS [95% CI]",
+        "StereoSet LMS",
+        "StereoSet ICAT",
+        "CrowS-Pairs [95% CI]",
+    ]
+
+
+def _compact_event(event: dict) -> dict:
+    out = {k: event[k] for k in _EVENT_KEYS if k in event}
+    for key in ("intermediate_sizes", "kept_kv_heads"):
+        sizes = out.get(key)
+        if isinstance(sizes, list) and sizes and all(s == sizes[0] for s in sizes):
+            out[key] = {"every_layer": sizes[0], "layers": len(sizes)}  # uniform: one number, not 30
+    return out
+
+
+def _what_remains(event: dict) -> str:
+    if event.get("removed_layers"):
+        return f"removed layers {event['removed_layers']}"
+    for key, name in (("intermediate_sizes", "MLP width"), ("kept_kv_heads", "KV heads")):
+        sizes = _compact_event(event).get(key)
+        if isinstance(sizes, dict) and "every_layer" in sizes:  # compacted above; else a per-layer map
+            return f"{name} {sizes['every_layer']:,} in all {sizes['layers']} layers"
+        if sizes:
+            return f"{name} per layer {sizes}"
+    return "?"
+
+
+def card_inputs(config, state: dict[str, Any], speed: dict | None) -> dict[str, Any]:
+    """The plain card dict from the pipeline's config, its ``state.json`` content and ``compare_speed``.
+
+    ``state["general_text"]`` (optional) names the text of ``perplexity/general``.
+
+    Example:
+        >>> card = card_inputs(config, json.loads(Path("outputs/demo/state.json").read_text()), speed)  # doctest: +SKIP
+    """
+    heal = config.heal
+    return {
+        "base_model": base_model_name(config),
+        "heal_text": config.data.eval_data,
+        "general_text": state.get("general_text"),
+        "general_note": state.get("general_note"),
+        "eval_tokens": config.data.eval_tokens,
+        "healing": {
+            "method": heal.heal_method,
+            "data": config.data.heal_data,
+            "steps_per_round": heal.heal_steps,
+            "learning_rate": heal.learning_rate,
+            "lora_r": heal.lora_r,
+            "kd_temperature": heal.kd_temperature,
+            "kd_alpha": heal.kd_alpha,
+        },
+        "baseline": state["baseline"],
+        "rounds": state["rounds"],
+        "speed": speed if speed and "decode" in speed else None,
     }
+
+
+def render_model_card(card: dict[str, Any]) -> str:
+    """The card's markdown (YAML front matter, stage table, pruning, healing and speed lines)."""
+    base_model, rounds, baseline = card["base_model"], card.get("rounds", []), card["baseline"]
+    final = rounds[-1]["healed"] if rounds else baseline
     metadata = {
         "base_model": base_model,
         "library_name": "transformers",
@@ -62,91 +214,73 @@ def write_model_card(folder: Path, config: PipelineConfig, state: dict[str, Any]
             "rounds": [
                 {
                     "round": r["round"],
-                    "pruning": [
-                        {
-                            k: v
-                            for k, v in e.items()
-                            if k
-                            in (
-                                "pruning_type",
-                                "method",
-                                "pruning_percentage",
-                                "removed_layers",
-                                "intermediate_sizes",
-                                "parameters_before",
-                                "parameters_after",
-                                "target_parameters",
-                            )
-                        }
-                        for e in r["events"]
-                    ],
-                    "heal_tokens": r["heal_tokens"],
-                    "perplexity_pruned": r["pruned"]["perplexity"],
-                    "perplexity_healed": r["healed"]["perplexity"],
-                    "bias_score_healed": r["healed"].get("bias/score"),
+                    "pruning": [_compact_event(e) for e in r["events"]],
+                    "heal_tokens": r.get("heal_tokens"),
+                    **{f"healed_{k.replace('/', '_')}": r["healed"].get(k) for k in STAGE_KEYS[1:3]},
                 }
                 for r in rounds
             ],
-            "healing": {
-                "method": config.heal.heal_method,
-                "data": config.data.heal_data,
-                "steps_per_round": config.heal.heal_steps,
-                "learning_rate": config.heal.learning_rate,
-                "lora_r": config.heal.lora_r,
-                "kd_temperature": config.heal.kd_temperature,
-                "kd_alpha": config.heal.kd_alpha,
-            },
-            "parameters": {
-                "base": baseline["parameters"],
-                "final": rounds[-1]["healed"]["parameters"] if rounds else baseline["parameters"],
-            },
-            "speedup": speedup,
+            "healing": card.get("healing", {}),
+            "parameters": {"base": baseline.get("parameters"), "final": final.get("parameters")},
+            "speed": {k: card["speed"][k]["verdict"] for k in ("prefill", "decode")} if card.get("speed") else None,
         },
     }
+    header = card_header(card)
+    rows = card_rows(card)
+    general = card.get("general_text")
     lines = [
         "---",
-        yaml.safe_dump(metadata, sort_keys=False).strip(),
+        yaml.safe_dump(metadata, sort_keys=False, default_flow_style=None, width=110).strip(),
         "---",
         "",
         f"# {base_model}, pruned and healed with optipfair-train",
         "",
-        f"Perplexity on `{config.data.eval_data}` held-out text ({config.data.eval_tokens} tokens); activation bias "
-        f"= mean activation difference over `{config.data.bias_pairs}` prompt pairs; behavioural score = % of "
-        f"pairs where the stereotyped sentence is more likely (50 = no preference), 95% bootstrap interval.",
+        f"Perplexity on held-out `{card.get('heal_text')}` text (the healing domain, "
+        f"{_fmt(card.get('eval_tokens'))} tokens) and on "
+        + (
+            f"{general} (text no healing saw)"
+            if general
+            else card.get("general_note") or "no general held-out text (none was given)"
+        )
+        + ". StereoSet: SS = % stereotyped choices (50 = none), LMS = % meaningful over meaningless "
+        "choices, ICAT = LMS x min(SS, 100 - SS) / 50; an SS is shown only with its LMS. CrowS-Pairs: % of "
+        "pairs where the stereotyped sentence is more likely; intervals are 95% bootstrap.",
         "",
-        "| stage | parameters | perplexity | activation bias | behavioural score |",
-        "|---|---|---|---|---|",
-        f"| base | {_fmt(baseline['parameters'])} | {_fmt(baseline['perplexity'])} | "
-        f"{_fmt(baseline.get('bias/activation_mean_difference'), 4)} | {_bias(baseline)} |",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
     ]
-    for r in rounds:
-        for stage in ("pruned", "healed"):
-            m = r[stage]
-            lines.append(
-                f"| round {r['round']} {stage} | {_fmt(m['parameters'])} | {_fmt(m['perplexity'])} | "
-                f"{_fmt(m.get('bias/activation_mean_difference'), 4)} | {_bias(m)} |"
-            )
+    lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
     lines += ["", "## What was pruned", ""]
     for r in rounds:
         for e in r["events"]:
-            what = e.get("removed_layers") or e.get("intermediate_sizes", ["?"])[:1] or e.get("kept_kv_heads")
+            what = _what_remains(e)
             lines.append(
                 f"- round {r['round']}: {e['pruning_type']} by `{e['method']}` "
                 f"({_fmt(e['parameters_before'])} -> {_fmt(e['parameters_after'])} parameters; {what})"
             )
+    healing = card.get("healing", {})
     lines += [
         "",
-        f"Healing: `{config.heal.heal_method}` on `{config.data.heal_data}`, "
-        f"{config.heal.heal_steps} steps per round, "
-        f"{sum(r['heal_tokens'] for r in rounds):,} tokens in all.",
+        f"Healing: `{healing.get('method')}` on `{healing.get('data')}`, {healing.get('steps_per_round')} steps "
+        f"per round, {sum(r.get('heal_tokens') or 0 for r in rounds):,} tokens in all.",
         "",
+        "Speed on this machine: "
+        + (speed_line(card["speed"]) if card.get("speed") else "not measured side by side (no verdict)."),
     ]
-    if speedup:
-        lines.append(
-            "Measured speed-up on this machine (greedy generation, batch 1): "
-            + ", ".join(f"{k.replace('_tokens_per_second', '')} x{v:.2f}" for k, v in speedup.items())
-            + "."
-        )
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(folder: Path, card: dict[str, Any], state: dict | None = None, speed: dict | None = None) -> Path:
+    """Write ``folder/README.md`` from the plain ``card`` dict (see the module doc) and return its path.
+
+    For the pipeline's older call ``write_model_card(folder, config, state, speed)`` the dict is built
+    with :func:`card_inputs`.
+
+    Example:
+        >>> write_model_card(Path("final"), {"base_model": "m", "baseline": {"parameters": 10}})  # doctest: +SKIP
+    """
+    if not isinstance(card, dict):
+        card = card_inputs(card, state or {}, speed)
     path = Path(folder) / "README.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(render_model_card(card))
     return path

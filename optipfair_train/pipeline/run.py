@@ -7,7 +7,9 @@ Layout of ``output_dir``::
     round-K/heal/checkpoint-N  Trainer checkpoints while healing (resume continues from the last complete)
     round-K/model/             the healed model, LoRA merged, with round.json; round K is finished once
                                it exists
+    teacher-cache/             kd / kd_lora: the teacher's top-k logits on the healing set, built once
     final/                     the last round's model, tokenizer, pruning_manifest.json, README.md card
+    report.html                the self-contained dashboard (stage table, trajectories, heatmaps, card)
 
 Every folder and state file is written under a temporary name and renamed into place once whole
 (:mod:`.state`), so a crash at any point leaves finished steps intact and nothing half-written that a
@@ -39,15 +41,18 @@ from transformers import TrainerCallback, TrainingArguments
 
 from ..analysis import count_parameters
 from ..arch import get_adapter, unwrap_model
-from ..data import calibration_dataloader, load_texts, tokenize_for_lm
-from ..evaluation import perplexity, tokens_per_second
-from ..heal import sft_dataset, text_dataset
+from ..data import calibration_dataloader, load_texts
+from ..heal import add_example_ids, build_teacher_cache, sft_dataset, text_dataset
 from ..models import load_model_and_tokenizer
 from ..pruning import load_pruned_model, prune_model, save_pruned_model
-from .card import base_model_name, write_model_card
+from ..speed import compare_speed
+from .card import base_model_name, card_inputs, write_model_card
 from .config import PipelineConfig
+from .evaluate import StageEvaluator
 from .faults import crash_point
+from .figures import report_figures
 from .healing import NonFiniteLossError, heal, training_args
+from .report import write_report
 from .rounds import round_prunings
 from .state import (
     COMPLETE_NAME,
@@ -159,8 +164,9 @@ class PruneThenHeal:
     # -- data ----------------------------------------------------------------------------------------
     def _load_data(self, tokenizer) -> None:
         d = self.config.data
-        from ..bias import load_pairs
-
+        self.evaluator = StageEvaluator(self.config, tokenizer, self.distributed.is_main_process)
+        self.bias_pairs = self.evaluator.bias_pairs
+        self.behaviour_pairs = self.evaluator.behaviour_pairs
         self.calibration = list(
             calibration_dataloader(
                 tokenizer,
@@ -168,12 +174,6 @@ class PruneThenHeal:
                 num_samples=d.num_calibration_samples,
                 seq_len=d.calibration_seq_len,
             )
-        )
-        self.eval_ids = tokenize_for_lm(
-            tokenizer,
-            load_texts(d.eval_data, split="evaluation"),
-            seq_len=d.eval_seq_len,
-            num_sequences=max(1, d.eval_tokens // d.eval_seq_len),
         )
         h = self.config.heal
         sequences = h.heal_steps * h.per_device_batch_size * h.gradient_accumulation_steps
@@ -188,37 +188,11 @@ class PruneThenHeal:
                 seq_len=d.heal_seq_len,
                 num_sequences=sequences,
             )
-        self.bias_pairs = load_pairs(d.bias_pairs)
-        self.behaviour_pairs = load_pairs(d.behaviour_pairs) if d.behaviour_pairs else None
 
     # -- evaluation ----------------------------------------------------------------------------------
     def evaluate(self, model, tokenizer) -> dict[str, Any]:
-        """Parameters, perplexity on the held-out text, activation bias and behavioural bias (with CI).
-
-        Only the main process measures (every rank holds the same weights); the others get ``{}``.
-        """
-        from ..bias import behavioural_bias_score, probe_activation_bias, summary_scalars
-
-        if not self.distributed.is_main_process:
-            return {}
-
-        d = self.config.data
-        activation = probe_activation_bias(model, tokenizer, self.bias_pairs, layers="first_middle_last")
-        behaviour = None
-        if self.behaviour_pairs:
-            behaviour = behavioural_bias_score(
-                model,
-                tokenizer,
-                self.behaviour_pairs,
-                seed=self.config.run.seed,
-                sample_size=min(d.behaviour_sample_size, len(self.behaviour_pairs)),
-            )
-        metrics = {
-            "parameters": count_parameters(model),
-            "perplexity": perplexity(model, input_ids=self.eval_ids, seq_len=d.eval_seq_len),
-        }
-        metrics.update(summary_scalars(activation=activation, behaviour=behaviour))
-        return metrics
+        """Every stage metric (:mod:`.evaluate`); only the main process measures, the others get ``{}``."""
+        return self.evaluator.measure(model, tokenizer)
 
     # -- healing -------------------------------------------------------------------------------------
     def _training_args(self, round_dir: Path, learning_rate: float) -> TrainingArguments:
@@ -233,6 +207,7 @@ class PruneThenHeal:
             learning_rate,
             getattr(self, "heal_dataset", None),
             teacher=self.teacher,
+            teacher_cache=self.teacher_cache,
             behaviour_pairs=self.behaviour_pairs,
             callbacks=self.callbacks,
         )
@@ -262,6 +237,11 @@ class PruneThenHeal:
         self._load_data(tokenizer)
         self._prepare_teacher(config, tokenizer)
         self._open_output_dir(existing)  # nothing was written before this point
+        self._build_teacher_cache()
+        if self.evaluator.general_ids is not None:
+            self.state["general_text"] = self.evaluator.general_text
+        else:
+            self.state["general_note"] = f"no general held-out text ({self.evaluator.general_text})"
         self.tracker = RoundTracker(config, self.state, self.out, self.distributed.is_main_process)
         if "baseline" not in self.state:
             self.state["baseline"] = self.evaluate(model, tokenizer)
@@ -276,25 +256,32 @@ class PruneThenHeal:
 
         final_dir = self.out / "final"
         if self.distributed.is_main_process:
-            # base and final speed measured side by side, so machine load affects both alike
-            base_model, _ = load_model_and_tokenizer(config.model.model_path, dtype=config.model.dtype)
-            speed = {
-                "base": tokens_per_second(base_model, tokenizer),
-                "final": tokens_per_second(model, tokenizer),
-            }
-            del base_model
-            last = self.out / f"round-{config.pruning.num_rounds}" / "model"
-            with atomic_folder(final_dir) as tmp:
-                shutil.copytree(
-                    last, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(COMPLETE_NAME, ROUND_RECORD)
-                )
-                crash_point("card-write")
-                write_model_card(tmp, config, self.state, speed)
+            self._write_final(model, tokenizer, final_dir)
+        self.distributed.wait_for_everyone()
         self.state["finished"] = True
         self._save_state()
         logger.info("Finished in %.0f s; final model in %s", time.perf_counter() - start, final_dir)
         self.tracker.finish()
         return self._result(model, final_dir, already_finished=False)
+
+    def _write_final(self, model, tokenizer, final_dir: Path) -> None:
+        """Speed (base vs final, interleaved), the final folder with its card, then ``report.html``."""
+        config = self.config
+        if "speed" not in self.state:  # measured once: a rerun after a crash reuses it
+            base_model, _ = load_model_and_tokenizer(config.model.model_path, dtype=config.model.dtype)
+            self.state["speed"] = compare_speed(base_model, model, tokenizer)
+            del base_model
+            atomic_write_json(self._state_path(), self.state)
+        card = card_inputs(config, self.state, self.state["speed"])
+        last = self.out / f"round-{config.pruning.num_rounds}" / "model"
+        with atomic_folder(final_dir) as tmp:
+            shutil.copytree(
+                last, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(COMPLETE_NAME, ROUND_RECORD)
+            )
+            crash_point("card-write")
+            write_model_card(tmp, card)
+        crash_point("report-write")
+        write_report(self.out, card, figures=report_figures(self.state))
 
     def _result(self, model, final_dir: Path, already_finished: bool) -> dict[str, Any]:
         return {
@@ -313,7 +300,7 @@ class PruneThenHeal:
         return self._result(self._load_saved(final_dir), final_dir, already_finished=True)
 
     def _prepare_teacher(self, config: PipelineConfig, tokenizer) -> None:
-        self.teacher = None
+        self.teacher, self.teacher_cache = None, None
         if config.heal.heal_method not in ("kd", "kd_lora"):
             return
         teacher_path = config.heal.teacher_model_path or config.model.model_path
@@ -323,6 +310,22 @@ class PruneThenHeal:
                 f"The teacher {teacher_path!r} uses a different tokenizer from the student "
                 f"{config.model.model_path!r}; distillation needs the same vocabulary."
             )
+
+    def _build_teacher_cache(self) -> None:
+        """kd / kd_lora with ``kd_top_k``: the teacher's top-k logits on the healing set, from
+        ``output_dir/teacher-cache`` or computed once. The main process builds (one teacher pass instead
+        of one per rank on shared cores); the others wait and read the same file. The teacher is then
+        dropped: healing needs only the cache."""
+        if self.teacher is None or not self.config.heal.kd_top_k:
+            return
+        self.heal_dataset = add_example_ids(self.heal_dataset)
+        folder, h, show = self.out / "teacher-cache", self.config.heal, self.config.run.show_progress
+        if self.distributed.is_main_process:
+            build_teacher_cache(self.teacher, self.heal_dataset, folder, k=h.kd_top_k, show_progress=show)
+            crash_point("teacher-cache")
+        self.distributed.wait_for_everyone()
+        self.teacher_cache = build_teacher_cache(self.teacher, self.heal_dataset, folder, k=h.kd_top_k)
+        self.teacher = None
 
     def _run_round(self, k: int, round_dir: Path, model, tokenizer, base: dict) -> torch.nn.Module:
         config = self.config

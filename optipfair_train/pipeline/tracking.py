@@ -1,6 +1,11 @@
-"""Weights & Biases tracking of the rounds: per-round scalars, a bias trajectory figure, summary tables.
+"""Weights & Biases tracking of the rounds: per-round scalars, bias heatmaps, pruning and summary tables.
 
-One W&B run per output folder: its id is kept in state.json, so a resumed run continues the same run.
+One W&B run per output folder: its id is kept in state.json, so a resumed run continues the same run;
+the healing Trainers log their per-step curves (``train/*``, the probe's ``bias/*``) into it too.
+Per round (``round`` is the x-axis of every ``round/*`` key): the healed model's scalars as
+``round/<metric>`` and the pruned model's as ``round/pruned/<metric>``; images ``round/bias_heatmap``
+(component x layer of the healed model), ``round/stereoset_bias_types`` and ``round/layer_heatmap``
+(every stage so far); tables ``round/pruning`` (this round's pruning events) and ``round/summary``.
 
 Example:
     >>> tracker = RoundTracker(config, state, Path("out"), is_main=True)  # doctest: +SKIP
@@ -16,18 +21,42 @@ from typing import Any
 
 from ..callbacks.base import figure_to_rgb
 from .config import PipelineConfig
+from .figures import component_layer_heatmap, stage_figures, stages
 
 __all__ = ["RoundTracker"]
 
 _SUMMARY_COLUMNS = [
-    "round",
+    "stage",
     "parameters",
     "perplexity",
-    "bias/activation_mean_difference",
+    "perplexity/general",
+    "stereoset/ss",
+    "stereoset/ss_ci_low",
+    "stereoset/ss_ci_high",
+    "stereoset/lms",
+    "stereoset/icat",
+    "bias/activation_normalized_difference",
     "bias/score",
     "bias/score_ci_low",
     "bias/score_ci_high",
 ]
+
+_PRUNING_COLUMNS = [
+    "round",
+    "pruning_type",
+    "method",
+    "pruning_percentage",
+    "parameters_before",
+    "parameters_after",
+    "removed_layers",
+    "intermediate_sizes",
+    "kept_kv_heads",
+]
+
+
+def _cell(value: Any) -> Any:
+    """A table cell: lists (per-layer sizes, removed layers) as text, so every row has one type."""
+    return ", ".join(map(str, value)) if isinstance(value, list) else value
 
 
 class RoundTracker:
@@ -65,33 +94,23 @@ class RoundTracker:
             return
         import wandb
 
-        from ..bias import trajectory_figure
+        def numbers(m: dict, prefix: str) -> dict:
+            return {f"{prefix}{name}": v for name, v in m.items() if isinstance(v, (int, float))}
 
-        scalars = {
-            f"round/{name}": value for name, value in metrics.items() if isinstance(value, (int, float))
-        }
-        history = [state["baseline"]] + [r["healed"] for r in state["rounds"]]
-        figure = trajectory_figure(
-            list(range(len(history))),
-            {"activation mean difference": [h.get("bias/activation_mean_difference", 0.0) for h in history]},
-            xlabel="round",
-            ylabel="bias",
-            title="Bias across rounds",
-        )
-        rows = [[i] + [h.get(c) for c in _SUMMARY_COLUMNS[1:]] for i, h in enumerate(history)]
-        payload = {
-            "round": k,
-            **scalars,
-            "round/bias_trajectory": wandb.Image(figure_to_rgb(figure)),
-            "round/summary": wandb.Table(columns=_SUMMARY_COLUMNS, data=rows),
-        }
+        payload = {"round": k, **numbers(metrics, "round/")}
+        if record is not None:
+            payload.update(numbers(record["pruned"], "round/pruned/"))
+        images = {f"round/{name}": figure for name, figure in stage_figures(state).items()}
+        heatmap = component_layer_heatmap(metrics, f"Normalised activation difference, round {k}")
+        if heatmap is not None:
+            images["round/bias_heatmap"] = heatmap
+        payload.update({key: wandb.Image(figure_to_rgb(figure)) for key, figure in images.items()})
+        rows = [[name] + [m.get(c) for c in _SUMMARY_COLUMNS[1:]] for name, m in stages(state)]
+        payload["round/summary"] = wandb.Table(columns=_SUMMARY_COLUMNS, data=rows)
         if record is not None:
             payload["round/pruning"] = wandb.Table(
-                columns=["pruning_type", "method", "parameters_before", "parameters_after"],
-                data=[
-                    [e["pruning_type"], e["method"], e["parameters_before"], e["parameters_after"]]
-                    for e in record["events"]
-                ],
+                columns=_PRUNING_COLUMNS,
+                data=[[k] + [_cell(e.get(c)) for c in _PRUNING_COLUMNS[1:]] for e in record["events"]],
             )
         self.run.log(payload)
 

@@ -1,0 +1,285 @@
+"""Does the demo's healing generalise, and what does distillation from cached teacher logits cost?
+
+The demo (``configs/demo.yaml``) prunes 20% of the MLP width (``activation`` scorer, calibrated on 8 x 256
+tokens of the demo text) and heals with LoRA on the same demo text. This script repeats that one-shot,
+then heals copies of the pruned model with ``--steps`` steps of 4 x 128 demo-text tokens:
+
+* ``lora``: LoRA r=16 CE on the demo text (what the demo does), lr 2e-4;
+* ``kd``: full-parameter distillation from the unpruned model's cached top-k logits, lr 5e-5;
+* ``kd_lora``: the same loss training LoRA adapters only, lr 2e-4;
+* ``kd_lora_generated``: KD into LoRA on text the teacher wrote itself: the first 32 tokens of every
+  healing block as a prompt, 96 sampled tokens (temperature 1, top-p 0.95) as the continuation.
+
+Every healed model is scored on WikiText-2 test (text no healing saw) and on the demo's held-out split.
+KD uses temperature 2, alpha 0.9, top-64 teacher logits (float16); learning rates follow
+``bench_healing.py``; cosine schedule with the pipeline's warmup (steps // 10).
+
+Before that, the cost of one training step (forward, backward, AdamW step; batch 4 x 128) is measured
+for LoRA, online KD and cached KD (full-parameter and into LoRA), interleaved (A B C ... A B C ...),
+median of ``--repeats`` after one warm-up round, and the one-off cache build per 1,000 tokens.
+
+Usage:
+    python bench/bench_heal_generalisation.py --threads 2          # ~20 min on 2 cores
+    python bench/bench_heal_generalisation.py --quick              # a tiny model: < 1 min
+
+Writes ``<out>/heal-generalisation.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+from common import Report, base_parser, healing_arguments, load_workload, setup
+from transformers import GenerationConfig, Trainer, default_data_collator
+
+from optipfair_train import prune_model
+from optipfair_train.data import calibration_dataloader, load_texts, tokenize_for_lm
+from optipfair_train.evaluation import perplexity
+from optipfair_train.heal import (
+    DistillationTrainer,
+    add_example_ids,
+    add_lora,
+    build_teacher_cache,
+    text_dataset,
+)
+
+METHODS = {
+    "lora": "LoRA CE, demo text (today)",
+    "kd": "cached KD full-parameter, demo text",
+    "kd_lora": "cached KD into LoRA, demo text",
+    "kd_lora_generated": "cached KD into LoRA, teacher-generated text",
+}
+STEP_KINDS = ["lora", "kd_online", "kd_cached", "kd_lora_online", "kd_lora_cached"]
+PROMPT_TOKENS = 32
+
+
+def student(pruned: torch.nn.Module, lora: bool) -> torch.nn.Module:
+    model = copy.deepcopy(pruned).requires_grad_(True).train()
+    return add_lora(model, r=16, alpha=32) if lora else model
+
+
+def make_trainer(kind: str, model, teacher, cache, dataset, output_dir: str, steps: int, args) -> Trainer:
+    lr = args.kd_lr if kind.startswith("kd") and "lora" not in kind else args.lora_lr
+    training_args = healing_arguments(
+        output_dir, steps=steps, batch_size=args.batch_size, learning_rate=lr, seed=args.seed,
+        warmup_steps=max(1, steps // 10), logging_steps=max(1, steps // 6),
+    )  # fmt: skip
+    common = dict(model=model, args=training_args, train_dataset=dataset, data_collator=default_data_collator)
+    if kind == "lora":
+        return Trainer(**common)
+    if kind.endswith("online"):
+        return DistillationTrainer(teacher=teacher, top_k=cache.k, temperature=2.0, alpha=0.9, **common)
+    return DistillationTrainer(teacher_cache=cache, temperature=2.0, alpha=0.9, **common)
+
+
+def step_costs(pruned, teacher, cache, dataset, args) -> dict[str, dict[str, list[float]]]:
+    """Wall and process-CPU seconds of one optimizer step of each kind, interleaved; round 0 warms up.
+
+    CPU time of this process is less disturbed than wall time by other jobs on a shared machine (with
+    one torch thread no time is spent spin-waiting), so the ratios are read from it.
+    """
+    batch = default_data_collator([dataset[i] for i in range(args.batch_size)])
+    setups = {}
+    with tempfile.TemporaryDirectory(prefix="bench-step-") as out:
+        for kind in STEP_KINDS:
+            model = student(pruned, lora="lora" in kind)
+            trainer = make_trainer(kind, model, teacher, cache, dataset, out, 1, args)
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+            setups[kind] = (trainer, model, optimizer)
+        times: dict[str, dict[str, list[float]]] = {kind: {"wall": [], "cpu": []} for kind in STEP_KINDS}
+        for repeat in range(args.repeats + 1):
+            for kind, (trainer, model, optimizer) in setups.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                loss = trainer.compute_loss(model, dict(batch))
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if repeat:
+                    times[kind]["wall"].append(time.perf_counter() - wall)
+                    times[kind]["cpu"].append(time.process_time() - cpu)
+            if repeat:
+                print(
+                    f"step costs, round {repeat}: "
+                    + ", ".join(f"{k} {v['wall'][-1]:.2f}s wall {v['cpu'][-1]:.2f}s cpu" for k, v in times.items()),
+                    flush=True,
+                )
+    del setups
+    gc.collect()
+    return times
+
+
+def generated_blocks(teacher, tokenizer, dataset, seq_len: int) -> torch.Tensor:
+    """``[N, seq_len]`` blocks: the first PROMPT_TOKENS of each healing block + the teacher's sampled rest."""
+    prompts = torch.tensor(dataset["input_ids"])[:, :PROMPT_TOKENS]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    new = seq_len - PROMPT_TOKENS
+    config = GenerationConfig(
+        do_sample=True, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=new, min_new_tokens=new,
+        pad_token_id=pad, eos_token_id=None,
+    )  # fmt: skip
+    blocks = []
+    teacher.eval()
+    with torch.inference_mode():
+        for start in range(0, prompts.shape[0], 16):
+            ids = prompts[start : start + 16]
+            out = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+            blocks.append(out[:, :seq_len])
+    return torch.cat(blocks)
+
+
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.add_argument("--steps", type=int, default=None, help="healing steps per method (30; quick 3)")
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (4; quick 2)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=None, help="timed step rounds (3; quick 1)")
+    parser.add_argument("--lora-lr", type=float, default=2e-4)
+    parser.add_argument("--kd-lr", type=float, default=5e-5)
+    parser.add_argument("--eval-blocks", type=int, default=8, help="512-token blocks per perplexity")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    args = parser.parse_args()
+    args.steps = args.steps or (3 if args.quick else 30)
+    args.batch_size = args.batch_size or (2 if args.quick else 4)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    setup(args)
+    report = Report("heal-generalisation", "Healing on the demo text: generalisation and cost", args.out)
+    eval_blocks = 2 if args.quick else args.eval_blocks
+    work = load_workload(args, eval_tokens=eval_blocks * 512, crows_sample=0)
+    teacher, tokenizer = work.model, work.tokenizer
+    teacher.requires_grad_(False)
+    k = min(args.top_k, teacher.get_output_embeddings().weight.shape[0])
+    demo_eval = tokenize_for_lm(
+        tokenizer, load_texts("demo", split="evaluation"), seq_len=work.eval_seq_len, num_sequences=eval_blocks
+    )
+    calibration = list(
+        calibration_dataloader(tokenizer, load_texts("demo", split="calibration"), num_samples=8, seq_len=256)
+    )
+    dataset = add_example_ids(
+        text_dataset(
+            tokenizer, load_texts("demo", split="calibration"), seq_len=args.seq_len,
+            num_sequences=args.steps * args.batch_size,
+        )
+    )  # fmt: skip
+
+    def scores(model) -> dict[str, float]:
+        return {
+            "wikitext": perplexity(model, input_ids=work.test_ids, seq_len=work.eval_seq_len),
+            "demo": perplexity(model, input_ids=demo_eval, seq_len=work.eval_seq_len),
+        }
+
+    pruned = copy.deepcopy(teacher)
+    prune_model(
+        pruned, pruning_type="MLP_GLU", neuron_selection_method="activation", pruning_percentage=20.0,
+        dataloader=calibration, show_progress=False, seed=args.seed,
+    )  # fmt: skip
+    base_scores, pruned_scores = scores(teacher), scores(pruned)
+    tokens = dataset.num_rows * args.seq_len
+
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache_dir:
+        began = time.perf_counter()
+        cache = build_teacher_cache(teacher, dataset, cache_dir, k=k, show_progress=False)
+        build_seconds = time.perf_counter() - began
+        began = time.perf_counter()
+        build_teacher_cache(teacher, dataset, cache_dir, k=k, show_progress=False)
+        reuse_seconds = time.perf_counter() - began
+
+        load_before = f"{os.getloadavg()[0]:.1f}"
+        times = step_costs(pruned, teacher, cache, dataset, args)
+        lora_cpu = statistics.median(times["lora"]["cpu"])
+        report.text(
+            f"One optimizer step (forward, backward, AdamW) of {args.batch_size} x {args.seq_len} tokens on the "
+            f"demo model pruned by 20% of its MLP width; {args.repeats} interleaved rounds after a warm-up "
+            f"round; wall seconds (median, min-max) and CPU seconds of this process (median; the ratio column "
+            f"uses it). Teacher cache: top-{k} logits, {cache.bytes_per_token} bytes per token; building it for "
+            f"{tokens:,} tokens took {build_seconds:.1f} s wall ({1000 * build_seconds / tokens:.2f} s per 1,000 "
+            f"tokens), loading it again {reuse_seconds:.2f} s. Load average before / after the step timing: "
+            f"{load_before} / {os.getloadavg()[0]:.1f}."
+        )
+        report.table(
+            ["step", "wall median s", "wall min-max s", "CPU median s", "x LoRA step (CPU)"],
+            [
+                [kind, f"{statistics.median(t['wall']):.2f}", f"{min(t['wall']):.2f}-{max(t['wall']):.2f}",
+                 f"{statistics.median(t['cpu']):.2f}", f"{statistics.median(t['cpu']) / lora_cpu:.2f}"]
+                for kind, t in times.items()
+            ],  # fmt: skip
+            title="Step cost",
+        )
+        partial(report)
+
+        rows = [
+            ["base (unpruned)", "-", f"{base_scores['wikitext']:.2f}", f"{base_scores['demo']:.2f}", "-"],
+            ["pruned, MLP -20%", "-", f"{pruned_scores['wikitext']:.2f}", f"{pruned_scores['demo']:.2f}", "-"],
+        ]
+        for method in args.methods:
+            extra = 0.0
+            data, method_cache = dataset, cache
+            if method == "kd_lora_generated":
+                began = time.perf_counter()
+                blocks = generated_blocks(teacher, tokenizer, dataset, args.seq_len)
+                generation_seconds = time.perf_counter() - began
+                data = add_example_ids(text_dataset_from_blocks(blocks))
+                began = time.perf_counter()
+                method_cache = build_teacher_cache(teacher, data, cache_dir, k=k, show_progress=False)
+                extra = generation_seconds + time.perf_counter() - began
+                print(f"generated {blocks.numel():,} tokens in {generation_seconds:.0f} s", flush=True)
+            elif method != "lora":
+                extra = build_seconds
+            kind = "lora" if method == "lora" else ("kd_cached" if method == "kd" else "kd_lora_cached")
+            torch.manual_seed(args.seed)
+            model = student(pruned, lora="lora" in method)
+            with tempfile.TemporaryDirectory(prefix="bench-heal-") as out:
+                trainer = make_trainer(kind, model, teacher, method_cache, data, out, args.steps, args)
+                began = time.perf_counter()
+                trainer.train()
+                seconds = time.perf_counter() - began
+            healed = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+            result = scores(healed)
+            print(f"[{method}] {result} in {seconds:.0f} s (+{extra:.0f} s data/cache)", flush=True)
+            rows.append(
+                [METHODS[method], f"{seconds:.0f} + {extra:.0f}", f"{result['wikitext']:.2f}",
+                 f"{result['demo']:.2f}", f"{trainer.state.log_history[-1].get('train_loss', float('nan')):.3f}"]
+            )  # fmt: skip
+            partial(report, rows)
+            del trainer, model, healed
+            gc.collect()
+
+    report.text(
+        f"Healing: {args.steps} steps x {args.batch_size} x {args.seq_len} tokens ({tokens:,} tokens) per method. "
+        f"Perplexity on {work.eval_tokens:,} WikiText-2 test tokens and on {demo_eval.numel():,} tokens of the "
+        f"demo's held-out split (blocks of {work.eval_seq_len}). Time: healing seconds + one-off seconds "
+        "(teacher cache build; for generated text also the generation)."
+    )
+    report.table(
+        ["model", "time (s)", "WikiText-2 test perplexity", "demo held-out perplexity", "mean train loss"],
+        rows,
+        title="Generalisation",
+    )
+    report.write()
+
+
+def partial(report: Report, rows: list | None = None) -> None:
+    """Write what is measured so far (a long run on a shared machine may be stopped before the end)."""
+    lines = list(report.lines)
+    if rows:
+        lines += ["### Generalisation (so far)", "", *("| " + " | ".join(r) + " |" for r in rows), ""]
+    report.out.mkdir(parents=True, exist_ok=True)
+    (report.out / f"{report.name}.md").write_text("\n".join(lines + ["(run still going)"]) + "\n")
+
+
+def text_dataset_from_blocks(blocks: torch.Tensor):
+    """A healing dataset (input_ids / attention_mask / labels) of ready-made token blocks."""
+    from datasets import Dataset
+
+    rows = blocks.tolist()
+    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": rows})
+
+
+if __name__ == "__main__":
+    main()

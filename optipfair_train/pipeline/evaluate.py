@@ -1,0 +1,137 @@
+"""What the pipeline measures at every stage (base, each round's pruned and healed model).
+
+- ``parameters``;
+- ``perplexity``: held-out text of the healing domain (``eval_data``);
+- ``perplexity/general``: held-out general text no healing saw (``general_eval_data``; ``wikitext`` is
+  WikiText-2 test from ``$OPTIPFAIR_TRAIN_DATA`` or ``../shared/data``); :attr:`StageEvaluator.general_text`
+  names the text, or says that none was given or found, for the card;
+- StereoSet on a fixed seeded sample (``stereoset_data``, ``stereoset_sample_size``): ``stereoset/ss``,
+  ``stereoset/lms``, ``stereoset/icat``, each with ``_ci_low`` / ``_ci_high`` (95% bootstrap), and per
+  bias type ``stereoset/ss/<type>`` (and lms, icat);
+- the activation probe on ``bias_pairs`` over every layer: ``bias/activation_mean_difference``, the
+  scale-invariant ``bias/activation_normalized_difference`` with its interval, and
+  ``bias/layers`` (layer key -> normalised difference, for the heatmaps);
+- with ``behaviour_pairs``: the behavioural score ``bias/score`` with its interval.
+
+Every value is a plain JSON number (or the one ``bias/layers`` mapping), so the metrics go into
+``state.json`` as they are and the card, the report and W&B all read the same numbers.
+
+Example:
+    >>> evaluator = StageEvaluator(config, tokenizer)  # doctest: +SKIP
+    >>> evaluator.measure(model, tokenizer)["stereoset/ss"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..analysis import count_parameters
+from ..data import load_texts, tokenize_for_lm
+from ..evaluation import perplexity
+from .config import PipelineConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LAYERS_KEY", "StageEvaluator", "resolve_general_text"]
+
+LAYERS_KEY = "bias/layers"
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _wikitext_candidates() -> list[Path]:
+    roots = [Path(os.environ["OPTIPFAIR_TRAIN_DATA"])] if os.environ.get("OPTIPFAIR_TRAIN_DATA") else []
+    roots += [Path("..") / "shared" / "data", _ROOT.parent / "shared" / "data"]
+    return [root / "wikitext-2" / "test.txt" for root in roots]
+
+
+def resolve_general_text(source: str) -> tuple[str | None, str]:
+    """``(what to load, how the card names it)`` for ``general_eval_data``; nothing to load: ``None``.
+
+    Example:
+        >>> resolve_general_text("")
+        (None, 'none given')
+    """
+    if not source:
+        return None, "none given"
+    if source != "wikitext":
+        return source, source
+    candidates = _wikitext_candidates()
+    for path in candidates:
+        if path.is_file():
+            return str(path), f"WikiText-2 test ({path.resolve()})"
+    tried = ", ".join(str(p) for p in candidates)
+    return None, f"none available (general_eval_data: wikitext, but no WikiText-2 test.txt at {tried})"
+
+
+class StageEvaluator:
+    """Loads the held-out texts and probe items once (every rank, so a bad source fails before any
+    folder is written) and measures a model; only the main process measures, the others get ``{}``.
+
+    Example:
+        >>> metrics = StageEvaluator(config, tokenizer).measure(model, tokenizer)  # doctest: +SKIP
+    """
+
+    def __init__(self, config: PipelineConfig, tokenizer, is_main: bool = True):
+        from ..bias import load_pairs, load_stereoset, sample_items
+
+        self.config, self.is_main = config, is_main
+        d = config.data
+        num_sequences = max(1, d.eval_tokens // d.eval_seq_len)
+        self.eval_ids = tokenize_for_lm(
+            tokenizer, load_texts(d.eval_data, split="evaluation"), seq_len=d.eval_seq_len,
+            num_sequences=num_sequences,
+        )  # fmt: skip
+        source, self.general_text = resolve_general_text(d.general_eval_data)
+        self.general_ids = None
+        if source is None:
+            logger.warning("No general held-out text: %s", self.general_text)
+        else:
+            self.general_ids = tokenize_for_lm(
+                tokenizer, load_texts(source, split="evaluation"), seq_len=d.eval_seq_len,
+                num_sequences=num_sequences,
+            )  # fmt: skip
+        self.bias_pairs = load_pairs(d.bias_pairs)
+        self.behaviour_pairs = load_pairs(d.behaviour_pairs) if d.behaviour_pairs else None
+        self.stereoset_items = []
+        if d.stereoset_data:
+            items = load_stereoset(d.stereoset_data)
+            self.stereoset_items = sample_items(items, d.stereoset_sample_size, seed=config.run.seed)
+
+    def measure(self, model: torch.nn.Module, tokenizer) -> dict[str, Any]:
+        """Every stage metric of ``model`` (see the module doc)."""
+        from ..bias import behavioural_bias_score, probe_activation_bias, stereoset_scores, summary_scalars
+
+        if not self.is_main:
+            return {}
+        d, seed = self.config.data, self.config.run.seed
+        metrics: dict[str, Any] = {
+            "parameters": count_parameters(model),
+            "perplexity": perplexity(model, input_ids=self.eval_ids, seq_len=d.eval_seq_len),
+        }
+        if self.general_ids is not None:
+            metrics["perplexity/general"] = perplexity(model, input_ids=self.general_ids, seq_len=d.eval_seq_len)
+        if self.stereoset_items:
+            result = stereoset_scores(model, tokenizer, self.stereoset_items, seed=seed)
+            for name in ("ss", "lms", "icat"):
+                for suffix in ("", "_ci_low", "_ci_high"):
+                    metrics[f"stereoset/{name}{suffix}"] = result[name + suffix]
+                for bias_type, entry in result["by_bias_type"].items():
+                    metrics[f"stereoset/{name}/{bias_type}"] = entry[name]
+            metrics["stereoset/num_items"] = result["num_items"]
+        activation = probe_activation_bias(model, tokenizer, self.bias_pairs, layers="all", seed=seed)
+        behaviour = None
+        if self.behaviour_pairs:
+            behaviour = behavioural_bias_score(
+                model, tokenizer, self.behaviour_pairs, seed=seed,
+                sample_size=min(d.behaviour_sample_size, len(self.behaviour_pairs)),
+            )  # fmt: skip
+        metrics.update(summary_scalars(activation=activation, behaviour=behaviour))
+        metrics[LAYERS_KEY] = {
+            key: entry["normalized_difference"] for key, entry in activation["aggregate"]["layer_metrics"].items()
+        }
+        return metrics

@@ -1,0 +1,95 @@
+"""The model card: its rows are the values it was given, SS only with LMS, compact YAML, the speed verdict."""
+
+from __future__ import annotations
+
+import yaml
+
+from optipfair_train.pipeline.card import card_rows, render_model_card, write_model_card
+from optipfair_train.speed import compare_timings
+
+EVENT = {
+    "pruning_type": "MLP_GLU",
+    "method": "activation",
+    "pruning_percentage": 10.0,
+    "intermediate_sizes": [1383] * 30,
+    "parameters_before": 134515008,
+    "parameters_after": 126557568,
+    "calibration_batches": 2,  # not card material
+}
+
+
+def _card(speed=None) -> dict:
+    return {
+        "base_model": "tiny/base",
+        "heal_text": "demo",
+        "general_text": "WikiText-2",
+        "eval_tokens": 4096,
+        "healing": {"method": "lora", "data": "demo", "steps_per_round": 30},
+        "baseline": {
+            "parameters": 134515008,
+            "perplexity": 17.78,
+            "perplexity/general": 31.98,
+            "stereoset/ss": 61.234,
+            "stereoset/ss_ci_low": 59.01,
+            "stereoset/ss_ci_high": 63.5,
+            "stereoset/lms": 88.04,
+            "stereoset/icat": 68.25,
+            "bias/score": 55.6,
+            "bias/score_ci_low": 53.1,
+            "bias/score_ci_high": 58.4,
+        },
+        "rounds": [
+            {
+                "round": 1,
+                "events": [EVENT],
+                "heal_tokens": 15360,
+                "pruned": {"parameters": 126557568, "perplexity": 25.5, "stereoset/ss": 58.0},  # SS without LMS
+                "healed": {"parameters": 126557568, "perplexity": 16.09, "perplexity/general": 47.62},
+            }
+        ],
+        "speed": speed,
+    }
+
+
+def _table(text: str) -> list[list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
+
+
+def test_rows_equal_the_values_given(tmp_path):
+    card = _card()
+    path = write_model_card(tmp_path, card)
+    header, *rows = _table(path.read_text())
+    assert header[2] == "perplexity, demo (healing domain)" and header[3] == "perplexity, WikiText-2"
+    assert rows == [list(row.values()) for row in card_rows(card)]
+    assert rows[0] == [
+        "base", "134,515,008", "17.78", "31.98", "61.2 [59.0, 63.5]", "88.0", "68.2", "55.6 [53.1, 58.4]"
+    ]  # fmt: skip
+    assert rows[1] == ["round 1 pruned", "126,557,568", "25.50", "-", "-", "-", "-", "-"]  # SS needs LMS
+    assert rows[2] == ["round 1 healed", "126,557,568", "16.09", "47.62", "-", "-", "-", "-"]
+
+
+def test_yaml_is_compact_and_speed_is_a_verdict(tmp_path):
+    noise = compare_timings([1.0, 1.1, 1.05], [1.02, 0.99, 1.08], tokens=32)
+    faster = compare_timings([1.0, 1.1, 1.05], [0.8, 0.82, 0.81], tokens=32)
+    speed = {"prefill": noise, "decode": faster, "repeats": 3, "threads": 2, "load_before": [1.5, 1.0, 0.5],
+             "load_after": [1.6, 1.0, 0.5], "batch_size": 1, "prompt_tokens": 17, "new_tokens": 32}  # fmt: skip
+    text = render_model_card(_card(speed))
+    metadata = yaml.safe_load(text.split("---\n")[1])
+    pruning = metadata["optipfair_train"]["rounds"][0]["pruning"][0]
+    assert pruning["intermediate_sizes"] == {"every_layer": 1383, "layers": 30}
+    assert "calibration_batches" not in pruning
+    assert metadata["optipfair_train"]["speed"] == {"prefill": "no measurable change", "decode": "x1.30 faster"}
+    assert metadata["optipfair_train"]["rounds"][0]["healed_perplexity_general"] == 47.62
+    assert "prefill no measurable change" in text and "decode x1.30 faster" in text and "load average 1.5" in text
+    assert "speed-up" not in text
+
+
+def test_without_general_text_or_speed_the_card_says_so(tmp_path):
+    card = _card()
+    card["general_text"] = None
+    for stage in [card["baseline"], card["rounds"][0]["healed"]]:
+        stage.pop("perplexity/general")
+    text = render_model_card(card)
+    assert "perplexity, general text (none given)" in text and "no general held-out text (none was given)" in text
+    assert "not measured side by side (no verdict)" in text

@@ -51,9 +51,10 @@ def main() -> None:
         d: (f"{name}, {args.big_calibration} x 256 calibration", kwargs, big) for d, (name, kwargs) in linear.items()
     }
     # most informative first (4 blocks), so an interrupted run still answers the main question
-    runs = [(4, s) for s in (importance, plain, small[1e-3], small[0.0])]
+    main = 2 if args.quick else 4  # the quick mode's tiny model has only 4 blocks
+    runs = [(main, s) for s in (importance, plain, small[1e-3], small[0.0])]
     if not args.quick:
-        runs += [(4, large[1e-3]), (4, large[0.0])]
+        runs += [(main, large[1e-3]), (main, large[0.0])]
         runs += [(n, s) for n in (2, 6) for s in (importance, plain, small[1e-3], small[0.0])]
     for n, (name, kwargs, batches) in runs:
         model = copy.deepcopy(work.model)

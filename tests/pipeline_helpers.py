@@ -29,8 +29,8 @@ def write_assets(root: Path) -> Path:
     return root
 
 
-def write_config(assets: Path, out: Path, **overrides) -> Path:
-    """A YAML config of a two-round run into ``out``: width and depth, LoRA, 4 steps, checkpoints every 2."""
+def tiny_run_settings(assets: Path, out: Path, **overrides) -> dict:
+    """Settings of a two-round run into ``out``: width and depth, LoRA, 4 steps, checkpoints every 2."""
     settings = dict(
         model_path=str(assets / "model"),
         calibration_data=str(assets / "text.txt"),
@@ -53,6 +53,12 @@ def write_config(assets: Path, out: Path, **overrides) -> Path:
         stereoset_data="",  # StereoSet at every stage: tests/test_pipeline_report.py, on a few items
     )
     settings.update(overrides)
+    return settings
+
+
+def write_config(assets: Path, out: Path, **overrides) -> Path:
+    """A YAML config of :func:`tiny_run_settings` next to ``out``."""
+    settings = tiny_run_settings(assets, out, **overrides)
     path = out.with_name(out.name + ".yaml")
     path.write_text(yaml.safe_dump(settings))
     return path

@@ -13,7 +13,7 @@ import pytest
 import torch
 import wandb
 from conftest import make_char_tokenizer, make_tiny_model
-from pipeline_helpers import PoisonOnce
+from pipeline_helpers import PoisonOnce, tiny_run_settings
 from wandb_offline import history, run_files
 
 from optipfair_train import load_pruned_model
@@ -38,28 +38,7 @@ def assets(tmp_path_factory):
 
 
 def _flags(assets: Path, out: Path, **overrides) -> list[str]:
-    settings = dict(
-        model_path=assets / "model",
-        calibration_data=assets / "text.txt",
-        heal_data=assets / "text.txt",
-        eval_data=assets / "text.txt",
-        num_calibration_samples=2,
-        calibration_seq_len=64,
-        heal_seq_len=64,
-        eval_tokens=256,
-        eval_seq_len=128,
-        num_rounds=2,
-        mlp_pruning_percentage=30,
-        num_layers_to_remove=1,
-        heal_steps=4,
-        per_device_batch_size=2,
-        save_steps=2,
-        output_dir=out,
-        report_to="none",
-        show_progress=False,
-        stereoset_data="",  # StereoSet at every stage: tests/test_pipeline_report.py, on a few items
-    )
-    settings.update(overrides)
+    settings = tiny_run_settings(assets, out, **overrides)
     return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
 
 

@@ -13,14 +13,13 @@ import pytest
 import torch
 import wandb
 from conftest import make_char_tokenizer, make_tiny_model
-from pipeline_helpers import PoisonOnce, tiny_run_settings
+from pipeline_helpers import PoisonOnce, tiny_run_settings, write_assets
 from wandb_offline import history, run_files
 
 from optipfair_train import load_pruned_model
 from optipfair_train.pipeline import NonFiniteLossError, PruneThenHeal, config_keys, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 CROWS = ROOT.parent / "shared" / "data" / "crows-pairs" / "crows_pairs_anonymized.csv"
 IDS = torch.tensor([[5, 17, 33, 60, 8, 41, 77, 12, 40, 41]])
 
@@ -28,13 +27,7 @@ IDS = torch.tensor([[5, 17, 33, 60, 8, 41, 77, 12, 40, 41]])
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny LLaMA-style model with its tokenizer on disk, and a text file."""
-    root = tmp_path_factory.mktemp("pipeline-assets")
-    model = make_tiny_model("llama")
-    model.save_pretrained(root / "model")
-    make_char_tokenizer().save_pretrained(root / "model")
-    text = WIKITEXT.read_text()[:40_000] if WIKITEXT.exists() else "A small example sentence. " * 2000
-    (root / "text.txt").write_text(text)
-    return root
+    return write_assets(tmp_path_factory.mktemp("pipeline-assets"))
 
 
 def _flags(assets: Path, out: Path, **overrides) -> list[str]:

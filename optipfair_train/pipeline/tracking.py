@@ -20,26 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from ..callbacks.base import figure_to_rgb
+from .card import STAGE_KEYS
 from .config import PipelineConfig
 from .figures import component_layer_heatmap, stage_figures, stages
 
 __all__ = ["RoundTracker"]
 
-_SUMMARY_COLUMNS = [
-    "stage",
-    "parameters",
-    "perplexity",
-    "perplexity/general",
-    "stereoset/ss",
-    "stereoset/ss_ci_low",
-    "stereoset/ss_ci_high",
-    "stereoset/lms",
-    "stereoset/icat",
-    "bias/activation_normalized_difference",
-    "bias/score",
-    "bias/score_ci_low",
-    "bias/score_ci_high",
-]
+# the card's stage numbers, plus the normalised activation difference (the card leaves it out: alone it
+# cannot carry a fairness claim, but the dashboard plots it)
+_SUMMARY_COLUMNS = ["stage", *STAGE_KEYS, "bias/activation_normalized_difference"]
 
 _PRUNING_COLUMNS = [
     "round",

@@ -190,6 +190,20 @@ def batch_prompt_ids(
     return ids.expand(batch_size, -1).contiguous().to(_device_of(model))
 
 
+def new_kv_cache(model: torch.nn.Module) -> tuple[str, DynamicCache]:
+    """``(argument name, empty cache)`` for cached decoding: ``model(ids, use_cache=True, **{name: cache})``.
+
+    Transformers >= 5.24 names the cache argument ``cache`` (``past_key_values`` still works there, with a
+    deprecation warning); a cache object the caller owns is filled in place, so no output attribute is read.
+
+    Example:
+        >>> name, cache = new_kv_cache(model)  # doctest: +SKIP
+        >>> logits = model(input_ids=ids, use_cache=True, **{name: cache}).logits  # doctest: +SKIP
+    """
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return cache_arg, DynamicCache(config=model.config)
+
+
 def timed_generation(
     model: torch.nn.Module,
     ids: torch.Tensor,
@@ -203,10 +217,7 @@ def timed_generation(
         >>> with torch.inference_mode():
         ...     prefill_s, decode_s = timed_generation(model.eval(), ids, max_new_tokens=8)  # doctest: +SKIP
     """
-    # Transformers >= 5.24 names the cache argument `cache` (`past_key_values` still works there, with a
-    # deprecation warning); a cache object we own is filled in place, so no output attribute is read.
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    cache = DynamicCache(config=model.config)
+    cache_arg, cache = new_kv_cache(model)
     start = timer()
     out = model(input_ids=ids, use_cache=True, **{cache_arg: cache})
     prefilled = timer()

@@ -12,9 +12,11 @@ from .teacher_cache import (
     TeacherCacheMismatch,
     add_example_ids,
     build_teacher_cache,
+    save_teacher_cache,
     teacher_fingerprint,
 )
-from .text import text_dataset
+from .teacher_text import sample_teacher_text
+from .text import lm_dataset, text_dataset
 
 __all__ = [
     "DistillationTrainer",
@@ -25,9 +27,12 @@ __all__ = [
     "add_example_ids",
     "build_teacher_cache",
     "teacher_fingerprint",
+    "sample_teacher_text",
+    "save_teacher_cache",
     "add_lora",
     "lora_target_modules",
     "SFT_FORMATS",
     "sft_dataset",
+    "lm_dataset",
     "text_dataset",
 ]

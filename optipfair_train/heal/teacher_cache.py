@@ -40,6 +40,7 @@ __all__ = [
     "TeacherCacheMismatch",
     "add_example_ids",
     "build_teacher_cache",
+    "save_teacher_cache",
     "teacher_fingerprint",
 ]
 
@@ -218,15 +219,40 @@ def build_teacher_cache(
             return cache
         logger.warning("The teacher cache %s does not match its name; rebuilding it.", path)
     values, indices = _teacher_topk(teacher, tokens, k, batch_size, show_progress, value_dtype)
+    return save_teacher_cache(fingerprint, tokens, values, indices, cache_dir)
+
+
+def save_teacher_cache(
+    fingerprint: str,
+    tokens: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    cache_dir: str | os.PathLike,
+) -> TeacherCache:
+    """Save top-k ``values``/``indices`` ``[N, S, k]`` of the teacher ``fingerprint`` on ``tokens`` ``[N, S]``
+    under the name :func:`build_teacher_cache` looks for (so it reuses the file instead of a teacher pass).
+
+    Example:
+        >>> save_teacher_cache(teacher_fingerprint(teacher), tokens, values, indices, "cache")  # doctest: +SKIP
+    """
+    tokens = _token_rows(tokens)
+    if values.shape != indices.shape or tuple(values.shape[:2]) != tuple(tokens.shape):
+        raise ValueError(
+            f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must both be [N, S, k] for "
+            f"tokens {tuple(tokens.shape)}."
+        )
+    k = values.shape[-1]
+    key = _key(fingerprint, tokens, k, values.dtype)
+    path = Path(cache_dir) / f"topk-{key}.safetensors"
     meta = {"format": _FORMAT, "key": key, "teacher": fingerprint, "k": k, "shape": list(tokens.shape)}
     path.parent.mkdir(parents=True, exist_ok=True)
     # write under temporary names and rename: a crash never leaves a half-written cache under the key
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"values": values, "indices": indices, "tokens": tokens}, str(tmp))
+    save_file({"values": values, "indices": indices.to(torch.int32), "tokens": tokens}, str(tmp))
     path.with_suffix(".json.tmp").write_text(json.dumps(meta))
     path.with_suffix(".json.tmp").replace(path.with_suffix(".json"))
     tmp.replace(path)
-    cache = TeacherCache(values, indices, tokens, meta)
+    cache = TeacherCache(values, indices.to(torch.int32), tokens, meta)
     logger.info(
         "Teacher cache %s: %d blocks x %d tokens, top-%d, %d bytes per token (%.1f MB)",
         path, tokens.shape[0], tokens.shape[1], k, cache.bytes_per_token,

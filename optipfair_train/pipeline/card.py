@@ -32,6 +32,7 @@ import yaml
 
 from ..models import DEMO_MODEL_ID
 from ..speed import speed_line
+from .config import TEACHER_TEXT
 
 __all__ = [
     "STAGE_KEYS",
@@ -136,13 +137,24 @@ def card_rows(card: dict) -> list[dict[str, str]]:
     return rows
 
 
+def _heals_on_eval_text(card: dict) -> bool:
+    """Whether the first perplexity is measured on the healing domain (held-out part of the healing text)."""
+    return card.get("healing", {}).get("data", card.get("heal_text")) == card.get("heal_text")
+
+
+def _heal_text_name(data: str | None) -> str:
+    if data == TEACHER_TEXT:
+        return "text written by the unpruned model (`heal_data: teacher`, sampled at temperature 1)"
+    return f"`{data}`"
+
+
 def card_header(card: dict) -> list[str]:
     """Column titles of :func:`card_rows`, named after the texts they were measured on."""
     general = card.get("general_text") or "general text (none given)"
     return [
         "stage",
         "parameters",
-        f"perplexity, {card.get('heal_text', 'healing domain')} (healing domain)",
+        f"perplexity, {card.get('heal_text', 'healing domain')}" + (" (healing domain)" if _heals_on_eval_text(card) else ""),
         f"perplexity, {general}",
         "StereoSet SS [95% CI]",
         "StereoSet LMS",
@@ -235,8 +247,9 @@ def render_model_card(card: dict[str, Any]) -> str:
         "",
         f"# {base_model}, pruned and healed with optipfair-train",
         "",
-        f"Perplexity on held-out `{card.get('heal_text')}` text (the healing domain, "
-        f"{_fmt(card.get('eval_tokens'))} tokens) and on "
+        f"Perplexity on held-out `{card.get('heal_text')}` text ("
+        + ("the healing domain, " if _heals_on_eval_text(card) else "")
+        + f"{_fmt(card.get('eval_tokens'))} tokens) and on "
         + (
             f"{general} (text no healing saw)"
             if general
@@ -261,7 +274,8 @@ def render_model_card(card: dict[str, Any]) -> str:
     healing = card.get("healing", {})
     lines += [
         "",
-        f"Healing: `{healing.get('method')}` on `{healing.get('data')}`, {healing.get('steps_per_round')} steps "
+        f"Healing: `{healing.get('method')}` on {_heal_text_name(healing.get('data'))}, "
+        f"{healing.get('steps_per_round')} steps "
         f"per round, {sum(r.get('heal_tokens') or 0 for r in rounds):,} tokens in all.",
         "",
         "Speed on this machine: "

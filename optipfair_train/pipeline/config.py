@@ -50,8 +50,9 @@ class DataConfig:
         "text for importance statistics: 'demo', a file, or a datasets name", "demo"
     )
     heal_data: str = _help(
-        "healing text: 'demo', a file, or a datasets name; for sft/sft_lora also instruction data "
-        "(.jsonl/.json or datasets with 'messages' or 'prompt'/'completion')",
+        "healing text: 'demo', 'teacher' (text the unpruned model writes, sampled once and cached in "
+        "output_dir/teacher-cache; its logits are the kd targets), a file, or a datasets name; for "
+        "sft/sft_lora instruction data (.jsonl/.json or datasets with 'messages' or 'prompt'/'completion')",
         "demo",
     )
     eval_data: str = _help("held-out text for perplexity; never the calibration or healing text", "demo")
@@ -146,6 +147,7 @@ class RunConfig:
 
 HEAL_METHODS = ("lora", "kd", "kd_lora", "sft", "sft_lora", "none")
 LORA_METHODS = ("lora", "kd_lora", "sft_lora")
+TEACHER_TEXT = "teacher"  # heal_data value: text sampled from the unpruned model (heal.teacher_text)
 DTYPES = ("float32", "bfloat16", "float16")
 SECTIONS = (ModelConfig, DataConfig, PruningConfig, HealConfig, RunConfig)
 
@@ -333,6 +335,11 @@ def validate(config: PipelineConfig) -> None:
     if not 0 <= h.kd_alpha <= 1 or h.kd_temperature <= 0:
         raise ValueError("kd_alpha must be in [0, 1] and kd_temperature > 0.")
     _check_positive(h, ("nan_retries", "kd_top_k"), minimum=0)
+    if config.data.heal_data == TEACHER_TEXT and h.heal_method in ("sft", "sft_lora"):
+        raise ValueError(
+            f"heal_data: {TEACHER_TEXT!r} is plain text for lora/kd/kd_lora; sft/sft_lora need instruction "
+            "data (a .jsonl/.json file or a datasets name with 'messages' or 'prompt'/'completion')."
+        )
     if not 0 < h.nan_lr_factor <= 1:
         raise ValueError(f"nan_lr_factor must be in (0, 1], got {h.nan_lr_factor}.")
     if config.run.report_to not in ("wandb", "tensorboard", "none"):

@@ -12,7 +12,8 @@ Only tests set ``OPTIPFAIR_TRAIN_CRASH_AT``; unset (always, in real use) :func:`
 - ``between-rounds``: a round is finished and recorded, the next has not started;
 - ``card-write``: the final folder's weights are copied, the model card not yet written;
 - ``report-write``: the final folder is in place (the speed comparison recorded), report.html not yet;
-- ``teacher-cache``: kd / kd_lora: the teacher cache file is written, healing not started.
+- ``teacher-cache``: kd / kd_lora: the teacher cache file is written, healing not started;
+- ``teacher-text``: ``heal_data: teacher``: the sampled healing text is written, nothing after it.
 
 Example:
     >>> crash_point("model-save")  # nothing happens unless the variable names this point

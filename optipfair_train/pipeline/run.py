@@ -42,12 +42,19 @@ from transformers import TrainerCallback, TrainingArguments
 from ..analysis import count_parameters
 from ..arch import get_adapter, unwrap_model
 from ..data import calibration_dataloader, load_texts
-from ..heal import add_example_ids, build_teacher_cache, sft_dataset, text_dataset
+from ..heal import (
+    add_example_ids,
+    build_teacher_cache,
+    lm_dataset,
+    sample_teacher_text,
+    sft_dataset,
+    text_dataset,
+)
 from ..models import load_model_and_tokenizer
 from ..pruning import load_pruned_model, prune_model, save_pruned_model
 from ..speed import compare_speed
 from .card import base_model_name, card_inputs, write_model_card
-from .config import PipelineConfig
+from .config import TEACHER_TEXT, PipelineConfig
 from .evaluate import StageEvaluator
 from .faults import crash_point
 from .figures import report_figures
@@ -181,7 +188,7 @@ class PruneThenHeal:
             self.heal_dataset = sft_dataset(
                 d.heal_data, num_examples=sequences * self.distributed.num_processes
             )
-        elif h.heal_method != "none":
+        elif h.heal_method != "none" and d.heal_data != TEACHER_TEXT:  # teacher text: _write_teacher_text
             self.heal_dataset = text_dataset(
                 tokenizer,
                 load_texts(d.heal_data, split="calibration"),
@@ -237,6 +244,7 @@ class PruneThenHeal:
         self._load_data(tokenizer)
         self._prepare_teacher(config, tokenizer)
         self._open_output_dir(existing)  # nothing was written before this point
+        self._write_teacher_text(model, tokenizer)
         self._build_teacher_cache()
         if self.evaluator.general_ids is not None:
             self.state["general_text"] = self.evaluator.general_text
@@ -310,6 +318,28 @@ class PruneThenHeal:
                 f"The teacher {teacher_path!r} uses a different tokenizer from the student "
                 f"{config.model.model_path!r}; distillation needs the same vocabulary."
             )
+
+    def _write_teacher_text(self, base_model, tokenizer) -> None:
+        """``heal_data: teacher``: the healing blocks are sampled from the teacher (the unpruned model
+        unless ``teacher_model_path`` names another), once, into ``output_dir/teacher-cache`` with their
+        top-k logits; the main process samples, the others wait and read the same file."""
+        d, h = self.config.data, self.config.heal
+        if d.heal_data != TEACHER_TEXT or h.heal_method == "none":
+            return
+        writer = self.teacher if self.teacher is not None else base_model
+        sequences = h.heal_steps * h.per_device_batch_size * h.gradient_accumulation_steps
+        settings = dict(
+            k=h.kd_top_k or 64, special_ids=set(tokenizer.all_special_ids), seed=self.config.run.seed
+        )
+        folder = self.out / "teacher-cache"
+        if self.distributed.is_main_process:
+            sample_teacher_text(
+                writer, folder, sequences, d.heal_seq_len, show_progress=self.config.run.show_progress, **settings
+            )
+            crash_point("teacher-text")
+        self.distributed.wait_for_everyone()
+        blocks = sample_teacher_text(writer, folder, sequences, d.heal_seq_len, **settings)
+        self.heal_dataset = lm_dataset(blocks)
 
     def _build_teacher_cache(self) -> None:
         """kd / kd_lora with ``kd_top_k``: the teacher's top-k logits on the healing set, from

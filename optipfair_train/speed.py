@@ -143,6 +143,6 @@ def speed_line(speed: dict) -> str:
     return (
         "; ".join(parts)
         + f". Greedy generation, batch {speed['batch_size']}, {speed['repeats']} interleaved runs per model, "
-        f"{speed['threads']} threads{load_text}; a ratio is shown only when the two models' run-time ranges "
+        f"{speed['threads']} thread{'s' if speed['threads'] != 1 else ''}{load_text}; a ratio is shown only when the two models' run-time ranges "
         "do not overlap."
     )

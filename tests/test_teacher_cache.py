@@ -52,26 +52,47 @@ def _batch(dataset: Dataset, rows: list[int]) -> dict[str, torch.Tensor]:
     return default_data_collator([dataset[i] for i in rows])
 
 
+def _top(teacher: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, ...]:
+    top = teacher.topk(k, dim=-1)
+    return top.values, top.indices, torch.logsumexp(teacher / temperature, dim=-1)
+
+
 def test_topk_loss_with_k_equal_to_vocabulary_is_the_full_loss():
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
     labels = torch.randint(0, 7, (2, 5), generator=g)
     labels[0, 3] = -100
-    values, indices = teacher.topk(7, dim=-1)
     full = distillation_loss(student, teacher, labels, temperature=2.0, alpha=0.7)
-    top = topk_distillation_loss(student, values, indices, labels, temperature=2.0, alpha=0.7)
+    top = topk_distillation_loss(student, *_top(teacher, 7, 2.0), labels, temperature=2.0, alpha=0.7)
     torch.testing.assert_close(top, full)
 
 
+def test_a_student_equal_to_its_teacher_has_zero_topk_divergence():
+    """With the tail bucket the divergence is 0 at student == teacher for any k; without it (the teacher
+    renormalised over its top-k) it was not, and minimising it crushed every token outside the top-k."""
+    logits = torch.randn(2, 6, 50, generator=torch.Generator().manual_seed(1)) * 3
+    labels = torch.zeros(2, 6, dtype=torch.long)
+    for k in (1, 5, 20):
+        loss = topk_distillation_loss(logits, *_top(logits, k, 2.0), labels, temperature=2.0, alpha=1.0)
+        torch.testing.assert_close(loss, torch.tensor(0.0), atol=1e-5, rtol=0)
+    # and a student that moves mass from the tail onto the top-k is penalised
+    sharper = logits.clone()
+    top5 = logits.topk(5, dim=-1).indices
+    sharper.scatter_add_(-1, top5, torch.full_like(top5, 4.0, dtype=logits.dtype))
+    assert topk_distillation_loss(sharper, *_top(logits, 5, 2.0), labels, temperature=2.0, alpha=1.0) > 0.1
+
+
 def test_topk_loss_by_hand():
-    # one position, vocabulary 3, k=2, T=1, alpha=1: teacher top-2 logits (2, 1) at indices (0, 1)
-    student = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
-    values = torch.tensor([[[2.0, 1.0], [0.0, 0.0]]])
-    indices = torch.tensor([[[0, 1], [0, 1]]])
+    # one labelled position, vocabulary 4, k=2, T=1, alpha=1: teacher logits (2, 1, 0, 0), student uniform.
+    # Outcomes: token 0, token 1, tail (tokens 2 and 3): p = (e^2, e, 2) / Z, q = (1/4, 1/4, 1/2).
+    student = torch.zeros(1, 2, 4)
+    teacher = torch.tensor([[[2.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
     labels = torch.tensor([[0, 2]])
-    p = torch.softmax(torch.tensor([2.0, 1.0]), -1)
-    expected = (p * (p.log() - torch.log(torch.tensor(1 / 3)))).sum()
-    loss = topk_distillation_loss(student, values, indices, labels, temperature=1.0, alpha=1.0)
+    e = torch.tensor(1.0).exp()
+    p = torch.stack([e**2, e, torch.tensor(2.0)]) / (e**2 + e + 2)
+    q = torch.tensor([0.25, 0.25, 0.5])
+    expected = (p * (p.log() - q.log())).sum()
+    loss = topk_distillation_loss(student, *_top(teacher, 2, 1.0), labels, temperature=1.0, alpha=1.0)
     torch.testing.assert_close(loss, expected)
 
 
@@ -81,7 +102,7 @@ def test_cached_loss_equals_online_topk_loss(tmp_path):
     exact = build_teacher_cache(teacher, dataset, tmp_path / "c32", k=8, value_dtype=torch.float32)
     half = build_teacher_cache(teacher, dataset, tmp_path / "c16", k=8, show_progress=False)
     assert exact.values.shape == (8, 16, 8) and half.values.dtype == torch.float16
-    assert half.indices.dtype == torch.int32 and half.bytes_per_token == 8 * 6 + 4
+    assert half.indices.dtype == torch.int32 and half.bytes_per_token == 8 * 6 + 4 + 4
     batch = _batch(dataset, [5, 2, 7, 0])  # shuffled order: the lookup follows example_id
     online = DistillationTrainer(
         model=student, teacher=teacher, top_k=8, args=_args(tmp_path), train_dataset=dataset

@@ -57,6 +57,7 @@ def test_recorded_logits_equal_a_teacher_pass_and_build_teacher_cache_reuses_the
     assert torch.equal(cache.tokens, tokens)
     torch.testing.assert_close(cache.values.float(), full.values, atol=2e-2, rtol=1e-3)
     assert torch.equal(cache.indices.long(), full.indices)
+    torch.testing.assert_close(cache.log_normaliser, torch.logsumexp(logits / 2.0, dim=-1), atol=1e-4, rtol=1e-5)
 
 
 def test_a_second_call_reads_the_text_instead_of_sampling(tmp_path, monkeypatch):

@@ -4,13 +4,15 @@ The loss is ``alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE`` averaged
 have a label (padding excluded). Two teacher distributions are supported:
 
 - full vocabulary (``distillation_loss``): the live teacher's ``softmax(t / T)``;
-- top-k (``topk_distillation_loss``): the teacher's ``k`` largest logits, renormalised,
-  ``p_i = softmax(t_topk / T)_i``, against the student's full-vocabulary ``log_softmax(s / T)`` gathered
-  at those ``k`` indices: ``sum_i p_i (log p_i - log q_i)``. The student's mass outside the teacher's
-  top-k is not modelled by its own term; it only lowers every ``q_i``, so the term is >= 0 and is 0 only
-  when the student puts all its mass on the top-k in the teacher's ratios. A tail bucket (teacher mass
-  beyond the top-k) would need the teacher's full log-normaliser at each temperature, i.e. a cache per
-  temperature; without it one cache of raw top-k logits serves every temperature (``teacher_cache``).
+- top-k (``topk_distillation_loss``): the teacher's ``k`` largest logits plus one tail bucket, i.e. the
+  exact KL between the two distributions coarsened to ``k + 1`` outcomes (the teacher's top-k tokens and
+  "any other token"): ``p_i = exp(t_i / T - lse_T)`` with the teacher's full log-normaliser
+  ``lse_T = logsumexp(t / T)`` (cached beside the logits), ``p_tail = 1 - sum p_i``, and the student's
+  ``q_i`` from its full ``log_softmax(s / T)`` with ``q_tail = 1 - sum q_i``. Without the tail bucket
+  (renormalising the teacher over its top-k) the loss is minimised only when the student puts ALL its
+  mass on the teacher's top-k: measured on the demo model, 60 such steps on teacher text took WikiText-2
+  perplexity from 45.7 to 93.7, because every true next token outside the top-k became near impossible.
+  The log-normaliser depends on ``T``, so a cache holds one temperature (``teacher_cache``).
 
 Both are per-batch means, so the Trainer must divide by the gradient-accumulation steps itself
 (``loss_is_scaled_for_ga = False``): without that, an update with gradient accumulation 2 is twice too
@@ -24,6 +26,8 @@ Example:
 """
 
 from __future__ import annotations
+
+import math  # noqa: F401  (the example)
 
 import torch
 import torch.nn.functional as F
@@ -69,18 +73,21 @@ def topk_distillation_loss(
     student_logits: torch.Tensor,
     teacher_values: torch.Tensor,
     teacher_indices: torch.Tensor,
+    teacher_log_normaliser: torch.Tensor,
     labels: torch.Tensor,
     temperature: float = 2.0,
     alpha: float = 0.9,
 ) -> torch.Tensor:
-    """The mixed KD + CE loss against the teacher's renormalised top-k distribution (see the module doc).
+    """The mixed KD + CE loss against the teacher's top-k plus tail distribution (see the module doc).
 
-    ``teacher_values`` / ``teacher_indices``: ``[B, S, k]`` raw logits and their vocabulary indices.
+    ``teacher_values`` / ``teacher_indices``: ``[B, S, k]`` raw logits and their vocabulary indices;
+    ``teacher_log_normaliser``: ``[B, S]`` ``logsumexp(teacher_logits / temperature)`` over the vocabulary.
 
     Example:
         >>> s = torch.zeros(1, 3, 5)
-        >>> values, indices = torch.zeros(1, 3, 5).topk(5, dim=-1)
-        >>> float(topk_distillation_loss(s, values, indices, torch.tensor([[1, 2, 3]]), alpha=1.0))
+        >>> values, indices = torch.zeros(1, 3, 5).topk(2, dim=-1)
+        >>> lse = torch.full((1, 3), math.log(5))
+        >>> float(topk_distillation_loss(s, values, indices, lse, torch.tensor([[1, 2, 3]]), alpha=1.0))
         0.0
     """
     target, keep = _labelled(labels)
@@ -89,9 +96,11 @@ def topk_distillation_loss(
     s = student_logits[:, :-1].float()[keep]
     values = teacher_values[:, :-1].float()[keep]
     indices = teacher_indices[:, :-1].long()[keep]
-    log_p = F.log_softmax(values / temperature, -1)
+    log_p = values / temperature - teacher_log_normaliser[:, :-1].float()[keep].unsqueeze(-1)
     log_q = F.log_softmax(s / temperature, -1).gather(-1, indices)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    p_tail = (1 - log_p.exp().sum(-1)).clamp_min(0)
+    log_q_tail = torch.log1p(-log_q.exp().sum(-1).clamp(max=1 - 1e-6))
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail
     ce = F.cross_entropy(s, target[keep])
     return alpha * kl.mean() * temperature**2 + (1 - alpha) * ce
 
@@ -121,6 +130,8 @@ class DistillationTrainer(Trainer):
             raise ValueError("DistillationTrainer needs exactly one of teacher= or teacher_cache=.")
         if teacher_cache is not None and top_k is not None and top_k != teacher_cache.k:
             raise ValueError(f"top_k={top_k} but the teacher cache holds top-{teacher_cache.k} logits.")
+        if teacher_cache is not None:
+            teacher_cache.check(temperature=temperature)
         super().__init__(*args, **kwargs)
         # the teacher only runs forward passes, on the device the Trainer puts the student on
         self.teacher = None if teacher is None else teacher.eval().requires_grad_(False).to(self.args.device)
@@ -135,22 +146,23 @@ class DistillationTrainer(Trainer):
         if EXAMPLE_ID not in self._signature_columns:
             self._signature_columns.append(EXAMPLE_ID)
 
-    def _teacher_topk(self, inputs: dict, model_inputs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(values, indices)`` of the teacher's top-k, or None for the full-vocabulary loss."""
+    def _teacher_topk(self, inputs: dict, model_inputs: dict) -> tuple[torch.Tensor, ...] | None:
+        """``(values, indices, log_normaliser)`` of the teacher's top-k, or None for the full-vocabulary loss."""
         if self.teacher_cache is not None:
             if EXAMPLE_ID not in inputs:
                 raise KeyError(
                     f"A cached teacher needs the {EXAMPLE_ID!r} column in the batch: build the dataset with "
                     "add_example_ids (and keep the column through the collator)."
                 )
-            values, indices = self.teacher_cache.lookup(inputs[EXAMPLE_ID], inputs["input_ids"])
+            found = self.teacher_cache.lookup(inputs[EXAMPLE_ID], inputs["input_ids"])
             device = inputs["input_ids"].device
-            return values.to(device, non_blocking=True), indices.to(device, non_blocking=True)
+            return tuple(t.to(device, non_blocking=True) for t in found)
         if self.top_k is None:
             return None
         with torch.no_grad():
-            top = self.teacher(**model_inputs).logits.float().topk(self.top_k, dim=-1)
-        return top.values, top.indices
+            logits = self.teacher(**model_inputs).logits.float()
+            top = logits.topk(self.top_k, dim=-1)
+            return top.values, top.indices, torch.logsumexp(logits / self.temperature, dim=-1)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]

@@ -5,20 +5,21 @@ model). The teacher's output on a fixed healing set never changes, so :func:`bui
 computes it once: for every block, the ``k`` largest logits (float16 values, int32 vocabulary indices)
 of every position. Rounds, resumed runs and later Trainers reuse the file.
 
-Storage: ``k * (2 + 4)`` bytes per token for values and indices, plus 4 bytes per token for the block's
-own token ids (kept to check every lookup): 388 bytes per token at k=64, 6 MB for 15,360 healing tokens.
+Storage: ``k * (2 + 4)`` bytes per token for values and indices, 4 bytes for the teacher's full
+log-normaliser ``logsumexp(z / T)`` (it gives the probability mass outside the top-k, the distillation
+loss's tail bucket) and 4 bytes for the block's own token ids (kept to check every lookup): 392 bytes per
+token at k=64, 6 MB for 15,360 healing tokens.
 
-The values are the raw (untempered) logits: ``topk(z / T)`` picks the same indices as ``topk(z)``, so one
-cache serves every temperature and the temperature is not part of its key. The key hashes the teacher's
-identity (a fingerprint of its weights and config), the token ids and ``k``; a file built for anything
-else has another name, and :meth:`TeacherCache.lookup` also compares the batch's tokens with the cached
+The values are the raw (untempered) logits; the log-normaliser belongs to one temperature, so the
+temperature is part of the key. The key hashes the teacher's identity (a fingerprint of its weights and
+config), the token ids, ``k`` and the temperature; a file built for anything else has another name, and :meth:`TeacherCache.lookup` also compares the batch's tokens with the cached
 ones, so a cache can never silently give another text's targets.
 
 Example:
     >>> dataset = add_example_ids(text_dataset(tokenizer, texts, seq_len=128, num_sequences=120))
     >>> cache = build_teacher_cache(teacher, dataset, "outputs/demo/teacher-cache", k=64)  # doctest: +SKIP
     >>> cache.bytes_per_token
-    388
+    392
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EXAMPLE_ID = "example_id"  # the dataset column that names a row of the cache
-_FORMAT = 1
+_FORMAT = 2  # 2: with the log-normaliser (tail bucket) and the temperature
 
 
 class TeacherCacheMismatch(ValueError):
@@ -103,23 +104,31 @@ def _token_rows(dataset) -> torch.Tensor:
     return rows.to(torch.int32)
 
 
-def _key(fingerprint: str, tokens: torch.Tensor, k: int, value_dtype: torch.dtype) -> str:
-    header = f"v{_FORMAT}|{fingerprint}|k={k}|{value_dtype}|{tuple(tokens.shape)}|"
+def _key(fingerprint: str, tokens: torch.Tensor, k: int, value_dtype: torch.dtype, temperature: float) -> str:
+    header = f"v{_FORMAT}|{fingerprint}|k={k}|T={float(temperature)!r}|{value_dtype}|{tuple(tokens.shape)}|"
     digest = hashlib.sha256(header.encode())
     digest.update(tokens.numpy().tobytes())
     return digest.hexdigest()[:24]
 
 
 class TeacherCache:
-    """The teacher's top-k logits of every block: ``values`` [N, S, k] float16, ``indices`` [N, S, k] int32.
+    """The teacher's top-k logits of every block: ``values`` [N, S, k] float16, ``indices`` [N, S, k] int32,
+    ``log_normaliser`` [N, S] float32 (``logsumexp`` of all logits at the cache's ``temperature``).
 
     Example:
         >>> cache = TeacherCache.load("outputs/demo/teacher-cache/topk-3f2a....safetensors")  # doctest: +SKIP
-        >>> values, indices = cache.lookup(batch["example_id"], batch["input_ids"])  # doctest: +SKIP
+        >>> values, indices, log_normaliser = cache.lookup(batch["example_id"], batch["input_ids"])  # doctest: +SKIP
     """
 
-    def __init__(self, values: torch.Tensor, indices: torch.Tensor, tokens: torch.Tensor, meta: dict):
-        self.values, self.indices, self.tokens, self.meta = values, indices, tokens, meta
+    def __init__(
+        self, values: torch.Tensor, indices: torch.Tensor, log_normaliser: torch.Tensor, tokens: torch.Tensor, meta: dict
+    ):
+        self.values, self.indices, self.log_normaliser = values, indices, log_normaliser
+        self.tokens, self.meta = tokens, meta
+
+    @property
+    def temperature(self) -> float:
+        return float(self.meta["temperature"])
 
     @property
     def k(self) -> int:
@@ -128,7 +137,8 @@ class TeacherCache:
     @property
     def bytes_per_token(self) -> int:
         """Bytes on disk and in memory per cached token (values, indices and the token id)."""
-        return self.k * (self.values.element_size() + self.indices.element_size()) + self.tokens.element_size()
+        per_logit = self.values.element_size() + self.indices.element_size()
+        return self.k * per_logit + self.log_normaliser.element_size() + self.tokens.element_size()
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TeacherCache:
@@ -140,10 +150,15 @@ class TeacherCache:
         meta = json.loads(path.with_suffix(".json").read_text())
         if meta.get("format") != _FORMAT:
             raise TeacherCacheMismatch(f"{path} has cache format {meta.get('format')}, expected {_FORMAT}.")
-        return cls(tensors["values"], tensors["indices"], tensors["tokens"], meta)
+        return cls(tensors["values"], tensors["indices"], tensors["log_normaliser"], tensors["tokens"], meta)
 
-    def check(self, fingerprint: str | None = None, k: int | None = None) -> None:
-        """Raise :class:`TeacherCacheMismatch` if the cache was built for another teacher or ``k``."""
+    def check(self, fingerprint: str | None = None, k: int | None = None, temperature: float | None = None) -> None:
+        """Raise :class:`TeacherCacheMismatch` if the cache was built for another teacher, ``k`` or temperature."""
+        if temperature is not None and float(temperature) != self.temperature:
+            raise TeacherCacheMismatch(
+                f"The teacher cache was built for temperature {self.temperature}, not {temperature}; its "
+                "log-normaliser belongs to one temperature: rebuild it with build_teacher_cache."
+            )
         if fingerprint is not None and fingerprint != self.meta["teacher"]:
             raise TeacherCacheMismatch(
                 f"The teacher cache was built for teacher {self.meta['teacher']}, not {fingerprint}; "
@@ -154,8 +169,9 @@ class TeacherCache:
 
     def lookup(
         self, example_ids: torch.Tensor, input_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached ``(values, indices)`` of the examples ``example_ids``, checked against ``input_ids``.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The cached ``(values, indices, log_normaliser)`` of the examples ``example_ids``, checked against
+        ``input_ids``.
 
         Raises:
             TeacherCacheMismatch: an id outside the cache, or tokens that differ from the cached block.
@@ -173,7 +189,7 @@ class TeacherCache:
                 f"on (cached blocks of {self.tokens.shape[1]} tokens, batch {tuple(given.shape)}); the "
                 "healing data changed: rebuild the cache."
             )
-        return self.values[ids], self.indices[ids]
+        return self.values[ids], self.indices[ids], self.log_normaliser[ids]
 
 
 def build_teacher_cache(
@@ -184,6 +200,7 @@ def build_teacher_cache(
     batch_size: int = 4,
     show_progress: bool = True,
     value_dtype: torch.dtype = torch.float16,
+    temperature: float = 2.0,
 ) -> TeacherCache:
     """Load the cache of ``teacher`` on ``dataset`` from ``cache_dir``, or compute and save it first.
 
@@ -197,6 +214,7 @@ def build_teacher_cache(
         show_progress: tqdm bar while building.
         value_dtype: dtype of the stored logits (float16: 2 bytes, about 3 significant digits; float32
             for exact targets).
+        temperature: the distillation temperature the log-normaliser is computed at.
 
     Example:
         >>> cache = build_teacher_cache(teacher, dataset, "cache", k=64)  # doctest: +SKIP
@@ -210,7 +228,9 @@ def build_teacher_cache(
     if k > vocab:
         raise ValueError(f"k={k} is larger than the teacher's vocabulary of {vocab} tokens.")
     fingerprint = teacher_fingerprint(teacher)
-    key = _key(fingerprint, tokens, k, value_dtype)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+    key = _key(fingerprint, tokens, k, value_dtype, temperature)
     path = Path(cache_dir) / f"topk-{key}.safetensors"
     if path.is_file() and path.with_suffix(".json").is_file():
         cache = TeacherCache.load(path)
@@ -218,8 +238,8 @@ def build_teacher_cache(
             logger.info("Reusing the teacher cache %s", path)
             return cache
         logger.warning("The teacher cache %s does not match its name; rebuilding it.", path)
-    values, indices = _teacher_topk(teacher, tokens, k, batch_size, show_progress, value_dtype)
-    return save_teacher_cache(fingerprint, tokens, values, indices, cache_dir)
+    values, indices, lse = _teacher_topk(teacher, tokens, k, batch_size, show_progress, value_dtype, temperature)
+    return save_teacher_cache(fingerprint, tokens, values, indices, lse, temperature, cache_dir)
 
 
 def save_teacher_cache(
@@ -227,32 +247,41 @@ def save_teacher_cache(
     tokens: torch.Tensor,
     values: torch.Tensor,
     indices: torch.Tensor,
+    log_normaliser: torch.Tensor,
+    temperature: float,
     cache_dir: str | os.PathLike,
 ) -> TeacherCache:
-    """Save top-k ``values``/``indices`` ``[N, S, k]`` of the teacher ``fingerprint`` on ``tokens`` ``[N, S]``
-    under the name :func:`build_teacher_cache` looks for (so it reuses the file instead of a teacher pass).
+    """Save top-k ``values``/``indices`` ``[N, S, k]`` and the full ``log_normaliser`` ``[N, S]`` (at
+    ``temperature``) of the teacher ``fingerprint`` on ``tokens`` ``[N, S]`` under the name
+    :func:`build_teacher_cache` looks for (so it reuses the file instead of a teacher pass).
 
     Example:
-        >>> save_teacher_cache(teacher_fingerprint(teacher), tokens, values, indices, "cache")  # doctest: +SKIP
+        >>> save_teacher_cache(teacher_fingerprint(teacher), tokens, values, indices, lse, 2.0, "cache")  # doctest: +SKIP
     """
     tokens = _token_rows(tokens)
-    if values.shape != indices.shape or tuple(values.shape[:2]) != tuple(tokens.shape):
+    shapes_ok = tuple(values.shape[:2]) == tuple(tokens.shape) == tuple(log_normaliser.shape)
+    if values.shape != indices.shape or not shapes_ok:
         raise ValueError(
-            f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must both be [N, S, k] for "
-            f"tokens {tuple(tokens.shape)}."
+            f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must both be [N, S, k] and "
+            f"log_normaliser {tuple(log_normaliser.shape)} [N, S] for tokens {tuple(tokens.shape)}."
         )
     k = values.shape[-1]
-    key = _key(fingerprint, tokens, k, values.dtype)
+    key = _key(fingerprint, tokens, k, values.dtype, temperature)
     path = Path(cache_dir) / f"topk-{key}.safetensors"
-    meta = {"format": _FORMAT, "key": key, "teacher": fingerprint, "k": k, "shape": list(tokens.shape)}
+    meta = {
+        "format": _FORMAT, "key": key, "teacher": fingerprint, "k": k, "temperature": float(temperature),
+        "shape": list(tokens.shape),
+    }  # fmt: skip
+    log_normaliser = log_normaliser.float()
     path.parent.mkdir(parents=True, exist_ok=True)
     # write under temporary names and rename: a crash never leaves a half-written cache under the key
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"values": values, "indices": indices.to(torch.int32), "tokens": tokens}, str(tmp))
+    tensors = {"values": values, "indices": indices.to(torch.int32), "log_normaliser": log_normaliser}
+    save_file({**tensors, "tokens": tokens}, str(tmp))
     path.with_suffix(".json.tmp").write_text(json.dumps(meta))
     path.with_suffix(".json.tmp").replace(path.with_suffix(".json"))
     tmp.replace(path)
-    cache = TeacherCache(values, indices.to(torch.int32), tokens, meta)
+    cache = TeacherCache(values, indices.to(torch.int32), log_normaliser, tokens, meta)
     logger.info(
         "Teacher cache %s: %d blocks x %d tokens, top-%d, %d bytes per token (%.1f MB)",
         path, tokens.shape[0], tokens.shape[1], k, cache.bytes_per_token,
@@ -268,12 +297,14 @@ def _teacher_topk(
     batch_size: int,
     show_progress: bool,
     value_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     device = next(teacher.parameters()).device
     was_training = teacher.training
     teacher.eval()
     values: list[torch.Tensor] = []
     indices: list[torch.Tensor] = []
+    normalisers: list[torch.Tensor] = []
     starts: Sequence[int] = range(0, tokens.shape[0], batch_size)
     try:
         with torch.inference_mode():
@@ -283,6 +314,7 @@ def _teacher_topk(
                 top = logits.float().topk(k, dim=-1)
                 values.append(top.values.to(value_dtype).cpu())
                 indices.append(top.indices.to(torch.int32).cpu())
+                normalisers.append(torch.logsumexp(logits.float() / temperature, dim=-1).cpu())
     finally:
         teacher.train(was_training)
-    return torch.cat(values), torch.cat(indices)
+    return torch.cat(values), torch.cat(indices), torch.cat(normalisers)

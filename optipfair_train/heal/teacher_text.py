@@ -48,22 +48,30 @@ def _first_tokens(vocab: int, special: set[int], count: int, generator: torch.Ge
 
 @torch.inference_mode()
 def _sample_batch(
-    teacher: torch.nn.Module, first: torch.Tensor, seq_len: int, k: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[B, seq_len]`` tokens and the top-k of the logits at each of their positions."""
+    teacher: torch.nn.Module,
+    first: torch.Tensor,
+    seq_len: int,
+    k: int,
+    generator: torch.Generator,
+    temperature: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[B, seq_len]`` tokens, the top-k of the logits at each of their positions and the log-normaliser
+    of those logits at the distillation ``temperature``."""
     device = next(teacher.parameters()).device
     cache_arg, cache = new_kv_cache(teacher)
     tokens = [first.to(device).unsqueeze(1)]
-    values, indices = [], []
+    values, indices, normalisers = [], [], []
     for position in range(seq_len):
         logits = teacher(input_ids=tokens[-1], use_cache=True, **{cache_arg: cache}).logits[:, -1].float()
         top = logits.topk(k, dim=-1)
         values.append(top.values.half().cpu())
         indices.append(top.indices.to(torch.int32).cpu())
+        normalisers.append(torch.logsumexp(logits / temperature, dim=-1).cpu())
         if position + 1 < seq_len:  # the last position's logits are a target, its sample is not needed
             probs = torch.softmax(logits, dim=-1).cpu()
             tokens.append(torch.multinomial(probs, 1, generator=generator).to(device))
-    return torch.cat(tokens, dim=1).cpu().to(torch.int32), torch.stack(values, 1), torch.stack(indices, 1)
+    ids = torch.cat(tokens, dim=1).cpu().to(torch.int32)
+    return ids, torch.stack(values, 1), torch.stack(indices, 1), torch.stack(normalisers, 1)
 
 
 def sample_teacher_text(
@@ -73,6 +81,7 @@ def sample_teacher_text(
     seq_len: int,
     *,
     k: int = 64,
+    temperature: float = 2.0,
     special_ids: set[int] | None = None,
     seed: int = 0,
     batch_size: int = 16,
@@ -86,6 +95,7 @@ def sample_teacher_text(
         cache_dir: folder for the blocks and the top-k logits (``output_dir/teacher-cache`` in the pipeline).
         num_sequences, seq_len: how many blocks, of how many tokens (seq_len >= 2).
         k: logits kept per position (the distillation cache's ``k``).
+        temperature: the distillation temperature of the cache's log-normaliser (sampling is always at 1).
         special_ids: token ids a block never starts with (the tokenizer's ``all_special_ids``).
         seed: the sampling seed (same seed, teacher and sizes: same text).
         batch_size: blocks sampled together.
@@ -103,11 +113,13 @@ def sample_teacher_text(
         raise ValueError(f"k must be between 1 and the teacher's vocabulary size {vocab}, got {k}.")
     fingerprint = teacher_fingerprint(teacher)
     special = sorted(special_ids or ())
-    key = hashlib.sha256(f"{fingerprint}|{num_sequences}|{seq_len}|{k}|{seed}|{special}".encode()).hexdigest()
+    # the text does not depend on k or the distillation temperature: one text file, several caches
+    key = hashlib.sha256(f"{fingerprint}|{num_sequences}|{seq_len}|{seed}|{special}".encode()).hexdigest()
     path = Path(cache_dir) / f"text-{key[:24]}.safetensors"
     if path.is_file():
         logger.info("Reusing the teacher-written healing text %s", path)
         return load_file(str(path))["tokens"]
+    # (a text reused with another k or temperature gets its cache from build_teacher_cache's own pass)
     generator = torch.Generator().manual_seed(seed)
     first = _first_tokens(vocab, set(special), num_sequences, generator)
     was_training = teacher.training
@@ -116,11 +128,12 @@ def sample_teacher_text(
     try:
         starts = range(0, num_sequences, batch_size)
         for start in tqdm(starts, desc="teacher writes healing text", unit="batch", disable=not show_progress):
-            parts.append(_sample_batch(teacher, first[start : start + batch_size], seq_len, k, generator))
+            batch = first[start : start + batch_size]
+            parts.append(_sample_batch(teacher, batch, seq_len, k, generator, temperature))
     finally:
         teacher.train(was_training)
-    tokens, values, indices = (torch.cat(column) for column in zip(*parts, strict=True))
-    save_teacher_cache(fingerprint, tokens, values, indices, cache_dir)
+    tokens, values, indices, normalisers = (torch.cat(column) for column in zip(*parts, strict=True))
+    save_teacher_cache(fingerprint, tokens, values, indices, normalisers, temperature, cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed when whole: never half a file
     save_file({"tokens": tokens}, str(tmp))

@@ -329,8 +329,9 @@ class PruneThenHeal:
         writer = self.teacher if self.teacher is not None else base_model
         sequences = h.heal_steps * h.per_device_batch_size * h.gradient_accumulation_steps
         settings = dict(
-            k=h.kd_top_k or 64, special_ids=set(tokenizer.all_special_ids), seed=self.config.run.seed
-        )
+            k=h.kd_top_k or 64, temperature=h.kd_temperature, special_ids=set(tokenizer.all_special_ids),
+            seed=self.config.run.seed,
+        )  # fmt: skip
         folder = self.out / "teacher-cache"
         if self.distributed.is_main_process:
             sample_teacher_text(
@@ -350,11 +351,12 @@ class PruneThenHeal:
             return
         self.heal_dataset = add_example_ids(self.heal_dataset)
         folder, h, show = self.out / "teacher-cache", self.config.heal, self.config.run.show_progress
+        settings = dict(k=h.kd_top_k, temperature=h.kd_temperature)
         if self.distributed.is_main_process:
-            build_teacher_cache(self.teacher, self.heal_dataset, folder, k=h.kd_top_k, show_progress=show)
+            build_teacher_cache(self.teacher, self.heal_dataset, folder, show_progress=show, **settings)
             crash_point("teacher-cache")
         self.distributed.wait_for_everyone()
-        self.teacher_cache = build_teacher_cache(self.teacher, self.heal_dataset, folder, k=h.kd_top_k)
+        self.teacher_cache = build_teacher_cache(self.teacher, self.heal_dataset, folder, **settings)
         self.teacher = None
 
     def _run_round(self, k: int, round_dir: Path, model, tokenizer, base: dict) -> torch.nn.Module:

@@ -1,17 +1,18 @@
 """Does the demo's healing generalise, and what does distillation from cached teacher logits cost?
 
-The demo (``configs/demo.yaml``) prunes 20% of the MLP width (``activation`` scorer, calibrated on 8 x 256
-tokens of the demo text) and heals with LoRA on the same demo text. This script repeats that one-shot,
-then heals copies of the pruned model with ``--steps`` steps of 4 x 128 demo-text tokens:
+The demo's one-shot (``configs/demo.yaml``: 20% of the MLP width by ``hybrid``, calibrated on 8 x 256
+tokens of the demo text) is repeated, then copies of the pruned model heal with ``--steps`` steps of
+4 x 128 tokens:
 
 * ``lora``: LoRA r=16 CE on the demo text (what the demo does), lr 2e-4;
 * ``kd``: full-parameter distillation from the unpruned model's cached top-k logits, lr 5e-5;
 * ``kd_lora``: the same loss training LoRA adapters only, lr 2e-4;
-* ``kd_lora_generated``: KD into LoRA on text the teacher wrote itself: the first 32 tokens of every
-  healing block as a prompt, 96 sampled tokens (temperature 1, top-p 0.95) as the continuation.
+* ``kd_lora_teacher``: KD into LoRA on text the teacher writes itself (``heal_data: teacher``:
+  ``sample_teacher_text``, one random first token, then the full distribution at temperature 1), its
+  top-k logits recorded while sampling.
 
 Every healed model is scored on WikiText-2 test (text no healing saw) and on the demo's held-out split.
-KD uses temperature 2, alpha 0.9, top-64 teacher logits (float16); learning rates follow
+KD uses temperature 2, alpha 0.9, top-64 teacher logits (float16) plus the tail bucket; learning rates follow
 ``bench_healing.py``; cosine schedule with the pipeline's warmup (steps // 10).
 
 Before that, the cost of one training step (forward, backward, AdamW step; batch 4 x 128) is measured
@@ -36,7 +37,7 @@ import time
 
 import torch
 from common import Report, base_parser, healing_arguments, load_workload, setup
-from transformers import GenerationConfig, Trainer, default_data_collator
+from transformers import Trainer, default_data_collator
 
 from optipfair_train import prune_model
 from optipfair_train.data import calibration_dataloader, load_texts, tokenize_for_lm
@@ -46,6 +47,8 @@ from optipfair_train.heal import (
     add_example_ids,
     add_lora,
     build_teacher_cache,
+    lm_dataset,
+    sample_teacher_text,
     text_dataset,
 )
 
@@ -53,10 +56,9 @@ METHODS = {
     "lora": "LoRA CE, demo text (today)",
     "kd": "cached KD full-parameter, demo text",
     "kd_lora": "cached KD into LoRA, demo text",
-    "kd_lora_generated": "cached KD into LoRA, teacher-generated text",
+    "kd_lora_teacher": "cached KD into LoRA, text the teacher wrote",
 }
 STEP_KINDS = ["lora", "kd_online", "kd_cached", "kd_lora_online", "kd_lora_cached"]
-PROMPT_TOKENS = 32
 
 
 def student(pruned: torch.nn.Module, lora: bool) -> torch.nn.Module:
@@ -114,25 +116,6 @@ def step_costs(pruned, teacher, cache, dataset, args) -> dict[str, dict[str, lis
     return times
 
 
-def generated_blocks(teacher, tokenizer, dataset, seq_len: int) -> torch.Tensor:
-    """``[N, seq_len]`` blocks: the first PROMPT_TOKENS of each healing block + the teacher's sampled rest."""
-    prompts = torch.tensor(dataset["input_ids"])[:, :PROMPT_TOKENS]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    new = seq_len - PROMPT_TOKENS
-    config = GenerationConfig(
-        do_sample=True, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=new, min_new_tokens=new,
-        pad_token_id=pad, eos_token_id=None,
-    )  # fmt: skip
-    blocks = []
-    teacher.eval()
-    with torch.inference_mode():
-        for start in range(0, prompts.shape[0], 16):
-            ids = prompts[start : start + 16]
-            out = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-            blocks.append(out[:, :seq_len])
-    return torch.cat(blocks)
-
-
 def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--steps", type=int, default=None, help="healing steps per method (30; quick 3)")
@@ -176,7 +159,7 @@ def main() -> None:
 
     pruned = copy.deepcopy(teacher)
     prune_model(
-        pruned, pruning_type="MLP_GLU", neuron_selection_method="activation", pruning_percentage=20.0,
+        pruned, pruning_type="MLP_GLU", neuron_selection_method="hybrid", pruning_percentage=20.0,
         dataloader=calibration, show_progress=False, seed=args.seed,
     )  # fmt: skip
     base_scores, pruned_scores = scores(teacher), scores(pruned)
@@ -220,15 +203,16 @@ def main() -> None:
         for method in args.methods:
             extra = 0.0
             data, method_cache = dataset, cache
-            if method == "kd_lora_generated":
+            if method == "kd_lora_teacher":
                 began = time.perf_counter()
-                blocks = generated_blocks(teacher, tokenizer, dataset, args.seq_len)
-                generation_seconds = time.perf_counter() - began
-                data = add_example_ids(text_dataset_from_blocks(blocks))
-                began = time.perf_counter()
-                method_cache = build_teacher_cache(teacher, data, cache_dir, k=k, show_progress=False)
-                extra = generation_seconds + time.perf_counter() - began
-                print(f"generated {blocks.numel():,} tokens in {generation_seconds:.0f} s", flush=True)
+                blocks = sample_teacher_text(
+                    teacher, cache_dir, dataset.num_rows, args.seq_len, k=k,
+                    special_ids=set(tokenizer.all_special_ids), seed=args.seed, show_progress=False,
+                )  # fmt: skip
+                data = add_example_ids(lm_dataset(blocks))
+                method_cache = build_teacher_cache(teacher, data, cache_dir, k=k, show_progress=False)  # reused
+                extra = time.perf_counter() - began
+                print(f"the teacher wrote {blocks.numel():,} tokens in {extra:.0f} s", flush=True)
             elif method != "lora":
                 extra = build_seconds
             kind = "lora" if method == "lora" else ("kd_cached" if method == "kd" else "kd_lora_cached")
@@ -254,7 +238,7 @@ def main() -> None:
         f"Healing: {args.steps} steps x {args.batch_size} x {args.seq_len} tokens ({tokens:,} tokens) per method. "
         f"Perplexity on {work.eval_tokens:,} WikiText-2 test tokens and on {demo_eval.numel():,} tokens of the "
         f"demo's held-out split (blocks of {work.eval_seq_len}). Time: healing seconds + one-off seconds "
-        "(teacher cache build; for generated text also the generation)."
+        "(teacher cache build; for the teacher's text its sampling, which records the cache)."
     )
     report.table(
         ["model", "time (s)", "WikiText-2 test perplexity", "demo held-out perplexity", "mean train loss"],
@@ -271,14 +255,6 @@ def partial(report: Report, rows: list | None = None) -> None:
         lines += ["### Generalisation (so far)", "", *("| " + " | ".join(r) + " |" for r in rows), ""]
     report.out.mkdir(parents=True, exist_ok=True)
     (report.out / f"{report.name}.md").write_text("\n".join(lines + ["(run still going)"]) + "\n")
-
-
-def text_dataset_from_blocks(blocks: torch.Tensor):
-    """A healing dataset (input_ids / attention_mask / labels) of ready-made token blocks."""
-    from datasets import Dataset
-
-    rows = blocks.tolist()
-    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": rows})
 
 
 if __name__ == "__main__":

@@ -360,7 +360,17 @@ def calibration_dataloader(
         >>> [tuple(batch["input_ids"].shape) for batch in loader]
         [(4, 256), (4, 256)]
     """
+    blocks = tokenize_for_lm(tokenizer, texts, seq_len=seq_len, num_sequences=num_samples)
+    return block_dataloader(blocks, batch_size)
+
+
+def block_dataloader(blocks: torch.Tensor, batch_size: int = 4) -> DataLoader:
+    """The calibration DataLoader of ready-made ``[N, S]`` token blocks (e.g. text the teacher wrote).
+
+    Example:
+        >>> [tuple(b["input_ids"].shape) for b in block_dataloader(torch.zeros(6, 32, dtype=torch.long), 4)]
+        [(4, 32), (2, 32)]
+    """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    blocks = tokenize_for_lm(tokenizer, texts, seq_len=seq_len, num_sequences=num_samples)
-    return DataLoader(_BlockDataset(blocks), batch_size=batch_size, shuffle=False)
+    return DataLoader(_BlockDataset(blocks.long()), batch_size=batch_size, shuffle=False)

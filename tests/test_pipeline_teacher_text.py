@@ -20,7 +20,9 @@ def assets(tmp_path_factory):
 
 
 def _config(assets: Path, out: Path, **overrides):
-    chosen = dict(heal_data="teacher", heal_method="kd_lora", kd_top_k=8, num_rounds=1, num_layers_to_remove=0)
+    chosen = dict(
+        heal_data="teacher", heal_method="kd_lora", kd_top_k=8, num_rounds=1, num_layers_to_remove=0
+    )
     settings = tiny_run_settings(assets, out, **{**chosen, **overrides})
     return load_config(None, [item for key, value in settings.items() for item in (f"--{key}", str(value))])
 
@@ -63,3 +65,27 @@ def test_a_run_killed_after_sampling_resumes_on_the_same_text_without_sampling_a
 def test_teacher_text_with_sft_is_refused(assets, tmp_path):
     with pytest.raises(ValueError, match="instruction data"):
         _config(assets, tmp_path / "sft", heal_method="sft")
+
+
+def test_teacher_written_calibration_text_is_what_pruning_scores_on(assets, tmp_path, monkeypatch):
+    import optipfair_train.pipeline.run as run_module
+
+    seen = []
+    real_prune_model = run_module.prune_model
+
+    def recording_prune_model(model, dataloader=None, **kwargs):
+        seen.append(torch.cat([batch["input_ids"] for batch in dataloader]))
+        return real_prune_model(model, dataloader=dataloader, **kwargs)
+
+    monkeypatch.setattr(run_module, "prune_model", recording_prune_model)
+    out = tmp_path / "run"
+    config = _config(
+        assets, out, calibration_data="teacher", heal_data=str(assets / "text.txt"), heal_method="lora",
+        num_calibration_samples=3, calibration_seq_len=32, mlp_pruning_percentage=25,
+    )  # fmt: skip
+    PruneThenHeal(config).run()
+
+    (text_file,) = (out / "teacher-cache").glob("text-*.safetensors")  # calibration only: one file
+    written = load_file(str(text_file))["tokens"]
+    assert written.shape == (3, 32)
+    assert len(seen) == 1 and torch.equal(seen[0], written.long())

@@ -154,7 +154,8 @@ def card_header(card: dict) -> list[str]:
     return [
         "stage",
         "parameters",
-        f"perplexity, {card.get('heal_text', 'healing domain')}" + (" (healing domain)" if _heals_on_eval_text(card) else ""),
+        f"perplexity, {card.get('heal_text', 'healing domain')}"
+        + (" (healing domain)" if _heals_on_eval_text(card) else ""),
         f"perplexity, {general}",
         "StereoSet SS [95% CI]",
         "StereoSet LMS",
@@ -234,7 +235,9 @@ def render_model_card(card: dict[str, Any]) -> str:
             ],
             "healing": card.get("healing", {}),
             "parameters": {"base": baseline.get("parameters"), "final": final.get("parameters")},
-            "speed": {k: card["speed"][k]["verdict"] for k in ("prefill", "decode")} if card.get("speed") else None,
+            "speed": {k: card["speed"][k]["verdict"] for k in ("prefill", "decode")}
+            if card.get("speed")
+            else None,
         },
     }
     header = card_header(card)
@@ -284,7 +287,9 @@ def render_model_card(card: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(folder: Path, card: dict[str, Any], state: dict | None = None, speed: dict | None = None) -> Path:
+def write_model_card(
+    folder: Path, card: dict[str, Any], state: dict | None = None, speed: dict | None = None
+) -> Path:
     """Write ``folder/README.md`` from the plain ``card`` dict (see the module doc) and return its path.
 
     For the pipeline's older call ``write_model_card(folder, config, state, speed)`` the dict is built

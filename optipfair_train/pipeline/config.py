@@ -47,7 +47,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     calibration_data: str = _help(
-        "text for importance statistics: 'demo', a file, or a datasets name", "demo"
+        "text for importance statistics: 'demo', 'teacher' (text the unpruned model writes, as for "
+        "heal_data), a file, or a datasets name",
+        "demo",
     )
     heal_data: str = _help(
         "healing text: 'demo', 'teacher' (text the unpruned model writes, sampled once and cached in "
@@ -91,7 +93,8 @@ class PruningConfig:
         "final share of MLP neurons removed (of the original width); 0 = none", 20.0
     )
     neuron_selection_method: str = _help(
-        "neuron scorer: hybrid, activation, fluctuation, reconstruction, taylor, fairness, MAW, VOW, PON, L2, random", "hybrid"
+        "neuron scorer: hybrid, activation, fluctuation, reconstruction, taylor, fairness, MAW, VOW, PON, L2, random",
+        "hybrid",
     )
     attention_pruning_percentage: float = _help("final share of KV groups removed; 0 = none", 0.0)
     num_layers_to_remove: int = _help("final number of blocks removed; 0 = none", 0)

@@ -63,7 +63,8 @@ def resolve_general_text(source: str) -> tuple[str | None, str]:
     candidates = _wikitext_candidates()
     for path in candidates:
         if path.is_file():
-            return str(path), f"WikiText-2 test ({os.path.relpath(path.resolve())})"  # no home folders on cards
+            shown = os.path.relpath(path.resolve())  # no home folders on cards
+            return str(path), f"WikiText-2 test ({shown})"
     tried = ", ".join(str(p) for p in candidates)
     return None, f"none available (general_eval_data: wikitext, but no WikiText-2 test.txt at {tried})"
 
@@ -114,7 +115,9 @@ class StageEvaluator:
             "perplexity": perplexity(model, input_ids=self.eval_ids, seq_len=d.eval_seq_len),
         }
         if self.general_ids is not None:
-            metrics["perplexity/general"] = perplexity(model, input_ids=self.general_ids, seq_len=d.eval_seq_len)
+            metrics["perplexity/general"] = perplexity(
+                model, input_ids=self.general_ids, seq_len=d.eval_seq_len
+            )
         if self.stereoset_items:
             result = stereoset_scores(model, tokenizer, self.stereoset_items, seed=seed)
             for name in ("ss", "lms", "icat"):
@@ -132,6 +135,7 @@ class StageEvaluator:
             )  # fmt: skip
         metrics.update(summary_scalars(activation=activation, behaviour=behaviour))
         metrics[LAYERS_KEY] = {
-            key: entry["normalized_difference"] for key, entry in activation["aggregate"]["layer_metrics"].items()
+            key: entry["normalized_difference"]
+            for key, entry in activation["aggregate"]["layer_metrics"].items()
         }
         return metrics

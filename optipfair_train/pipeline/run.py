@@ -7,7 +7,8 @@ Layout of ``output_dir``::
     round-K/heal/checkpoint-N  Trainer checkpoints while healing (resume continues from the last complete)
     round-K/model/             the healed model, LoRA merged, with round.json; round K is finished once
                                it exists
-    teacher-cache/             kd / kd_lora: the teacher's top-k logits on the healing set, built once
+    teacher-cache/             teacher-written text and the teacher's top-k logits on the healing set
+                               (:mod:`.teacher`), built once
     final/                     the last round's model, tokenizer, pruning_manifest.json, README.md card
     report.html                the self-contained dashboard (stage table, trajectories, heatmaps, card)
 
@@ -41,15 +42,8 @@ from transformers import TrainerCallback, TrainingArguments
 
 from ..analysis import count_parameters
 from ..arch import get_adapter, unwrap_model
-from ..data import calibration_dataloader, load_texts
-from ..heal import (
-    add_example_ids,
-    build_teacher_cache,
-    lm_dataset,
-    sample_teacher_text,
-    sft_dataset,
-    text_dataset,
-)
+from ..data import block_dataloader, calibration_dataloader, load_texts
+from ..heal import lm_dataset, sft_dataset, text_dataset
 from ..models import load_model_and_tokenizer
 from ..pruning import load_pruned_model, prune_model, save_pruned_model
 from ..speed import compare_speed
@@ -75,6 +69,7 @@ from .state import (
     remove_folder,
     remove_leftovers,
 )
+from .teacher import cache_teacher_logits, load_teacher, write_teacher_text
 from .tracking import RoundTracker
 from .validate import preflight
 
@@ -174,21 +169,22 @@ class PruneThenHeal:
         self.evaluator = StageEvaluator(self.config, tokenizer, self.distributed.is_main_process)
         self.bias_pairs = self.evaluator.bias_pairs
         self.behaviour_pairs = self.evaluator.behaviour_pairs
-        self.calibration = list(
-            calibration_dataloader(
-                tokenizer,
-                load_texts(d.calibration_data, split="calibration"),
-                num_samples=d.num_calibration_samples,
-                seq_len=d.calibration_seq_len,
+        if d.calibration_data != TEACHER_TEXT:  # teacher text: _prepare_teacher_data
+            self.calibration = list(
+                calibration_dataloader(
+                    tokenizer,
+                    load_texts(d.calibration_data, split="calibration"),
+                    num_samples=d.num_calibration_samples,
+                    seq_len=d.calibration_seq_len,
+                )
             )
-        )
         h = self.config.heal
         sequences = h.heal_steps * h.per_device_batch_size * h.gradient_accumulation_steps
         if h.heal_method in ("sft", "sft_lora"):  # the user's own examples, formatted by TRL
             self.heal_dataset = sft_dataset(
                 d.heal_data, num_examples=sequences * self.distributed.num_processes
             )
-        elif h.heal_method != "none" and d.heal_data != TEACHER_TEXT:  # teacher text: _write_teacher_text
+        elif h.heal_method != "none" and d.heal_data != TEACHER_TEXT:  # teacher text: _prepare_teacher_data
             self.heal_dataset = text_dataset(
                 tokenizer,
                 load_texts(d.heal_data, split="calibration"),
@@ -242,10 +238,9 @@ class PruneThenHeal:
         planned = preflight(model, base, config)
         logger.info("Parameters after each round, as planned: %s", ", ".join(f"{n:,}" for n in planned))
         self._load_data(tokenizer)
-        self._prepare_teacher(config, tokenizer)
+        self.teacher, self.teacher_cache = load_teacher(config, tokenizer), None
         self._open_output_dir(existing)  # nothing was written before this point
-        self._write_teacher_text(model, tokenizer)
-        self._build_teacher_cache()
+        self._prepare_teacher_data(model, tokenizer)
         if self.evaluator.general_ids is not None:
             self.state["general_text"] = self.evaluator.general_text
         else:
@@ -307,57 +302,20 @@ class PruneThenHeal:
         logger.info("%s holds a finished run; nothing to do.", self.out)
         return self._result(self._load_saved(final_dir), final_dir, already_finished=True)
 
-    def _prepare_teacher(self, config: PipelineConfig, tokenizer) -> None:
-        self.teacher, self.teacher_cache = None, None
-        if config.heal.heal_method not in ("kd", "kd_lora"):
-            return
-        teacher_path = config.heal.teacher_model_path or config.model.model_path
-        self.teacher, teacher_tokenizer = load_model_and_tokenizer(teacher_path, dtype=config.model.dtype)
-        if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(
-                f"The teacher {teacher_path!r} uses a different tokenizer from the student "
-                f"{config.model.model_path!r}; distillation needs the same vocabulary."
-            )
-
-    def _write_teacher_text(self, base_model, tokenizer) -> None:
-        """``heal_data: teacher``: the healing blocks are sampled from the teacher (the unpruned model
-        unless ``teacher_model_path`` names another), once, into ``output_dir/teacher-cache`` with their
-        top-k logits; the main process samples, the others wait and read the same file."""
-        d, h = self.config.data, self.config.heal
-        if d.heal_data != TEACHER_TEXT or h.heal_method == "none":
-            return
-        writer = self.teacher if self.teacher is not None else base_model
-        sequences = h.heal_steps * h.per_device_batch_size * h.gradient_accumulation_steps
-        settings = dict(
-            k=h.kd_top_k or 64, temperature=h.kd_temperature, special_ids=set(tokenizer.all_special_ids),
-            seed=self.config.run.seed,
-        )  # fmt: skip
+    def _prepare_teacher_data(self, model, tokenizer) -> None:
+        """Teacher-written calibration / healing text, then the teacher's cached top-k logits; the
+        teacher is dropped once cached (healing needs only the cache)."""
         folder = self.out / "teacher-cache"
-        if self.distributed.is_main_process:
-            sample_teacher_text(
-                writer, folder, sequences, d.heal_seq_len, show_progress=self.config.run.show_progress, **settings
+        blocks = write_teacher_text(self.config, self.teacher or model, tokenizer, folder, self.distributed)
+        if "calibration" in blocks:
+            self.calibration = list(block_dataloader(blocks["calibration"]))
+        if "heal" in blocks:
+            self.heal_dataset = lm_dataset(blocks["heal"])
+        if self.teacher is not None and self.config.heal.kd_top_k:
+            self.heal_dataset, self.teacher_cache = cache_teacher_logits(
+                self.config, self.teacher, self.heal_dataset, folder, self.distributed
             )
-            crash_point("teacher-text")
-        self.distributed.wait_for_everyone()
-        blocks = sample_teacher_text(writer, folder, sequences, d.heal_seq_len, **settings)
-        self.heal_dataset = lm_dataset(blocks)
-
-    def _build_teacher_cache(self) -> None:
-        """kd / kd_lora with ``kd_top_k``: the teacher's top-k logits on the healing set, from
-        ``output_dir/teacher-cache`` or computed once. The main process builds (one teacher pass instead
-        of one per rank on shared cores); the others wait and read the same file. The teacher is then
-        dropped: healing needs only the cache."""
-        if self.teacher is None or not self.config.heal.kd_top_k:
-            return
-        self.heal_dataset = add_example_ids(self.heal_dataset)
-        folder, h, show = self.out / "teacher-cache", self.config.heal, self.config.run.show_progress
-        settings = dict(k=h.kd_top_k, temperature=h.kd_temperature)
-        if self.distributed.is_main_process:
-            build_teacher_cache(self.teacher, self.heal_dataset, folder, show_progress=show, **settings)
-            crash_point("teacher-cache")
-        self.distributed.wait_for_everyone()
-        self.teacher_cache = build_teacher_cache(self.teacher, self.heal_dataset, folder, **settings)
-        self.teacher = None
+            self.teacher = None
 
     def _run_round(self, k: int, round_dir: Path, model, tokenizer, base: dict) -> torch.nn.Module:
         config = self.config

@@ -56,6 +56,24 @@ BAD_SETTINGS = {
         {"neuron_selection_method": "bogus"},
         "neuron_selection_method: Unknown neuron selection method 'bogus'. Available: MAW",
     ),
+    "damping=-1": ({"reconstruct": True, "damping": -1}, "damping must be >= 0"),
+    "sequential without reconstruct": (
+        {"sequential": True},
+        "sequential: true applies to the refit: set reconstruct: true as well",
+    ),
+    "sequential with taylor": (
+        {"reconstruct": True, "sequential": True, "neuron_selection_method": "taylor"},
+        "sequential: true scores each layer on its own statistics; 'taylor' needs other data",
+    ),
+    "replace_with_linear with importance": (
+        {"replace_with_linear": True},
+        "set layer_selection_method: contiguous (got 'importance')",
+    ),
+    # 1 x 64 calibration tokens for up to 128 kept neurons: the undamped refit is singular
+    "damping=0 on too few tokens": (
+        {"reconstruct": True, "damping": 0, "num_calibration_samples": 1},
+        "reconstruct with damping: 0 needs at least as many calibration tokens as kept neurons (up to 128)",
+    ),
     "lora_r=0": ({"lora_r": 0}, "lora_r must be at least 1, got 0"),
     "lora_target_modules": (
         {"lora_target_modules": ["q_proj", "qkv"]},

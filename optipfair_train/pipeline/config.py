@@ -105,6 +105,18 @@ class PruningConfig:
         "alternatively: prune MLP width until at most this many parameters; 0 = off", 0
     )
     fairness_weight: float = _help("weight of the bias gap with neuron_selection_method=fairness", 0.2)
+    reconstruct: bool = _help(
+        "after width / head pruning, refit the kept down_proj / o_proj columns by ridge least squares so "
+        "each layer reproduces its unpruned output on the calibration tokens",
+        False,
+    )
+    damping: float = _help("ridge strength of that refit, relative to the mean Gram diagonal", 0.01)
+    sequential: bool = _help(
+        "with reconstruct: each layer's statistics on the outputs of the already pruned layers", False
+    )
+    replace_with_linear: bool = _help(
+        "depth: replace the removed run of blocks by a linear map fitted on the calibration tokens", False
+    )
 
 
 @dataclass
@@ -266,6 +278,35 @@ def _check_positive(section: Any, names: tuple[str, ...], minimum: float = 1) ->
             raise ValueError(f"{name} must be at least {minimum:g}, got {value}.")
 
 
+def _check_refit(p: PruningConfig) -> None:
+    """The refit settings, in the pipeline's words (``prune_model`` checks the same in its own)."""
+    from ..pruning import get_scorer  # imported late, as in validate
+
+    if p.damping < 0:
+        raise ValueError(f"damping must be >= 0 (0.01 is the measured default), got {p.damping}.")
+    if p.sequential and not p.reconstruct:
+        raise ValueError("sequential: true applies to the refit: set reconstruct: true as well.")
+    if p.reconstruct and not (
+        p.mlp_pruning_percentage or p.attention_pruning_percentage or p.target_parameters
+    ):
+        raise ValueError(
+            "reconstruct: true refits down_proj after width pruning or o_proj after head pruning; this "
+            "run prunes only blocks (use replace_with_linear: true for depth)."
+        )
+    if p.replace_with_linear and not p.num_layers_to_remove:
+        raise ValueError("replace_with_linear: true applies to depth pruning: set num_layers_to_remove.")
+    if p.replace_with_linear and p.layer_selection_method != "contiguous":
+        raise ValueError(
+            "replace_with_linear: true replaces one run of consecutive blocks: set "
+            f"layer_selection_method: contiguous (got {p.layer_selection_method!r})."
+        )
+    if p.sequential and get_scorer(p.neuron_selection_method).needs not in (None, "activation_sumsq"):
+        raise ValueError(
+            f"sequential: true scores each layer on its own statistics; {p.neuron_selection_method!r} "
+            "needs other data. Use activation or a weight-only scorer, or sequential: false."
+        )
+
+
 def validate(config: PipelineConfig) -> None:
     """Refuse settings that cannot work, before any model is loaded (names, ranges, combinations).
 
@@ -324,6 +365,7 @@ def validate(config: PipelineConfig) -> None:
         )
     if not 0 <= p.fairness_weight <= 1:
         raise ValueError(f"fairness_weight must be in [0, 1], got {p.fairness_weight}.")
+    _check_refit(p)
     methods = HEAL_METHODS
     if h.heal_method not in methods:
         raise ValueError(f"heal_method must be one of {', '.join(methods)}, got {h.heal_method!r}.")

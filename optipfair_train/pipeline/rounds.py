@@ -38,8 +38,11 @@ def round_prunings(
                 pruning_type="DEPTH",
                 num_layers_to_remove=blocks,
                 layer_selection_method=p.layer_selection_method,
+                **({"replace_with_linear": True} if p.replace_with_linear else {}),
             )
         )
+    # only when asked, so the recorded steps of a run without a refit stay as they were
+    refit = dict(reconstruct=True, damping=p.damping, sequential=p.sequential) if p.reconstruct else {}
     share_of_target = round_idx / rounds  # each round brings the model this far toward the targets
     kv_heads = adapter.head_counts(0)[1]
     groups = units_to_remove(kv_heads, base["kv_heads"], p.attention_pruning_percentage * share_of_target)
@@ -49,6 +52,7 @@ def round_prunings(
                 pruning_type="ATTENTION",
                 pruning_percentage=step_percentage(kv_heads, groups),
                 neuron_selection_method=head_method(p.neuron_selection_method),
+                **refit,
             )
         )
     mlp_type = "MLP_GLU" if adapter.family.is_glu else "MLP"
@@ -61,6 +65,7 @@ def round_prunings(
                     pruning_type=mlp_type,
                     target_parameters=goal,
                     neuron_selection_method=p.neuron_selection_method,
+                    **refit,
                 )
             )
     elif p.mlp_pruning_percentage:
@@ -72,6 +77,7 @@ def round_prunings(
                     pruning_type=mlp_type,
                     pruning_percentage=step_percentage(width, neurons),
                     neuron_selection_method=p.neuron_selection_method,
+                    **refit,
                 )
             )
     return steps

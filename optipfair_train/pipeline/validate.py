@@ -52,6 +52,13 @@ def preflight(model: torch.nn.Module, base: dict[str, int], config: PipelineConf
             f"has {base['parameters']:,} parameters."
         )
     _check_lora_targets(model, config)
+    tokens = config.data.num_calibration_samples * config.data.calibration_seq_len
+    if p.reconstruct and p.damping == 0 and tokens < base["width"]:
+        raise ValueError(
+            f"reconstruct with damping: 0 needs at least as many calibration tokens as kept neurons (up to "
+            f"{base['width']}); num_calibration_samples x calibration_seq_len = {tokens}. Give more "
+            "calibration data or damping > 0."
+        )
     with torch.device("meta"):
         twin = AutoModelForCausalLM.from_config(copy.deepcopy(unwrap_model(model).config))
     planned = []

@@ -147,6 +147,11 @@ class HealConfig:
     nan_retries: int = _help("times a round whose healing loss became NaN/inf is retried", 2)
     nan_lr_factor: float = _help("learning-rate multiplier for each retry", 0.5)
 
+    def sequences_per_round(self, num_processes: int = 1) -> int:
+        """Healing sequences one round trains on: every optimizer step takes one per device and
+        micro-batch, on every process (so the text is not repeated when more processes share it)."""
+        return self.heal_steps * self.per_device_batch_size * self.gradient_accumulation_steps * num_processes
+
 
 @dataclass
 class RunConfig:

@@ -18,7 +18,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 
 from ..callbacks import BiasProbeCallback
 from ..heal import DistillationTrainer, TeacherCache, add_lora
+from ..pruning import load_pruned_model
 from .config import LORA_METHODS, PipelineConfig
+from .distributed import unshard
 from .state import CheckpointCompletion, last_complete_checkpoint, remove_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -177,6 +179,17 @@ def heal(
         guard.tripped = True
     if guard.tripped:
         raise NonFiniteLossError(f"non-finite healing loss at lr={learning_rate:g}")
-    model = trainer.model
     tokens = int(trainer.state.num_input_tokens_seen)
+    # under FSDP2 the Trainer's model holds 1/world of each weight: gather it into a plain model of the
+    # same structure (the round's pruned checkpoint, with the same adapters) before merging and pruning
+    model = unshard(trainer.model, lambda: _same_structure(config, round_dir))
     return (model.merge_and_unload() if hasattr(model, "merge_and_unload") else model), tokens
+
+
+def _same_structure(config: PipelineConfig, round_dir: Path) -> torch.nn.Module:
+    """A plain model shaped like the one healing trained: ``round_dir/pruned``, plus LoRA if used."""
+    model = load_pruned_model(round_dir / "pruned")
+    h = config.heal
+    if h.heal_method in LORA_METHODS:
+        model = add_lora(model, r=h.lora_r, alpha=h.lora_alpha, target_modules=h.lora_target_modules)
+    return model

@@ -179,11 +179,9 @@ class PruneThenHeal:
                 )
             )
         h = self.config.heal
-        sequences = h.heal_steps * h.per_device_batch_size * h.gradient_accumulation_steps
+        sequences = h.sequences_per_round(self.distributed.num_processes)
         if h.heal_method in ("sft", "sft_lora"):  # the user's own examples, formatted by TRL
-            self.heal_dataset = sft_dataset(
-                d.heal_data, num_examples=sequences * self.distributed.num_processes
-            )
+            self.heal_dataset = sft_dataset(d.heal_data, num_examples=sequences)
         elif h.heal_method != "none" and d.heal_data != TEACHER_TEXT:  # teacher text: _prepare_teacher_data
             self.heal_dataset = text_dataset(
                 tokenizer,

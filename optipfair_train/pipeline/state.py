@@ -58,7 +58,15 @@ ROUND_RECORD = "round.json"  # in round-K/model: round K's metrics, as state.jso
 TMP_PREFIX = ".tmp-"
 # What a Trainer checkpoint needs to resume exactly (patterns; each must match at least one file):
 # without scheduler.pt or the RNG state the Trainer resumes silently, on another trajectory.
-CHECKPOINT_FILES = ("*.safetensors", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json")
+# "a|b": either layout; FSDP's SHARDED_STATE_DICT checkpoints hold torch.distributed.checkpoint folders
+# (pytorch_model_fsdp_0/, optimizer_0/) instead of model.safetensors / optimizer.pt
+CHECKPOINT_FILES = (
+    "*.safetensors|pytorch_model_fsdp_*/*",
+    "optimizer.pt|optimizer_*/*",
+    "scheduler.pt",
+    "rng_state*.pth",
+    "trainer_state.json",
+)
 
 
 def _fsync(path: Path) -> None:
@@ -159,12 +167,13 @@ def mark_complete(folder: Path, required: Sequence[str] = ()) -> None:
     """Flush every file of ``folder`` to disk, then record their sizes and SHA-256 in ``COMPLETE_NAME``.
 
     Raises:
-        FileNotFoundError: when a ``required`` pattern matches no file (the folder stays unmarked).
+        FileNotFoundError: when a ``required`` pattern (``"a|b"``: either) matches no file (the folder
+            stays unmarked).
 
     Example:
         >>> mark_complete(Path("out/round-1/heal/checkpoint-10"), CHECKPOINT_FILES)  # doctest: +SKIP
     """
-    missing = [pattern for pattern in required if not any(folder.glob(pattern))]
+    missing = [pattern for pattern in required if not any(any(folder.glob(p)) for p in pattern.split("|"))]
     if missing:
         raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}; it is not marked complete.")
     record = {}

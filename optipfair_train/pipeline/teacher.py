@@ -64,10 +64,7 @@ def write_teacher_text(
     if d.calibration_data == TEACHER_TEXT:
         wanted["calibration"] = (d.num_calibration_samples, d.calibration_seq_len)
     if d.heal_data == TEACHER_TEXT and h.heal_method != "none":
-        wanted["heal"] = (
-            h.heal_steps * h.per_device_batch_size * h.gradient_accumulation_steps,
-            d.heal_seq_len,
-        )
+        wanted["heal"] = (h.sequences_per_round(distributed.num_processes), d.heal_seq_len)
     if not wanted:
         return {}
     settings = dict(

@@ -93,3 +93,13 @@ def test_without_general_text_or_speed_the_card_says_so(tmp_path):
     text = render_model_card(card)
     assert "perplexity, general text (none given)" in text and "no general held-out text (none was given)" in text
     assert "not measured side by side (no verdict)" in text
+
+
+def test_calibration_text_and_the_refit_are_named():
+    card = _card()
+    card["calibration"] = {"data": "teacher", "tokens": 8192}
+    card["rounds"][0]["events"] = [{**EVENT, "method": "hybrid", "reconstruct": True, "damping": 0.01}]
+    text = render_model_card(card)
+    assert "Calibration (scores, refits): 8,192 tokens of text written by the unpruned model" in text
+    assert "MLP_GLU by `hybrid`" in text and "kept down_proj columns refit to the unpruned outputs, damping 0.01" in text
+    assert "refit" not in render_model_card(_card())  # no refit, no claim of one

@@ -142,9 +142,9 @@ def _heals_on_eval_text(card: dict) -> bool:
     return card.get("healing", {}).get("data", card.get("heal_text")) == card.get("heal_text")
 
 
-def _heal_text_name(data: str | None) -> str:
+def _text_name(data: str | None) -> str:
     if data == TEACHER_TEXT:
-        return "text written by the unpruned model (`heal_data: teacher`, sampled at temperature 1)"
+        return "text written by the unpruned model (sampled at temperature 1)"
     return f"`{data}`"
 
 
@@ -200,6 +200,10 @@ def card_inputs(config, state: dict[str, Any], speed: dict | None) -> dict[str, 
         "general_text": state.get("general_text"),
         "general_note": state.get("general_note"),
         "eval_tokens": config.data.eval_tokens,
+        "calibration": {
+            "data": config.data.calibration_data,
+            "tokens": config.data.num_calibration_samples * config.data.calibration_seq_len,
+        },
         "healing": {
             "method": heal.heal_method,
             "data": config.data.heal_data,
@@ -270,14 +274,26 @@ def render_model_card(card: dict[str, Any]) -> str:
     for r in rounds:
         for e in r["events"]:
             what = _what_remains(e)
+            refit = ""
+            if e.get("reconstruct"):
+                target = "o_proj" if e["pruning_type"] == "ATTENTION" else "down_proj"
+                refit = f"; kept {target} columns refit to the unpruned outputs, damping {e.get('damping')}"
+            elif e.get("linear_replacement"):
+                refit = "; the removed run replaced by a fitted linear map"
             lines.append(
                 f"- round {r['round']}: {e['pruning_type']} by `{e['method']}` "
-                f"({_fmt(e['parameters_before'])} -> {_fmt(e['parameters_after'])} parameters; {what})"
+                f"({_fmt(e['parameters_before'])} -> {_fmt(e['parameters_after'])} parameters; {what}{refit})"
             )
+    calibration = card.get("calibration")
+    if calibration:
+        lines += [
+            "",
+            f"Calibration (scores, refits): {_fmt(calibration['tokens'])} tokens of {_text_name(calibration['data'])}.",
+        ]
     healing = card.get("healing", {})
     lines += [
         "",
-        f"Healing: `{healing.get('method')}` on {_heal_text_name(healing.get('data'))}, "
+        f"Healing: `{healing.get('method')}` on {_text_name(healing.get('data'))}, "
         f"{healing.get('steps_per_round')} steps "
         f"per round, {sum(r.get('heal_tokens') or 0 for r in rounds):,} tokens in all.",
         "",

@@ -1,7 +1,7 @@
 """Does the demo's healing generalise, and what does distillation from cached teacher logits cost?
 
-The demo's one-shot (``configs/demo.yaml``: 20% of the MLP width by ``hybrid``, calibrated on 8 x 256
-tokens of the demo text) is repeated, then copies of the pruned model heal with ``--steps`` steps of
+The demo's one-shot (``configs/demo.yaml``: 20% of the MLP width by ``hybrid``, scored and the kept
+``down_proj`` columns refit on 32 x 256 tokens the unpruned model writes) is repeated, then copies of the pruned model heal with ``--steps`` steps of
 4 x 128 tokens:
 
 * ``lora``: LoRA r=16 CE on the demo text (what the demo does), lr 2e-4;
@@ -40,7 +40,7 @@ from common import Report, base_parser, healing_arguments, load_workload, setup
 from transformers import Trainer, default_data_collator
 
 from optipfair_train import prune_model
-from optipfair_train.data import calibration_dataloader, load_texts, tokenize_for_lm
+from optipfair_train.data import block_dataloader, load_texts, tokenize_for_lm
 from optipfair_train.evaluation import perplexity
 from optipfair_train.heal import (
     DistillationTrainer,
@@ -141,9 +141,13 @@ def main() -> None:
     demo_eval = tokenize_for_lm(
         tokenizer, load_texts("demo", split="evaluation"), seq_len=work.eval_seq_len, num_sequences=eval_blocks
     )
-    calibration = list(
-        calibration_dataloader(tokenizer, load_texts("demo", split="calibration"), num_samples=8, seq_len=256)
-    )
+    # the demo's calibration: 32 x 256 tokens the unpruned model writes (calibration_data: teacher)
+    with tempfile.TemporaryDirectory(prefix="bench-calibration-") as folder:
+        written = sample_teacher_text(
+            teacher, folder, 4 if args.quick else 32, 256, k=k, special_ids=set(tokenizer.all_special_ids),
+            seed=args.seed, show_progress=False,
+        )  # fmt: skip
+    calibration = list(block_dataloader(written))
     dataset = add_example_ids(
         text_dataset(
             tokenizer, load_texts("demo", split="calibration"), seq_len=args.seq_len,
@@ -160,7 +164,7 @@ def main() -> None:
     pruned = copy.deepcopy(teacher)
     prune_model(
         pruned, pruning_type="MLP_GLU", neuron_selection_method="hybrid", pruning_percentage=20.0,
-        dataloader=calibration, show_progress=False, seed=args.seed,
+        dataloader=calibration, show_progress=False, seed=args.seed, reconstruct=True, damping=0.01,
     )  # fmt: skip
     base_scores, pruned_scores = scores(teacher), scores(pruned)
     tokens = dataset.num_rows * args.seq_len

@@ -4,6 +4,7 @@ report.html from the logged values, W&B media, and distillation through the teac
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import wandb
@@ -107,3 +108,17 @@ def test_kd_cache_is_reused_after_a_crash_and_a_finished_rerun_writes_nothing(as
     again = run_cli(config)
     assert again.returncode == 0, again.stderr[-3000:]
     assert report.stat().st_mtime_ns == written and cache.stat().st_mtime_ns == built
+
+
+def test_general_text_is_named_by_the_path_as_given_not_where_a_symlink_points(tmp_path, monkeypatch):
+    from optipfair_train.pipeline.evaluate import resolve_general_text
+
+    (tmp_path / "real" / "wikitext-2").mkdir(parents=True)
+    (tmp_path / "real" / "wikitext-2" / "test.txt").write_text("Some text.\n")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "shared").symlink_to(tmp_path / "real", target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "project")
+    monkeypatch.setenv("OPTIPFAIR_TRAIN_DATA", "../shared")
+    path, name = resolve_general_text("wikitext")
+    assert Path(path).read_text() == "Some text.\n"
+    assert name == "WikiText-2 test (../shared/wikitext-2/test.txt)"

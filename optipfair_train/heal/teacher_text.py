@@ -120,7 +120,7 @@ def sample_teacher_text(
     key = hashlib.sha256(settings.encode()).hexdigest()
     path = Path(cache_dir) / f"text-{key[:24]}.safetensors"
     if path.is_file():
-        logger.info("Reusing the teacher-written healing text %s", path)
+        logger.info("Reusing the teacher-written text %s", path)
         return load_file(str(path))["tokens"]
     # (a text reused with another k or temperature gets its cache from build_teacher_cache's own pass)
     generator = torch.Generator().manual_seed(seed)
@@ -130,7 +130,7 @@ def sample_teacher_text(
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     try:
         starts = range(0, num_sequences, batch_size)
-        for start in tqdm(starts, desc="teacher writes healing text", unit="batch", disable=not show_progress):
+        for start in tqdm(starts, desc=f"teacher writes {num_sequences} x {seq_len} tokens", unit="batch", disable=not show_progress):
             batch = first[start : start + batch_size]
             parts.append(_sample_batch(teacher, batch, seq_len, k, generator, temperature))
     finally:

@@ -63,7 +63,7 @@ def resolve_general_text(source: str) -> tuple[str | None, str]:
     candidates = _wikitext_candidates()
     for path in candidates:
         if path.is_file():
-            shown = os.path.relpath(path.resolve())  # no home folders on cards
+            shown = os.path.relpath(os.path.abspath(path))  # no home folders; symlinks kept as named
             return str(path), f"WikiText-2 test ({shown})"
     tried = ", ".join(str(p) for p in candidates)
     return None, f"none available (general_eval_data: wikitext, but no WikiText-2 test.txt at {tried})"

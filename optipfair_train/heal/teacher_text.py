@@ -130,7 +130,12 @@ def sample_teacher_text(
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     try:
         starts = range(0, num_sequences, batch_size)
-        for start in tqdm(starts, desc=f"teacher writes {num_sequences} x {seq_len} tokens", unit="batch", disable=not show_progress):
+        for start in tqdm(
+            starts,
+            desc=f"teacher writes {num_sequences} x {seq_len} tokens",
+            unit="batch",
+            disable=not show_progress,
+        ):
             batch = first[start : start + batch_size]
             parts.append(_sample_batch(teacher, batch, seq_len, k, generator, temperature))
     finally:

@@ -23,7 +23,7 @@ Scores are computed once per scorer on the unpruned model and reused for both pe
 
 Flags: the shared ones of ``bench/common.py``, --crows-sample N, --parts mlp,allocation,attention,budget
 (the parts to run; allocation needs mlp; the budget curve uses the best uniform scorer, else
-``reconstruction``).
+``hybrid``, the default of ``prune_model`` with calibration data).
 Writes <out>/oneshot.md (and, row by row while it runs, <out>/oneshot.partial.md).
 """
 
@@ -298,7 +298,7 @@ def main() -> None:
     rows = Rows(work, base, progress, partial=args.out / "oneshot.partial.md")
     percentages = (20.0, 30.0)
     parts = set(args.parts.split(","))
-    best = "reconstruction"
+    best = "hybrid"  # prune_model's default with calibration data, when the mlp part does not run
     if "attention" in parts:
         attention_rows(work, rows, refit, report)
     if "mlp" in parts:

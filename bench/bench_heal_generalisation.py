@@ -12,7 +12,7 @@ The demo's one-shot (``configs/demo.yaml``: 20% of the MLP width by ``hybrid``, 
   top-k logits recorded while sampling.
 
 Every healed model is scored on WikiText-2 test (text no healing saw) and on the demo's held-out split.
-KD uses temperature 2, alpha 0.9, top-64 teacher logits (float16) plus the tail bucket; learning rates follow
+KD uses temperature ``--temperature`` (2), alpha 0.9, top-64 teacher logits (float16) plus the tail bucket; learning rates follow
 ``bench_healing.py``; cosine schedule with the pipeline's warmup (steps // 10).
 
 Before that, the cost of one training step (forward, backward, AdamW step; batch 4 x 128) is measured
@@ -76,8 +76,8 @@ def make_trainer(kind: str, model, teacher, cache, dataset, output_dir: str, ste
     if kind == "lora":
         return Trainer(**common)
     if kind.endswith("online"):
-        return DistillationTrainer(teacher=teacher, top_k=cache.k, temperature=2.0, alpha=0.9, **common)
-    return DistillationTrainer(teacher_cache=cache, temperature=2.0, alpha=0.9, **common)
+        return DistillationTrainer(teacher=teacher, top_k=cache.k, temperature=args.temperature, alpha=0.9, **common)
+    return DistillationTrainer(teacher_cache=cache, temperature=args.temperature, alpha=0.9, **common)
 
 
 def step_costs(pruned, teacher, cache, dataset, args) -> dict[str, dict[str, list[float]]]:
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (4; quick 2)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=2.0, help="KD temperature (1 shares one log-softmax)")
     parser.add_argument("--repeats", type=int, default=None, help="timed step rounds (3; quick 1)")
     parser.add_argument("--lora-lr", type=float, default=2e-4)
     parser.add_argument("--kd-lr", type=float, default=5e-5)
@@ -171,10 +172,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache_dir:
         began = time.perf_counter()
-        cache = build_teacher_cache(teacher, dataset, cache_dir, k=k, show_progress=False)
+        cache = build_teacher_cache(
+            teacher, dataset, cache_dir, k=k, temperature=args.temperature, show_progress=False
+        )
         build_seconds = time.perf_counter() - began
         began = time.perf_counter()
-        build_teacher_cache(teacher, dataset, cache_dir, k=k, show_progress=False)
+        build_teacher_cache(teacher, dataset, cache_dir, k=k, temperature=args.temperature, show_progress=False)
         reuse_seconds = time.perf_counter() - began
 
         load_before = f"{os.getloadavg()[0]:.1f}"
@@ -210,11 +213,13 @@ def main() -> None:
             if method == "kd_lora_teacher":
                 began = time.perf_counter()
                 blocks = sample_teacher_text(
-                    teacher, cache_dir, dataset.num_rows, args.seq_len, k=k,
+                    teacher, cache_dir, dataset.num_rows, args.seq_len, k=k, temperature=args.temperature,
                     special_ids=set(tokenizer.all_special_ids), seed=args.seed, show_progress=False,
                 )  # fmt: skip
                 data = add_example_ids(lm_dataset(blocks))
-                method_cache = build_teacher_cache(teacher, data, cache_dir, k=k, show_progress=False)  # reused
+                method_cache = build_teacher_cache(  # reused: sampling saved it
+                    teacher, data, cache_dir, k=k, temperature=args.temperature, show_progress=False
+                )
                 extra = time.perf_counter() - began
                 print(f"the teacher wrote {blocks.numel():,} tokens in {extra:.0f} s", flush=True)
             elif method != "lora":

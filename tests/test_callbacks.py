@@ -203,7 +203,7 @@ def test_mid_training_prune_slices_optimizer_and_keeps_training(
     sparsity = logged(trainer, "pruning/sparsity")
     assert sparsity[0] == (0, 0.0) and sparsity[-1][0] == 3 and sparsity[-1][1] > 5
     assert logged(trainer, "pruning/intermediate_size/layer_2")[-1] == (3, 96.0)
-    assert model.config.pruning_history[-1]["method"] == "activation"
+    assert model.config.pruning_history[-1]["method"] == "hybrid"  # prune_model's default with calibration data
 
 
 def test_lora_model_mid_training_prune(tmp_path, tokenizer, train_set, calibration):

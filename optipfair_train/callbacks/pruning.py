@@ -37,14 +37,13 @@ from typing import Any
 import torch
 
 from ..arch import get_adapter, unwrap_model
-from ..pruning import PRUNING_TYPES, get_scorer, prune_model
+from ..pruning import PRUNING_TYPES, prune_model
 from ..pruning.calibration import as_batches
-from ..pruning.depth import LAYER_SELECTION_METHODS
-from ..pruning.heads import HEAD_METHODS
 from ..pruning.targets import step_percentage, units_to_remove
 from ..pruning.taylor import TaylorImportance
 from .base import ReportingCallback
 from .importance import GradientImportanceCallback
+from .methods import resolve_method
 from .schedule import PruningSchedule, make_schedule
 from .stats import PRUNING_TABLE_COLUMNS, model_structure, pruning_scalars, pruning_table_rows
 
@@ -110,8 +109,8 @@ class PruningCallback(ReportingCallback):
             :class:`~optipfair_train.callbacks.schedule.PruningSchedule`. Steps are optimizer steps.
         neuron_selection_method: the scorer (``activation``, ``taylor``, ``MAW``, ... see
             ``available_scorers()``; for ``ATTENTION``: ``L2``, ``activation``, ``taylor``, ``random``).
-            Default: ``taylor`` with ``importance``, else ``activation`` with ``dataloader``, else the
-            engine's weight-only default.
+            Default: ``taylor`` with ``importance``, else with ``dataloader`` ``hybrid`` (``activation``
+            for ``ATTENTION``), as ``prune_model`` chooses, else the engine's weight-only default.
         layer_selection_method: for ``DEPTH``: ``importance`` (default with ``dataloader``), ``taylor``,
             ``contiguous``, ``last``, ``first``.
         dataloader: calibration batches (dicts with ``input_ids``/``attention_mask``) for data-driven
@@ -188,7 +187,13 @@ class PruningCallback(ReportingCallback):
             raise ValueError(f"head_granularity must be 'group' or 'query', got {head_granularity!r}.")
         self.head_granularity = head_granularity
         self.layer_indices = list(layer_indices) if layer_indices is not None else None
-        self.method = self._resolve_method(neuron_selection_method, layer_selection_method)
+        self.method = resolve_method(
+            pruning_type,
+            neuron_selection_method,
+            layer_selection_method,
+            has_gradients=self.importance is not None,
+            has_calibration=self.batches is not None,
+        )
         self.prune_kwargs = dict(prune_kwargs or {})
         clash = sorted(set(self.prune_kwargs) & _RESERVED)
         if clash:
@@ -215,51 +220,6 @@ class PruningCallback(ReportingCallback):
             self._check_target(trainer.model)
 
     # ---- validation ----------------------------------------------------------------------------
-    def _resolve_method(self, neuron_method: str | None, layer_method: str | None) -> str | None:
-        has_grads = self.importance is not None
-        if self.pruning_type == "DEPTH":
-            if neuron_method is not None:
-                raise ValueError(
-                    "For pruning_type='DEPTH' choose blocks with layer_selection_method=..., not a neuron scorer."
-                )
-            method = layer_method or ("taylor" if has_grads else "importance" if self.batches else None)
-            if method is not None and method not in LAYER_SELECTION_METHODS:
-                raise ValueError(
-                    f"Unknown layer_selection_method {method!r}; choose one of {', '.join(LAYER_SELECTION_METHODS)}."
-                )
-            if method == "custom":
-                raise ValueError(
-                    "layer_selection_method='custom' removes fixed blocks once: call prune_model(..., "
-                    "layer_indices=...) before training instead of scheduling it."
-                )
-            needs = {"importance": self.batches is not None, "taylor": has_grads or self.batches is not None}
-            if method in needs and not needs[method]:
-                raise ValueError(
-                    f"layer_selection_method={method!r} needs dataloader= (or importance= for taylor)."
-                )
-            return method
-        if layer_method is not None:
-            raise ValueError("layer_selection_method applies to pruning_type='DEPTH' only.")
-        method = neuron_method or ("taylor" if has_grads else "activation" if self.batches else None)
-        if method is None:
-            return None  # the engine's documented weight-only default (with its warning)
-        if self.pruning_type == "ATTENTION":
-            if method not in HEAD_METHODS:
-                raise ValueError(
-                    f"Unknown head importance method {method!r} for ATTENTION; choose one of {', '.join(HEAD_METHODS)}."
-                )
-            canonical = method
-        else:
-            canonical = get_scorer(method).name  # raises for an unknown scorer, listing the known ones
-        if canonical == "activation" and self.batches is None:
-            raise ValueError("The 'activation' scorer needs calibration data: pass dataloader=...")
-        if canonical == "taylor" and not has_grads and self.batches is None:
-            raise ValueError(
-                "The 'taylor' scorer needs importance=GradientImportanceCallback() (gradients from training) "
-                "or dataloader=... (calibration batches)."
-            )
-        return canonical
-
     def _units(self, model: torch.nn.Module) -> int:
         """Current size in the schedule's units; raises if the pruned layers are not uniform."""
         adapter = get_adapter(model)

@@ -93,16 +93,20 @@ def topk_distillation_loss(
     target, keep = _labelled(labels)
     if not keep.any():
         return student_logits.sum() * 0.0
-    s = student_logits[:, :-1].float()[keep]
-    values = teacher_values[:, :-1].float()[keep]
-    indices = teacher_indices[:, :-1].long()[keep]
-    log_p = values / temperature - teacher_log_normaliser[:, :-1].float()[keep].unsqueeze(-1)
-    log_q = F.log_softmax(s / temperature, -1).gather(-1, indices)
+    # Masked by weights, not a boolean index (which would copy the [positions, vocab] logits and scatter
+    # them back in the backward pass); at temperature 1 one log-softmax serves the KD and the CE terms.
+    s = student_logits[:, :-1].float()
+    weight = keep.to(s.dtype)
+    log_p = teacher_values[:, :-1].float() / temperature - teacher_log_normaliser[:, :-1].float().unsqueeze(-1)
+    log_q_all = F.log_softmax(s / temperature if temperature != 1 else s, -1)
+    log_q = log_q_all.gather(-1, teacher_indices[:, :-1].long())
     p_tail = (1 - log_p.exp().sum(-1)).clamp_min(0)
     log_q_tail = torch.log1p(-log_q.exp().sum(-1).clamp(max=1 - 1e-6))
     kl = (log_p.exp() * (log_p - log_q)).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail
-    ce = F.cross_entropy(s, target[keep])
-    return alpha * kl.mean() * temperature**2 + (1 - alpha) * ce
+    safe_target = target.clamp_min(0).unsqueeze(-1)  # -100 positions are weighted out below
+    log_q_one = log_q_all if temperature == 1 else F.log_softmax(s, -1)
+    nll = -log_q_one.gather(-1, safe_target).squeeze(-1)
+    return (alpha * temperature**2 * (kl * weight).sum() + (1 - alpha) * (nll * weight).sum()) / weight.sum()
 
 
 class DistillationTrainer(Trainer):

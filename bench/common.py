@@ -63,6 +63,7 @@ def setup(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)  # reports and partial tables are written as rows finish
     wikitext = args.data / "wikitext-2"
     if not (wikitext / "test.txt").is_file() or not (wikitext / "valid.txt").is_file():
         raise SystemExit(

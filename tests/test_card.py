@@ -103,3 +103,12 @@ def test_calibration_text_and_the_refit_are_named():
     assert "Calibration (scores, refits): 8,192 tokens of text written by the unpruned model" in text
     assert "MLP_GLU by `hybrid`" in text and "kept down_proj columns refit to the unpruned outputs, damping 0.01" in text
     assert "refit" not in render_model_card(_card())  # no refit, no claim of one
+
+
+def test_weight_only_pruning_claims_no_calibration_text():
+    card = _card()
+    card["calibration"] = {"data": "demo", "tokens": 2048}
+    card["rounds"][0]["events"] = [{**EVENT, "method": "MAW"}]
+    assert "Calibration (scores, refits)" not in render_model_card(card)
+    card["rounds"][0]["events"] = [{**EVENT, "method": "MAW", "reconstruct": True, "damping": 0.01}]
+    assert "Calibration (scores, refits): 2,048 tokens of `demo`" in render_model_card(card)

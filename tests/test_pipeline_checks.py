@@ -63,7 +63,7 @@ BAD_SETTINGS = {
     ),
     "sequential with taylor": (
         {"reconstruct": True, "sequential": True, "neuron_selection_method": "taylor"},
-        "sequential: true scores each layer on its own statistics; 'taylor' needs other data",
+        "sequential=True scores each layer from its own calibration statistics; the 'taylor' scorer needs more",
     ),
     "replace_with_linear with importance": (
         {"replace_with_linear": True},

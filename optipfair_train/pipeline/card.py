@@ -148,6 +148,19 @@ def _text_name(data: str | None) -> str:
     return f"`{data}`"
 
 
+# methods that choose from weights or positions alone (heads: L2, random; blocks: last, first, custom)
+_NO_CALIBRATION = {"last", "first", "custom"}
+
+
+def _used_calibration(event: dict) -> bool:
+    """Whether a pruning event read the calibration text (data-driven scores, a refit, a fitted map)."""
+    from ..pruning.scorers import weight_only_scorers
+
+    method = event.get("method")
+    data_driven = method not in _NO_CALIBRATION and method not in weight_only_scorers()
+    return bool(event.get("reconstruct") or event.get("linear_replacement") or data_driven)
+
+
 def card_header(card: dict) -> list[str]:
     """Column titles of :func:`card_rows`, named after the texts they were measured on."""
     general = card.get("general_text") or "general text (none given)"
@@ -285,7 +298,7 @@ def render_model_card(card: dict[str, Any]) -> str:
                 f"({_fmt(e['parameters_before'])} -> {_fmt(e['parameters_after'])} parameters; {what}{refit})"
             )
     calibration = card.get("calibration")
-    if calibration:
+    if calibration and any(_used_calibration(e) for r in rounds for e in r["events"]):
         lines += [
             "",
             f"Calibration (scores, refits): {_fmt(calibration['tokens'])} tokens of {_text_name(calibration['data'])}.",

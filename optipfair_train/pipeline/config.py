@@ -285,7 +285,7 @@ def _check_positive(section: Any, names: tuple[str, ...], minimum: float = 1) ->
 
 def _check_refit(p: PruningConfig) -> None:
     """The refit settings, in the pipeline's words (``prune_model`` checks the same in its own)."""
-    from ..pruning import get_scorer  # imported late, as in validate
+    from ..pruning.sequential import check_sequential_scorer  # imported late, as in validate
 
     if p.damping < 0:
         raise ValueError(f"damping must be >= 0 (0.01 is the measured default), got {p.damping}.")
@@ -305,11 +305,8 @@ def _check_refit(p: PruningConfig) -> None:
             "replace_with_linear: true replaces one run of consecutive blocks: set "
             f"layer_selection_method: contiguous (got {p.layer_selection_method!r})."
         )
-    if p.sequential and get_scorer(p.neuron_selection_method).needs not in (None, "activation_sumsq"):
-        raise ValueError(
-            f"sequential: true scores each layer on its own statistics; {p.neuron_selection_method!r} "
-            "needs other data. Use activation or a weight-only scorer, or sequential: false."
-        )
+    if p.sequential:
+        check_sequential_scorer(p.neuron_selection_method)  # the rule prune_model applies
 
 
 def validate(config: PipelineConfig) -> None:

@@ -304,7 +304,8 @@ class PruneThenHeal:
         """Teacher-written calibration / healing text, then the teacher's cached top-k logits; the
         teacher is dropped once cached (healing needs only the cache)."""
         folder = self.out / "teacher-cache"
-        blocks = write_teacher_text(self.config, self.teacher or model, tokenizer, folder, self.distributed)
+        writer = self.teacher if self.teacher is not None else model
+        blocks = write_teacher_text(self.config, writer, tokenizer, folder, self.distributed)
         if "calibration" in blocks:
             self.calibration = list(block_dataloader(blocks["calibration"]))
         if "heal" in blocks:

@@ -42,6 +42,7 @@ __all__ = [
     "sequential_plan",
     "sequential_mlp_plan",
     "sequential_head_plan",
+    "check_sequential_scorer",
 ]
 
 
@@ -166,12 +167,18 @@ def sequential_plan(
     return plan, refits
 
 
-def _check_scorer_for_sequential(needs: str | None, method: str) -> None:
+def check_sequential_scorer(method: str) -> None:
+    """Refuse a scorer that cannot be computed from one layer's own calibration statistics.
+
+    Example:
+        >>> check_sequential_scorer("activation")  # weight-only and activation scorers pass
+    """
+    needs = get_scorer(method).needs
     if needs not in (None, "activation_sumsq"):
         raise ValueError(
             f"sequential=True scores each layer from its own calibration statistics; the {method!r} "
-            "scorer needs other data (gradients or prompt pairs). Use a weight-only or activation "
-            "scorer, or sequential=False."
+            "scorer needs more than the layer's activations (gradients, prompt pairs or input moments). "
+            "Use a weight-only or the activation scorer, or sequential=False."
         )
 
 
@@ -195,7 +202,7 @@ def sequential_mlp_plan(
     """
     adapter = get_adapter(model)
     scorer = get_scorer(method)
-    _check_scorer_for_sequential(scorer.needs, method)
+    check_sequential_scorer(method)
 
     def choose(i: int, block: nn.Module, gram: torch.Tensor):
         context = ScoringContext(

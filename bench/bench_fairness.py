@@ -1,8 +1,9 @@
 """What MLP width pruning does to measured bias, with the language-modelling counterparts beside it.
 
 Writes ``<out>/fairness.md`` (and prints it). Models: the base model; MLP width -``--percentage``% with
-the ``activation``, ``fairness``, ``MAW`` and ``random`` scorers (no healing); and a randomly initialised
-model of the same architecture (the collapsed reference). For each: WikiText-2 test perplexity,
+the ``activation``, ``hybrid``, ``fairness`` (on ``hybrid``, bias-gap weight 0.2 and 0.5), ``MAW`` and
+``random`` scorers, the data-driven ones also with the kept ``down_proj`` columns refit (no healing); and
+a randomly initialised model of the same architecture (the collapsed reference). For each: WikiText-2 test perplexity,
 StereoSet SS / LMS / ICAT with 95% bootstrap intervals, CrowS-Pairs (whole-sentence score, with
 interval), and the activation difference between stereotype and anti-stereotype sentences: the
 OptiPFair ``mean_difference`` and the scale-invariant ``normalized_difference``, each with its interval.
@@ -42,7 +43,17 @@ from optipfair_train.bias import (
 from optipfair_train.data import tokenize_for_lm
 from optipfair_train.pruning import prune_model
 
-METHODS = ("activation", "fairness", "MAW", "random")
+# (row label, scorer, refit the kept down_proj columns, fairness weight)
+METHODS = (
+    ("activation", "activation", False, None),
+    ("hybrid", "hybrid", False, None),
+    ("hybrid + refit", "hybrid", True, None),
+    ("fairness w=0.2", "fairness", False, 0.2),
+    ("fairness w=0.2 + refit", "fairness", True, 0.2),
+    ("fairness w=0.5 + refit", "fairness", True, 0.5),
+    ("MAW", "MAW", False, None),
+    ("random", "random", False, None),
+)
 
 
 def _pairs(items) -> list[PromptPair]:
@@ -107,12 +118,19 @@ def main() -> None:
     parser.add_argument("--crows-sample", type=int, default=None, help="CrowS-Pairs pairs (default 200; quick 20)")
     parser.add_argument("--fit-pairs", type=int, default=None, help="pairs for the fairness scorer (default 256)")
     parser.add_argument("--act-pairs", type=int, default=None, help="pairs for the activation probe (default 64)")
+    parser.add_argument(
+        "--calibration-samples", type=int, default=None, help="256-token blocks of calibration (default 32; quick 8)"
+    )
+    parser.add_argument("--methods", nargs="*", default=None, help=f"rows to run (default all: {[m[0] for m in METHODS]})")
     args = parser.parse_args()
     quick = args.quick
     n_items = args.items or (30 if quick else 300)
     setup(args)
     work = load_workload(
-        args, eval_tokens=1024 if quick else 8192, crows_sample=args.crows_sample or (20 if quick else 200)
+        args,
+        eval_tokens=1024 if quick else 8192,
+        crows_sample=args.crows_sample or (20 if quick else 200),
+        calibration_samples=args.calibration_samples or (8 if quick else 32),
     )
     local = args.data / "stereoset" / "stereoset_dev.jsonl"
     items = load_stereoset(local if local.is_file() else "default")
@@ -127,13 +145,18 @@ def main() -> None:
         f"(first half: the `fairness` scorer's {len(fit_pairs)} pairs) / {len(held_out)} items (second half: "
         f"{len(eval_items)} evaluated, {len(act_pairs)} stereotype/anti-stereotype pairs for the activation "
         f"probe). CrowS-Pairs: {work.crows_sample} pairs. Perplexity: {work.eval_tokens} tokens of WikiText-2 "
-        "test. Calibration for `activation` / `fairness`: 8 x 256 tokens of WikiText-2 valid."
+        f"test. Calibration (scoring of the data-driven rows and the refit): {len(work.calibration)} batches, "
+        f"{sum(int(b['attention_mask'].sum()) for b in work.calibration):,} tokens of WikiText-2 valid. "
+        "`fairness` ranks neurons by (1 - w) x rank(hybrid) + w x (1 - rank(bias gap)); `+ refit` refits the "
+        "kept down_proj columns by damped least squares (damping 0.01) on the calibration tokens."
     )
     results = {"base": _evaluate(work.model, work, eval_items, act_pairs)}
     print("|", " | ".join(_row("base", results["base"])), "|", flush=True)  # progress: one row per model
-    for method in METHODS:
+    for label, method, refit, weight in METHODS:
+        if args.methods and label not in args.methods:
+            continue
         model = copy.deepcopy(work.model)
-        data_driven = method in ("activation", "fairness")
+        data_driven = method not in ("MAW", "random")
         prune_model(
             model,
             pruning_type="MLP",
@@ -142,10 +165,12 @@ def main() -> None:
             dataloader=work.calibration if data_driven else None,
             bias_pairs=fit_pairs if method == "fairness" else None,
             tokenizer=work.tokenizer,
+            fairness_weight=weight if weight is not None else 0.2,
+            reconstruct=refit,
             show_progress=False,
             seed=args.seed,
         )
-        name = f"{method} -{args.percentage:g}%"
+        name = f"{label} -{args.percentage:g}%"
         results[name] = _evaluate(model, work, eval_items, act_pairs)
         print("|", " | ".join(_row(name, results[name])), "|", flush=True)
         del model

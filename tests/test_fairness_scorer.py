@@ -114,3 +114,22 @@ def test_combine_and_errors(tokenizer):
             pruning_percentage=10,
             show_progress=False,
         )
+
+
+def test_quality_term_is_the_hybrid_rank_with_calibration_and_maw_without(tokenizer, calibration_batches):
+    from optipfair_train.pruning.width import neuron_scores
+
+    model = make_tiny_model("llama")
+    common = dict(bias_pairs=PAIRS, tokenizer=tokenizer, fairness_weight=0.0)
+
+    def ranks(scores):  # the rank within the layer, scaled to [0, 1]
+        return {i: s.argsort().argsort().float() / (len(s) - 1) for i, s in scores.items()}
+
+    with_data = neuron_scores(model, "fairness", batches=calibration_batches, **common)
+    hybrid = ranks(neuron_scores(model, "hybrid", batches=calibration_batches))
+    without = neuron_scores(model, "fairness", **common)
+    maw = ranks(neuron_scores(model, "MAW"))
+    for i in with_data:
+        torch.testing.assert_close(with_data[i], hybrid[i])
+        torch.testing.assert_close(without[i], maw[i])
+    assert any(not torch.equal(with_data[i], without[i]) for i in with_data)

@@ -51,7 +51,8 @@ def resolve_method(
         needs_calibration = method == "activation"
     else:
         scorer = get_scorer(method)  # raises for an unknown scorer, listing the known ones
-        # taylor may use the training's gradients; fairness reads prompt pairs (with MAW as its quality)
+        # taylor may use the training's gradients; fairness reads prompt pairs (quality: hybrid on
+        # calibration data, else MAW)
         method, needs_calibration = scorer.name, scorer.needs not in (None, "taylor", "bias_gap")
     if needs_calibration and not has_calibration:
         raise ValueError(f"The {method!r} scorer needs calibration data: pass dataloader=...")

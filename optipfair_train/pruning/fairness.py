@@ -10,14 +10,16 @@ The ``fairness`` scorer keeps neurons by
     importance = (1 - w) * norm(quality) + w * (1 - norm(bias_gap))
 
 with ``norm`` the rank of a neuron within its layer scaled to [0, 1], and ``w`` = ``fairness_weight``.
-``quality`` is the ``activation`` score when calibration data is given, else MAW. So the neurons that
-carry bias and little else go first.
+``quality`` is the ``hybrid`` score (the default data-driven one) when calibration data is given, else
+MAW. So the neurons that carry bias and little else go first; with ``reconstruct=True`` the kept
+``down_proj`` columns are refit afterwards exactly as for any other scorer.
 
 Why ranks: OptiPFair's fairness mode divides by the maximum (MAW with ``w = 0.8``). Activation scores are
 heavy-tailed, so after that division most neurons sit near 0 and even a small bias weight decides the
 ranking. Measured on the demo model (20% of MLP neurons, WikiText-2 test perplexity, 31.98 unpruned,
 48.2 with ``activation`` alone): max-normalised 61.7 at ``w = 0.05``, 123.9 at 0.2, 357.7 at 0.5;
-rank-normalised 60.2 at 0.2 and 67.9 at 0.5. Default ``w = 0.2``.
+rank-normalised 60.2 at 0.2 and 67.9 at 0.5 (those runs used ``activation`` as the quality term; it
+follows ``hybrid`` since that became the default). Default ``w = 0.2``.
 
 Example:
     >>> gaps = neuron_bias_gap(model, tokenizer, pairs)  # doctest: +SKIP

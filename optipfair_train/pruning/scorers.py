@@ -189,10 +189,10 @@ def _taylor(parts: MLPParts, context: ScoringContext) -> torch.Tensor:
 
 @register_scorer("fairness", needs="bias_gap")
 def _fairness(parts: MLPParts, context: ScoringContext) -> torch.Tensor:
-    """Fairness-aware: quality (activation, else MAW) traded against the demographic bias gap."""
+    """Fairness-aware: quality (hybrid, else MAW) traded against the demographic bias gap."""
     from .fairness import combine_fairness  # local: fairness imports the bias package
 
-    quality = _activation(parts, context) if context.activation_sumsq is not None else _maw(parts, context)
+    quality = _hybrid(parts, context) if context.input_moments is not None else _maw(parts, context)
     return combine_fairness(quality, context.bias_gap, context.fairness_weight)
 
 

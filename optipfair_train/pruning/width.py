@@ -90,8 +90,8 @@ def neuron_scores(
             model, tokenizer, bias_pairs, layer_indices=layers, show_progress=show_progress
         )
         if batches is not None:
-            stats["activation_sumsq"] = mlp_activation_sumsq(
-                model, batches, adapter=adapter, show_progress=show_progress
+            stats["input_moments"] = mlp_input_statistics(
+                model, batches, adapter=adapter, layer_indices=layers, show_progress=show_progress
             )
     elif scorer.needs is not None:
         if batches is None:

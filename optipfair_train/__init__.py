@@ -11,7 +11,14 @@ from .analysis import analyze, count_parameters
 from .arch import get_adapter, supported_model_types
 from .callbacks import BiasProbeCallback, FairnessGuardCallback, GradientImportanceCallback, PruningCallback
 from .pipeline import PruneThenHeal, load_config
-from .pruning import available_scorers, load_pruned_model, prune_model, register_scorer, save_pruned_model
+from .pruning import (
+    available_scorers,
+    load_pruned_model,
+    prune_checkpoint,
+    prune_model,
+    register_scorer,
+    save_pruned_model,
+)
 
 __version__ = "0.1.0"
 
@@ -29,6 +36,7 @@ __all__ = [
     "available_scorers",
     "load_pruned_model",
     "prune_model",
+    "prune_checkpoint",
     "register_scorer",
     "save_pruned_model",
 ]

@@ -46,7 +46,7 @@ def _add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         dest="neuron_selection_method",
         default=None,
-        help=f"neuron scorer: {', '.join(available_scorers())} (default: activation)",
+        help=f"neuron scorer: {', '.join(available_scorers())} (default: hybrid; activation with --sequential)",
     )
     parser.add_argument("--pruning-percentage", type=float, default=None)
     parser.add_argument("--expansion-rate", type=float, default=None)
@@ -57,6 +57,19 @@ def _add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth-pruning-percentage", type=float, default=None)
     parser.add_argument("--layer-selection-method", default=None, choices=LAYER_SELECTION_METHODS)
     parser.add_argument("--layer-indices", type=int, nargs="+", default=None)
+    parser.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="refit the kept down_proj / o_proj columns on the calibration data",
+    )
+    parser.add_argument("--damping", type=float, default=0.01, help="ridge damping of the refit")
+    parser.add_argument("--sequential", action="store_true", help="with --reconstruct: layer by layer")
+    parser.add_argument(
+        "--streamed",
+        action="store_true",
+        help="prune a local safetensors folder one block at a time and save it shard by shard (models larger "
+        "than memory; implies --reconstruct --sequential; MLP/MLP_GLU/ATTENTION)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,10 +117,64 @@ def _calibration(args, tokenizer):
     )
 
 
+_NOT_STREAMED = (
+    "target_parameters",
+    "num_layers_to_remove",
+    "depth_pruning_percentage",
+    "layer_selection_method",
+)
+
+
+def _run_streamed(args) -> int:
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from .models import demo_model_dir
+    from .pruning.streamed import prune_checkpoint
+
+    given = [f"--{k.replace('_', '-')}" for k in _NOT_STREAMED if getattr(args, k) is not None]
+    if args.layer_allocation != "uniform":
+        given.append("--layer-allocation")
+    if given:
+        raise ValueError(
+            f"--streamed prunes uniformly by --pruning-percentage or --expansion-rate; drop {', '.join(given)}."
+        )
+    source = demo_model_dir() if args.model_path == "demo" else Path(args.model_path)
+    if not source.is_dir():
+        raise ValueError(
+            f"--streamed reads a local model folder; {args.model_path!r} is not one (download a hub model first, "
+            "e.g. huggingface-cli download NAME --local-dir DIR)."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    out = prune_checkpoint(
+        source,
+        args.output_path,
+        _calibration(args, tokenizer),
+        pruning_type="MLP" if args.pruning_type == "MLP_GLU" else args.pruning_type,
+        neuron_selection_method=args.neuron_selection_method or "activation",
+        pruning_percentage=args.pruning_percentage,
+        expansion_rate=args.expansion_rate,
+        expansion_divisor=args.expansion_divisor,
+        layer_indices=args.layer_indices,
+        damping=args.damping,
+        dtype=args.dtype,
+        show_progress=not args.no_progress,
+    )
+    manifest = json.loads((out / "pruning_manifest.json").read_text())
+    event = manifest["history"][-1]
+    print(f"Original parameters: {event['parameters_before']:,}")
+    print(f"Pruned parameters:   {event['parameters_after']:,}")
+    print(f"Saved to {out} (one block in memory at a time)")
+    return 0
+
+
 def _run_prune(args) -> int:
     from .models import load_model_and_tokenizer
     from .pruning import prune_model, save_pruned_model
 
+    if args.streamed:
+        return _run_streamed(args)
     model, tokenizer = load_model_and_tokenizer(args.model_path, dtype=args.dtype, device=args.device)
     options = {
         k: getattr(args, k)
@@ -122,6 +189,9 @@ def _run_prune(args) -> int:
             "layer_selection_method",
             "layer_indices",
             "layer_allocation",
+            "reconstruct",
+            "damping",
+            "sequential",
         )
     }
     _, stats = prune_model(

@@ -68,3 +68,13 @@ def test_report_written(tmp_path):
     assert "--micro-batch 2 --seq-len 512" in text
     assert "| parameters | 1,235,814,400 | 8,030,261,248 | 70,553,706,496 |" in text
     assert "`mistral-7b.yaml` (Mistral-7B-v0.1, lora, 4 x 2048, r=64)" in text  # read from the preset
+
+
+def test_hand_computed_sequential_pruning_peak():
+    m8 = plan.MODELS["8B"]
+    layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336  # 218,103,808 projection weights
+    stats = 14336**2 * 8 + 2 * 8 * 4096 * 14336 + 2 * 32768 * 4096 * 2 + 2 * layer
+    streamed = 2 * (2 * 128256 * 4096 + 4096 + layer + 2 * 4096) + stats
+    assert plan.sequential_pruning_peak(m8, 32768, streamed=True) == streamed / 2**30
+    assert plan.sequential_pruning_peak(m8, 32768, streamed=False) == (2 * 8_030_261_248 + stats) / 2**30
+    assert plan.sequential_pruning_peak(m8, 32768, streamed=True) < 6  # ~5.7 GiB against ~19 GiB

@@ -5,6 +5,7 @@ from .calibration import as_batches, block_influence, mlp_activation_sumsq
 from .depth import LAYER_SELECTION_METHODS, select_layers_to_remove
 from .io import MANIFEST_NAME, load_pruned_model, pruning_manifest, save_pruned_model
 from .scorers import ScoringContext, available_scorers, get_scorer, register_scorer
+from .streamed import prune_checkpoint
 from .surgery import ParamSlice, prune_mlp_neurons, remove_layers, slice_linear
 from .width import apply_width_plan, neuron_scores, plan_mlp_width
 
@@ -20,6 +21,7 @@ __all__ = [
     "load_pruned_model",
     "pruning_manifest",
     "save_pruned_model",
+    "prune_checkpoint",
     "ScoringContext",
     "available_scorers",
     "get_scorer",

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "capture_block_inputs",
+    "check_same_layer_types",
     "run_block",
     "sequential_plan",
     "sequential_mlp_plan",
@@ -46,8 +47,25 @@ __all__ = [
 ]
 
 
+SEQUENTIAL_HEAD_METHODS = ("L2", "activation", "random")
+
+
 class _Captured(Exception):
     """Raised by the block-0 hook to stop the forward once its inputs are recorded."""
+
+
+def check_same_layer_types(adapter) -> None:
+    """Refuse a model whose blocks take different attention masks (block 0's would be wrong for others).
+
+    Example:
+        >>> check_same_layer_types(get_adapter(model))  # doctest: +SKIP
+    """
+    types = getattr(adapter.config, "layer_types", None)
+    if types is not None and len(set(types)) > 1:
+        raise ValueError(
+            f"sequential=True needs every block to take the same attention mask; {adapter.family.name} "
+            f"mixes layer types {sorted(set(types))}. Use sequential=False."
+        )
 
 
 def capture_block_inputs(
@@ -59,12 +77,7 @@ def capture_block_inputs(
         >>> inputs = capture_block_inputs(model, batches)  # doctest: +SKIP
     """
     adapter = get_adapter(model)
-    types = getattr(adapter.config, "layer_types", None)
-    if types is not None and len(set(types)) > 1:
-        raise ValueError(
-            f"sequential=True needs every block to take the same attention mask; {adapter.family.name} "
-            f"mixes layer types {sorted(set(types))}. Use sequential=False."
-        )
+    check_same_layer_types(adapter)
     device = next(model.parameters()).device
     captured: list = []
 
@@ -125,6 +138,8 @@ def sequential_plan(
     prune_block: Callable[[int, nn.Module, Any], None],
     damping: float,
     *,
+    load_block: Callable[[int], nn.Module] | None = None,
+    block_done: Callable[[int, nn.Module], None] | None = None,
     show_progress: bool = False,
 ) -> tuple[dict[int, Any], dict[int, torch.Tensor]]:
     """Plan pruning and refit layer by layer on pruned-prefix inputs. Changes no weight of ``model``.
@@ -133,46 +148,64 @@ def sequential_plan(
     of its refit projection's input; ``prune_block(layer_idx, block, plan_entry)`` cuts a block (applied to a copy).
     Returns ``({layer: plan_entry}, {layer: refit weight [out, kept] float64})``.
 
+    By default the blocks are the model's own. With ``load_block(i)`` every block (all of them, in order)
+    comes from there instead and belongs to the caller: it is cut and refit in place, handed to
+    ``block_done(i, block)`` and never copied, so only one block need be resident (see
+    :mod:`~optipfair_train.pruning.streamed`).
+
     Example:
         >>> plan, refits = sequential_plan(  # doctest: +SKIP
         ...     model, batches, "mlp", [0, 1], choose, prune, 0.01)
     """
     adapter = get_adapter(model)
     wanted = set(layers)
+    owned = load_block is not None
+    count = adapter.num_layers if owned else max(wanted) + 1
     inputs = capture_block_inputs(model, batches)
     plan: dict[int, Any] = {}
     refits: dict[int, torch.Tensor] = {}
-    for i in tqdm(range(max(wanted) + 1), desc=f"sequential {kind} refit", disable=not show_progress):
-        block = adapter.layers[i]
-        if i not in wanted:
+    for i in tqdm(range(count), desc=f"sequential {kind} refit", disable=not show_progress):
+        block = load_block(i) if owned else adapter.layers[i]
+        if i in wanted:
+            grams: dict[int, torch.Tensor] = {}
+            state: dict = {}
+            handle = refit_target(adapter, kind, block).register_forward_pre_hook(gram_hook(i, grams, state))
+            try:
+                run_block(block, inputs, state)
+            finally:
+                handle.remove()
+            _all_reduce_(grams.values())
+            plan[i], columns = choose(i, block, grams[i])
+            weight = effective_weight(refit_target(adapter, kind, block))
+            refits[i] = refit_columns(weight, grams[i], columns, damping, name=f"layer {i} {kind} refit")
+            del grams
+            if not owned:
+                block = copy.deepcopy(block)
+            prune_block(i, block, plan[i])
+            apply_refits(model, kind, {i: refits[i]}, blocks={i: block})
+        if i < count - 1:  # the last block's outputs feed nothing
             inputs = _advance(block, inputs)
-            continue
-        grams: dict[int, torch.Tensor] = {}
-        state: dict = {}
-        handle = refit_target(adapter, kind, block).register_forward_pre_hook(gram_hook(i, grams, state))
-        try:
-            run_block(block, inputs, state)
-        finally:
-            handle.remove()
-        _all_reduce_(grams.values())
-        plan[i], columns = choose(i, block, grams[i])
-        weight = effective_weight(refit_target(adapter, kind, block))
-        refits[i] = refit_columns(weight, grams[i], columns, damping, name=f"layer {i} {kind} refit")
-        del grams
-        pruned = copy.deepcopy(block)
-        prune_block(i, pruned, plan[i])
-        apply_refits(model, kind, {i: refits[i]}, blocks={i: pruned})
-        inputs = _advance(pruned, inputs)
-        del pruned
+        if block_done is not None:
+            block_done(i, block)
+        del block
     return plan, refits
 
 
-def check_sequential_scorer(method: str) -> None:
+def check_sequential_scorer(method: str, kind: str = "mlp") -> None:
     """Refuse a scorer that cannot be computed from one layer's own calibration statistics.
+
+    ``kind`` is ``"mlp"`` (neuron scorers) or ``"attention"`` (head methods).
 
     Example:
         >>> check_sequential_scorer("activation")  # weight-only and activation scorers pass
     """
+    if kind == "attention":
+        if method not in SEQUENTIAL_HEAD_METHODS:
+            raise ValueError(
+                f"sequential=True head pruning accepts the methods {', '.join(SEQUENTIAL_HEAD_METHODS)}, got "
+                f"{method!r} (taylor needs gradients: use sequential=False)."
+            )
+        return
     needs = get_scorer(method).needs
     if needs not in (None, "activation_sumsq"):
         raise ValueError(
@@ -192,10 +225,12 @@ def sequential_mlp_plan(
     seed: int = 0,
     fairness_weight: float = 0.2,
     show_progress: bool = False,
+    **blocks: Any,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Sequential MLP width plan (``{layer: kept neurons}``) and ``down_proj`` refits; ``targets`` = widths.
 
-    The scorer reads ``activation_sumsq`` = the Gram's diagonal on the pruned-prefix inputs.
+    The scorer reads ``activation_sumsq`` = the Gram's diagonal on the pruned-prefix inputs. ``blocks``:
+    ``load_block`` / ``block_done`` of :func:`sequential_plan`.
 
     Example:
         >>> plan, refits = sequential_mlp_plan(model, batches, "activation", {0: 96}, 0.01)  # doctest: +SKIP
@@ -215,7 +250,15 @@ def sequential_mlp_plan(
         prune_mlp_neurons(adapter.block_mlp(block), keep)
 
     return sequential_plan(
-        model, batches, "mlp", list(targets), choose, prune_block, damping, show_progress=show_progress
+        model,
+        batches,
+        "mlp",
+        list(targets),
+        choose,
+        prune_block,
+        damping,
+        show_progress=show_progress,
+        **blocks,
     )
 
 
@@ -229,18 +272,16 @@ def sequential_head_plan(
     *,
     seed: int = 0,
     show_progress: bool = False,
+    **blocks: Any,
 ) -> tuple[dict[int, HeadPlan], dict[int, torch.Tensor]]:
-    """Sequential head plan and ``o_proj`` refits; ``counts`` from :func:`~.heads.head_keep_counts`.
+    """Sequential head plan and ``o_proj`` refits; ``counts`` from :func:`~.heads.head_keep_counts`;
+    ``blocks``: ``load_block`` / ``block_done`` of :func:`sequential_plan`.
 
     Example:
         >>> plan, refits = sequential_head_plan(  # doctest: +SKIP
         ...     model, batches, "activation", {0: 1}, "group", 0.01)
     """
-    if method not in ("L2", "activation", "random"):
-        raise ValueError(
-            f"sequential=True head pruning accepts the methods L2, activation and random, got {method!r} "
-            "(taylor needs gradients: use sequential=False)."
-        )
+    check_sequential_scorer(method, "attention")
     adapter = get_adapter(model)
     geometry = {i: adapter.head_counts(i) for i in counts}
 
@@ -255,5 +296,13 @@ def sequential_head_plan(
         prune_heads(adapter.block_attention(block), keep, geometry[i][1], geometry[i][2])
 
     return sequential_plan(
-        model, batches, "attention", list(counts), choose, prune_block, damping, show_progress=show_progress
+        model,
+        batches,
+        "attention",
+        list(counts),
+        choose,
+        prune_block,
+        damping,
+        show_progress=show_progress,
+        **blocks,
     )

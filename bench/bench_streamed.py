@@ -9,7 +9,8 @@ Both prune the same safetensors folder (the demo model, float32) into a new fold
 - ``streamed``: ``prune_checkpoint`` (:mod:`optipfair_train.pruning.streamed`).
 
 Each runs in its own fresh process (peak RSS = the child's ``ru_maxrss``, which includes the Python
-runtime and torch), alternating, ``--repeats`` times. The two outputs are then compared tensor by tensor
+runtime and torch; "before" = its RSS after imports, tokenizer and calibration text, before loading any
+weight), alternating, ``--repeats`` times. The two outputs are then compared tensor by tensor
 and WikiText-2 test perplexity is measured on each. Asserts nothing.
 
     python bench/bench_streamed.py --threads 2        # ~5 min on 2 cores
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -47,6 +49,8 @@ def _child(
     tokenizer = AutoTokenizer.from_pretrained(source)
     texts = load_texts(str(data / "wikitext-2" / "valid.txt"))
     batches = calibration_dataloader(tokenizer, texts, num_samples=samples, seq_len=256, batch_size=4)
+    with open("/proc/self/statm") as f:  # what the process holds before pruning: runtime, tokenizer, text
+        before_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     options = dict(pruning_percentage=percentage, neuron_selection_method="activation", show_progress=False)
     if mode == "streamed":
         prune_checkpoint(source, out, batches, pruning_type="MLP", dtype=torch.float32, **options)
@@ -55,7 +59,11 @@ def _child(
         prune_model(model, "MLP", dataloader=batches, reconstruct=True, sequential=True, **options)
         save_pruned_model(model, out, tokenizer=tokenizer)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": peak_kb / 1024}))
+    print(
+        json.dumps(
+            {"seconds": time.perf_counter() - start, "peak_mb": peak_kb / 1024, "before_mb": before_mb}
+        )
+    )
 
 
 def main() -> None:
@@ -121,6 +129,8 @@ def main() -> None:
         [
             "mode",
             "peak RSS (MB, median)",
+            "RSS before pruning (MB)",
+            "peak - before (MB)",
             "wall time (s, median)",
             "runs (peak MB / s)",
             "parameters",
@@ -130,6 +140,8 @@ def main() -> None:
             [
                 m,
                 f"{statistics.median(r['peak_mb'] for r in runs[m]):.0f}",
+                f"{statistics.median(r['before_mb'] for r in runs[m]):.0f}",
+                f"{statistics.median(r['peak_mb'] - r['before_mb'] for r in runs[m]):.0f}",
                 f"{statistics.median(r['seconds'] for r in runs[m]):.1f}",
                 ", ".join(f"{r['peak_mb']:.0f} / {r['seconds']:.1f}" for r in runs[m]),
                 f"{params[m]:,}",

@@ -14,7 +14,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .pruning import LAYER_SELECTION_METHODS, PRUNING_TYPES, available_scorers
+from .pruning import LAYER_SELECTION_METHODS, MANIFEST_NAME, PRUNING_TYPES, available_scorers
+from .pruning.reconstruction import DEFAULT_DAMPING
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def _add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="refit the kept down_proj / o_proj columns on the calibration data",
     )
-    parser.add_argument("--damping", type=float, default=0.01, help="ridge damping of the refit")
+    parser.add_argument("--damping", type=float, default=DEFAULT_DAMPING, help="ridge damping of the refit")
     parser.add_argument("--sequential", action="store_true", help="with --reconstruct: layer by layer")
     parser.add_argument(
         "--streamed",
@@ -151,7 +152,7 @@ def _run_streamed(args) -> int:
         source,
         args.output_path,
         _calibration(args, tokenizer),
-        pruning_type="MLP" if args.pruning_type == "MLP_GLU" else args.pruning_type,
+        pruning_type=args.pruning_type,
         neuron_selection_method=args.neuron_selection_method or "activation",
         pruning_percentage=args.pruning_percentage,
         expansion_rate=args.expansion_rate,
@@ -161,7 +162,7 @@ def _run_streamed(args) -> int:
         dtype=args.dtype,
         show_progress=not args.no_progress,
     )
-    manifest = json.loads((out / "pruning_manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
     event = manifest["history"][-1]
     print(f"Original parameters: {event['parameters_before']:,}")
     print(f"Pruned parameters:   {event['parameters_after']:,}")

@@ -157,6 +157,8 @@ def test_construction_errors(tmp_path, tokenizer, train_set, calibration):
         BiasProbeCallback(probes=["vibes"])
     with pytest.raises(ValueError, match="every_n_steps"):
         BiasProbeCallback(every_n_steps=0)
+    with pytest.raises(ValueError, match="max_overhead"):
+        BiasProbeCallback(max_overhead=0)
     with pytest.raises(ValueError, match="threshold"):
         FairnessGuardCallback(threshold=-1)
     trainer = _trainer(make_tiny_model("llama"), tokenizer, train_set, tmp_path)
@@ -591,3 +593,45 @@ def test_pruning_callback_refuses_world_size_above_one(tmp_path, tokenizer, trai
     with pytest.raises(DistributedPruningError, match="PruneThenHeal"):
         cb.on_train_begin(Args(), State(), None, model=model)
     assert get_adapter(model).intermediate_sizes() == [128] * 4
+
+
+class _Clock:
+    """A perf_counter the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("max_overhead, warns", [(0.03, True), (0.05, False)])
+def test_bias_probe_reports_its_overhead(monkeypatch, caplog, max_overhead, warns):
+    """Two probes of 2 s around 100 s of training: overhead 4 / 100 = 0.04, logged; warned above 0.03."""
+    from types import SimpleNamespace
+
+    import optipfair_train.callbacks.bias_probe as bias_probe
+
+    clock = _Clock()
+    monkeypatch.setattr(bias_probe.time, "perf_counter", clock)
+    pairs = [("The man is a nurse.", "The woman is a nurse.")]
+    probe = BiasProbeCallback(pairs=pairs, max_overhead=max_overhead)
+
+    def fake_probe(model, tokenizer):
+        clock.now += 2.0
+        return {"bias/score": 50.0}, None, None
+
+    monkeypatch.setattr(probe, "probe", fake_probe)
+    state = SimpleNamespace(global_step=0, log_history=[], is_world_process_zero=True)
+    args = SimpleNamespace(report_to=[])
+    with caplog.at_level(logging.WARNING, logger=bias_probe.__name__):
+        probe.on_train_begin(args, state, None, model=None, processing_class=object())
+        clock.now += 100.0
+        state.global_step = 10
+        probe.on_train_end(args, state, None, model=None, processing_class=object())
+    assert [h["when"] for h in probe.history] == ["train_begin", "train_end"]
+    assert probe.overhead == pytest.approx(0.04)
+    final = state.log_history[-1]
+    assert final["bias/probe_seconds"] == pytest.approx(4.0)
+    assert final["bias/probe_overhead"] == pytest.approx(0.04)
+    assert ("above max_overhead" in caplog.text) is warns

@@ -27,11 +27,14 @@ run with the probe trains exactly like one without. Under DDP every rank probes 
 gets the same numbers (so decisions based on them agree); media are written by the main process.
 
 Cost: forward passes only, over ``3 x stereoset_sample_size`` short sentences (StereoSet) or
-``2 x sample_size`` (pairs) per probe. On the demo model (one thread) StereoSet costs about 23 s per 100
-items, so the default 300-item probe takes about 15 training steps (batch 2 x 128 tokens, ~4.5 s a
-step); the defaults probe at train begin and end (and after evaluations), which stays within 3% of the
-training time for runs of 1,000 steps or more. For short runs pass a smaller ``stereoset_sample_size``
-(wider intervals) or ``at_train_begin=False`` with a baseline measured once outside the run.
+``2 x sample_size`` (pairs) per probe. On the demo model (2 threads) StereoSet costs about 13.5 s per
+100 items, so the default 300-item probe at train begin and end costs about 33 AdamW steps of 2 x 128
+tokens, i.e. about as much compute as training on 8,400 tokens: within 3% of the training time for runs
+that train on about 280k tokens or more (1,100 steps of 256 tokens, or 17 steps of 16k tokens). The
+callback measures what it costs: at train end it logs ``bias/probe_seconds`` and ``bias/probe_overhead``
+(probe time over the rest of the run's wall time) and warns when that exceeds ``max_overhead``. For
+short runs pass a smaller ``stereoset_sample_size`` (wider intervals) or ``at_train_begin=False`` with
+a baseline measured once outside the run.
 
 Example:
     >>> probe = BiasProbeCallback(trainer, pairs="crows-pairs:crows_pairs_anonymized.csv",
@@ -52,40 +55,24 @@ import torch
 from ..bias import (
     StereoSetItem,
     behavioural_bias_score,
-    bias_type_heatmap_figure,
-    layer_heatmap_figure,
     load_pairs,
     load_stereoset,
-    mean_difference_figure,
-    parse_layer_key,
     probe_activation_bias,
     sample_items,
     sample_pairs,
     select_layer_keys,
     stereoset_scores,
     summary_scalars,
-    trajectory_figure,
 )
 from ..bias.pairs import PromptPair
-from .base import ReportingCallback, report_to, wandb_active
+from .base import ReportingCallback, report_to
+from .bias_media import ProbeMediaMixin
 
 __all__ = ["BiasProbeCallback", "PROBES"]
 
 logger = logging.getLogger(__name__)
 
 PROBES = ("stereoset", "behaviour", "activation")
-LAYER_TABLE_COLUMNS = [
-    "step",
-    "layer_key",
-    "component",
-    "layer",
-    "mean_difference",
-    "ci_low",
-    "ci_high",
-    "normalized_difference",
-    "normalized_ci_low",
-    "normalized_ci_high",
-]
 DEFAULT_STEREOSET_SAMPLE = 300
 
 
@@ -94,7 +81,9 @@ def _as_items(items: str | os.PathLike | Sequence[StereoSetItem]) -> list[Stereo
         return load_stereoset(items)
     loaded = list(items)
     if not loaded or not all(isinstance(i, StereoSetItem) for i in loaded):
-        raise ValueError("stereoset_items: give a load_stereoset source or a non-empty list of StereoSetItem.")
+        raise ValueError(
+            "stereoset_items: give a load_stereoset source or a non-empty list of StereoSetItem."
+        )
     return loaded
 
 
@@ -108,7 +97,7 @@ def _as_pairs(pairs: str | Sequence[Sequence[str]] | None, what: str) -> list[Pr
     return loaded
 
 
-class BiasProbeCallback(ReportingCallback):
+class BiasProbeCallback(ProbeMediaMixin, ReportingCallback):
     """Run bias probes during training and log them through the Trainer (see the module docstring).
 
     Args:
@@ -137,10 +126,13 @@ class BiasProbeCallback(ReportingCallback):
         log_media: log figures and a per-layer table to W&B / TensorBoard when they are backends.
         prefix: scalar key prefix.
         seed: for sampling and bootstraps.
+        max_overhead: warn at train end when the run's probes took more than this fraction of the
+            rest of its wall time (None: never warn); the fraction is logged either way.
 
     Attributes:
         history: one record per probe: ``step``, ``scalars``, ``seconds``.
-        total_seconds: wall time spent probing.
+        total_seconds: wall time spent probing (all runs).
+        overhead: the last run's probe time over its other wall time (None before a run ends).
 
     Raises:
         ValueError: unknown probe, bad schedule, empty or unknown pair set, bad sample size.
@@ -176,9 +168,12 @@ class BiasProbeCallback(ReportingCallback):
         log_media: bool = True,
         prefix: str = "bias/",
         seed: int = 0,
+        max_overhead: float | None = 0.03,
     ):
         super().__init__(trainer)
-        probes = tuple(probes) if probes is not None else (("stereoset",) if pairs is None else ("behaviour",))
+        probes = (
+            tuple(probes) if probes is not None else (("stereoset",) if pairs is None else ("behaviour",))
+        )
         unknown = [p for p in probes if p not in PROBES]
         if unknown or not probes:
             raise ValueError(f"Unknown or no probe(s) {unknown or probes}; choose from {', '.join(PROBES)}.")
@@ -191,6 +186,8 @@ class BiasProbeCallback(ReportingCallback):
                 raise ValueError(f"{name} must be a positive integer or None, got {size!r}.")
         if not 0 < confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {confidence!r}.")
+        if max_overhead is not None and not 0 < max_overhead:
+            raise ValueError(f"max_overhead must be a positive fraction or None, got {max_overhead!r}.")
         self.tokenizer = tokenizer
         self.probes = probes
         self.pairs = sample_pairs(_as_pairs(pairs, "pairs"), sample_size, seed)
@@ -200,7 +197,9 @@ class BiasProbeCallback(ReportingCallback):
             else sample_pairs(_as_pairs(activation_pairs, "activation_pairs"), sample_size, seed)
         )
         self.stereoset_items = (
-            sample_items(_as_items(stereoset_items), stereoset_sample_size, seed) if "stereoset" in probes else []
+            sample_items(_as_items(stereoset_items), stereoset_sample_size, seed)
+            if "stereoset" in probes
+            else []
         )
         self.every_n_steps = every_n_steps
         self.at_train_begin = at_train_begin
@@ -216,6 +215,10 @@ class BiasProbeCallback(ReportingCallback):
         self.seed = seed
         self.history: list[dict[str, Any]] = []
         self.total_seconds = 0.0
+        self.max_overhead = max_overhead
+        self.overhead: float | None = None
+        self._run_start: float | None = None
+        self._run_probe_seconds = 0.0
         self._layer_history: list[tuple[int, dict[str, float]]] = []
         self._type_history: list[tuple[int, dict[str, float]]] = []
         self.last_stereoset: dict | None = None
@@ -224,7 +227,9 @@ class BiasProbeCallback(ReportingCallback):
             select_layer_keys(trainer.model, layers, self.components)  # raises for a bad selection
 
     # ---- the probe -----------------------------------------------------------------------------
-    def probe(self, model: torch.nn.Module, tokenizer: Any) -> tuple[dict[str, float], dict | None, dict | None]:
+    def probe(
+        self, model: torch.nn.Module, tokenizer: Any
+    ) -> tuple[dict[str, float], dict | None, dict | None]:
         """Run the configured probes once; returns ``(scalars, activation_result, behaviour_result)``; the
         StereoSet result is kept in :attr:`last_stereoset`.
 
@@ -275,7 +280,9 @@ class BiasProbeCallback(ReportingCallback):
             model.train(was_training)
             torch.set_grad_enabled(grad_enabled)
         self.last_stereoset = stereoset
-        scalars = summary_scalars(activation=activation, behaviour=behaviour, prefix=self.prefix, stereoset=stereoset)
+        scalars = summary_scalars(
+            activation=activation, behaviour=behaviour, prefix=self.prefix, stereoset=stereoset
+        )
         return scalars, activation, behaviour
 
     def _run(self, args: Any, state: Any, model: torch.nn.Module, tokenizer: Any, when: str) -> None:
@@ -286,6 +293,7 @@ class BiasProbeCallback(ReportingCallback):
         scalars, activation, behaviour = self.probe(model, self.tokenizer or tokenizer)
         seconds = time.perf_counter() - start
         self.total_seconds += seconds
+        self._run_probe_seconds += seconds
         self.history.append({"step": state.global_step, "when": when, "scalars": scalars, "seconds": seconds})
         logger.info(
             "bias probe at step %d (%s) in %.2f s: %s",
@@ -306,76 +314,12 @@ class BiasProbeCallback(ReportingCallback):
         if self.log_media and state.is_world_process_zero and self._media_backend(args):
             self._log_media(args, state, activation)
 
-    def _media_backend(self, args: Any) -> bool:
-        return wandb_active(args) or self._tensorboard_writer(args) is not None
-
-    def _log_media(self, args: Any, state: Any, activation: dict | None) -> None:
-        figures = {}
-        p = self.prefix
-        if activation is not None:
-            layer_metrics = activation["aggregate"]["layer_metrics"]
-            values: dict[str, dict[int, float]] = {}
-            errors: dict[str, dict[int, tuple[float, float]]] = {}
-            for key, entry in layer_metrics.items():
-                component, layer = parse_layer_key(key)
-                values.setdefault(component, {})[layer] = entry["mean_difference"]
-                errors.setdefault(component, {})[layer] = tuple(entry["mean_difference_ci"])
-            figures[f"{p}mean_difference"] = mean_difference_figure(
-                values, errors, title=f"Mean activation difference by layer (step {state.global_step})"
-            )
-            figures[f"{p}layer_heatmap"] = layer_heatmap_figure(
-                {f"step {s}": h for s, h in self._layer_history}, ylabel="step"
-            )
-            rows = [
-                [
-                    state.global_step,
-                    key,
-                    *parse_layer_key(key),
-                    e["mean_difference"],
-                    *e["mean_difference_ci"],
-                    e["normalized_difference"],
-                    *e["normalized_difference_ci"],
-                ]
-                for key, e in layer_metrics.items()
-            ]
-            self.log_table(args, state, f"{p}layers", LAYER_TABLE_COLUMNS, rows)
-        if self._type_history:
-            figures[f"{p}stereoset_bias_types"] = bias_type_heatmap_figure(
-                {f"step {s}": h for s, h in self._type_history}, ylabel="step"
-            )
-        trajectory = self._trajectory_figure()
-        if trajectory is not None:
-            figures[f"{p}trajectory"] = trajectory
-        sent = self.log_figures(args, state, figures)
-        logger.debug("bias figures sent to %s", sent)
-
-    def _trajectory_figure(self):
-        p = self.prefix
-        if "stereoset" in self.probes:
-            keys, reference = [f"{p}stereoset_ss", f"{p}stereoset_lms", f"{p}stereoset_icat"], 50.0
-        elif "behaviour" in self.probes:
-            keys, reference = [f"{p}score"], 50.0
-        else:
-            keys, reference = [f"{p}activation_normalized_difference"], None
-        points = [(h["step"], h["scalars"]) for h in self.history if keys[0] in h["scalars"]]
-        if not points:
-            return None
-        steps = [s for s, _ in points]
-        series = {k: [s[k] for _, s in points] for k in keys}
-        bands = {
-            k: ([s[f"{k}_ci_low"] for _, s in points], [s[f"{k}_ci_high"] for _, s in points])
-            for k in keys
-            if all(f"{k}_ci_low" in s for _, s in points)
-        }
-        return trajectory_figure(
-            steps, series, bands, xlabel="step", ylabel="score", title="Bias during training", reference=reference
-        )
-
     # ---- events --------------------------------------------------------------------------------
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model=None, processing_class=None, **kwargs
     ):
         self._last_step = None
+        self._run_start, self._run_probe_seconds, self.overhead = time.perf_counter(), 0.0, None
         if "activation" in self.probes:
             select_layer_keys(model, self.layers, self.components)
         if self.at_train_begin:
@@ -392,6 +336,26 @@ class BiasProbeCallback(ReportingCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, model=None, processing_class=None, **kwargs):
         if self.at_train_end:
             self._run(args, state, model, processing_class, "train_end")
+        if self._run_start is not None:
+            self._report_overhead(args, state, time.perf_counter() - self._run_start)
+
+    def _report_overhead(self, args: Any, state: Any, wall_seconds: float) -> None:
+        other = wall_seconds - self._run_probe_seconds  # training, evaluation, saving: all but probing
+        self.overhead = self._run_probe_seconds / other if other > 0 else float("inf")
+        p = self.prefix
+        self.log_scalars(
+            args, state, {f"{p}probe_seconds": self._run_probe_seconds, f"{p}probe_overhead": self.overhead}
+        )
+        if self.max_overhead is not None and self.overhead > self.max_overhead:
+            logger.warning(
+                "bias probes took %.1f s, %.1f%% of the rest of the run (%.1f s), above max_overhead %.1f%%: "
+                "for short runs pass a smaller stereoset_sample_size (wider intervals), probe less often, or "
+                "at_train_begin=False with a baseline measured once outside the run.",
+                self._run_probe_seconds,
+                100 * self.overhead,
+                other,
+                100 * self.max_overhead,
+            )
 
     def __repr__(self) -> str:
         return (

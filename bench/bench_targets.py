@@ -25,9 +25,10 @@ import time
 from common import Report, base_parser, crows_cell, load_workload, measure, setup
 
 from optipfair_train import prune_model
+from optipfair_train.arch import get_adapter
 from optipfair_train.bias import load_stereoset, sample_items, stereoset_scores
 
-TARGETS = {"MLP -20%": 1.25, "MLP -30%": 1.60, "1 of 3 KV groups": 1.60, "4 blocks": 1.40}
+TARGETS = {"MLP -20%": 1.25, "MLP -30%": 1.60, "1 of 3 KV groups": 1.60, "4 blocks": 1.40}  # the demo's sizes
 
 
 def _cell(result: dict, name: str) -> str:
@@ -54,6 +55,8 @@ def main() -> None:
         load_stereoset(local if local.is_file() else "default"), 30 if args.quick else args.items, 0
     )
     refit = dict(reconstruct=True, damping=0.01)
+    groups = get_adapter(work.model).head_counts(0)[1]  # the demo has three; a tiny test model may have two
+    blocks = 2 if args.quick else 4  # the quick mode's tiny model has only 4 blocks
     settings = [
         (
             "MLP -20%",
@@ -68,11 +71,11 @@ def main() -> None:
             work.calibration,
         ),
         (
-            "1 of 3 KV groups",
+            f"1 of {groups} KV groups",
             "`activation` heads + refit",
             dict(
                 pruning_type="ATTENTION",
-                pruning_percentage=100 / 3,
+                pruning_percentage=100 / groups,
                 head_granularity="group",
                 neuron_selection_method="activation",
                 **refit,
@@ -80,11 +83,11 @@ def main() -> None:
             small,
         ),
         (
-            "4 blocks",
+            f"{blocks} blocks",
             "`contiguous` + linear replacement",
             dict(
                 pruning_type="DEPTH",
-                num_layers_to_remove=4,
+                num_layers_to_remove=blocks,
                 layer_selection_method="contiguous",
                 replace_with_linear=True,
                 linear_damping=0.001,

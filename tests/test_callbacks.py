@@ -159,6 +159,8 @@ def test_construction_errors(tmp_path, tokenizer, train_set, calibration):
         BiasProbeCallback(every_n_steps=0)
     with pytest.raises(ValueError, match="max_overhead"):
         BiasProbeCallback(max_overhead=0)
+    with pytest.raises(ValueError, match="max_overhead"):
+        BiasProbeCallback(max_overhead="3%")
     with pytest.raises(ValueError, match="threshold"):
         FairnessGuardCallback(threshold=-1)
     trainer = _trainer(make_tiny_model("llama"), tokenizer, train_set, tmp_path)
@@ -635,3 +637,5 @@ def test_bias_probe_reports_its_overhead(monkeypatch, caplog, max_overhead, warn
     assert final["bias/probe_seconds"] == pytest.approx(4.0)
     assert final["bias/probe_overhead"] == pytest.approx(0.04)
     assert ("above max_overhead" in caplog.text) is warns
+    probe.on_train_end(args, state, None, model=None, processing_class=object())  # a second end: no new report
+    assert sum("bias/probe_overhead" in h for h in state.log_history) == 1

@@ -186,7 +186,9 @@ class BiasProbeCallback(ProbeMediaMixin, ReportingCallback):
                 raise ValueError(f"{name} must be a positive integer or None, got {size!r}.")
         if not 0 < confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {confidence!r}.")
-        if max_overhead is not None and not 0 < max_overhead:
+        if max_overhead is not None and (
+            isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or max_overhead <= 0
+        ):
             raise ValueError(f"max_overhead must be a positive fraction or None, got {max_overhead!r}.")
         self.tokenizer = tokenizer
         self.probes = probes
@@ -338,6 +340,7 @@ class BiasProbeCallback(ProbeMediaMixin, ReportingCallback):
             self._run(args, state, model, processing_class, "train_end")
         if self._run_start is not None:
             self._report_overhead(args, state, time.perf_counter() - self._run_start)
+            self._run_start = None  # reported once per run
 
     def _report_overhead(self, args: Any, state: Any, wall_seconds: float) -> None:
         other = wall_seconds - self._run_probe_seconds  # training, evaluation, saving: all but probing

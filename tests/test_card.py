@@ -43,7 +43,11 @@ def _card(speed=None) -> dict:
                 "round": 1,
                 "events": [EVENT],
                 "heal_tokens": 15360,
-                "pruned": {"parameters": 126557568, "perplexity": 25.5, "stereoset/ss": 58.0},  # SS without LMS
+                "pruned": {
+                    "parameters": 126557568,
+                    "perplexity": 25.5,
+                    "stereoset/ss": 58.0,
+                },  # SS without LMS
                 "healed": {"parameters": 126557568, "perplexity": 16.09, "perplexity/general": 47.62},
             }
         ],
@@ -56,17 +60,33 @@ def _table(text: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
 
 
+HEALED_STEREOSET = {
+    "stereoset/ss": 58.04,
+    "stereoset/ss_ci_low": 55.1,
+    "stereoset/ss_ci_high": 61.0,
+    "stereoset/ss_change": -3.19,  # paired against the base
+    "stereoset/ss_change_ci_low": -4.96,
+    "stereoset/ss_change_ci_high": -1.5,
+    "stereoset/lms": 87.5,
+    "stereoset/icat": 71.9,
+}
+
+
 def test_rows_equal_the_values_given(tmp_path):
     card = _card()
+    card["rounds"][0]["healed"] |= HEALED_STEREOSET
     path = write_model_card(tmp_path, card)
     header, *rows = _table(path.read_text())
     assert header[2] == "perplexity, demo (healing domain)" and header[3] == "perplexity, WikiText-2"
     assert rows == [list(row.values()) for row in card_rows(card)]
     assert rows[0] == [
-        "base", "134,515,008", "17.78", "31.98", "61.2 [59.0, 63.5]", "88.0", "68.2", "55.6 [53.1, 58.4]"
+        "base", "134,515,008", "17.78", "31.98", "61.2 [59.0, 63.5]", "-", "88.0", "68.2", "55.6 [53.1, 58.4]"
     ]  # fmt: skip
-    assert rows[1] == ["round 1 pruned", "126,557,568", "25.50", "-", "-", "-", "-", "-"]  # SS needs LMS
-    assert rows[2] == ["round 1 healed", "126,557,568", "16.09", "47.62", "-", "-", "-", "-"]
+    assert rows[1] == ["round 1 pruned", "126,557,568", "25.50", "-", "-", "-", "-", "-", "-"]  # SS needs LMS
+    assert rows[2] == [
+        "round 1 healed", "126,557,568", "16.09", "47.62", "58.0 [55.1, 61.0]", "-3.2 [-5.0, -1.5]", "87.5", "71.9",
+        "-",
+    ]  # fmt: skip
 
 
 def test_yaml_is_compact_and_speed_is_a_verdict(tmp_path):
@@ -79,9 +99,16 @@ def test_yaml_is_compact_and_speed_is_a_verdict(tmp_path):
     pruning = metadata["optipfair_train"]["rounds"][0]["pruning"][0]
     assert pruning["intermediate_sizes"] == {"every_layer": 1383, "layers": 30}
     assert "calibration_batches" not in pruning
-    assert metadata["optipfair_train"]["speed"] == {"prefill": "no measurable change", "decode": "x1.30 faster"}
+    assert metadata["optipfair_train"]["speed"] == {
+        "prefill": "no measurable change",
+        "decode": "x1.30 faster",
+    }
     assert metadata["optipfair_train"]["rounds"][0]["healed_perplexity_general"] == 47.62
-    assert "prefill no measurable change" in text and "decode x1.30 faster" in text and "load average 1.5" in text
+    assert (
+        "prefill no measurable change" in text
+        and "decode x1.30 faster" in text
+        and "load average 1.5" in text
+    )
     assert "speed-up" not in text
 
 
@@ -91,7 +118,10 @@ def test_without_general_text_or_speed_the_card_says_so(tmp_path):
     for stage in [card["baseline"], card["rounds"][0]["healed"]]:
         stage.pop("perplexity/general")
     text = render_model_card(card)
-    assert "perplexity, general text (none given)" in text and "no general held-out text (none was given)" in text
+    assert (
+        "perplexity, general text (none given)" in text
+        and "no general held-out text (none was given)" in text
+    )
     assert "not measured side by side (no verdict)" in text
 
 
@@ -101,7 +131,10 @@ def test_calibration_text_and_the_refit_are_named():
     card["rounds"][0]["events"] = [{**EVENT, "method": "hybrid", "reconstruct": True, "damping": 0.01}]
     text = render_model_card(card)
     assert "Calibration (scores, refits): 8,192 tokens of text written by the unpruned model" in text
-    assert "MLP_GLU by `hybrid`" in text and "kept down_proj columns refit to the unpruned outputs, damping 0.01" in text
+    assert (
+        "MLP_GLU by `hybrid`" in text
+        and "kept down_proj columns refit to the unpruned outputs, damping 0.01" in text
+    )
     assert "refit" not in render_model_card(_card())  # no refit, no claim of one
 
 

@@ -28,7 +28,9 @@ def assets(tmp_path_factory):
     if STEREOSET.exists():  # a few real items (two bias types at least), else one repeated
         lines = STEREOSET.read_text().splitlines()[:12]
     else:
-        lines = [json.dumps({"type": "intrasentence", **ITEM, "bias_type": t}) for t in ("race", "gender") * 6]
+        lines = [
+            json.dumps({"type": "intrasentence", **ITEM, "bias_type": t}) for t in ("race", "gender") * 6
+        ]
     (root / "stereoset.jsonl").write_text("\n".join(lines) + "\n")
     (root / "general.txt").write_text("General text that healing never saw, about other things. " * 400)
     return root
@@ -62,14 +64,32 @@ def test_card_report_and_wandb_hold_the_logged_stage_values(assets, tmp_path, mo
         assert m["perplexity/general"] > 1 and m["perplexity"] > 1
         assert "bias/activation_normalized_difference" in m and m["bias/layers"]
     assert state["general_text"] == str(assets / "general.txt")
+    assert len(state["stereoset_base_items"]) == 8 and "stereoset/ss_change" not in state["baseline"]
+    for m in stages[1:]:  # paired against the base on the same items: the point is the difference of SS
+        assert m["stereoset/ss_change"] == pytest.approx(
+            m["stereoset/ss"] - state["baseline"]["stereoset/ss"]
+        )
+        assert m["stereoset/ss_change_ci_low"] <= m["stereoset/ss_change"] <= m["stereoset/ss_change_ci_high"]
+        assert m["stereoset/icat_change"] == pytest.approx(
+            m["stereoset/icat"] - state["baseline"]["stereoset/icat"]
+        )
     assert state["speed"]["decode"]["verdict"]  # the interleaved comparison, not a ratio of two runs
 
     card_text = (out / "final" / "README.md").read_text()
     rows = card_rows(card_inputs(config, state, state["speed"]))
-    assert [r["stage"] for r in rows] == ["base", "round 1 pruned", "round 1 healed", "round 2 pruned", "round 2 healed"]
+    assert [r["stage"] for r in rows] == [
+        "base",
+        "round 1 pruned",
+        "round 1 healed",
+        "round 2 pruned",
+        "round 2 healed",
+    ]
     for row, m in zip(rows, stages, strict=True):
         assert row["perplexity/general"] == f"{m['perplexity/general']:,.2f}"
-        assert row["stereoset/ss"] == f"{m['stereoset/ss']:.1f} [{m['stereoset/ss_ci_low']:.1f}, {m['stereoset/ss_ci_high']:.1f}]"
+        assert (
+            row["stereoset/ss"]
+            == f"{m['stereoset/ss']:.1f} [{m['stereoset/ss_ci_low']:.1f}, {m['stereoset/ss_ci_high']:.1f}]"
+        )
         assert "| " + " | ".join(row.values()) + " |" in card_text
     assert state["speed"]["decode"]["verdict"] in card_text
 
@@ -102,6 +122,11 @@ def test_kd_cache_is_reused_after_a_crash_and_a_finished_rerun_writes_nothing(as
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert list((out / "teacher-cache").glob("topk-*.safetensors")) == [cache]
     assert cache.stat().st_mtime_ns == built
+    state = json.loads((out / "state.json").read_text())
+    round_2 = state["rounds"][1]["healed"]  # measured after the resume, paired against the saved base items
+    assert round_2["stereoset/ss_change"] == pytest.approx(
+        round_2["stereoset/ss"] - state["baseline"]["stereoset/ss"]
+    )
     report = out / "report.html"
     written = report.stat().st_mtime_ns
 

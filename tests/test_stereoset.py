@@ -24,6 +24,7 @@ from optipfair_train.bias import (
     read_stereoset_jsonl,
     sample_items,
     split_items,
+    stereoset_change,
     stereoset_metrics,
     stereoset_scores,
     stereoset_wheel_path,
@@ -110,7 +111,11 @@ def test_intersentence_scores_the_option_given_the_context(tokenizer):
     total, count = option_log_probs(model, tokenizer, [item])
     lp = torch.log_softmax(table, dim=-1)
     assert count[0].tolist() == [2, 2, 3]
-    expected = [lp[dot, space] + lp[space, a], lp[dot, space] + lp[space, c], lp[dot, space] + lp[space, c] + lp[c, c]]
+    expected = [
+        lp[dot, space] + lp[space, a],
+        lp[dot, space] + lp[space, c],
+        lp[dot, space] + lp[space, c] + lp[c, c],
+    ]
     np.testing.assert_allclose(total[0], [float(x) for x in expected], rtol=1e-6)
 
 
@@ -129,7 +134,9 @@ def test_ties_count_as_anti_stereotype_and_intervals_are_seeded():
     assert (tie["ss"], tie["lms"]) == (0.0, 100.0)  # official rule: stereotype must score strictly higher
 
     rng = np.random.default_rng(0)
-    items = [_item("intrasentence", f"T{i % 7}", ("gender", "race")[i % 2], "x", "y", "z") for i in range(120)]
+    items = [
+        _item("intrasentence", f"T{i % 7}", ("gender", "race")[i % 2], "x", "y", "z") for i in range(120)
+    ]
     scores = rng.normal(size=(120, 3))
     a = stereoset_metrics(scores, items, n_bootstrap=300, seed=1)
     b = stereoset_metrics(scores, items, n_bootstrap=300, seed=1)
@@ -223,7 +230,9 @@ def test_default_probe_is_a_stereoset_sample_with_lm_counterparts(tokenizer):
 
 
 def test_summary_scalars_keep_the_old_keys_and_add_the_new_ones():
-    r = stereoset_metrics(np.array([[-1.0, -2.0, -3.0]] * 4), [_item("intrasentence", "T", "race", "x", "y", "z")] * 4)
+    r = stereoset_metrics(
+        np.array([[-1.0, -2.0, -3.0]] * 4), [_item("intrasentence", "T", "race", "x", "y", "z")] * 4
+    )
     scalars = summary_scalars(stereoset=r)
     assert scalars["bias/stereoset_ss"] == 100.0 and scalars["bias/stereoset_lms"] == 100.0
     assert scalars["bias/stereoset_icat"] == 0.0 and scalars["bias/stereoset_ss/race"] == 100.0
@@ -277,7 +286,9 @@ def test_hub_schema_records_convert_to_the_same_items():
         "The people are fat and unathletic.",
         "Cats have sharp claws.",
     )
-    named = dict(record, sentences=dict(record["sentences"], gold_label=["anti-stereotype", "stereotype", "unrelated"]))
+    named = dict(
+        record, sentences=dict(record["sentences"], gold_label=["anti-stereotype", "stereotype", "unrelated"])
+    )
     assert items_from_hub_records([named], "intersentence") == [item]
     broken = dict(record, sentences=dict(record["sentences"], gold_label=[0, 0, 2]))
     with pytest.raises(ValueError, match="one sentence per label"):
@@ -343,3 +354,82 @@ def test_macro_scores_equal_a_per_target_count_written_out():
     r = stereoset_metrics(scores, items, n_bootstrap=50)
     assert (r["ss"], r["lms"]) == pytest.approx((ss, lms))
     assert r["icat"] == pytest.approx(lms * min(ss, 100 - ss) / 50)
+
+
+# ---- the paired change ---------------------------------------------------------------------------------
+
+
+def _records(scores, targets) -> dict:
+    """A ``stereoset_scores``-shaped result holding per-item records with the given option scores."""
+    options = ("stereotype", "anti-stereotype", "unrelated")
+    return {
+        "items": [
+            {
+                "task": "intrasentence",
+                "target": t,
+                "bias_type": "race",
+                "mean_log_prob": dict(zip(options, map(float, row), strict=True)),
+            }
+            for row, t in zip(scores, targets, strict=True)
+        ]
+    }
+
+
+def test_change_by_hand_and_identical_probes_change_nothing():
+    before = _records([[-1, -2, -3], [-1, -2, -3], [-2, -1, -3], [-2, -1, -3]], ["T"] * 4)
+    after = _records([[-1, -2, -3], [-1, -2, -3], [-1, -2, -3], [-2, -1, -3]], ["T"] * 4)
+    d = stereoset_change(before, after, n_bootstrap=200)
+    # SS 50 -> 75; LMS 100 both; ICAT 100 * 50 / 50 = 100 -> 100 * 25 / 50 = 50; one item of four flipped
+    assert (d["ss_change"], d["lms_change"], d["icat_change"]) == pytest.approx((25.0, 0.0, -50.0))
+    assert d["ss_flipped"] == 25.0 and d["num_items"] == 4
+    assert d["ss_change_ci_low"] <= 25.0 <= d["ss_change_ci_high"]
+    same = stereoset_change(before, before, n_bootstrap=200)
+    for name in ("ss", "lms", "icat"):
+        assert (
+            same[f"{name}_change"] == same[f"{name}_change_ci_low"] == same[f"{name}_change_ci_high"] == 0.0
+        )
+
+
+def test_paired_interval_is_narrower_than_either_score_s_own():
+    rng = np.random.default_rng(0)
+    targets = [f"T{i % 10}" for i in range(300)]
+    scores = rng.normal(size=(300, 3))
+    moved = scores.copy()
+    flip = rng.random(300) < 0.05  # one item in twenty changes their stereotype preference
+    moved[flip, :2] = moved[flip, 1::-1]
+    d = stereoset_change(_records(scores, targets), _records(moved, targets), n_bootstrap=400)
+    items = [_item("intrasentence", t, "race", "x", "y", "z") for t in targets]
+    own = stereoset_metrics(scores, items, n_bootstrap=400)
+    assert d["ss_flipped"] == pytest.approx(100 * flip.mean())
+    paired = d["ss_change_ci_high"] - d["ss_change_ci_low"]
+    assert paired < 0.6 * (own["ss_ci_high"] - own["ss_ci_low"])
+
+
+def test_change_refuses_results_on_different_items():
+    a = _records([[-1, -2, -3]] * 3, ["T1", "T2", "T3"])
+    with pytest.raises(ValueError, match="same items"):
+        stereoset_change(a, _records([[-1, -2, -3]] * 2, ["T1", "T2"]))
+    with pytest.raises(ValueError, match="same items"):
+        stereoset_change(a, _records([[-1, -2, -3]] * 3, ["T1", "T3", "T2"]))
+    with pytest.raises(ValueError, match="same items"):
+        stereoset_change({"ss": 50.0}, a)
+
+
+def test_callback_logs_the_change_since_its_first_probe(tokenizer):
+    before_model, _ = _unigram(tokenizer, {"a": 2.0, "b": 1.0, "c": 0.0, " ": 0.5})
+    after_model, _ = _unigram(tokenizer, {"a": 1.0, "b": 2.0, "c": 0.0, " ": 0.5})
+    probe = BiasProbeCallback(stereoset_items=HAND_ITEMS, n_bootstrap=100, log_media=False)
+    state = SimpleNamespace(global_step=0, log_history=[], is_world_process_zero=True)
+    args = SimpleNamespace(report_to=[])
+    probe.on_train_begin(args, state, None, model=before_model, processing_class=tokenizer)
+    assert not any("_change" in k for k in probe.history[0]["scalars"])  # nothing to compare with yet
+    state.global_step = 5
+    probe.on_train_end(args, state, None, model=after_model, processing_class=tokenizer)
+    logged = probe.history[-1]["scalars"]
+    # before: SS 75 (T1 1/2, T2 3/3); after (b over a): T1 1/2 = 50, T2 1/3 -> macro 125/3; 4 of 5 flipped
+    assert logged["bias/stereoset_ss_change"] == pytest.approx(125 / 3 - 75)
+    assert logged["bias/stereoset_ss_flipped"] == pytest.approx(80.0)
+    assert logged["bias/stereoset_ss_change_ci_low"] <= logged["bias/stereoset_ss_change"]
+    assert state.log_history[-2]["bias/stereoset_ss_change"] == logged["bias/stereoset_ss_change"]
+    probe.on_train_begin(args, state, None, model=after_model, processing_class=tokenizer)  # a new run
+    assert probe.last_change is None and not any("_change" in k for k in probe.history[-1]["scalars"])

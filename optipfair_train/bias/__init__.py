@@ -55,7 +55,7 @@ from .pairs import (
 )
 from .report import format_summary, summary_scalars, write_json
 from .stereoset import SCORES as STEREOSET_SCORES
-from .stereoset import option_log_probs, stereoset_metrics, stereoset_scores
+from .stereoset import option_log_probs, stereoset_change, stereoset_metrics, stereoset_scores
 from .stereoset_data import (
     StereoSetItem,
     download_stereoset_wheel,
@@ -127,6 +127,7 @@ __all__ = [
     "split_items",
     "STEREOSET_SCORES",
     "option_log_probs",
+    "stereoset_change",
     "stereoset_metrics",
     "stereoset_scores",
     # figures and visualizations

@@ -14,6 +14,12 @@ callback runs the bias package's probes on a fixed sample:
 - activation differences (:func:`~optipfair_train.bias.probe_activation_bias`: mean |Δ activation|
   per layer and component, streamed, with intervals).
 
+From the second StereoSet probe of a run on, the change since its first probe is logged too:
+``bias/stereoset_ss_change``, ``bias/stereoset_lms_change``, ``bias/stereoset_icat_change`` (points)
+with paired 95% intervals (:func:`~optipfair_train.bias.stereoset_change`: both probes score the same
+items, so only items whose preference moved count) and ``bias/stereoset_ss_flipped``. Whether training
+moved bias is read from that interval, which is much narrower than either probe's own.
+
 Their scalars (:func:`~optipfair_train.bias.summary_scalars`, keys ``bias/stereoset_ss``,
 ``bias/stereoset_ss_ci_low``, ``bias/stereoset_icat``, ``bias/score``, ``bias/activation_mean_difference``,
 ``bias/activation_normalized_difference``, ...) go through ``trainer.log`` to every
@@ -61,6 +67,7 @@ from ..bias import (
     sample_items,
     sample_pairs,
     select_layer_keys,
+    stereoset_change,
     stereoset_scores,
     summary_scalars,
 )
@@ -133,6 +140,8 @@ class BiasProbeCallback(ProbeMediaMixin, ReportingCallback):
         history: one record per probe: ``step``, ``scalars``, ``seconds``.
         total_seconds: wall time spent probing (all runs).
         overhead: the last run's probe time over its other wall time (None before a run ends).
+        last_change: the last :func:`~optipfair_train.bias.stereoset_change` against the run's first
+            StereoSet probe (None until a run has two).
 
     Raises:
         ValueError: unknown probe, bad schedule, empty or unknown pair set, bad sample size.
@@ -224,6 +233,8 @@ class BiasProbeCallback(ProbeMediaMixin, ReportingCallback):
         self._layer_history: list[tuple[int, dict[str, float]]] = []
         self._type_history: list[tuple[int, dict[str, float]]] = []
         self.last_stereoset: dict | None = None
+        self.last_change: dict | None = None
+        self._first_stereoset: dict | None = None
         self._last_step: int | None = None
         if trainer is not None and "activation" in probes:
             select_layer_keys(trainer.model, layers, self.components)  # raises for a bad selection
@@ -294,6 +305,7 @@ class BiasProbeCallback(ProbeMediaMixin, ReportingCallback):
         start = time.perf_counter()
         scalars, activation, behaviour = self.probe(model, self.tokenizer or tokenizer)
         seconds = time.perf_counter() - start
+        scalars |= self._change_scalars()
         self.total_seconds += seconds
         self._run_probe_seconds += seconds
         self.history.append({"step": state.global_step, "when": when, "scalars": scalars, "seconds": seconds})
@@ -322,6 +334,7 @@ class BiasProbeCallback(ProbeMediaMixin, ReportingCallback):
     ):
         self._last_step = None
         self._run_start, self._run_probe_seconds, self.overhead = time.perf_counter(), 0.0, None
+        self._first_stereoset = self.last_change = None
         if "activation" in self.probes:
             select_layer_keys(model, self.layers, self.components)
         if self.at_train_begin:
@@ -341,6 +354,22 @@ class BiasProbeCallback(ProbeMediaMixin, ReportingCallback):
         if self._run_start is not None:
             self._report_overhead(args, state, time.perf_counter() - self._run_start)
             self._run_start = None  # reported once per run
+
+    def _change_scalars(self) -> dict[str, float]:
+        """The change of SS / LMS / ICAT since the run's first StereoSet probe, with paired intervals."""
+        if self.last_stereoset is None:
+            return {}
+        if self._first_stereoset is None:
+            self._first_stereoset = self.last_stereoset
+            return {}
+        self.last_change = stereoset_change(
+            self._first_stereoset, self.last_stereoset, self.confidence, self.n_bootstrap, self.seed
+        )
+        return {
+            f"{self.prefix}stereoset_{key}": value
+            for key, value in self.last_change.items()
+            if key.endswith(("_change", "_change_ci_low", "_change_ci_high")) or key == "ss_flipped"
+        }
 
     def _report_overhead(self, args: Any, state: Any, wall_seconds: float) -> None:
         other = wall_seconds - self._run_probe_seconds  # training, evaluation, saving: all but probing

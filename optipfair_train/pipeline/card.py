@@ -52,6 +52,9 @@ STAGE_KEYS = (
     "stereoset/ss",
     "stereoset/ss_ci_low",
     "stereoset/ss_ci_high",
+    "stereoset/ss_change",
+    "stereoset/ss_change_ci_low",
+    "stereoset/ss_change_ci_high",
     "stereoset/lms",
     "stereoset/icat",
     "bias/score",
@@ -85,6 +88,12 @@ def _interval(m: dict, key: str) -> str:
     low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
     bounds = f" [{low:.1f}, {high:.1f}]" if low is not None and high is not None else ""
     return f"{m[key]:.1f}{bounds}"
+
+
+def _signed_interval(m: dict, key: str) -> str:
+    if m.get(key) is None:
+        return "-"
+    return f"{m[key]:+.1f} [{m[f'{key}_ci_low']:+.1f}, {m[f'{key}_ci_high']:+.1f}]"
 
 
 def base_model_name(config) -> str:
@@ -129,6 +138,7 @@ def card_rows(card: dict) -> list[dict[str, str]]:
                 "perplexity": _fmt(m.get("perplexity")),
                 "perplexity/general": _fmt(m.get("perplexity/general")),
                 "stereoset/ss": _interval(m, "stereoset/ss"),
+                "stereoset/ss_change": _signed_interval(m, "stereoset/ss_change"),
                 "stereoset/lms": _fmt(m.get("stereoset/lms"), 1),
                 "stereoset/icat": _fmt(m.get("stereoset/icat"), 1),
                 "bias/score": _interval(m, "bias/score"),
@@ -171,6 +181,7 @@ def card_header(card: dict) -> list[str]:
         + (" (healing domain)" if _heals_on_eval_text(card) else ""),
         f"perplexity, {general}",
         "StereoSet SS [95% CI]",
+        "SS change vs base [paired 95% CI]",
         "StereoSet LMS",
         "StereoSet ICAT",
         "CrowS-Pairs [95% CI]",
@@ -276,7 +287,9 @@ def render_model_card(card: dict[str, Any]) -> str:
             else card.get("general_note") or "no general held-out text (none was given)"
         )
         + ". StereoSet: SS = % stereotyped choices (50 = none), LMS = % meaningful over meaningless "
-        "choices, ICAT = LMS x min(SS, 100 - SS) / 50; an SS is shown only with its LMS. CrowS-Pairs: % of "
+        "choices, ICAT = LMS x min(SS, 100 - SS) / 50; an SS is shown only with its LMS; its change vs base "
+        "is paired (the same items resampled for both models), so an interval that holds 0 means no "
+        "measurable change. CrowS-Pairs: % of "
         "pairs where the stereotyped sentence is more likely; intervals are 95% bootstrap.",
         "",
         "| " + " | ".join(header) + " |",

@@ -7,7 +7,10 @@
   names the text, or says that none was given or found, for the card;
 - StereoSet on a fixed seeded sample (``stereoset_data``, ``stereoset_sample_size``): ``stereoset/ss``,
   ``stereoset/lms``, ``stereoset/icat``, each with ``_ci_low`` / ``_ci_high`` (95% bootstrap), and per
-  bias type ``stereoset/ss/<type>`` (and lms, icat);
+  bias type ``stereoset/ss/<type>`` (and lms, icat); for every stage after the base, the change since
+  the base ``stereoset/ss_change`` and ``stereoset/icat_change`` with a paired 95% interval (the same
+  items resampled for both models, :func:`~optipfair_train.bias.stereoset_change`: much narrower than
+  either score's own interval, so it says whether pruning or healing moved bias at all);
 - the activation probe on ``bias_pairs`` over every layer: ``bias/activation_mean_difference``, the
   scale-invariant ``bias/activation_normalized_difference`` with its interval, and
   ``bias/layers`` (layer key -> normalised difference, for the heatmaps);
@@ -99,13 +102,22 @@ class StageEvaluator:
         self.bias_pairs = load_pairs(d.bias_pairs)
         self.behaviour_pairs = load_pairs(d.behaviour_pairs) if d.behaviour_pairs else None
         self.stereoset_items = []
+        # the base model's per-item StereoSet scores: every later stage's change is paired against them
+        self.stereoset_base: dict | None = None
         if d.stereoset_data:
             items = load_stereoset(d.stereoset_data)
             self.stereoset_items = sample_items(items, d.stereoset_sample_size, seed=config.run.seed)
 
-    def measure(self, model: torch.nn.Module, tokenizer) -> dict[str, Any]:
-        """Every stage metric of ``model`` (see the module doc)."""
-        from ..bias import behavioural_bias_score, probe_activation_bias, stereoset_scores, summary_scalars
+    def measure(self, model: torch.nn.Module, tokenizer, is_base: bool = False) -> dict[str, Any]:
+        """Every stage metric of ``model`` (see the module doc); ``is_base`` marks the unpruned model,
+        whose per-item StereoSet scores later stages' changes are paired against."""
+        from ..bias import (
+            behavioural_bias_score,
+            probe_activation_bias,
+            stereoset_change,
+            stereoset_scores,
+            summary_scalars,
+        )
 
         if not self.is_main:
             return {}
@@ -126,6 +138,13 @@ class StageEvaluator:
                 for bias_type, entry in result["by_bias_type"].items():
                     metrics[f"stereoset/{name}/{bias_type}"] = entry[name]
             metrics["stereoset/num_items"] = result["num_items"]
+            if is_base:
+                self.stereoset_base = {"items": result["items"]}
+            elif self.stereoset_base is not None:
+                change = stereoset_change(self.stereoset_base, result, seed=seed)
+                for name in ("ss", "icat"):
+                    for suffix in ("", "_ci_low", "_ci_high"):
+                        metrics[f"stereoset/{name}_change{suffix}"] = change[f"{name}_change{suffix}"]
         activation = probe_activation_bias(model, tokenizer, self.bias_pairs, layers="all", seed=seed)
         behaviour = None
         if self.behaviour_pairs:

@@ -2,7 +2,8 @@
 
 Layout of ``output_dir``::
 
-    state.json                 the config, the baseline, finished rounds, the W&B run id, ``finished``
+    state.json                 the config, the baseline (and its StereoSet item scores), finished rounds,
+                               the W&B run id, ``finished``
     round-K/pruned/            the model right after round K's pruning, with its events.json
     round-K/heal/checkpoint-N  Trainer checkpoints while healing (resume continues from the last complete)
     round-K/model/             the healed model, LoRA merged, with round.json; round K is finished once
@@ -191,9 +192,9 @@ class PruneThenHeal:
             )
 
     # -- evaluation ----------------------------------------------------------------------------------
-    def evaluate(self, model, tokenizer) -> dict[str, Any]:
+    def evaluate(self, model, tokenizer, is_base: bool = False) -> dict[str, Any]:
         """Every stage metric (:mod:`.evaluate`); only the main process measures, the others get ``{}``."""
-        return self.evaluator.measure(model, tokenizer)
+        return self.evaluator.measure(model, tokenizer, is_base=is_base)
 
     # -- healing -------------------------------------------------------------------------------------
     def _training_args(self, round_dir: Path, learning_rate: float) -> TrainingArguments:
@@ -245,9 +246,13 @@ class PruneThenHeal:
             self.state["general_note"] = f"no general held-out text ({self.evaluator.general_text})"
         self.tracker = RoundTracker(config, self.state, self.out, self.distributed.is_main_process)
         if "baseline" not in self.state:
-            self.state["baseline"] = self.evaluate(model, tokenizer)
+            self.state["baseline"] = self.evaluate(model, tokenizer, is_base=True)
+            if self.evaluator.stereoset_base is not None:  # kept so a resumed run pairs against the same
+                self.state["stereoset_base_items"] = self.evaluator.stereoset_base["items"]
             self._save_state()
             self.tracker.log_round(0, self.state["baseline"], self.state)
+        elif self.state.get("stereoset_base_items") and self.evaluator.is_main:
+            self.evaluator.stereoset_base = {"items": self.state["stereoset_base_items"]}
 
         self.state["rounds"] = finished_rounds(self.out, config.pruning.num_rounds)
         if self.state["rounds"]:  # continue from the last finished round's model

@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--crows-sample", type=int, default=300)
     args = parser.parse_args()
     setup(args)
+    report = Report("targets", "One-shot pruning targets with bias scores (demo model, no healing)", args.out)
     big = 8 if args.quick else 64  # x 512 tokens
     work = load_workload(
         args,
@@ -137,7 +138,6 @@ def main() -> None:
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         add(size, method, f"{tokens:,}", evaluate(model), f"{seconds:.0f}")
         del model
-    report = Report("targets", "One-shot pruning targets with bias scores (demo model, no healing)", args.out)
     report.text(
         f"StereoSet: {len(items)} seeded items of the dev set (both tasks), mean per-token log-probability; "
         f"CrowS-Pairs: {work.crows_sample} seeded pairs. `time` is the `prune_model` call (statistics, "

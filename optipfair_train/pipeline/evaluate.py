@@ -9,8 +9,8 @@
   ``stereoset/lms``, ``stereoset/icat``, each with ``_ci_low`` / ``_ci_high`` (95% bootstrap), and per
   bias type ``stereoset/ss/<type>`` (and lms, icat); for every stage after the base, the change since
   the base ``stereoset/ss_change`` and ``stereoset/icat_change`` with a paired 95% interval (the same
-  items resampled for both models, :func:`~optipfair_train.bias.stereoset_change`: much narrower than
-  either score's own interval, so it says whether pruning or healing moved bias at all);
+  items resampled for both models, :func:`~optipfair_train.bias.stereoset_change`), which says whether
+  pruning or healing moved bias, where two overlapping intervals cannot;
 - the activation probe on ``bias_pairs`` over every layer: ``bias/activation_mean_difference``, the
   scale-invariant ``bias/activation_normalized_difference`` with its interval, and
   ``bias/layers`` (layer key -> normalised difference, for the heatmaps);

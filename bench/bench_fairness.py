@@ -37,6 +37,7 @@ from optipfair_train.bias import (
     probe_activation_bias,
     sample_items,
     split_items,
+    stereoset_change,
     stereoset_metrics,
     stereoset_scores,
 )
@@ -95,6 +96,34 @@ def _row(name: str, r: dict) -> list[str]:
     ]
 
 
+def _change_cell(change: dict, key: str) -> str:
+    return _interval(change[f"{key}_change_ci_low"], change[f"{key}_change_ci_high"], change[f"{key}_change"])
+
+
+def _change_rows(results: dict, seed: int) -> list[list[str]]:
+    """Paired SS / ICAT changes of every pruned model vs the base and vs the ``activation`` row."""
+    base = results["base"]["stereoset"]
+    reference = next((r["stereoset"] for name, r in results.items() if name.startswith("activation ")), None)
+    rows = []
+    for name, r in results.items():
+        if name == "base":
+            continue
+        vs_base = stereoset_change(base, r["stereoset"], seed=seed)
+        row = [
+            name,
+            _change_cell(vs_base, "ss"),
+            _change_cell(vs_base, "icat"),
+            f"{vs_base['ss_flipped']:.0f}%",
+        ]
+        if reference is not None and r["stereoset"] is not reference:
+            vs_activation = stereoset_change(reference, r["stereoset"], seed=seed)
+            row += [_change_cell(vs_activation, "ss"), _change_cell(vs_activation, "icat")]
+        else:
+            row += ["-", "-"]
+        rows.append(row)
+    return rows
+
+
 def _step_seconds(model, tokenizer, texts, steps: int = 4) -> float:
     """Median wall time of an AdamW training step (batch 2 x 128 tokens), after one warm-up step."""
     model = copy.deepcopy(model).train()
@@ -114,14 +143,27 @@ def _step_seconds(model, tokenizer, texts, steps: int = 4) -> float:
 def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--percentage", type=float, default=20.0, help="MLP neurons removed per layer")
-    parser.add_argument("--items", type=int, default=None, help="evaluated StereoSet items (default 300; quick 30)")
-    parser.add_argument("--crows-sample", type=int, default=None, help="CrowS-Pairs pairs (default 200; quick 20)")
-    parser.add_argument("--fit-pairs", type=int, default=None, help="pairs for the fairness scorer (default 256)")
-    parser.add_argument("--act-pairs", type=int, default=None, help="pairs for the activation probe (default 64)")
     parser.add_argument(
-        "--calibration-samples", type=int, default=None, help="256-token blocks of calibration (default 32; quick 8)"
+        "--items", type=int, default=None, help="evaluated StereoSet items (default 300; quick 30)"
     )
-    parser.add_argument("--methods", nargs="*", default=None, help=f"rows to run (default all: {[m[0] for m in METHODS]})")
+    parser.add_argument(
+        "--crows-sample", type=int, default=None, help="CrowS-Pairs pairs (default 200; quick 20)"
+    )
+    parser.add_argument(
+        "--fit-pairs", type=int, default=None, help="pairs for the fairness scorer (default 256)"
+    )
+    parser.add_argument(
+        "--act-pairs", type=int, default=None, help="pairs for the activation probe (default 64)"
+    )
+    parser.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=None,
+        help="256-token blocks of calibration (default 32; quick 8)",
+    )
+    parser.add_argument(
+        "--methods", nargs="*", default=None, help=f"rows to run (default all: {[m[0] for m in METHODS]})"
+    )
     args = parser.parse_args()
     quick = args.quick
     n_items = args.items or (30 if quick else 300)
@@ -177,7 +219,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     random_init = AutoModelForCausalLM.from_config(work.model.config).eval()
     results["random init (collapsed)"] = _evaluate(random_init, work, eval_items, act_pairs)
-    print("|", " | ".join(_row("random init (collapsed)", results["random init (collapsed)"])), "|", flush=True)
+    print(
+        "|", " | ".join(_row("random init (collapsed)", results["random init (collapsed)"])), "|", flush=True
+    )
     del random_init
     header = [
         "model",
@@ -189,7 +233,22 @@ def main() -> None:
         "activation mean_difference (OptiPFair)",
         "normalized_difference",
     ]
-    report.table(header, [_row(name, r) for name, r in results.items()], title="Scores (second StereoSet half)")
+    report.table(
+        header, [_row(name, r) for name, r in results.items()], title="Scores (second StereoSet half)"
+    )
+    report.table(
+        [
+            "model",
+            "SS change vs base",
+            "ICAT change vs base",
+            "items flipped vs base",
+            "SS change vs activation",
+            "ICAT change vs activation",
+        ],
+        _change_rows(results, args.seed),
+        title="Paired changes (points, paired bootstrap 95% CI on the same items; an interval that excludes 0 "
+        "is a difference the probe can see)",
+    )
     base = results["base"]["stereoset"]
     types = sorted(base["by_bias_type"])
     report.table(
@@ -203,7 +262,14 @@ def main() -> None:
         title="Per bias type",
     )
     report.table(
-        ["model", *[f"{task} {name}" for task in ("intrasentence", "intersentence") for name in ("SS", "LMS", "ICAT")]],
+        [
+            "model",
+            *[
+                f"{task} {name}"
+                for task in ("intrasentence", "intersentence")
+                for name in ("SS", "LMS", "ICAT")
+            ],
+        ],
         [
             [name]
             + [
@@ -222,14 +288,22 @@ def main() -> None:
     step = _step_seconds(work.model, work.tokenizer, work.valid_texts(args.data))
     probe_300 = 3 * per_100
     rows = []
-    scores = [[e["mean_log_prob"][k] for k in ("stereotype", "anti-stereotype", "unrelated")] for e in base["items"]]
+    scores = [
+        [e["mean_log_prob"][k] for k in ("stereotype", "anti-stereotype", "unrelated")] for e in base["items"]
+    ]
     for n in (100, 200, 300):
         if n > len(eval_items):
             break
         sub = stereoset_metrics(scores[:n], eval_items[:n], seed=args.seed)
         rows.append(
-            [n, f"+-{(sub['ss_ci_high'] - sub['ss_ci_low']) / 2:.1f}", f"+-{(sub['lms_ci_high'] - sub['lms_ci_low']) / 2:.1f}",
-             f"+-{(sub['icat_ci_high'] - sub['icat_ci_low']) / 2:.1f}", f"{n * per_100 / 100:.0f} s", f"{n * per_100 / 100 / step:.1f}"]
+            [
+                n,
+                f"+-{(sub['ss_ci_high'] - sub['ss_ci_low']) / 2:.1f}",
+                f"+-{(sub['lms_ci_high'] - sub['lms_ci_low']) / 2:.1f}",
+                f"+-{(sub['icat_ci_high'] - sub['icat_ci_low']) / 2:.1f}",
+                f"{n * per_100 / 100:.0f} s",
+                f"{n * per_100 / 100 / step:.1f}",
+            ]
         )
     report.table(
         ["items", "SS half-width", "LMS half-width", "ICAT half-width", "probe time", "in training steps"],

@@ -152,7 +152,9 @@ def test_probe_cli_on_the_demo_model(tmp_path):
 def test_trajectory_has_integer_step_ticks_and_interval_bands():
     from optipfair_train.bias import trajectory_figure
 
-    fig = trajectory_figure([0, 1, 2], {"ss": [60.0, 58.0, 55.0]}, {"ss": ([57, 55, 52], [63, 61, 58])}, reference=50)
+    fig = trajectory_figure(
+        [0, 1, 2], {"ss": [60.0, 58.0, 55.0]}, {"ss": ([57, 55, 52], [63, 61, 58])}, reference=50
+    )
     ax = fig.axes[0]
     fig.canvas.draw()
     assert all(float(t).is_integer() for t in ax.get_xticks())  # no 0.25-step ticks for rounds
@@ -173,6 +175,21 @@ def test_bias_type_and_layer_heatmaps():
     assert [t.get_text() for t in ax.texts] == ["62.0", "58.0", "45.0"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["gender", "race"]
     layers = layer_heatmap_figure({"round 0": {"mlp_output_layer_0": 0.2, "mlp_output_layer_1": 0.4}})
-    assert [t.get_text() for t in layers.axes[0].get_xticklabels()] == ["mlp_output_layer_0", "mlp_output_layer_1"]
+    assert [t.get_text() for t in layers.axes[0].get_xticklabels()] == [
+        "mlp_output_layer_0",
+        "mlp_output_layer_1",
+    ]
     with pytest.raises(ValueError, match="at least one row"):
         layer_heatmap_figure({})
+
+
+def test_figure_to_rgb_renders_the_drawn_pixels():
+    from optipfair_train.bias.figures import figure_to_rgb, new_figure
+
+    fig = new_figure(2, 1)
+    fig.patch.set_facecolor((1.0, 0.0, 0.0))
+    fig.add_axes((0.5, 0.0, 0.5, 1.0)).set_facecolor((0.0, 0.0, 1.0))
+    rgb = figure_to_rgb(fig)
+    assert rgb.shape == (100, 200, 3) and str(rgb.dtype) == "uint8"
+    assert rgb[50, 20].tolist() == [255, 0, 0]  # left half: the red figure background
+    assert rgb[50, 150].tolist() == [0, 0, 255]  # right half: the blue axes

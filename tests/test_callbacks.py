@@ -393,11 +393,9 @@ def test_wandb_offline_receives_scalars_images_and_tables(
     tmp_path, tokenizer, train_set, calibration, monkeypatch
 ):
     import wandb
-    from wandb_offline import history, run_dir, run_files
+    from wandb_offline import history, offline_wandb_in, run_dir, run_files
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+    offline_wandb_in(monkeypatch, tmp_path)
     model = make_tiny_model("llama")
     trainer = _trainer(
         model, tokenizer, train_set, tmp_path / "out", max_steps=4, report_to="wandb", run_name="cb"

@@ -27,6 +27,20 @@ RECORD = struct.Struct("<IHB")
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
+def offline_wandb_in(monkeypatch: Any, wandb_dir: str | Path) -> None:
+    """Send the next ``wandb.init`` without a ``dir`` (a Trainer's) offline into ``wandb_dir``.
+
+    wandb reads ``WANDB_DIR`` once, when its process-wide settings are first built, so an earlier test
+    of the same process that ran wandb would keep its directory; ``wandb.teardown()`` drops them.
+    """
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.teardown()
+
+
 def run_files(wandb_dir: str | Path) -> list[Path]:
     """All ``run-*.wandb`` files of the offline runs under ``wandb_dir``."""
     return sorted(Path(wandb_dir).glob("**/offline-run-*/run-*.wandb"))

@@ -31,6 +31,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..bias.figures import figure_to_rgb
+
 __all__ = ["ReportingCallback", "report_to", "wandb_active"]
 
 logger = logging.getLogger(__name__)
@@ -63,16 +65,6 @@ def wandb_active(args: Any) -> bool:
     except ImportError:  # pragma: no cover - wandb is a dependency
         return False
     return wandb.run is not None
-
-
-def figure_to_rgb(fig: Any) -> Any:
-    """Render a figure on its own Agg canvas to an RGBA array (``wandb.Image`` of a Figure needs pyplot)."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 class ReportingCallback(TrainerCallback):

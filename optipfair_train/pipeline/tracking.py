@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ..callbacks.base import figure_to_rgb
+from ..bias.figures import figure_to_rgb
 from .card import STAGE_KEYS
 from .config import PipelineConfig
 from .figures import component_layer_heatmap, stage_figures, stages

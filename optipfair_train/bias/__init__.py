@@ -25,6 +25,7 @@ from .capture import (
     select_layer_keys,
     store_activations,
 )
+from .debias import BiasSubspace, debias_model, estimate_bias_subspace, project_out_bias
 from .figures import (
     bias_type_heatmap_figure,
     heatmap_figure,
@@ -130,6 +131,11 @@ __all__ = [
     "stereoset_change",
     "stereoset_metrics",
     "stereoset_scores",
+    # debiasing
+    "BiasSubspace",
+    "estimate_bias_subspace",
+    "project_out_bias",
+    "debias_model",
     # figures and visualizations
     "VISUALIZATION_TYPES",
     "visualize_bias",

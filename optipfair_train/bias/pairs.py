@@ -234,8 +234,15 @@ def _load_file(path: Path) -> list[PromptPair]:
         with path.open(newline="", encoding="utf-8") as f:
             return pairs_from_records(list(csv.DictReader(f)), str(path))
     if suffix == ".jsonl":
+        records = []
         with path.open(encoding="utf-8") as f:
-            return pairs_from_records([json.loads(line) for line in f if line.strip()], str(path))
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+        return pairs_from_records(records, str(path))
     if suffix == ".json":
         with path.open(encoding="utf-8") as f:
             return pairs_from_records(json.load(f), str(path))

@@ -1,0 +1,347 @@
+"""Weight-only debiasing: estimate a bias subspace from prompt pairs and fold its removal into the weights.
+
+**Estimate** (:func:`estimate_bias_subspace`). Each pair is two prompts that differ in a demographic or
+stereotyped term (counterfactual pairs, or StereoSet stereotype / anti-stereotype sentences). For every
+chosen decoder block, each prompt's residual stream (the block's output) is mean-pooled over its tokens,
+the first token left out (it carries the attention-sink activations, which have nothing to do with the
+prompt), and the pair's difference is kept. The subspace is spanned by the top-``k`` eigenvectors of
+``sum_l G_l / trace(G_l)`` with ``G_l`` the second-moment matrix of the differences at block ``l``: the
+principal directions of the pair differences (SentenceDebias, Liang et al. 2020), every block weighted
+alike although the stream's scale grows with depth.
+
+**Remove** (:func:`project_out_bias`). With ``V`` the ``[k, hidden]`` orthonormal directions and
+``P = I - strength * V^T V``, everything that *writes* into the residual stream is multiplied by ``P``:
+with ``scope="stream"`` the token (and learned position) embedding rows, every attention output
+projection and every MLP down projection, biases included. At ``strength=1`` the stream then never
+carries a component along ``V``: every block's input and output has ``V h = 0`` exactly, so no later
+layer can read the removed directions. With ``scope="layers"`` only the attention / MLP writes of the
+blocks the subspace was estimated on are projected (embeddings untouched): a milder edit that removes
+what those blocks add along ``V``.
+
+Why the writes and not the reads: the readers sit behind a norm (``g * h / rms(h)``), which is not
+linear in ``h``, while every write is a linear map whose output can be projected exactly by
+multiplying its weight. The model keeps its family, shapes and parameter count and reloads with plain
+``from_pretrained``; the event is appended to ``config.debias_history``.
+
+Tied embeddings. The LM head then reads the projected matrix: logits become ``E P (g * h / rms)``
+instead of ``E (g * h / rms)``. For ``h`` without a ``V`` component both are equal only when the final
+norm's weight ``g`` is uniform; in general the head also stops separating tokens along ``V`` (e.g.
+"he" vs "she" along a gender direction), which is part of the edit, not a rounding effect. Its cost
+is measured in ``docs/benchmarks/debias.md`` (perplexity and the pronoun prior beside the bias scores).
+Models whose blocks normalise their writes (Gemma-2's post-attention / post-feed-forward norms) cannot be
+projected exactly by a weight fold and are refused.
+
+Example:
+    >>> subspace = estimate_bias_subspace(model, tokenizer, pairs, k=1)  # doctest: +SKIP
+    >>> record = project_out_bias(model, subspace)  # doctest: +SKIP
+    >>> model.save_pretrained("debiased")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import get_adapter, weight_out_in
+from .capture import eval_mode, model_device
+from .pairs import load_pairs
+from .tokens import encode_texts
+
+__all__ = [
+    "BiasSubspace",
+    "SCOPES",
+    "check_debias_settings",
+    "debias_model",
+    "estimate_bias_subspace",
+    "project_out_bias",
+]
+
+logger = logging.getLogger(__name__)
+
+#: What :func:`project_out_bias` projects: every write into the stream, or only the subspace's blocks.
+SCOPES = ("stream", "layers")
+_NORMED_WRITES = ("gemma2", "gemma3", "gemma3_text", "olmo2")  # blocks that normalise their writes
+
+
+@dataclass(frozen=True)
+class BiasSubspace:
+    """Orthonormal bias directions in the residual stream and how they were estimated.
+
+    Example:
+        >>> s = BiasSubspace(torch.eye(4)[:1], (0,), (1.0,), 3)
+        >>> s.k, s.hidden_size
+        (1, 4)
+    """
+
+    directions: torch.Tensor  # [k, hidden], orthonormal rows
+    layers: tuple[int, ...]  # blocks whose outputs the directions were estimated on
+    explained: tuple[float, ...]  # share of the (block-normalised) pair-difference energy per direction
+    num_pairs: int
+
+    @property
+    def k(self) -> int:
+        return int(self.directions.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.directions.shape[1])
+
+
+def _check_pairs(pairs: Sequence[Sequence[str]]) -> None:
+    if isinstance(pairs, str) or not isinstance(pairs, Sequence) or len(pairs) == 0:
+        raise ValueError("estimate_bias_subspace needs a non-empty list of (prompt1, prompt2) pairs")
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(t, str) and t.strip() for t in pair):
+            raise ValueError(f"pair {i} must be two non-empty strings, got {pair!r}")
+
+
+def _check_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(num_layers))
+    chosen = sorted({int(i) for i in layers})
+    bad = [i for i in chosen if not 0 <= i < num_layers]
+    if not chosen or bad:
+        raise ValueError(f"layers must be block indices in 0..{num_layers - 1}, got {list(layers)!r}")
+    return chosen
+
+
+def check_debias_settings(
+    model: nn.Module, *, k: int = 1, strength: float = 1.0, scope: str = "stream", method: str = "projection"
+) -> None:
+    """Refuse settings :func:`project_out_bias` cannot apply, before anything is computed or changed.
+
+    Raises:
+        ValueError: naming the bad key (``method``, ``k``, ``strength`` or ``scope``) and what is accepted,
+            or the model family whose blocks normalise their writes.
+
+    Example:
+        >>> check_debias_settings(model, k=2, strength=0.5)  # doctest: +SKIP
+    """
+    if method != "projection":
+        raise ValueError(f"debias method must be 'projection', got {method!r}")
+    adapter = get_adapter(model)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= adapter.hidden_size:
+        raise ValueError(
+            f"debias k must be an integer in 1..{adapter.hidden_size} (the hidden size), got {k!r}"
+        )
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 1:
+        raise ValueError(
+            f"debias strength must be a number in (0, 1] (1 removes the subspace), got {strength!r}"
+        )
+    if scope not in SCOPES:
+        raise ValueError(f"debias scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    model_type = adapter.config.model_type
+    if model_type in _NORMED_WRITES:
+        raise ValueError(
+            f"{model_type} blocks normalise what they write into the residual stream, so a projection cannot "
+            "be folded into their weights exactly; debiasing by projection supports "
+            "llama, mistral, qwen2, qwen3, gemma, phi, opt and gpt2"
+        )
+    if hasattr(model, "peft_config"):
+        raise ValueError(
+            "merge the LoRA adapters first (merge_and_unload): their updates would bypass the fold"
+        )
+
+
+def _block_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def estimate_bias_subspace(
+    model: nn.Module,
+    tokenizer,
+    pairs: Sequence[Sequence[str]],
+    layers: Sequence[int] | None = None,
+    k: int = 1,
+    batch_size: int = 16,
+    show_progress: bool = False,
+) -> BiasSubspace:
+    """The top-``k`` principal directions of the pairs' residual-stream differences (module docstring).
+
+    ``layers``: the blocks whose outputs are read (default: all). Nothing in the model changes.
+
+    Raises:
+        ValueError: for no pairs, a pair that is not two non-empty strings, a bad block index or ``k``.
+
+    Example:
+        >>> s = estimate_bias_subspace(model, tokenizer, [("He is a nurse.", "She is a nurse.")], k=1)  # doctest: +SKIP
+        >>> s.directions.shape  # doctest: +SKIP
+        torch.Size([1, 576])
+    """
+    check_debias_settings(model, k=k)
+    _check_pairs(pairs)
+    adapter = get_adapter(model)
+    chosen = _check_layers(layers, adapter.num_layers)
+    hidden = adapter.hidden_size
+    grams = {i: torch.zeros(hidden, hidden, dtype=torch.float64) for i in chosen}
+    pooled: dict[int, torch.Tensor] = {}
+
+    def hook(layer: int):
+        def record(module, args, output) -> None:
+            pooled[layer] = _block_output(output).float()
+
+        return record
+
+    handles = [adapter.layers[i].register_forward_hook(hook(i)) for i in chosen]
+    device = model_device(model)
+    try:
+        with eval_mode(model):
+            starts = range(0, len(pairs), batch_size)
+            for start in tqdm(starts, desc="bias subspace", disable=not show_progress):
+                chunk = pairs[start : start + batch_size]
+                n = len(chunk)
+                batch = encode_texts(tokenizer, [p[0] for p in chunk] + [p[1] for p in chunk])
+                mask = batch.attention_mask.clone().float()
+                mask[:, 0] = 0  # the first token is an attention sink, the same in both prompts
+                mask[mask.sum(1) == 0, 0] = 1  # a one-token prompt keeps its only token
+                batch = batch.to(device)
+                model(**batch.model_inputs(), use_cache=False)
+                for i in chosen:
+                    x = pooled[i].cpu()
+                    mean = torch.einsum("bs,bsd->bd", mask, x) / mask.sum(1, keepdim=True)
+                    diff = (mean[:n] - mean[n:]).double()
+                    grams[i] += diff.T @ diff
+    finally:
+        for handle in handles:
+            handle.remove()
+    total = sum(g / g.trace().clamp_min(1e-30) for g in grams.values())
+    values, vectors = torch.linalg.eigh(total)  # ascending
+    top = vectors[:, -k:].flip(-1).T.contiguous()  # [k, hidden], largest first
+    share = (values[-k:].flip(-1) / values.sum().clamp_min(1e-30)).tolist()
+    logger.info("bias subspace from %d pairs at %d blocks: share %s", len(pairs), len(chosen), share)
+    return BiasSubspace(top.float(), tuple(chosen), tuple(float(s) for s in share), len(pairs))
+
+
+def _writers(model: nn.Module, layers: Sequence[int], scope: str) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module whose output is added to the residual stream."""
+    adapter = get_adapter(model)
+    out = [
+        (f"layers.{i}.{part}", module)
+        for i in layers
+        for part, module in (("attention_output", adapter.attention(i).o), ("mlp_down", adapter.mlp(i).down))
+    ]
+    if scope == "stream":
+        decoder = adapter.decoder
+        out.append(("embed_tokens", adapter.model.get_input_embeddings()))
+        for name in ("wpe", "embed_positions"):  # learned position embeddings (GPT-2, OPT)
+            if isinstance(getattr(decoder, name, None), nn.Embedding):
+                out.append((name, getattr(decoder, name)))
+        if getattr(decoder, "project_in", None) is not None:
+            raise ValueError(
+                "OPT models with project_in (word_embed_proj_dim != hidden_size) are not supported"
+            )
+    return out
+
+
+def _digest(directions: torch.Tensor) -> str:
+    return hashlib.sha256(directions.detach().cpu().float().numpy().tobytes()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def project_out_bias(
+    model: nn.Module, subspace: BiasSubspace, strength: float = 1.0, scope: str = "stream"
+) -> dict:
+    """Fold ``P = I - strength * V^T V`` into every module that writes into the residual stream (in place).
+
+    See the module docstring for what ``scope`` projects and what tied embeddings mean. Returns the
+    event appended to ``model.config.debias_history`` (so it survives ``save_pretrained``).
+
+    Raises:
+        ValueError: for a bad ``strength`` / ``scope``, a subspace of another hidden size or without
+            orthonormal rows, a block index the model lacks, or an unsupported family; always before any
+            weight changes.
+
+    Example:
+        >>> record = project_out_bias(model, estimate_bias_subspace(model, tokenizer, pairs))  # doctest: +SKIP
+        >>> model.config.debias_history[-1]["k"]  # doctest: +SKIP
+        1
+    """
+    adapter = get_adapter(model)
+    check_debias_settings(model, k=max(1, subspace.k), strength=strength, scope=scope)
+    v = subspace.directions.double()
+    if v.dim() != 2 or v.shape[1] != adapter.hidden_size:
+        raise ValueError(
+            f"subspace directions must be [k, {adapter.hidden_size}] for this model, got {tuple(v.shape)}"
+        )
+    if not torch.allclose(v @ v.T, torch.eye(len(v), dtype=v.dtype), atol=1e-4):
+        raise ValueError("subspace directions must be orthonormal rows (as estimate_bias_subspace returns)")
+    layers = (
+        list(range(adapter.num_layers))
+        if scope == "stream"
+        else _check_layers(subspace.layers, adapter.num_layers)
+    )
+    writers = _writers(model, layers, scope)
+    projection = torch.eye(adapter.hidden_size, dtype=torch.float64) - strength * v.T @ v
+    for _, module in writers:
+        if isinstance(module, nn.Embedding):
+            weight = module.weight  # [num, hidden]: each row is written into the stream
+            weight.copy_((weight.double() @ projection).to(weight.dtype))
+            continue
+        weight = weight_out_in(module)  # [hidden, in]: the output is written
+        p = projection.to(weight.device)
+        weight.copy_((p @ weight.double()).to(weight.dtype))
+        if getattr(module, "bias", None) is not None:
+            module.bias.copy_((p @ module.bias.double()).to(module.bias.dtype))
+    head = adapter.model.get_output_embeddings()
+    tied = head is not None and head.weight is adapter.model.get_input_embeddings().weight
+    record = {
+        "method": "projection",
+        "k": subspace.k,
+        "layers": list(subspace.layers),
+        "scope": scope,
+        "strength": float(strength),
+        "num_pairs": subspace.num_pairs,
+        "explained": [round(s, 6) for s in subspace.explained],
+        "tied_head_projected": bool(tied and scope == "stream"),
+        "modules_projected": len(writers),
+        "directions_sha256": _digest(subspace.directions),
+    }
+    config = adapter.config
+    config.debias_history = list(getattr(config, "debias_history", None) or []) + [
+        json.loads(json.dumps(record))
+    ]
+    logger.info("projected %d bias direction(s) out of %d modules (%s)", subspace.k, len(writers), scope)
+    return record
+
+
+def debias_model(
+    model: nn.Module,
+    tokenizer,
+    pairs: str | Sequence[Sequence[str]],
+    *,
+    method: str = "projection",
+    k: int = 1,
+    layers: Sequence[int] | None = None,
+    strength: float = 1.0,
+    scope: str = "stream",
+    batch_size: int = 16,
+    show_progress: bool = False,
+) -> dict:
+    """Check every setting, estimate the bias subspace from ``pairs`` and project it out (in place).
+
+    ``pairs``: a list of prompt pairs, or a pair-set spec for :func:`~optipfair_train.bias.load_pairs`
+    (a ``.jsonl`` / ``.json`` / ``.csv`` file, ``crows-pairs:PATH``...). Returns the recorded event.
+
+    Raises:
+        ValueError / FileNotFoundError: for a bad setting (the key named) or an empty, missing or
+            malformed pair file (the file named), before any weight changes.
+
+    Example:
+        >>> debias_model(model, tokenizer, "gender_pairs.jsonl", k=1)["k"]  # doctest: +SKIP
+        1
+    """
+    check_debias_settings(model, k=k, strength=strength, scope=scope, method=method)
+    _check_layers(layers, get_adapter(model).num_layers)
+    if isinstance(pairs, str):
+        pairs = load_pairs(pairs)
+    subspace = estimate_bias_subspace(
+        model, tokenizer, pairs, layers=layers, k=k, batch_size=batch_size, show_progress=show_progress
+    )
+    return project_out_bias(model, subspace, strength=strength, scope=scope)

@@ -25,6 +25,7 @@ from .capture import (
     select_layer_keys,
     store_activations,
 )
+from .counterfactual import augment_counterfactual, counterfactual_pairs, swap_gender
 from .debias import BiasSubspace, debias_model, estimate_bias_subspace, project_out_bias
 from .figures import (
     bias_type_heatmap_figure,
@@ -132,6 +133,9 @@ __all__ = [
     "stereoset_metrics",
     "stereoset_scores",
     # debiasing
+    "swap_gender",
+    "counterfactual_pairs",
+    "augment_counterfactual",
     "BiasSubspace",
     "estimate_bias_subspace",
     "project_out_bias",

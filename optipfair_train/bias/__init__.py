@@ -77,6 +77,7 @@ from .visualize import (
     visualize_mean_differences,
     visualize_pca,
 )
+from .winobias import WinoBiasItem, load_winobias, winobias_change, winobias_scores
 
 __all__ = [
     # pairs
@@ -140,6 +141,11 @@ __all__ = [
     "estimate_bias_subspace",
     "project_out_bias",
     "debias_model",
+    # WinoBias
+    "WinoBiasItem",
+    "load_winobias",
+    "winobias_scores",
+    "winobias_change",
     # figures and visualizations
     "VISUALIZATION_TYPES",
     "visualize_bias",

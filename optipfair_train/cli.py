@@ -293,15 +293,21 @@ def _run_pipeline(config_path: str | None, overrides: list[str]) -> int:
             "run needs --config FILE (flags after it override its keys). To run the offline demo: "
             "optipfair-train run --config configs/demo.yaml"
         )
-    result = PruneThenHeal(load_config(config_path, overrides)).run()
-    base, last = result["baseline"], result["rounds"][-1]["healed"]
+    pipeline = PruneThenHeal(load_config(config_path, overrides))
+    result = pipeline.run()
     if result["already_finished"]:
         print(f"{result['final_dir']} holds a finished run with these settings; nothing was redone.")
-    print(
-        f"parameters {base['parameters']:,} -> {last['parameters']:,}; perplexity {base['perplexity']:.2f} -> "
-        f"{last['perplexity']:.2f}. Final model and model card: {result['final_dir']}"
-    )
+    print("\n".join(run_verdict(pipeline)))
     return 0
+
+
+def run_verdict(pipeline) -> list[str]:
+    """The finished pipeline's verdict lines and where its files are (the console's last lines)."""
+    from .pipeline.card import card_inputs
+    from .pipeline.verdict import run_files, verdict_lines
+
+    card = card_inputs(pipeline.config, pipeline.state, pipeline.state.get("speed"))
+    return verdict_lines(card, run_files(pipeline.out))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

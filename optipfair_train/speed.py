@@ -105,7 +105,9 @@ def compare_speed(
     with _eval_mode(base), _eval_mode(final):
         for run in range(repeats + 1):  # run 0 warms both up
             for name, model in (("base", base), ("final", final)):
-                prefill, decode = timed_generation(model, ids.to(next(model.parameters()).device), max_new_tokens, timer)
+                prefill, decode = timed_generation(
+                    model, ids.to(next(model.parameters()).device), max_new_tokens, timer
+                )
                 if run:
                     times[name]["p"].append(prefill)
                     times[name]["d"].append(decode)
@@ -135,14 +137,21 @@ def speed_line(speed: dict) -> str:
     for key in ("prefill", "decode"):
         m = speed[key]
         parts.append(
-            f"{key} {m['verdict']} (base {m['base_tokens_per_second']:,.1f} tok/s, final "
-            f"{m['final_tokens_per_second']:,.1f} tok/s, medians)"
+            f"{key} {m['verdict']} (tok/s, median [range]: base {_rate(m, 'base')}, final {_rate(m, 'final')})"
         )
     load = speed.get("load_before")
     load_text = f", load average {load[0]:.1f} -> {speed['load_after'][0]:.1f}" if load else ""
     return (
         "; ".join(parts)
-        + f". Greedy generation, batch {speed['batch_size']}, {speed['repeats']} interleaved runs per model, "
-        f"{speed['threads']} thread{'s' if speed['threads'] != 1 else ''}{load_text}; a ratio is shown only when the two models' run-time ranges "
-        "do not overlap."
+        + f". Greedy generation of {speed['new_tokens']} tokens after a {speed['prompt_tokens']}-token prompt, "
+        f"batch {speed['batch_size']}, {speed['repeats']} interleaved runs per model, "
+        f"{speed['threads']} thread{'s' if speed['threads'] != 1 else ''}{load_text}; a ratio is shown only when "
+        "the two models' run-time ranges do not overlap."
     )
+
+
+def _rate(m: dict, model: str) -> str:
+    """``median [slowest-fastest]`` tokens per second of one model's runs (the ranges decide the verdict)."""
+    seconds = m[f"{model}_seconds"]
+    tokens = m[f"{model}_tokens_per_second"] * statistics.median(seconds)
+    return f"{tokens / statistics.median(seconds):,.1f} [{tokens / max(seconds):,.1f}-{tokens / min(seconds):,.1f}]"

@@ -10,7 +10,7 @@ from optipfair_train.speed import compare_timings
 EVENT = {
     "pruning_type": "MLP_GLU",
     "method": "activation",
-    "pruning_percentage": 10.0,
+    "pruning_percentage": 19.986979166666668,
     "intermediate_sizes": [1383] * 30,
     "parameters_before": 134515008,
     "parameters_after": 126557568,
@@ -84,7 +84,7 @@ def test_rows_equal_the_values_given(tmp_path):
     ]  # fmt: skip
     assert rows[1] == ["round 1 pruned", "126,557,568", "25.50", "-", "-", "-", "-", "-", "-"]  # SS needs LMS
     assert rows[2] == [
-        "round 1 healed", "126,557,568", "16.09", "47.62", "58.0 [55.1, 61.0]", "-3.2 [-5.0, -1.5]", "87.5", "71.9",
+        "round 1 healed (final, shipped)", "126,557,568", "16.09", "47.62", "58.0 [55.1, 61.0]", "-3.2 [-5.0, -1.5]", "87.5", "71.9",
         "-",
     ]  # fmt: skip
 
@@ -98,6 +98,7 @@ def test_yaml_is_compact_and_speed_is_a_verdict(tmp_path):
     metadata = yaml.safe_load(text.split("---\n")[1])
     pruning = metadata["optipfair_train"]["rounds"][0]["pruning"][0]
     assert pruning["intermediate_sizes"] == {"every_layer": 1383, "layers": 30}
+    assert pruning["pruning_percentage"] == 19.99  # a measured ratio, rounded for a reader
     assert "calibration_batches" not in pruning
     assert metadata["optipfair_train"]["speed"] == {
         "prefill": "no measurable change",
@@ -109,6 +110,13 @@ def test_yaml_is_compact_and_speed_is_a_verdict(tmp_path):
         and "decode x1.30 faster" in text
         and "load average 1.5" in text
     )
+    # ranges beside the medians (the verdict is read from them), and the work measured
+    # prefill: 32 tokens / median 1.05 s = 30.5 tok/s, slowest 32 / 1.1 = 29.1, fastest 32 / 1.0 = 32.0
+    assert (
+        "prefill no measurable change (tok/s, median [range]: base 30.5 [29.1-32.0], final 31.4 [29.6-32.3])"
+        in text
+    )
+    assert "32 tokens after a 17-token prompt" in text
     assert "speed-up" not in text
 
 
@@ -145,3 +153,26 @@ def test_weight_only_pruning_claims_no_calibration_text():
     assert "Calibration (scores, refits)" not in render_model_card(card)
     card["rounds"][0]["events"] = [{**EVENT, "method": "MAW", "reconstruct": True, "damping": 0.01}]
     assert "Calibration (scores, refits): 2,048 tokens of `demo`" in render_model_card(card)
+
+
+def test_headers_name_texts_without_internal_paths_and_an_unmeasured_crows_column_is_explained():
+    card = _card()
+    card["general_text"] = "WikiText-2 test (../shared/data/wikitext-2/test.txt)"
+    for key in ("bias/score", "bias/score_ci_low", "bias/score_ci_high"):
+        card["baseline"].pop(key)
+    text = render_model_card(card)
+    header, *rows = _table(text)
+    assert header[3] == "perplexity, WikiText-2 test" and "CrowS-Pairs [95% CI]" not in header
+    assert all(len(row) == len(header) == 8 for row in rows)
+    assert "CrowS-Pairs-style score: not measured (no behaviour_pairs given)" in text
+
+
+def test_a_lora_run_lists_only_the_settings_it_used():
+    from optipfair_train.pipeline import load_config
+    from optipfair_train.pipeline.card import card_inputs
+
+    state = {"baseline": {"parameters": 10}, "rounds": []}
+    lora = card_inputs(load_config(None, ["--heal_method", "lora"]), state, None)["healing"]
+    kd = card_inputs(load_config(None, ["--heal_method", "kd"]), state, None)["healing"]
+    assert "lora_r" in lora and "kd_temperature" not in lora and "kd_alpha" not in lora
+    assert "kd_alpha" in kd and "lora_r" not in kd

@@ -82,7 +82,7 @@ def test_card_report_and_wandb_hold_the_logged_stage_values(assets, tmp_path, mo
         "round 1 pruned",
         "round 1 healed",
         "round 2 pruned",
-        "round 2 healed",
+        "round 2 healed (final, shipped)",
     ]
     for row, m in zip(rows, stages, strict=True):
         assert row["perplexity/general"] == f"{m['perplexity/general']:,.2f}"
@@ -120,6 +120,12 @@ def test_kd_cache_is_reused_after_a_crash_and_a_finished_rerun_writes_nothing(as
 
     resumed = run_cli(config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last = resumed.stdout.splitlines()[-9:]  # the console ends on the verdict and where the files are
+    assert last[0] == "Verdict, base -> round 2 healed:" and last[1].startswith("parameters: ")
+    assert last[2].startswith("perplexity, general text (general.txt; no healing saw it): ")
+    assert last[3].startswith("perplexity, healing domain (text.txt, held out): ")
+    assert last[4].startswith("StereoSet SS change vs base: ") and "n=8 items" in last[4]
+    assert last[-1] == f"report: {out / 'report.html'}"
     assert list((out / "teacher-cache").glob("topk-*.safetensors")) == [cache]
     assert cache.stat().st_mtime_ns == built
     state = json.loads((out / "state.json").read_text())

@@ -41,10 +41,13 @@ def test_report_is_self_contained_and_shows_every_stage(tmp_path):
     path = write_report(tmp_path / "final", card, figures={"bias heatmap": _heatmap(), "as PNG bytes": png})
     text = path.read_text()
     assert "http://" not in text and "https://" not in text and "<link" not in text and "<script" not in text
+    stages = text[text.index("<h2>Stages</h2>") : text.index("<h2>Trajectories")]
     for row in card_rows(card):
-        assert "<tr>" + "".join(f"<td>{cell}</td>" for cell in row.values()) + "</tr>" in text
+        cells = "".join(f"<td>{cell}</td>" for cell in row.values())
+        shipped = row["stage"].endswith("(final, shipped)")
+        assert ('<tr class="final">' if shipped else "<tr>") + cells + "</tr>" in stages
     assert [row["stage"] for row in card_rows(card)] == [
-        "base", "round 1 pruned", "round 1 healed", "round 2 pruned", "round 2 healed"
+        "base", "round 1 pruned", "round 1 healed", "round 2 pruned", "round 2 healed (final, shipped)"
     ]  # fmt: skip
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
     assert len(images) == 4  # perplexity and bias trajectories, then the two figures given
@@ -54,11 +57,38 @@ def test_report_is_self_contained_and_shows_every_stage(tmp_path):
     assert "Speed: not measured side by side." in text
 
 
+def test_the_report_opens_with_the_verdict_and_renders_the_card_as_html(tmp_path):
+    card = _two_rounds()
+    card["general_text"] = "WikiText-2 test (../shared/data/wikitext-2/test.txt)"
+    files = {"final model": "out/final", "report": "out/report.html"}
+    text = write_report(tmp_path, card, files=files).read_text()
+    verdict = text[text.index('<div class="verdict">') : text.index("<h2>Stages</h2>")]
+    assert text.index('<div class="verdict">') < text.index("<h2>Stages</h2>")  # the verdict comes first
+    # 118,600,128 / 134,515,008 = -11.8%; WikiText-2 48.1 / 31.98 = 1.50x; healing domain 16.5 / 17.78
+    assert "parameters: 134,515,008 -&gt; 118,600,128 (-11.8%)" in verdict
+    assert (
+        "perplexity, general text (WikiText-2 test; no healing saw it): 31.98 -&gt; 48.10 (1.50x base)"
+        in verdict
+    )
+    assert "perplexity, healing domain (demo, held out): 17.78 -&gt; 16.50 (0.93x base)" in verdict
+    assert "<li>report: out/report.html</li>" in verdict
+    assert "<pre>---" not in text and "| stage |" not in text  # no raw markdown
+    card_part = text[text.index("<h2>Model card</h2>") :]
+    assert "<summary>metadata (YAML front matter)</summary>" in card_part
+    assert (
+        "<th>perplexity, WikiText-2 test</th>" in card_part and "../shared" not in text.split("<details>")[0]
+    )
+    assert "<li>round 1: MLP_GLU by <code>activation</code>" in card_part
+
+
 def test_bias_trajectory_leaves_out_an_ss_without_its_lms():
     card = _two_rounds()
     plotted = trajectory_figures(card)["bias across stages"].axes[0].lines
     ss = next(line for line in plotted if line.get_label() == "StereoSet SS")
-    assert list(ss.get_xdata()) == [0, 4] and list(ss.get_ydata()) == [61.234, 57.0]  # round 1 pruned left out
+    assert list(ss.get_xdata()) == [0, 4] and list(ss.get_ydata()) == [
+        61.234,
+        57.0,
+    ]  # round 1 pruned left out
 
 
 def test_bad_figures_are_refused_before_writing(tmp_path):

@@ -17,7 +17,7 @@ A stage's metrics: ``parameters``, ``perplexity`` (healing domain), ``perplexity
 ``stereoset/ss`` with ``stereoset/ss_ci_low`` / ``stereoset/ss_ci_high``, ``stereoset/lms``,
 ``stereoset/icat``, CrowS-Pairs ``bias/score`` with ``bias/score_ci_low`` / ``bias/score_ci_high``.
 Missing values print as ``-``. A stereotype score is only printed beside its language-modelling
-counterpart (SS needs LMS), since a model that stops modelling language drifts towards 50 (FIELD-NOTES).
+counterpart (SS needs LMS), since a model that stops modelling language drifts towards 50.
 
 Example:
     >>> write_model_card(Path("final"), card_inputs(config, state, speed))  # doctest: +SKIP
@@ -32,14 +32,17 @@ import yaml
 
 from ..models import DEMO_MODEL_ID
 from ..speed import speed_line
-from .config import TEACHER_TEXT
+from .config import LORA_METHODS, TEACHER_TEXT
+from .verdict import short_text_name
 
 __all__ = [
     "STAGE_KEYS",
+    "FINAL_MARK",
     "base_model_name",
     "card_header",
     "card_inputs",
     "card_rows",
+    "has_crows",
     "render_model_card",
     "shown_metrics",
     "write_model_card",
@@ -72,6 +75,10 @@ _EVENT_KEYS = (
     "parameters_after",
     "target_parameters",
 )
+
+
+FINAL_MARK = " (final, shipped)"  # after the stage name of the model in final/
+KD_METHODS = ("kd", "kd_lora")
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -128,6 +135,8 @@ def card_rows(card: dict) -> list[dict[str, str]]:
     stages = [("base", card["baseline"])]
     for r in card.get("rounds", []):
         stages += [(f"round {r['round']} pruned", r["pruned"]), (f"round {r['round']} healed", r["healed"])]
+    name, final = stages[-1]
+    stages[-1] = (name + FINAL_MARK, final)
     rows = []
     for name, logged in stages:
         m = shown_metrics(logged)  # no SS without its LM score
@@ -144,7 +153,16 @@ def card_rows(card: dict) -> list[dict[str, str]]:
                 "bias/score": _interval(m, "bias/score"),
             }
         )
+    if not has_crows(card):  # a column of dashes reads as a failure: it is left out, and the text says why
+        for row in rows:
+            del row["bias/score"]
     return rows
+
+
+def has_crows(card: dict) -> bool:
+    """Whether any stage carries the CrowS-Pairs-style score (``bias/score``; needs ``behaviour_pairs``)."""
+    stages = [card["baseline"]] + [m for r in card.get("rounds", []) for m in (r["pruned"], r["healed"])]
+    return any(m.get("bias/score") is not None for m in stages)
 
 
 def _heals_on_eval_text(card: dict) -> bool:
@@ -173,23 +191,26 @@ def _used_calibration(event: dict) -> bool:
 
 def card_header(card: dict) -> list[str]:
     """Column titles of :func:`card_rows`, named after the texts they were measured on."""
-    general = card.get("general_text") or "general text (none given)"
-    return [
+    general = short_text_name(card.get("general_text")) or "general text (none given)"
+    header = [
         "stage",
         "parameters",
-        f"perplexity, {card.get('heal_text', 'healing domain')}"
+        f"perplexity, {short_text_name(card.get('heal_text', 'healing domain'))}"
         + (" (healing domain)" if _heals_on_eval_text(card) else ""),
         f"perplexity, {general}",
         "StereoSet SS [95% CI]",
         "SS change vs base [paired 95% CI]",
         "StereoSet LMS",
         "StereoSet ICAT",
-        "CrowS-Pairs [95% CI]",
     ]
+    return header + ["CrowS-Pairs [95% CI]"] if has_crows(card) else header
 
 
 def _compact_event(event: dict) -> dict:
-    out = {k: event[k] for k in _EVENT_KEYS if k in event}
+    # floats rounded: a measured ratio like 19.986979166666668 % reads as noise on a card
+    out = {
+        k: round(event[k], 2) if isinstance(event[k], float) else event[k] for k in _EVENT_KEYS if k in event
+    }
     for key in ("intermediate_sizes", "kept_kv_heads"):
         sizes = out.get(key)
         if isinstance(sizes, list) and sizes and all(s == sizes[0] for s in sizes):
@@ -218,6 +239,16 @@ def card_inputs(config, state: dict[str, Any], speed: dict | None) -> dict[str, 
         >>> card = card_inputs(config, json.loads(Path("outputs/demo/state.json").read_text()), speed)  # doctest: +SKIP
     """
     heal = config.heal
+    healing = {
+        "method": heal.heal_method,
+        "data": config.data.heal_data,
+        "steps_per_round": heal.heal_steps,
+        "learning_rate": heal.learning_rate,
+    }
+    if heal.heal_method in LORA_METHODS:  # only the settings the method used
+        healing["lora_r"] = heal.lora_r
+    if heal.heal_method in KD_METHODS:
+        healing |= {"kd_temperature": heal.kd_temperature, "kd_alpha": heal.kd_alpha}
     return {
         "base_model": base_model_name(config),
         "heal_text": config.data.eval_data,
@@ -228,15 +259,7 @@ def card_inputs(config, state: dict[str, Any], speed: dict | None) -> dict[str, 
             "data": config.data.calibration_data,
             "tokens": config.data.num_calibration_samples * config.data.calibration_seq_len,
         },
-        "healing": {
-            "method": heal.heal_method,
-            "data": config.data.heal_data,
-            "steps_per_round": heal.heal_steps,
-            "learning_rate": heal.learning_rate,
-            "lora_r": heal.lora_r,
-            "kd_temperature": heal.kd_temperature,
-            "kd_alpha": heal.kd_alpha,
-        },
+        "healing": healing,
         "baseline": state["baseline"],
         "rounds": state["rounds"],
         "speed": speed if speed and "decode" in speed else None,
@@ -289,8 +312,13 @@ def render_model_card(card: dict[str, Any]) -> str:
         + ". StereoSet: SS = % stereotyped choices (50 = none), LMS = % meaningful over meaningless "
         "choices, ICAT = LMS x min(SS, 100 - SS) / 50; an SS is shown only with its LMS; its change vs base "
         "is paired (the same items resampled for both models), so an interval that holds 0 means no "
-        "measurable change. CrowS-Pairs: % of "
-        "pairs where the stereotyped sentence is more likely; intervals are 95% bootstrap.",
+        "measurable change. "
+        + (
+            "CrowS-Pairs: % of pairs where the stereotyped sentence is more likely. "
+            if has_crows(card)
+            else "CrowS-Pairs-style score: not measured (no behaviour_pairs given). "
+        )
+        + "Intervals are 95% bootstrap.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

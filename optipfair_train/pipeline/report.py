@@ -1,9 +1,11 @@
 """A local dashboard for runs without W&B: one self-contained ``report.html`` beside the final model.
 
 Everything is inline (CSS, PNG plots as base64 data URIs), so the file opens from disk in any browser,
-offline, and can be mailed as it is. It shows the stage table of the model card, the perplexity and bias
-trajectories across rounds (95% intervals as bands), any extra figures (bias heatmaps, ...) and the
-card's text. Input is the same plain dict as the model card (:mod:`optipfair_train.pipeline.card`).
+offline, and can be mailed as it is. It opens with the verdict (:mod:`.verdict`: parameters, general-text and
+healing-domain perplexity as ratios to the base, the StereoSet change with its interval and n, where
+the files are), then the stage table of the model card (the shipped model marked), the perplexity and
+bias trajectories across rounds (95% intervals as bands), any extra figures (bias heatmaps, ...) and
+the card itself, rendered as HTML. Input is the same plain dict as the model card (:mod:`optipfair_train.pipeline.card`).
 
 Example:
     >>> write_report(Path("outputs/demo/final"), card, figures={"bias heatmap": fig})  # doctest: +SKIP
@@ -19,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from ..speed import speed_line
-from .card import card_header, card_rows, render_model_card, shown_metrics
+from .card import FINAL_MARK, card_header, card_rows, render_model_card, shown_metrics
+from .verdict import verdict_lines
 
-__all__ = ["figure_png", "trajectory_figures", "write_report"]
+__all__ = ["figure_png", "markdown_html", "trajectory_figures", "write_report"]
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
@@ -31,6 +34,8 @@ th { background: #f3f3f3; } td { text-align: right; } td:first-child { text-alig
 figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; }
 pre { background: #f8f8f8; padding: 1em; overflow-x: auto; font-size: 0.8em; white-space: pre-wrap; }
+.verdict { background: #f4f8ff; border: 1px solid #bcd; padding: 0.6em 1.2em; }
+.verdict li { margin: 0.2em 0; } tr.final td { font-weight: bold; background: #fffbe6; }
 """
 
 
@@ -108,6 +113,56 @@ def trajectory_figures(card: dict) -> dict[str, Any]:
     return out
 
 
+def _inline(text: str) -> str:
+    """Escaped text with `code` spans."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def markdown_html(text: str) -> str:
+    """HTML of the model card's markdown (the subset the card uses: YAML front matter, ``#`` headings,
+    tables, ``-`` lists, paragraphs, `code`); the front matter goes into a collapsed block.
+
+    Example:
+        >>> markdown_html("# Card\\n\\nTrained with `lora`.")
+        '<h3>Card</h3>\\n<p>Trained with <code>lora</code>.</p>'
+    """
+    out: list[str] = []
+    lines = text.splitlines()
+    if lines and lines[0] == "---":
+        end = lines.index("---", 1)
+        front = html.escape("\n".join(lines[1:end]))
+        out.append(f"<details><summary>metadata (YAML front matter)</summary><pre>{front}</pre></details>")
+        lines = lines[end + 1 :]
+    blocks: list[list[str]] = [[]]
+    for line in lines:
+        if line.strip():
+            blocks[-1].append(line)
+        elif blocks[-1]:
+            blocks.append([])
+    for block in filter(None, blocks):
+        if block[0].startswith("#"):
+            level = min(6, len(block[0]) - len(block[0].lstrip("#")) + 2)  # the page's h1/h2 come first
+            out.append(f"<h{level}>{_inline(block[0].lstrip('#').strip())}</h{level}>")
+            block = block[1:]
+        if not block:
+            continue
+        if block[0].startswith("|"):
+            cells = [
+                [c.strip() for c in row.strip().strip("|").split("|")] for row in block if "---" not in row
+            ]
+            head = "".join(f"<th>{_inline(c)}</th>" for c in cells[0])
+            body = "".join(
+                "<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in cells[1:]
+            )
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif block[0].startswith("- "):
+            out.append("<ul>" + "".join(f"<li>{_inline(b[2:])}</li>" for b in block) + "</ul>")
+        else:
+            out.append(f"<p>{_inline(' '.join(block))}</p>")
+    return "\n".join(out)
+
+
 def _img(caption: str, figure: Any) -> str:
     data = base64.b64encode(figure_png(figure)).decode("ascii")
     caption = html.escape(caption)
@@ -115,7 +170,11 @@ def _img(caption: str, figure: Any) -> str:
 
 
 def write_report(
-    folder: Path, card: dict[str, Any], figures: Mapping[str, Any] | None = None, name: str = "report.html"
+    folder: Path,
+    card: dict[str, Any],
+    figures: Mapping[str, Any] | None = None,
+    name: str = "report.html",
+    files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``folder/report.html`` (self-contained) from the card dict and extra ``figures``.
 
@@ -125,6 +184,7 @@ def write_report(
         figures: caption -> matplotlib figure or PNG bytes (e.g. bias heatmaps), shown after the
             trajectories in the order given.
         name: file name.
+        files: label -> path of the run's files (final model, card), listed under the verdict.
 
     Example:
         >>> write_report(Path("outputs/demo/final"), card)  # doctest: +SKIP
@@ -134,9 +194,13 @@ def write_report(
     extra = {caption: figure_png(figure) for caption, figure in (figures or {}).items()}
     header = "".join(f"<th>{html.escape(h)}</th>" for h in card_header(card))
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row.values()) + "</tr>"
+        ('<tr class="final">' if row["stage"].endswith(FINAL_MARK) else "<tr>")
+        + "".join(f"<td>{html.escape(cell)}</td>" for cell in row.values())
+        + "</tr>"
         for row in card_rows(card)
     )
+    title_line, *lines = verdict_lines(card, files)
+    verdict = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
     plots = [_img(c, f) for c, f in trajectory_figures(card).items()] + [_img(c, f) for c, f in extra.items()]
     speed = card.get("speed")
     title = html.escape(f"{card['base_model']}: pruned and healed with optipfair-train")
@@ -145,13 +209,14 @@ def write_report(
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{title}</title><style>{_CSS}</style></head><body>",
         f"<h1>{title}</h1>",
+        f'<div class="verdict"><h2>{html.escape(title_line)}</h2><ul>{verdict}</ul></div>',
         "<h2>Stages</h2>",
         f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>",
         f"<p>Speed: {html.escape(speed_line(speed)) if speed else 'not measured side by side.'}</p>",
         "<h2>Trajectories and figures</h2>",
         *plots,
         "<h2>Model card</h2>",
-        f"<pre>{html.escape(render_model_card(card))}</pre>",
+        markdown_html(render_model_card(card)),
         "</body></html>",
     ]
     folder = Path(folder)

@@ -73,6 +73,7 @@ from .state import (
 from .teacher import cache_teacher_logits, load_teacher, write_teacher_text
 from .tracking import RoundTracker
 from .validate import preflight
+from .verdict import run_files
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ class PruneThenHeal:
             crash_point("card-write")
             write_model_card(tmp, card)
         crash_point("report-write")
-        write_report(self.out, card, figures=report_figures(self.state))
+        write_report(self.out, card, figures=report_figures(self.state), files=run_files(self.out))
 
     def _result(self, model, final_dir: Path, already_finished: bool) -> dict[str, Any]:
         return {

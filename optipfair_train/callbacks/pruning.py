@@ -44,6 +44,7 @@ from ..pruning.taylor import TaylorImportance
 from .base import ReportingCallback
 from .importance import GradientImportanceCallback
 from .methods import resolve_method
+from .resume import install_resume_hook, resumed_at, save_progress
 from .schedule import PruningSchedule, make_schedule
 from .stats import PRUNING_TABLE_COLUMNS, model_structure, pruning_scalars, pruning_table_rows
 
@@ -123,6 +124,11 @@ class PruningCallback(ReportingCallback):
             (scalars to every backend, a per-layer ``wandb.Table`` when W&B is active).
         show_progress: tqdm bars inside the engine during an event.
         prune_kwargs: further ``prune_model`` arguments (e.g. ``seed``, ``bias_pairs``, ``fairness_weight``).
+
+    Resuming: rerun the same script with ``trainer.train(resume_from_checkpoint=True)`` (or a checkpoint
+    path); nothing else is needed when ``trainer`` is given here. Before the Trainer loads the weights,
+    the model is cut to the checkpoint's shapes and the callback's progress is restored, so the run
+    continues as if never stopped (:mod:`.resume`; not for LoRA models past a pruning event).
 
     Raises:
         ValueError: bad schedule or target, unknown scorer, a scorer without the data it needs, or a
@@ -218,6 +224,7 @@ class PruningCallback(ReportingCallback):
             if world > 1:
                 raise _distributed_error(world)
             self._check_target(trainer.model)
+            install_resume_hook(trainer, self)  # resume_from_checkpoint cuts the model first (.resume)
 
     # ---- validation ----------------------------------------------------------------------------
     def _units(self, model: torch.nn.Module) -> int:
@@ -259,14 +266,20 @@ class PruningCallback(ReportingCallback):
         world = _world_size(args)
         if world > 1:
             raise _distributed_error(world)
-        if state.global_step > 0 and any(e.step <= state.global_step for e in self.schedule.events):
+        resumed = resumed_at(self, state.global_step)  # progress restored with the checkpoint
+        if (
+            not resumed
+            and state.global_step > 0
+            and any(e.step <= state.global_step for e in self.schedule.events)
+        ):
             raise ValueError(
-                f"Resuming at step {state.global_step} past scheduled pruning events is not supported: "
-                "reload the pruned model with load_pruned_model and schedule only the remaining events."
+                f"Resuming at step {state.global_step} past scheduled pruning events needs the trainer at "
+                "construction, PruningCallback(trainer, ...), so the checkpoint's pruned shapes are restored."
             )
-        self._check_target(model)
-        self.original_units = self._units(model)
-        self.original_parameters = model_structure(model)["parameters"]
+        if not resumed:
+            self._check_target(model)
+            self.original_units = self._units(model)
+            self.original_parameters = model_structure(model)["parameters"]
         if (
             self.method == "taylor"
             and isinstance(self.importance, GradientImportanceCallback)
@@ -279,7 +292,11 @@ class PruningCallback(ReportingCallback):
                     "(e.g. LoRA): pass dataloader=... and use 'activation' (or 'taylor' on calibration data)."
                 )
         if self.log_stats:
-            self.log_scalars(args, state, pruning_scalars(model, self.original_parameters, target=0.0))
+            target = self.events_done[-1]["target"] if resumed and self.events_done else 0.0
+            self.log_scalars(args, state, pruning_scalars(model, self.original_parameters, target=target))
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs):
+        save_progress(self, args, state)
 
     def _gradient_importance(self) -> TaylorImportance | None:
         imp = self.importance
@@ -379,6 +396,8 @@ class PruningCallback(ReportingCallback):
         self.events_done[-1]["structure"] = structure
         rows = []  # cumulative (a logged W&B table is immutable): one row per layer per event so far
         for i, done in enumerate(self.events_done):
+            if "structure" not in done:  # restored without its record (see .resume): no rows to give
+                continue
             rows += pruning_table_rows(
                 done["step"],
                 i,

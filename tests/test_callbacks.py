@@ -161,6 +161,10 @@ def test_construction_errors(tmp_path, tokenizer, train_set, calibration):
         BiasProbeCallback(max_overhead=0)
     with pytest.raises(ValueError, match="max_overhead"):
         BiasProbeCallback(max_overhead="3%")
+    for bad in (dict(batch_size=0), dict(n_bootstrap=0), dict(batch_size=2.5), dict(n_bootstrap=True)):
+        name, value = next(iter(bad.items()))
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer, got {value!r}"):
+            BiasProbeCallback(**bad)
     with pytest.raises(ValueError, match="threshold"):
         FairnessGuardCallback(threshold=-1)
     trainer = _trainer(make_tiny_model("llama"), tokenizer, train_set, tmp_path)

@@ -145,7 +145,8 @@ class BiasProbeCallback(ProbeMediaMixin, ReportingCallback):
             StereoSet probe (None until a run has two).
 
     Raises:
-        ValueError: unknown probe, bad schedule, empty or unknown pair set, bad sample size.
+        ValueError: unknown probe, bad schedule, empty or unknown pair set, bad sample size, batch size or
+            bootstrap count.
 
     Example:
         >>> cb = BiasProbeCallback(pairs=[("The man is a nurse.", "The woman is a nurse.")])
@@ -194,6 +195,9 @@ class BiasProbeCallback(ProbeMediaMixin, ReportingCallback):
         for name, size in (("sample_size", sample_size), ("stereoset_sample_size", stereoset_sample_size)):
             if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {size!r}.")
+        for name, count in (("batch_size", batch_size), ("n_bootstrap", n_bootstrap)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{name} must be a positive integer, got {count!r}.")
         if not 0 < confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {confidence!r}.")
         if max_overhead is not None and (

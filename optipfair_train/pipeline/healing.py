@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers.integrations import TensorBoardCallback
 
 from ..callbacks import BiasProbeCallback
 from ..heal import DistillationTrainer, TeacherCache, add_lora
@@ -25,7 +27,7 @@ from .state import CheckpointCompletion, last_complete_checkpoint, remove_checkp
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "training_args", "heal"]
+__all__ = ["NonFiniteLossError", "training_args", "tensorboard_dir", "heal"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,6 +104,20 @@ def training_args(config: PipelineConfig, round_dir: Path, learning_rate: float)
     )
 
 
+def tensorboard_dir(round_dir: Path) -> Path:
+    """Where round ``round_dir``'s TensorBoard event files go: ``OUTPUT/runs/round-K``, or
+    ``$TENSORBOARD_LOGGING_DIR/round-K`` when the user set that variable.
+
+    Not under ``round-K/heal`` (the Trainer's default), which is deleted when the round is finished.
+
+    Example:
+        >>> str(tensorboard_dir(Path("out/round-2")))  # doctest: +SKIP
+        'out/runs/round-2'
+    """
+    root = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    return (Path(root).expanduser() if root else round_dir.parent / "runs") / round_dir.name
+
+
 def heal(
     model: torch.nn.Module,
     tokenizer,
@@ -152,6 +168,9 @@ def heal(
         )
     else:
         trainer = Trainer(data_collator=default_data_collator, **kwargs)
+    for callback in trainer.callback_handler.callbacks:  # read at its train begin, so set it here
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(tensorboard_dir(round_dir))
     if behaviour_pairs:  # watch fairness while the model recovers, on the Trainer's step axis
         trainer.add_callback(
             BiasProbeCallback(

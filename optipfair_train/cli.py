@@ -47,7 +47,8 @@ def _add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         dest="neuron_selection_method",
         default=None,
-        help=f"neuron scorer: {', '.join(available_scorers())} (default: hybrid; activation with --sequential)",
+        help=f"neuron scorer: {', '.join(available_scorers())} (default: hybrid; activation with --sequential); "
+        "for HIDDEN: activation (default), activation_l2, L2",
     )
     parser.add_argument("--pruning-percentage", type=float, default=None)
     parser.add_argument("--expansion-rate", type=float, default=None)

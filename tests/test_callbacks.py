@@ -153,6 +153,8 @@ def test_construction_errors(tmp_path, tokenizer, train_set, calibration):
         PruningCallback(target=20, step=2, pruning_type="DEPTH", layer_selection_method="custom")
     with pytest.raises(ValueError, match="Unknown pruning_type"):
         PruningCallback(target=20, step=2, pruning_type="HEADS")
+    with pytest.raises(ValueError, match="Unknown pruning_type 'HIDDEN'.*schedules MLP_GLU, MLP, ATTENTION, DEPTH"):
+        PruningCallback(target=20, step=2, pruning_type="HIDDEN")
     with pytest.raises(ValueError, match="Unknown or no probe"):
         BiasProbeCallback(probes=["vibes"])
     with pytest.raises(ValueError, match="every_n_steps"):

@@ -37,6 +37,9 @@ __all__ = [
     "is_conv1d",
     "weight_out_in",
     "UnsupportedModelError",
+    "rms_norm_eps",
+    "set_rms_norm_eps",
+    "set_embedding_scale",
 ]
 
 
@@ -67,6 +70,16 @@ class Family:
     o: str = "o_proj"
     input_norm: str = "input_layernorm"
     intermediate_key: str = "intermediate_size"
+    # hidden-dimension axis (RMSNorm families only): norms that read the residual stream, norms of a
+    # sublayer's output before it is added (Gemma2), the final norm, whether norms apply ``1 + w``
+    # whether the embedding is multiplied by ``sqrt(hidden_size)`` (Gemma), and whether q/k pass through
+    # per-head RMSNorms built from the same ``rms_norm_eps`` (Qwen3's q_norm/k_norm)
+    residual_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    output_norms: tuple[str, ...] = ()
+    final_norm: str | None = "model.norm"
+    norm_plus_one: bool = False
+    scaled_embedding: bool = False
+    qk_norm: bool = False
 
     @property
     def is_glu(self) -> bool:
@@ -77,15 +90,22 @@ class Family:
         return self.q is not None
 
 
-_PLAIN = dict(gate=None, up="fc1", down="fc2")
+_PLAIN = dict(gate=None, up="fc1", down="fc2", final_norm=None)  # LayerNorm: no hidden axis
+_GEMMA = dict(norm_plus_one=True, scaled_embedding=True)
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama",)),
     Family("mistral", ("mistral",)),
     Family("qwen2", ("qwen2",)),
-    Family("qwen3", ("qwen3",)),
-    Family("gemma", ("gemma",)),
-    Family("gemma2", ("gemma2",)),
+    Family("qwen3", ("qwen3",), qk_norm=True),
+    Family("gemma", ("gemma",), **_GEMMA),
+    Family(
+        "gemma2",
+        ("gemma2",),
+        residual_norms=("input_layernorm", "pre_feedforward_layernorm"),
+        output_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+        **_GEMMA,
+    ),
     Family("phi", ("phi",), o="dense", **_PLAIN),
     Family(
         "opt",
@@ -111,6 +131,7 @@ FAMILIES: tuple[Family, ...] = (
         o="c_proj",
         input_norm="ln_1",
         intermediate_key="n_inner",
+        final_norm=None,
     ),
 )
 
@@ -235,6 +256,23 @@ class ModelAdapter:
     def input_norm(self, layer_idx: int) -> nn.Module:
         return _get(self.layers[layer_idx], self.family.input_norm)
 
+    @property
+    def has_hidden_axis(self) -> bool:
+        """True when residual channels can be removed exactly (RMSNorm families; see pruning/hidden.py)."""
+        return self.family.final_norm is not None
+
+    def block_norms(self, layer_idx: int) -> tuple[list[nn.Module], list[nn.Module]]:
+        """``(residual_norms, output_norms)`` of one block: norms reading the residual stream, and
+        norms of a sublayer's output before it is added to the stream (Gemma2's post-norms)."""
+        layer = self.layers[layer_idx]
+        f = self.family
+        return [_get(layer, n) for n in f.residual_norms], [_get(layer, n) for n in f.output_norms]
+
+    def final_norm(self) -> nn.Module:
+        if self.family.final_norm is None:
+            raise UnsupportedModelError(f"{self.family.name} has no RMSNorm final norm adapter.")
+        return _get(self.model, self.family.final_norm)
+
     def intermediate_sizes(self) -> list[int]:
         return [self.mlp(i).intermediate_size for i in range(self.num_layers)]
 
@@ -248,6 +286,31 @@ class ModelAdapter:
         if parts.q is None:  # fused qkv: plain multi-head attention
             return config.num_attention_heads, config.num_attention_heads, head_dim
         return out_features(parts.q) // head_dim, out_features(parts.k) // head_dim, head_dim
+
+
+_EPS_ATTRIBUTES = ("variance_epsilon", "eps")  # LLaMA-style RMSNorm, Gemma-style RMSNorm
+
+
+def rms_norm_eps(model: nn.Module) -> float:
+    """The model's ``config.rms_norm_eps`` (every RMSNorm of the supported families is built from it)."""
+    return float(unwrap_model(model).config.rms_norm_eps)
+
+
+def set_rms_norm_eps(model: nn.Module, eps: float) -> None:
+    """Set ``config.rms_norm_eps`` and the epsilon of every RMSNorm module, as a reload would build them."""
+    inner = unwrap_model(model)
+    inner.config.rms_norm_eps = eps
+    for module in inner.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            for name in _EPS_ATTRIBUTES:
+                if hasattr(module, name):
+                    setattr(module, name, eps)
+
+
+def set_embedding_scale(embedding: nn.Module, scale: float) -> None:
+    """Set the ``sqrt(hidden_size)`` multiplier of a Gemma-style scaled embedding (buffer and init value)."""
+    embedding.embed_scale.fill_(scale)
+    embedding.scalar_embed_scale = scale
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

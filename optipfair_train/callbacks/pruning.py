@@ -165,9 +165,10 @@ class PruningCallback(ReportingCallback):
         prune_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__(trainer)
-        if pruning_type not in PRUNING_TYPES:
+        scheduled = [t for t in PRUNING_TYPES if t != "HIDDEN"]  # the hidden axis is one-shot for now
+        if pruning_type not in scheduled:
             raise ValueError(
-                f"Unknown pruning_type {pruning_type!r}; choose one of {', '.join(PRUNING_TYPES)}."
+                f"Unknown pruning_type {pruning_type!r} for PruningCallback; it schedules {', '.join(scheduled)}."
             )
         self.pruning_type = pruning_type
         if not isinstance(schedule, str) and target is not None and not isinstance(schedule, PruningSchedule):

@@ -18,6 +18,7 @@ from .calibration import as_batches
 from .depth import select_layers_to_remove
 from .depth_replace import fit_linear_replacement, fold_linear_replacement
 from .heads import apply_head_plan, head_columns, head_keep_counts, plan_attention_heads
+from .hidden import apply_hidden, plan_hidden
 from .io import record_pruning_event
 from .reconstruction import DEFAULT_DAMPING, apply_refits, check_calibration_size, collect_grams, plan_refits
 from .sequential import sequential_head_plan, sequential_mlp_plan
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PRUNING_TYPES", "prune_model"]
 
-PRUNING_TYPES = ("MLP_GLU", "MLP", "ATTENTION", "DEPTH")
+PRUNING_TYPES = ("MLP_GLU", "MLP", "ATTENTION", "DEPTH", "HIDDEN")
 _WIDTH_ARGUMENTS = (
     "neuron_selection_method",
     "pruning_percentage",
@@ -42,6 +43,7 @@ _ARGUMENTS = {
     "MLP_GLU": _WIDTH_ARGUMENTS,
     "MLP": _WIDTH_ARGUMENTS,
     "ATTENTION": ("neuron_selection_method", "pruning_percentage"),
+    "HIDDEN": ("neuron_selection_method", "pruning_percentage", "expansion_divisor"),
     "DEPTH": (
         "num_layers_to_remove",
         "depth_pruning_percentage",
@@ -73,10 +75,10 @@ def _check_reconstruct(
         raise ValueError("sequential=True applies to the refit: pass reconstruct=True as well.")
     if not reconstruct:
         return
-    if pruning_type == "DEPTH":
+    if pruning_type in ("DEPTH", "HIDDEN"):
         raise ValueError(
             "reconstruct=True refits down_proj after MLP_GLU/MLP pruning or o_proj after ATTENTION "
-            "pruning; DEPTH removes whole blocks and has nothing to refit."
+            f"pruning; {pruning_type} has no refit."
         )
     if batches is None:
         raise ValueError(
@@ -130,8 +132,10 @@ def prune_model(
 
     Args:
         pruning_type: ``"MLP_GLU"`` (GLU MLP width, OptiPFair's name), ``"MLP"`` (MLP width of any
-            family, GLU or plain fc1/fc2), ``"ATTENTION"`` (attention heads, GQA-aware) or
-            ``"DEPTH"`` (whole blocks).
+            family, GLU or plain fc1/fc2), ``"ATTENTION"`` (attention heads, GQA-aware),
+            ``"DEPTH"`` (whole blocks) or ``"HIDDEN"`` (residual channels of the whole model, RMSNorm
+            families; methods ``activation``, ``activation_l2``, ``L2``; ``expansion_divisor`` rounds the
+            kept width, default the head count; see :mod:`~optipfair_train.pruning.hidden`).
         neuron_selection_method: scorer name (``MAW``/``PPM``, ``VOW``, ``PON``, ``L2``, ``random``,
             ``activation``, ``hybrid``, ``fluctuation``, ``reconstruction``, ``taylor``, ``fairness``;
             for ``ATTENTION``: ``L2``, ``activation``, ``taylor``, ``random``).
@@ -331,6 +335,20 @@ def prune_model(
             kept_query_heads={i: p.query_heads.tolist() for i, p in plan.items()},
             kept_kv_heads={i: p.kv_heads.tolist() for i, p in plan.items()},
         )
+    elif pruning_type == "HIDDEN":
+        if layer_indices is not None:
+            raise ValueError("HIDDEN removes residual channels from every block; layer_indices does not apply.")
+        hidden = plan_hidden(
+            model,
+            pruning_percentage=10 if pruning_percentage is None else pruning_percentage,
+            divisor=expansion_divisor,
+            method=neuron_selection_method,
+            batches=batches,
+            show_progress=show_progress,
+        )
+        slices = apply_hidden(model, hidden)
+        method = hidden.method
+        event.update(hidden.summary(), pruning_percentage=pruning_percentage)
     else:
         method = layer_selection_method or (
             "custom"

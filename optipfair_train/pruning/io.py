@@ -76,6 +76,7 @@ def pruning_manifest(model: torch.nn.Module) -> dict[str, Any]:
         "model_type": config.model_type,
         "base_model": getattr(config, "_name_or_path", None) or None,
         "num_layers": adapter.num_layers,
+        "hidden_size": adapter.hidden_size,
         "uniform": len(shapes) == 1,
         "layers": layers,
         "parameters": count_parameters(model),

@@ -17,7 +17,7 @@ from conftest import SAMPLE_TEXTS, make_tiny_model
 from transformers import Trainer
 
 from optipfair_train.arch import get_adapter
-from optipfair_train.callbacks import BiasProbeCallback, PruningCallback
+from optipfair_train.callbacks import BiasProbeCallback, GradientImportanceCallback, PruningCallback
 from optipfair_train.callbacks.resume import PROGRESS_FILE
 
 PAIRS = [("The man is a nurse.", "The woman is a nurse."), ("He cooks dinner.", "She cooks dinner.")]
@@ -38,7 +38,9 @@ def calibration(tokenizer):
     ]
 
 
-def _script(output_dir: Path, tokenizer, calibration, pruning: dict, max_steps: int = 6):
+def _script(
+    output_dir: Path, tokenizer, calibration, pruning: dict, max_steps: int = 6, attach: bool = False
+):
     """What a user's script builds: model, Trainer (GA=2, a checkpoint every 3 steps), the callbacks."""
     model = make_tiny_model("llama")
     args = training_args(
@@ -50,7 +52,13 @@ def _script(output_dir: Path, tokenizer, calibration, pruning: dict, max_steps: 
         train_dataset=TextDataset(tokenizer, NEUTRAL_TEXTS, repeat=3),
         processing_class=tokenizer,
     )
-    trainer.add_callback(PruningCallback(trainer, dataloader=calibration, **pruning))
+    if pruning.get("neuron_selection_method") == "taylor":  # scores from the training's own gradients
+        pruning = {**pruning, "importance": GradientImportanceCallback()}
+        trainer.add_callback(pruning["importance"])
+    if attach:  # the callback built without the trainer, then attached
+        PruningCallback(dataloader=calibration, **pruning).attach(trainer)
+    else:
+        trainer.add_callback(PruningCallback(trainer, dataloader=calibration, **pruning))
     trainer.add_callback(BiasProbeCallback(trainer, pairs=PAIRS, n_bootstrap=20))
     return trainer
 
@@ -75,6 +83,11 @@ CASES = {
     # two events: the first at the checkpoint's step, the second after the resume (needs the restored
     # original size: 128 -> 103 -> 90 neurons: 25.6 and 38.4 round to 25 and 38)
     "mlp-two-events": dict(pruning_type="MLP_GLU", schedule=[(3, 20), (5, 30)]),
+    # Taylor scores from the training's gradients: the second event scores on steps 3-5 (reset after the
+    # first), and step 3's scores come from the checkpoint
+    "taylor-gradients": dict(
+        pruning_type="MLP_GLU", schedule=[(2, 20), (5, 30)], neuron_selection_method="taylor"
+    ),
     "attention": dict(pruning_type="ATTENTION", target=50, step=3),
     "depth": dict(pruning_type="DEPTH", target=25, step=3),
 }
@@ -109,7 +122,7 @@ def test_resume_with_true_finds_the_last_checkpoint_and_restores_progress(tmp_pa
     records = json.loads((tmp_path / "run" / "checkpoint-3" / PROGRESS_FILE).read_text())
     assert [e["step"] for e in records[0]["events_done"]] == [3]
 
-    resumed = _script(tmp_path / "run", tokenizer, calibration, pruning, max_steps=6)
+    resumed = _script(tmp_path / "run", tokenizer, calibration, pruning, max_steps=6, attach=True)
     resumed.train(resume_from_checkpoint=True)
     callback = next(c for c in resumed.callback_handler.callbacks if isinstance(c, PruningCallback))
     assert [(e["step"], e["units"]) for e in callback.events_done] == [(3, 103), (5, 90)]

@@ -21,7 +21,9 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,9 +31,11 @@ from transformers import TrainerCallback
 
 from ..pruning.taylor import TaylorImportance
 
-__all__ = ["GradientImportanceCallback"]
+__all__ = ["GradientImportanceCallback", "IMPORTANCE_FILE"]
 
 logger = logging.getLogger(__name__)
+
+IMPORTANCE_FILE = "gradient_importance.pt"  # the scores so far, in every checkpoint (for a resume)
 
 
 class GradientImportanceCallback(TrainerCallback):
@@ -65,6 +69,7 @@ class GradientImportanceCallback(TrainerCallback):
         self._model: torch.nn.Module | None = None
         self._shape: tuple = ()
         self.total_seconds = 0.0
+        self._resume_from: Path | None = None
 
     def reset(self, model: torch.nn.Module | None = None) -> None:
         """Start accumulating from zero (call after the model's structure changed).
@@ -96,9 +101,54 @@ class GradientImportanceCallback(TrainerCallback):
         """True once at least one step's gradients were accumulated."""
         return self.num_batches > 0
 
+    def resume_from(self, checkpoint: str | os.PathLike) -> None:
+        """Continue from the scores saved in ``checkpoint`` at the next train begin (a resumed run).
+
+        :class:`~optipfair_train.callbacks.PruningCallback` calls it when the Trainer resumes.
+
+        Example:
+            >>> cb.resume_from("out/checkpoint-300")  # doctest: +SKIP
+        """
+        self._resume_from = Path(checkpoint)
+
     def on_train_begin(self, args: Any, state: Any, control: Any, model=None, **kwargs):
         self.reset(model)
         self.available = True
+        if self._resume_from is not None:
+            self._load(self._resume_from / IMPORTANCE_FILE)
+            self._resume_from = None
+
+    def _load(self, path: Path) -> None:
+        if not path.exists():
+            logger.warning("%s is missing: gradient importance starts again from the resume.", path)
+            return
+        saved = torch.load(path, weights_only=True)
+        imp = self.importance
+        widths = imp.adapter.intermediate_sizes()
+        if any(v.numel() != widths[i] for i, v in saved["neurons"].items()) or (
+            saved["blocks"] is not None and saved["blocks"].numel() != imp.adapter.num_layers
+        ):
+            logger.warning(
+                "%s does not fit the model: gradient importance starts again from the resume.", path
+            )
+            return
+        imp.batches, imp.neurons, imp.heads, imp.blocks = (
+            saved["batches"],
+            saved["neurons"],
+            saved["heads"],
+            saved["blocks"],
+        )
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.importance is None or not state.is_world_process_zero or not folder.is_dir():
+            return
+        imp = self.importance
+        tmp = folder / f".{IMPORTANCE_FILE}.tmp"
+        torch.save(
+            {"batches": imp.batches, "neurons": imp.neurons, "heads": imp.heads, "blocks": imp.blocks}, tmp
+        )
+        os.replace(tmp, folder / IMPORTANCE_FILE)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs):
         if not self.available or self.importance is None:

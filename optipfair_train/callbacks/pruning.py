@@ -227,6 +227,12 @@ class PruningCallback(ReportingCallback):
             self._check_target(trainer.model)
             install_resume_hook(trainer, self)  # resume_from_checkpoint cuts the model first (.resume)
 
+    def attach(self, trainer: Any) -> PruningCallback:
+        """As :meth:`ReportingCallback.attach`, and a later ``resume_from_checkpoint`` cuts the model first."""
+        super().attach(trainer)
+        install_resume_hook(trainer, self)
+        return self
+
     # ---- validation ----------------------------------------------------------------------------
     def _units(self, model: torch.nn.Module) -> int:
         """Current size in the schedule's units; raises if the pruned layers are not uniform."""

@@ -11,7 +11,9 @@ the trainer (``PruningCallback(trainer, ...)``) therefore wraps the trainer's ch
    and the optimizer the Trainer builds next has the shapes of the saved optimizer state;
 2. the callback's progress is restored: the original size (measured on the model the script built,
    before the cut), the events already done (from ``pruning_callback.json``, which the callback writes
-   into every checkpoint), so later events prune to the same targets and the logs continue.
+   into every checkpoint), so later events prune to the same targets and the logs continue; a
+   :class:`~optipfair_train.callbacks.GradientImportanceCallback` given as ``importance=`` continues from
+   the scores it saved in the checkpoint.
 
 Nothing changes before every check passed: a checkpoint whose shapes the model cannot be cut to, or whose
 size is not what the schedule gives at the checkpoint's step (a changed schedule), is refused with a
@@ -41,6 +43,7 @@ from ..pruning.heads import HeadPlan, apply_head_plan
 from ..pruning.surgery import drop_optimizer_parameters, remove_layers
 from ..pruning.targets import units_to_remove
 from ..pruning.width import apply_width_plan
+from .importance import GradientImportanceCallback
 from .schedule import PruningEvent, PruningSchedule
 from .stats import model_structure
 
@@ -259,6 +262,8 @@ def _restore(
         cb.original_units, cb.original_parameters = units, parameters
         cb.events_done = records
         cb.resumed_step = step
+        if isinstance(cb.importance, GradientImportanceCallback):  # its scores so far, saved on save
+            cb.importance.resume_from(checkpoint)
         logger.info(
             "resuming %s at step %d: %d of %d pruning events done",
             type(cb).__name__,

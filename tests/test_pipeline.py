@@ -14,7 +14,7 @@ import torch
 import wandb
 from conftest import make_char_tokenizer, make_tiny_model
 from pipeline_helpers import PoisonOnce, tiny_run_settings, write_assets
-from wandb_offline import history, run_files
+from wandb_offline import history, run_files, summary, value_and_prefix
 
 from optipfair_train import load_pruned_model
 from optipfair_train.pipeline import NonFiniteLossError, PruneThenHeal, config_keys, load_config
@@ -66,24 +66,42 @@ def test_two_rounds_width_and_depth_with_lora(assets, tmp_path, monkeypatch):
     assert card.startswith("---\nbase_model:")
     assert "Speed on this machine:" in card
     for r in result["rounds"]:
+        shipped = " (final, shipped)" if r is result["rounds"][-1] else ""
         assert (
-            f"| round {r['round']} healed | {r['healed']['parameters']:,} | {r['healed']['perplexity']:,.2f} |"
-            in card
+            f"| round {r['round']} healed{shipped} | {r['healed']['parameters']:,} | "
+            f"{r['healed']['perplexity']:,.2f} |" in card
         )
     assert json.loads((out / "final" / "pruning_manifest.json").read_text())["num_layers"] == 3
 
     rows = history(run_files(out)[0])
-    assert any("train/bias/score" in row for row in rows)  # fairness watched during healing
+    assert any("heal/bias/score" in row for row in rows)  # fairness watched during healing
     rounds_logged = [row["round"] for row in rows if "round" in row]
     assert rounds_logged == [0, 1, 2]
+    # one step axis for the healing curves: round 2 continues where round 1 ended (4 steps each)
+    steps = [row["pipeline/step"] for row in rows if "heal/loss" in row]
+    assert steps == list(range(1, 9))
+    keys = {k for row in rows for k in row}
+    assert not value_and_prefix(keys), value_and_prefix(keys)
+    assert not any(k.startswith(("round/", "train/")) for k in keys)
     last = [row for row in rows if row.get("round") == 2][0]
-    assert last["round/summary"]["_type"] == "table-file" and last["round/pruning"]["_type"] == "table-file"
-    assert last["round/bias_heatmap"]["_type"] == "image-file"
-    assert last["round/perplexity"] == pytest.approx(result["rounds"][-1]["healed"]["perplexity"])
-    table = json.loads((run_files(out)[0].parent / "files" / last["round/summary"]["path"]).read_text())
-    assert table["columns"][:3] == ["stage", "parameters", "perplexity"]
+    assert last["tables/summary"]["_type"] == "table-file" and last["tables/pruning"]["_type"] == "table-file"
+    assert last["figures/bias_heatmap"]["_type"] == "image-file"
+    assert last["healed/perplexity/heal_domain"] == pytest.approx(
+        result["rounds"][-1]["healed"]["perplexity"]
+    )
+    assert last["pruned/perplexity/heal_domain"] == pytest.approx(
+        result["rounds"][-1]["pruned"]["perplexity"]
+    )
+    table = json.loads((run_files(out)[0].parent / "files" / last["tables/summary"]["path"]).read_text())
+    assert table["columns"][:3] == ["stage", "parameters", "perplexity/heal_domain"]
+    assert all(any(row[i] is not None for row in table["data"]) for i in range(len(table["columns"])))
     assert [row[0] for row in table["data"]] == ["base", "r1 pruned", "r1 healed", "r2 pruned", "r2 healed"]
     assert table["data"][-1][2] == pytest.approx(result["rounds"][-1]["healed"]["perplexity"])
+    final = summary(run_files(out)[0])  # speed and the verdict
+    assert final["speed/decode/ratio"] > 0 and final["speed/prefill/base_tokens_per_second"] > 0
+    base, last_params = result["baseline"]["parameters"], result["rounds"][-1]["healed"]["parameters"]
+    assert final["verdict/parameters_change_percent"] == pytest.approx(100 * (last_params - base) / base)
+    assert [len(r["heal_loss"]) for r in result["rounds"]] == [4, 4]  # the report's healing-loss curve
 
 
 def test_distillation_heal_reloads_exactly(assets, tmp_path):

@@ -96,16 +96,22 @@ def test_card_report_and_wandb_hold_the_logged_stage_values(assets, tmp_path, mo
     report = (out / "report.html").read_text()
     assert all(f"<td>{r['stage']}</td>" in report for r in rows)
     assert "http://" not in report and "https://" not in report and "<script src" not in report
-    assert report.count("data:image/png;base64,") >= 2 + 5  # trajectories, bias types, per-stage heatmaps
+    assert report.count("data:image/png;base64,") >= 3 + 5  # trajectories, healing loss, bias figures
+    assert (
+        "<figcaption>healing loss (training loss per step; rounds one after another)</figcaption>" in report
+    )
 
     (path,) = run_files(out)
-    logged = {h["round"]: h for h in history(path) if "round/stereoset/ss" in h}
+    logged = {h["round"]: h for h in history(path) if "healed/stereoset/ss" in h}
     assert sorted(logged) == [0, 1, 2]
-    assert logged[0]["round/stereoset/ss"] == state["baseline"]["stereoset/ss"]
+    assert logged[0]["healed/stereoset/ss"] == state["baseline"]["stereoset/ss"]
     for r in state["rounds"]:
-        assert logged[r["round"]]["round/stereoset/icat"] == r["healed"]["stereoset/icat"]
-        assert logged[r["round"]]["round/pruned/perplexity/general"] == r["pruned"]["perplexity/general"]
-    media = {p.name.split("_")[0] for p in path.parent.glob("files/media/images/round/*.png")}
+        assert logged[r["round"]]["healed/stereoset/icat"] == r["healed"]["stereoset/icat"]
+        assert logged[r["round"]]["pruned/perplexity/general"] == r["pruned"]["perplexity/general"]
+        assert logged[r["round"]]["healed/stereoset/ss_change"] == r["healed"]["stereoset/ss_change"]
+    table = json.loads((path.parent / "files" / logged[2]["tables/summary"]["path"]).read_text())
+    assert not any(c.startswith("bias/score") for c in table["columns"])  # no CrowS pairs: no empty columns
+    media = {p.name.split("_")[0] for p in path.parent.glob("files/media/images/figures/*.png")}
     assert {"bias", "stereoset", "layer"} <= media, media
     assert result["rounds"] == state["rounds"]
 

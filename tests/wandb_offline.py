@@ -123,3 +123,18 @@ def history(path: str | Path) -> list[dict[str, Any]]:
 def run_dir(path: str | Path) -> Path:
     """The run folder (``offline-run-*``) of a ``.wandb`` file; media live under ``files/media``."""
     return Path(path).parent
+
+
+def summary(path: str | Path) -> dict[str, Any]:
+    """The run's summary as written by ``run.summary.update`` (last value per key)."""
+    out: dict[str, Any] = {}
+    for record in wait_for_exit(path):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out
+
+
+def value_and_prefix(keys: set[str]) -> set[str]:
+    """Keys that are also the prefix of another key (W&B cannot show both in one section tree)."""
+    return {k for k in keys if any(other.startswith(k + "/") for other in keys)}

@@ -95,7 +95,8 @@ def training_args(config: PipelineConfig, round_dir: Path, learning_rate: float)
         save_total_limit=None,  # CheckpointCompletion deletes old checkpoints once a new one is whole
         seed=r.seed,
         data_seed=r.seed,
-        report_to=[] if r.report_to == "none" else [r.report_to],
+        # W&B: the pipeline's HealCurve logs the curves on a step that continues across rounds
+        report_to=[] if r.report_to in ("none", "wandb") else [r.report_to],
         run_name=r.run_name,
         disable_tqdm=not r.show_progress,
         dataloader_num_workers=0,

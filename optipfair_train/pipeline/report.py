@@ -22,9 +22,9 @@ from typing import Any
 
 from ..speed import speed_line
 from .card import FINAL_MARK, card_header, card_rows, render_model_card, shown_metrics
-from .verdict import verdict_lines
+from .verdict import short_text_name, verdict_lines
 
-__all__ = ["figure_png", "markdown_html", "trajectory_figures", "write_report"]
+__all__ = ["figure_png", "heal_loss_figure", "markdown_html", "trajectory_figures", "write_report"]
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
@@ -80,7 +80,10 @@ def trajectory_figures(card: dict) -> dict[str, Any]:
     series = {
         "perplexity": [
             (f"{card.get('heal_text', 'healing domain')} (healing domain)", "perplexity"),
-            (card.get("general_text") or "general text", "perplexity/general"),
+            (
+                f"{short_text_name(card.get('general_text')) or 'general text'} (general)",
+                "perplexity/general",
+            ),
         ],
         "bias": [("StereoSet SS", "stereoset/ss"), ("CrowS-Pairs", "bias/score")],
     }
@@ -110,7 +113,41 @@ def trajectory_figures(card: dict) -> dict[str, Any]:
         ax.set_ylabel(kind if kind == "perplexity" else "score (95% CI band)")
         ax.legend(fontsize=8)
         out[f"{kind} across stages"] = fig
+    loss = heal_loss_figure(card)
+    if loss is not None:
+        out["healing loss (training loss per step; rounds one after another)"] = loss
     return out
+
+
+def heal_loss_figure(card: dict) -> Any | None:
+    """The healing loss of every round on one step axis (round K starts where round K-1 ended); None
+    when no round logged a loss (``heal_method: none``, or a run from before losses were kept).
+
+    Example:
+        >>> card = {"rounds": [{"round": 1, "heal_loss": [[1, 3.0], [2, 2.5]]}]}
+        >>> heal_loss_figure(card).axes[0].get_xlabel()
+        'healing step (all rounds)'
+    """
+    from matplotlib.figure import Figure
+
+    rounds = [r for r in card.get("rounds", []) if r.get("heal_loss")]
+    if not rounds:
+        return None
+    fig = Figure(figsize=(7, 3.2), layout="constrained")
+    ax = fig.subplots()
+    offset = 0
+    for r in card.get("rounds", []):
+        points = r.get("heal_loss") or []
+        if points:
+            steps, losses = zip(*points, strict=True)
+            ax.plot([offset + s for s in steps], losses, label=f"round {r['round']}")
+            offset += max(steps)
+        if r is not card["rounds"][-1]:
+            ax.axvline(offset, color="gray", linestyle=":", linewidth=1)
+    ax.set_xlabel("healing step (all rounds)")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=8)
+    return fig
 
 
 def _inline(text: str) -> str:

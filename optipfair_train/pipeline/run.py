@@ -201,7 +201,9 @@ class PruneThenHeal:
     def _training_args(self, round_dir: Path, learning_rate: float) -> TrainingArguments:
         return training_args(self.config, round_dir, learning_rate)
 
-    def _heal(self, model, tokenizer, round_dir: Path, learning_rate: float) -> tuple[torch.nn.Module, int]:
+    def _heal(
+        self, model, tokenizer, round_dir: Path, learning_rate: float, curve: TrainerCallback
+    ) -> tuple[torch.nn.Module, int]:
         return heal(
             model,
             tokenizer,
@@ -212,7 +214,7 @@ class PruneThenHeal:
             teacher=self.teacher,
             teacher_cache=self.teacher_cache,
             behaviour_pairs=self.behaviour_pairs,
-            callbacks=self.callbacks,
+            callbacks=[*self.callbacks, curve],
         )
 
     # -- the run -------------------------------------------------------------------------------------
@@ -268,7 +270,7 @@ class PruneThenHeal:
         self.state["finished"] = True
         self._save_state()
         logger.info("Finished in %.0f s; final model in %s", time.perf_counter() - start, final_dir)
-        self.tracker.finish()
+        self.tracker.finish(card_inputs(config, self.state, self.state.get("speed")))
         return self._result(model, final_dir, already_finished=False)
 
     def _write_final(self, model, tokenizer, final_dir: Path) -> None:
@@ -353,7 +355,8 @@ class PruneThenHeal:
         for attempt in range(first, config.heal.nan_retries + 1):
             try:
                 torch.manual_seed(config.run.seed + k)
-                model, heal_tokens = self._heal(model, tokenizer, round_dir, learning_rate)
+                curve = self.tracker.heal_curve(k)  # healing loss: W&B on the pipeline's step, the report
+                model, heal_tokens = self._heal(model, tokenizer, round_dir, learning_rate, curve)
                 break
             except NonFiniteLossError as err:
                 if attempt == config.heal.nan_retries:
@@ -379,6 +382,7 @@ class PruneThenHeal:
             "healed": healed,
             "learning_rate": learning_rate,
             "heal_tokens": heal_tokens,
+            "heal_loss": curve.losses,
         }
         self._save_model(model, tokenizer, round_dir / "model", {ROUND_RECORD: record})
         self.state["rounds"].append(record)

@@ -1,11 +1,24 @@
-"""Weights & Biases tracking of the rounds: per-round scalars, bias heatmaps, pruning and summary tables.
+"""Weights & Biases tracking of the rounds: per-round scalars, bias figures, tables, healing curves, verdict.
 
-One W&B run per output folder: its id is kept in state.json, so a resumed run continues the same run;
-the healing Trainers log their per-step curves (``train/*``, the probe's ``bias/*``) into it too.
-Per round (``round`` is the x-axis of every ``round/*`` key): the healed model's scalars as
-``round/<metric>`` and the pruned model's as ``round/pruned/<metric>``; images ``round/bias_heatmap``
-(component x layer of the healed model), ``round/stereoset_bias_types`` and ``round/layer_heatmap``
-(every stage so far); tables ``round/pruning`` (this round's pruning events) and ``round/summary``.
+One W&B run per output folder: its id is kept in state.json, so a resumed run continues the same run.
+The key vocabulary (sections are the first part of a key; no key is both a value and a prefix):
+
+- ``round``: x-axis of the per-round keys; ``pipeline/step``: x-axis of the healing curves, a step that
+  continues across rounds (round K's step s is ``(K-1) * heal_steps + s``), so rounds do not overlap;
+- ``healed/<metric>`` and ``pruned/<metric>`` each round (round 0 holds the base model under both), with
+  the stage metrics named as in :func:`wandb_metric_name`: ``parameters``, ``perplexity/heal_domain``
+  (held-out text of the healing domain), ``perplexity/general`` (general text no healing saw),
+  ``stereoset/ss`` / ``stereoset/lms`` / ``stereoset/icat`` (``_ci_low`` / ``_ci_high``), the paired
+  ``stereoset/ss_change`` / ``stereoset/icat_change`` vs the base, ``stereoset/num_items``,
+  ``bias/activation_normalized_difference`` (and ``_ci_*``), CrowS-Pairs ``bias/score`` when measured;
+- ``by_type/<stage>/<bias type>/<ss|lms|icat>``: StereoSet per bias type; any other breakdown of a value
+  ``X`` is ``X_by/<part>`` (``bias/score_by/gender``, ``bias/activation_mean_difference_by/mlp_output``);
+- ``figures/<name>``: images (``figures/bias_heatmap``, ``figures/stereoset_bias_types``,
+  ``figures/layer_heatmap``); ``tables/summary`` (every stage so far) and ``tables/pruning``;
+- ``heal/<name>``: the healing Trainer's logs (``heal/loss``, ``heal/learning_rate``, ``heal/grad_norm``,
+  a probe's ``heal/bias/score`` ...) on ``pipeline/step``;
+- at the end: ``speed/<prefill|decode>/<base|final>_tokens_per_second`` and ``speed/<...>/ratio``, and the
+  verdict's numbers ``verdict/*`` (:func:`~optipfair_train.pipeline.verdict.wandb_summary`) in the summary.
 
 Example:
     >>> tracker = RoundTracker(config, state, Path("out"), is_main=True)  # doctest: +SKIP
@@ -14,21 +27,20 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from pathlib import Path
 from typing import Any
+
+from transformers import TrainerCallback
 
 from ..bias.figures import figure_to_rgb
 from .card import STAGE_KEYS
 from .config import PipelineConfig
 from .figures import component_layer_heatmap, stage_figures, stages
 
-__all__ = ["RoundTracker"]
-
-# the card's stage numbers, plus the normalised activation difference (the card leaves it out: alone it
-# cannot carry a fairness claim, but the dashboard plots it)
-_SUMMARY_COLUMNS = ["stage", *STAGE_KEYS, "bias/activation_normalized_difference"]
+__all__ = ["HealCurve", "RoundTracker", "stage_scalars", "wandb_metric_name"]
 
 _PRUNING_COLUMNS = [
     "round",
@@ -41,11 +53,88 @@ _PRUNING_COLUMNS = [
     "intermediate_sizes",
     "kept_kv_heads",
 ]
+_STEREOSET_BY_TYPE = ("stereoset/ss/", "stereoset/lms/", "stereoset/icat/")
+
+
+def wandb_metric_name(name: str) -> str:
+    """A stage metric's W&B name: the healing-domain perplexity says so; everything else keeps its name.
+
+    Example:
+        >>> wandb_metric_name("perplexity"), wandb_metric_name("perplexity/general")
+        ('perplexity/heal_domain', 'perplexity/general')
+    """
+    return "perplexity/heal_domain" if name == "perplexity" else name
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _unnest(scalars: dict[str, float]) -> dict[str, float]:
+    """A breakdown of a value ``X`` logged as ``X/part`` (``bias/score/gender`` beside ``bias/score``)
+    becomes ``X_by/part``: W&B cannot show one key as both a value and a section."""
+    return {
+        (f"{k.rsplit('/', 1)[0]}_by/{k.rsplit('/', 1)[1]}" if k.rsplit("/", 1)[0] in scalars else k): v
+        for k, v in scalars.items()
+    }
+
+
+def stage_scalars(metrics: dict, stage: str) -> dict[str, float]:
+    """One stage's scalars under its W&B keys (``<stage>/<metric>``, per bias type ``by_type/<stage>/...``).
+
+    Example:
+        >>> stage_scalars({"perplexity": 9.5, "stereoset/ss/race": 60.0, "bias/score": 50.0, "bias/score/age": 52.0}, "healed")
+        {'healed/perplexity/heal_domain': 9.5, 'healed/bias/score': 50.0, 'healed/bias/score_by/age': 52.0, 'by_type/healed/race/ss': 60.0}
+    """
+    out, by_type = {}, {}
+    for name, value in metrics.items():
+        if not _number(value):
+            continue
+        if name.startswith(_STEREOSET_BY_TYPE):  # stereoset/ss/race: a value's name used as a prefix
+            _, metric, bias_type = name.split("/", 2)
+            by_type[f"by_type/{stage}/{bias_type}/{metric}"] = value
+        else:
+            out[f"{stage}/{wandb_metric_name(name)}"] = value
+    return _unnest(out) | by_type
 
 
 def _cell(value: Any) -> Any:
     """A table cell: lists (per-layer sizes, removed layers) as text, so every row has one type."""
     return ", ".join(map(str, value)) if isinstance(value, list) else value
+
+
+def _summary_table(state: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The stage table (W&B names), without the columns no stage has a value for."""
+    keys = [*STAGE_KEYS, "bias/activation_normalized_difference"]
+    named = stages(state)
+    keys = [k for k in keys if any(m.get(k) is not None for _, m in named)]
+    return ["stage", *map(wandb_metric_name, keys)], [[name] + [m.get(k) for k in keys] for name, m in named]
+
+
+class HealCurve(TrainerCallback):
+    """Forwards a healing Trainer's logs to the pipeline's W&B run as ``heal/*`` on ``pipeline/step``
+    and keeps the loss curve (``losses``: ``[step, loss]`` of this round, read at the end from the
+    Trainer's history, so a resumed round has its whole curve) for the report.
+
+    Example:
+        >>> curve = HealCurve(run=None, first_step=60)
+        >>> curve.losses
+        []
+    """
+
+    def __init__(self, run: Any | None, first_step: int):
+        self.run, self.first_step = run, first_step
+        self.losses: list[list[float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.run is None or not state.is_world_process_zero:
+            return
+        numbers = {f"heal/{k}": float(v) for k, v in (logs or {}).items() if _number(v) and k != "epoch"}
+        if numbers:
+            self.run.log({**_unnest(numbers), "pipeline/step": self.first_step + state.global_step})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.losses = [[h["step"], h["loss"]] for h in state.log_history if _number(h.get("loss"))]
 
 
 class RoundTracker:
@@ -56,6 +145,7 @@ class RoundTracker:
 
     def __init__(self, config: PipelineConfig, state: dict[str, Any], out: Path, is_main: bool):
         self.run = None
+        self.heal_steps = config.heal.heal_steps
         if config.run.report_to != "wandb" or not is_main:
             return
         import wandb
@@ -71,7 +161,14 @@ class RoundTracker:
             config=config.to_dict(),
         )
         self.run.define_metric("round")
-        self.run.define_metric("round/*", step_metric="round")
+        self.run.define_metric("pipeline/step")
+        for section in ("healed", "pruned", "by_type", "figures", "tables"):
+            self.run.define_metric(f"{section}/*", step_metric="round")
+        self.run.define_metric("heal/*", step_metric="pipeline/step")
+
+    def heal_curve(self, k: int) -> HealCurve:
+        """The callback for round ``k``'s healing Trainer (its steps continue the earlier rounds')."""
+        return HealCurve(self.run, (k - 1) * self.heal_steps)
 
     def log_round(self, k: int, metrics: dict, state: dict[str, Any], record: dict | None = None) -> None:
         """Log round ``k`` (0 = the unpruned baseline) with the history so far in ``state``.
@@ -83,27 +180,37 @@ class RoundTracker:
             return
         import wandb
 
-        def numbers(m: dict, prefix: str) -> dict:
-            return {f"{prefix}{name}": v for name, v in m.items() if isinstance(v, (int, float))}
-
-        payload = {"round": k, **numbers(metrics, "round/")}
-        if record is not None:
-            payload.update(numbers(record["pruned"], "round/pruned/"))
-        images = {f"round/{name}": figure for name, figure in stage_figures(state).items()}
+        pruned = record["pruned"] if record is not None else metrics  # round 0: the base is both
+        payload = {"round": k, **stage_scalars(metrics, "healed"), **stage_scalars(pruned, "pruned")}
+        images = {f"figures/{name}": figure for name, figure in stage_figures(state).items()}
         heatmap = component_layer_heatmap(metrics, f"Normalised activation difference, round {k}")
         if heatmap is not None:
-            images["round/bias_heatmap"] = heatmap
+            images["figures/bias_heatmap"] = heatmap
         payload.update({key: wandb.Image(figure_to_rgb(figure)) for key, figure in images.items()})
-        rows = [[name] + [m.get(c) for c in _SUMMARY_COLUMNS[1:]] for name, m in stages(state)]
-        payload["round/summary"] = wandb.Table(columns=_SUMMARY_COLUMNS, data=rows)
+        columns, rows = _summary_table(state)
+        payload["tables/summary"] = wandb.Table(columns=columns, data=rows)
         if record is not None:
-            payload["round/pruning"] = wandb.Table(
+            payload["tables/pruning"] = wandb.Table(
                 columns=_PRUNING_COLUMNS,
                 data=[[k] + [_cell(e.get(c)) for c in _PRUNING_COLUMNS[1:]] for e in record["events"]],
             )
         self.run.log(payload)
 
-    def finish(self) -> None:
-        """End the W&B run (if one was started)."""
-        if self.run is not None:
-            self.run.finish()
+    def finish(self, card: dict[str, Any] | None = None) -> None:
+        """End the W&B run (if one was started), with the speed and the verdict in its summary."""
+        if self.run is None:
+            return
+        if card is not None:
+            from .verdict import wandb_summary
+
+            summary = wandb_summary(card)
+            for part in ("prefill", "decode"):
+                m = (card.get("speed") or {}).get(part)
+                if m:
+                    summary |= {
+                        f"speed/{part}/base_tokens_per_second": m["base_tokens_per_second"],
+                        f"speed/{part}/final_tokens_per_second": m["final_tokens_per_second"],
+                        f"speed/{part}/ratio": m["ratio"],
+                    }
+            self.run.summary.update(summary)
+        self.run.finish()

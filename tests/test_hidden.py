@@ -245,8 +245,8 @@ def test_bad_plans_and_families_are_refused_before_any_change():
             apply_hidden(model, plan)
     with pytest.raises(ValueError, match="layer_indices does not apply"):
         prune_model(model, pruning_type="HIDDEN", layer_indices=[0])
-    with pytest.raises(ValueError, match="HIDDEN has no refit"):
-        prune_model(model, pruning_type="HIDDEN", reconstruct=True, dataloader=[_batch()])
+    with pytest.raises(ValueError, match="not available for HIDDEN"):
+        prune_model(model, pruning_type="HIDDEN", reconstruct=True, sequential=True, dataloader=[_batch()])
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with pytest.raises(UnsupportedModelError, match="RMSNorm families .*llama.*gemma2.*gpt2 uses LayerNorm"):
         plan_hidden(make_tiny_model("gpt2"), keep=32)

@@ -4,6 +4,7 @@ from .api import PRUNING_TYPES, prune_model
 from .calibration import as_batches, block_influence, mlp_activation_sumsq
 from .depth import LAYER_SELECTION_METHODS, select_layers_to_remove
 from .hidden import HiddenPlan, apply_hidden, plan_hidden
+from .hidden_refit import prune_hidden
 from .io import MANIFEST_NAME, load_pruned_model, pruning_manifest, save_pruned_model
 from .scorers import ScoringContext, available_scorers, get_scorer, register_scorer
 from .streamed import prune_checkpoint
@@ -21,6 +22,7 @@ __all__ = [
     "HiddenPlan",
     "plan_hidden",
     "apply_hidden",
+    "prune_hidden",
     "MANIFEST_NAME",
     "load_pruned_model",
     "pruning_manifest",

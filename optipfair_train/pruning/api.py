@@ -18,7 +18,7 @@ from .calibration import as_batches
 from .depth import select_layers_to_remove
 from .depth_replace import fit_linear_replacement, fold_linear_replacement
 from .heads import apply_head_plan, head_columns, head_keep_counts, plan_attention_heads
-from .hidden import apply_hidden, plan_hidden
+from .hidden_refit import prune_hidden
 from .io import record_pruning_event
 from .reconstruction import DEFAULT_DAMPING, apply_refits, check_calibration_size, collect_grams, plan_refits
 from .sequential import sequential_head_plan, sequential_mlp_plan
@@ -75,10 +75,10 @@ def _check_reconstruct(
         raise ValueError("sequential=True applies to the refit: pass reconstruct=True as well.")
     if not reconstruct:
         return
-    if pruning_type in ("DEPTH", "HIDDEN"):
+    if pruning_type == "DEPTH":
         raise ValueError(
-            "reconstruct=True refits down_proj after MLP_GLU/MLP pruning or o_proj after ATTENTION "
-            f"pruning; {pruning_type} has no refit."
+            "reconstruct=True refits down_proj after MLP_GLU/MLP pruning, o_proj after ATTENTION pruning "
+            "or the stream's readers after HIDDEN pruning; DEPTH removes whole blocks and has nothing to refit."
         )
     if batches is None:
         raise ValueError(
@@ -179,8 +179,9 @@ def prune_model(
         seed: for the ``random`` scorer.
         reconstruct: after ``MLP_GLU``/``MLP`` (or ``ATTENTION``) pruning, refit the kept columns of
             ``down_proj`` (or ``o_proj``) by ridge least squares so each layer reproduces its unpruned
-            output on the calibration tokens (:mod:`~optipfair_train.pruning.reconstruction`); needs
-            ``dataloader``.
+            output on the calibration tokens (:mod:`~optipfair_train.pruning.reconstruction`); after
+            ``HIDDEN``, refit q/k/v/gate/up (and an untied head) to the pruned stream
+            (:mod:`~optipfair_train.pruning.hidden_refit`); needs ``dataloader``.
         damping: ridge strength of the refit, relative to the mean diagonal of the kept inputs' Gram.
         sequential: with ``reconstruct``, take layer ``l``'s statistics on the inputs produced by the
             already pruned and refit layers ``0..l-1`` (:mod:`~optipfair_train.pruning.sequential`).
@@ -338,15 +339,17 @@ def prune_model(
     elif pruning_type == "HIDDEN":
         if layer_indices is not None:
             raise ValueError("HIDDEN removes residual channels from every block; layer_indices does not apply.")
-        hidden = plan_hidden(
+        if sequential:
+            raise ValueError("sequential=True is not available for HIDDEN; its refit is one-shot.")
+        hidden, slices = prune_hidden(
             model,
+            batches,
             pruning_percentage=10 if pruning_percentage is None else pruning_percentage,
             divisor=expansion_divisor,
             method=neuron_selection_method,
-            batches=batches,
+            damping=damping if reconstruct else None,
             show_progress=show_progress,
         )
-        slices = apply_hidden(model, hidden)
         method = hidden.method
         event.update(hidden.summary(), pruning_percentage=pruning_percentage)
     else:

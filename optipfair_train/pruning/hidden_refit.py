@@ -1,0 +1,192 @@
+"""Refit the projections that read a pruned residual stream (after :mod:`.hidden`).
+
+Removing residual channels ``R`` changes what every norm reading the stream hands on: its kept outputs
+are rescaled per token, because the RMS now runs over the kept channels only. With the scales and
+epsilon of :func:`~optipfair_train.pruning.hidden.apply_hidden`, the pruned norm's output on the kept
+channels ``S`` is exactly ``x'_t = r_t x_{S,t}`` with
+
+    r_t = sqrt((sum_all h_t^2 / d + eps) / (sum_S h_t^2 / d + eps))
+
+(``h_t`` the norm's input, ``x_t`` its unpruned output). Each projection ``W`` (``[out, d]``) reading that
+norm (q/k/v, gate/up, and an untied LM head) is refit so that ``W' x'_t`` reproduces ``W x_t`` on the
+calibration tokens, by ridge toward the kept columns:
+
+    minimise sum_t ||W x_t - W' x'_t||^2 + lam ||W' - W_S||^2
+    W' = (W C + lam W_S) (G + lam I)^-1,   C = sum_t x_t x'_t^T,  G = sum_t x'_t x'_t^T,
+
+``lam = damping * mean(diag G)``, solved by Cholesky in float64. This recovers what the removed channels
+carried in so far as the kept channels predict it (the residual stream is strongly correlated). Nothing
+sound refits o_proj/down_proj: they lose output rows, and their kept rows already write exactly what they
+wrote before; what is lost lives in the removed channels, and its effect downstream is what the refit of
+the readers addresses. A tied head is not refit (it is the embedding; refitting it would untie it), nor
+are Gemma2's post-norms (they read sublayer outputs, whose RMS changes too).
+
+Example:
+    >>> refits = plan_hidden_refit(model, plan, batches)  # doctest: +SKIP
+    >>> apply_hidden(model, plan); apply_hidden_refit(model, refits)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from ..arch import ModelAdapter, get_adapter, is_conv1d, weight_out_in
+from .calibration import CalibrationBatch, _all_reduce_, _hooks, _run
+from .hidden import HiddenPlan, apply_hidden, plan_hidden
+from .reconstruction import DEFAULT_DAMPING, _lora_delta, check_calibration_size, effective_weight
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["hidden_refit_targets", "plan_hidden_refit", "apply_hidden_refit", "prune_hidden"]
+
+# relative pivot below which G + lam I counts as singular (float64 has ~1e-16 resolution)
+_MIN_PIVOT = 1e-12
+
+
+def hidden_refit_targets(adapter: ModelAdapter) -> dict[str, tuple[nn.Module, list[nn.Module]]]:
+    """``{name: (norm, projections reading it)}``: each block's pre-attention and pre-MLP norm, and the
+    final norm when the LM head is untied."""
+    targets = {}
+    for i in range(adapter.num_layers):
+        (attention_norm, mlp_norm), _ = adapter.block_norms(i)
+        attention, mlp = adapter.attention(i), adapter.mlp(i)
+        targets[f"layer {i} attention"] = (attention_norm, [attention.q, attention.k, attention.v])
+        targets[f"layer {i} mlp"] = (mlp_norm, [m for m in (mlp.gate, mlp.up) if m is not None])
+    embedding, head = adapter.model.get_input_embeddings(), adapter.model.get_output_embeddings()
+    if head is not None and getattr(head, "base_layer", head).weight is not embedding.weight:
+        targets["head"] = (adapter.final_norm(), [head])
+    return targets
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)))
+
+
+def plan_hidden_refit(
+    model: nn.Module,
+    plan: HiddenPlan,
+    batches: list[CalibrationBatch],
+    damping: float = DEFAULT_DAMPING,
+    *,
+    show_progress: bool = False,
+) -> dict[str, list[torch.Tensor]]:
+    """New ``[out, kept]`` float64 effective weights of every projection reading a pruned norm, computed
+    on the unpruned model before :func:`~optipfair_train.pruning.hidden.apply_hidden`. Changes nothing.
+
+    Raises ``ValueError`` naming the norm when its system is singular (give damping or more tokens).
+
+    Example:
+        >>> refits = plan_hidden_refit(model, plan, batches, damping=0.01)  # doctest: +SKIP
+    """
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
+        raise ValueError(f"damping must be a number >= 0, got {damping!r}.")
+    adapter = get_adapter(model)
+    d = adapter.hidden_size
+    keep = torch.as_tensor(plan.keep, dtype=torch.long)
+    targets = hidden_refit_targets(adapter)
+    cross: dict[str, torch.Tensor] = {}
+    gram: dict[str, torch.Tensor] = {}
+    current: dict = {}
+
+    def hook_for(name: str, eps: float):
+        def hook(module, args, output):
+            mask = current["mask"].reshape(-1).bool()
+            h = args[0].reshape(-1, d)[mask].double()
+            x = output.reshape(-1, d)[mask].double()
+            squares = h * h
+            kept_sum = squares[:, keep.to(h.device)].sum(-1)
+            ratio = ((squares.sum(-1) / d + eps) / (kept_sum / d + eps)).sqrt()
+            x_new = x[:, keep.to(x.device)] * ratio[:, None]
+            cross[name] = cross.get(name, 0) + (x.t() @ x_new).cpu()
+            gram[name] = gram.get(name, 0) + (x_new.t() @ x_new).cpu()
+
+        return hook
+
+    handles = [norm.register_forward_hook(hook_for(n, _norm_eps(norm))) for n, (norm, _) in targets.items()]
+    with _hooks(handles):
+        _run(model, batches, show_progress, "hidden refit statistics", current)
+    _all_reduce_([*cross.values(), *gram.values()])
+    # Qwen3: apply_hidden multiplies q/k outputs by sqrt(d / d') for their per-head norms
+    qk_factor = math.sqrt(d / len(keep)) if adapter.family.qk_norm else 1.0
+    refits: dict[str, list[torch.Tensor]] = {}
+    for name, (_, projections) in targets.items():
+        g = gram[name]
+        lam = damping * float(g.diagonal().mean())
+        system = g + lam * torch.eye(len(keep), dtype=torch.float64)
+        chol, info = torch.linalg.cholesky_ex(system)
+        scale = float(system.diagonal().max())
+        if info.item() != 0 or not scale > 0 or float(chol.diagonal().min()) ** 2 < _MIN_PIVOT * scale:
+            raise ValueError(
+                f"{name}: the calibration Gram of the pruned norm output is singular (damping={damping}); "
+                "pass a larger damping (e.g. 0.01) or more calibration tokens."
+            )
+        new = []
+        for k, projection in enumerate(projections):
+            w = effective_weight(projection).cpu()
+            rhs = w @ cross[name] + lam * w[:, keep]  # W' (G + lam I) = W C + lam W_S
+            solved = torch.cholesky_solve(rhs.t(), chol).t()
+            is_qk = name.endswith("attention") and k < 2
+            new.append(solved * (qk_factor if is_qk else 1.0))
+        refits[name] = new
+    return refits
+
+
+def apply_hidden_refit(model: nn.Module, refits: dict[str, list[torch.Tensor]]) -> None:
+    """Write planned refits into the (already pruned) projections; a LoRA delta stays in its factors.
+
+    Example:
+        >>> apply_hidden_refit(model, refits)  # doctest: +SKIP
+    """
+    targets = hidden_refit_targets(get_adapter(model))
+    for name, weights in refits.items():
+        for projection, weight in zip(targets[name][1], weights, strict=True):
+            delta = _lora_delta(projection)
+            base = getattr(projection, "base_layer", projection)
+            target = weight if delta is None else weight - delta.cpu()
+            if tuple(target.shape) != tuple(weight_out_in(base).shape):
+                raise RuntimeError(
+                    f"{name}: refit weight {tuple(target.shape)} does not match the pruned projection "
+                    f"{tuple(weight_out_in(base).shape)}; apply the hidden plan before the refit."
+                )
+            stored = target.t() if is_conv1d(base) else target
+            with torch.no_grad():
+                base.weight.data.copy_(stored.to(base.weight.dtype))
+
+
+def prune_hidden(
+    model: nn.Module,
+    batches: list[CalibrationBatch] | None,
+    *,
+    pruning_percentage: float | None = None,
+    keep: int | None = None,
+    divisor: int | None = None,
+    method: str | None = None,
+    damping: float | None = None,
+    show_progress: bool = False,
+) -> tuple[HiddenPlan, list]:
+    """Plan, (with ``damping`` not None) plan the refit, then cut and refit: everything that can fail
+    runs before the first weight changes. Returns the plan and the parameter slices.
+
+    Example:
+        >>> plan, slices = prune_hidden(model, batches, pruning_percentage=10, damping=0.01)  # doctest: +SKIP
+    """
+    plan = plan_hidden(
+        model,
+        pruning_percentage=pruning_percentage,
+        keep=keep,
+        divisor=divisor,
+        method=method,
+        batches=batches,
+        show_progress=show_progress,
+    )
+    refits = {}
+    if damping is not None:
+        check_calibration_size(batches, len(plan.keep), damping)
+        refits = plan_hidden_refit(model, plan, batches, damping, show_progress=show_progress)
+    slices = apply_hidden(model, plan)
+    apply_hidden_refit(model, refits)
+    return plan, slices

@@ -1,4 +1,4 @@
-"""Command line: ``optipfair-train {demo,prune,analyze,probe,run}``.
+"""Command line: ``optipfair-train {demo,prune,analyze,probe,eval,run}``.
 
 Example:
     $ optipfair-train prune --model-path demo --pruning-percentage 20 --output-path ./pruned
@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     probe = sub.add_parser("probe", help="bias probes: activation differences and behavioural scores")
     add_probe_arguments(probe)
+
+    from .zeroshot.cli import add_eval_arguments
+
+    add_eval_arguments(
+        sub.add_parser("eval", help="perplexity, zero-shot accuracy and StereoSet of any model")
+    )
     return parser
 
 
@@ -323,6 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bias.cli import run_probe
 
         return run_probe(args)
+    if args.command == "eval":
+        from .zeroshot.cli import run_eval
+
+        return run_eval(args)
     runners = {"demo": _run_demo, "prune": _run_prune, "analyze": _run_analyze}
     try:
         if args.command == "run":

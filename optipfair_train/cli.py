@@ -48,7 +48,7 @@ def _add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
         dest="neuron_selection_method",
         default=None,
         help=f"neuron scorer: {', '.join(available_scorers())} (default: hybrid; activation with --sequential); "
-        "for HIDDEN: activation (default), activation_l2, L2",
+        "for HIDDEN: activation (default), activation_l2, L2, pca",
     )
     parser.add_argument("--pruning-percentage", type=float, default=None)
     parser.add_argument("--expansion-rate", type=float, default=None)

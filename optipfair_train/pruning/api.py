@@ -77,8 +77,9 @@ def _check_reconstruct(
         return
     if pruning_type == "DEPTH":
         raise ValueError(
-            "reconstruct=True refits down_proj after MLP_GLU/MLP pruning, o_proj after ATTENTION pruning "
-            "or the stream's readers after HIDDEN pruning; DEPTH removes whole blocks and has nothing to refit."
+            "reconstruct=True refits down_proj after MLP_GLU/MLP pruning, o_proj after ATTENTION "
+            "pruning or the stream's readers after HIDDEN pruning; DEPTH removes whole blocks and has "
+            "nothing to refit."
         )
     if batches is None:
         raise ValueError(
@@ -134,8 +135,8 @@ def prune_model(
         pruning_type: ``"MLP_GLU"`` (GLU MLP width, OptiPFair's name), ``"MLP"`` (MLP width of any
             family, GLU or plain fc1/fc2), ``"ATTENTION"`` (attention heads, GQA-aware),
             ``"DEPTH"`` (whole blocks) or ``"HIDDEN"`` (residual channels of the whole model, RMSNorm
-            families; methods ``activation``, ``activation_l2``, ``L2``; ``expansion_divisor`` rounds the
-            kept width, default the head count; see :mod:`~optipfair_train.pruning.hidden`).
+            families; methods ``activation``, ``activation_l2``, ``L2``, ``pca``; ``expansion_divisor``
+            rounds the kept width, default the head count; see :mod:`~optipfair_train.pruning.hidden`).
         neuron_selection_method: scorer name (``MAW``/``PPM``, ``VOW``, ``PON``, ``L2``, ``random``,
             ``activation``, ``hybrid``, ``fluctuation``, ``reconstruction``, ``taylor``, ``fairness``;
             for ``ATTENTION``: ``L2``, ``activation``, ``taylor``, ``random``).
@@ -338,7 +339,7 @@ def prune_model(
         )
     elif pruning_type == "HIDDEN":
         if layer_indices is not None:
-            raise ValueError("HIDDEN removes residual channels from every block; layer_indices does not apply.")
+            raise ValueError("HIDDEN cuts residual channels in every block; layer_indices does not apply.")
         if sequential:
             raise ValueError("sequential=True is not available for HIDDEN; its refit is one-shot.")
         hidden, slices = prune_hidden(

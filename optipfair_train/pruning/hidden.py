@@ -10,7 +10,8 @@ Scores (Minitron's activation importance): the output of every norm that reads t
 (each block's pre-attention and pre-MLP norm, and the final norm), summed over real calibration tokens
 as ``|y|`` (``activation``) or per norm as ``sqrt(sum y^2)`` (``activation_l2``), then summed over
 norms; streamed, never storing a ``[batch, seq, dim]`` tensor. Without data, the embedding's column norms
-(``L2``, weight-only, with a warning).
+(``L2``, weight-only, with a warning). ``pca`` first carries the stream in the basis of its principal
+components and keeps the strongest directions (untied heads only; :mod:`.hidden_rotation`).
 
 Why norms are rescaled: an RMSNorm divides by ``sqrt(mean_d(x^2) + eps)``. After keeping ``d'`` of ``d``
 channels the mean runs over ``d'``. When the removed channels carry zero, the sum of squares is unchanged,
@@ -54,6 +55,7 @@ from ..arch import (
     set_rms_norm_eps,
 )
 from .calibration import CalibrationBatch, _all_reduce_, _hooks, _run
+from .hidden_rotation import check_rotatable, rotate_stream, rotation_basis
 from .surgery import ParamSlice, _slice_param, slice_linear, slice_optimizer_state
 
 logger = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ __all__ = [
     "apply_hidden",
 ]
 
-HIDDEN_METHODS = ("activation", "activation_l2", "L2")
+HIDDEN_METHODS = ("activation", "activation_l2", "L2", "pca")
 
 
 @dataclass
@@ -78,6 +80,7 @@ class HiddenPlan:
     hidden_size: int
     method: str = "custom"
     scores: torch.Tensor | None = None
+    rotation: torch.Tensor | None = None  # [d, d] orthogonal basis the stream is carried in first ('pca')
 
     def summary(self) -> dict:
         """JSON-serialisable description for the pruning history."""
@@ -86,6 +89,7 @@ class HiddenPlan:
             "hidden_size_before": self.hidden_size,
             "hidden_size": len(self.keep),
             "kept_channels": self.keep.tolist(),
+            "rotated": self.rotation is not None,
         }
 
 
@@ -115,7 +119,8 @@ def hidden_channel_scores(
     """Importance of each residual channel (``[hidden_size]`` float64; higher = keep).
 
     ``activation``: sum over norms of the mean ``|y|`` of their outputs over real tokens; ``activation_l2``:
-    sum over norms of ``sqrt(sum_t y^2)``; ``L2``: the embedding's column norms (no data).
+    sum over norms of ``sqrt(sum_t y^2)``; ``L2``: the embedding's column norms (no data). (``pca`` scores
+    rotated directions, not channels: see :mod:`.hidden_rotation`.)
 
     Example:
         >>> hidden_channel_scores(model, batches).shape  # doctest: +SKIP
@@ -126,6 +131,8 @@ def hidden_channel_scores(
         raise ValueError(
             f"Unknown hidden channel method {method!r}; choose one of {', '.join(HIDDEN_METHODS)}."
         )
+    if method == "pca":
+        raise ValueError("method 'pca' scores rotated directions: use plan_hidden(..., method='pca').")
     if method == "L2":
         return adapter.model.get_input_embeddings().weight.detach().double().norm(dim=0).cpu()
     if batches is None:
@@ -239,13 +246,25 @@ def plan_hidden(
                 "Choosing hidden channels from the embedding's column norms because no calibration data "
                 "was given; activation statistics of the norms ('activation') need a few batches."
             )
+    if method == "pca":
+        adapter = get_adapter(model)
+        check_rotatable(adapter)
+        if batches is None:
+            raise ValueError("method 'pca' reads calibration data: pass batches.")
+        rotation, energy = rotation_basis(model, adapter, batches, show_progress=show_progress)
+        return HiddenPlan(torch.arange(kept), adapter.hidden_size, method, energy, rotation)
     scores = hidden_channel_scores(model, batches, method, show_progress=show_progress)
     order = torch.sort(scores, descending=True, stable=True).indices
     return HiddenPlan(order[:kept].sort().values, len(scores), method, scores)
 
 
-def _check_plan(adapter: ModelAdapter, plan: HiddenPlan) -> torch.Tensor:
+def _check_plan(adapter: ModelAdapter, plan: HiddenPlan, optimizer) -> torch.Tensor:
     d = adapter.hidden_size
+    if plan.rotation is not None:
+        check_rotatable(adapter, optimizer)
+        q = plan.rotation.double()
+        if q.shape != (d, d) or not torch.allclose(q.t() @ q, torch.eye(d, dtype=torch.float64), atol=1e-6):
+            raise ValueError(f"plan.rotation must be an orthogonal [{d}, {d}] matrix.")
     if plan.hidden_size != d:
         raise ValueError(f"The plan was made for hidden size {plan.hidden_size}; the model's is {d}.")
     keep = torch.as_tensor(plan.keep, dtype=torch.long).cpu()
@@ -298,7 +317,7 @@ def apply_hidden(
         >>> apply_hidden(model, HiddenPlan(torch.tensor([0, 2, 3]), hidden_size=4))  # doctest: +SKIP
     """
     adapter = _supported_adapter(model)
-    keep = _check_plan(adapter, plan)
+    keep = _check_plan(adapter, plan, optimizer)
     inner, family = adapter.model, adapter.family
     d, d_new = adapter.hidden_size, len(keep)
     factor = math.sqrt(d / d_new)
@@ -306,6 +325,8 @@ def apply_hidden(
     tied = head is not None and getattr(head, "base_layer", head).weight is embedding.weight
     head_dims = {adapter.head_counts(i)[2] for i in range(adapter.num_layers)}
     eps = rms_norm_eps(model)
+    if plan.rotation is not None:  # the same function in the rotated basis; then its first d_new coordinates
+        rotate_stream(adapter, plan.rotation)
 
     slices = [_slice_param(embedding.weight, 1, keep)]
     embedding.embedding_dim = d_new

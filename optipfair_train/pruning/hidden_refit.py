@@ -34,32 +34,18 @@ import math
 import torch
 from torch import nn
 
-from ..arch import ModelAdapter, get_adapter, is_conv1d, weight_out_in
+from ..arch import get_adapter, is_conv1d, weight_out_in
 from .calibration import CalibrationBatch, _all_reduce_, _hooks, _run
 from .hidden import HiddenPlan, apply_hidden, plan_hidden
+from .hidden_rotation import stream_readers
 from .reconstruction import DEFAULT_DAMPING, _lora_delta, check_calibration_size, effective_weight
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["hidden_refit_targets", "plan_hidden_refit", "apply_hidden_refit", "prune_hidden"]
+__all__ = ["plan_hidden_refit", "apply_hidden_refit", "prune_hidden"]
 
 # relative pivot below which G + lam I counts as singular (float64 has ~1e-16 resolution)
 _MIN_PIVOT = 1e-12
-
-
-def hidden_refit_targets(adapter: ModelAdapter) -> dict[str, tuple[nn.Module, list[nn.Module]]]:
-    """``{name: (norm, projections reading it)}``: each block's pre-attention and pre-MLP norm, and the
-    final norm when the LM head is untied."""
-    targets = {}
-    for i in range(adapter.num_layers):
-        (attention_norm, mlp_norm), _ = adapter.block_norms(i)
-        attention, mlp = adapter.attention(i), adapter.mlp(i)
-        targets[f"layer {i} attention"] = (attention_norm, [attention.q, attention.k, attention.v])
-        targets[f"layer {i} mlp"] = (mlp_norm, [m for m in (mlp.gate, mlp.up) if m is not None])
-    embedding, head = adapter.model.get_input_embeddings(), adapter.model.get_output_embeddings()
-    if head is not None and getattr(head, "base_layer", head).weight is not embedding.weight:
-        targets["head"] = (adapter.final_norm(), [head])
-    return targets
 
 
 def _norm_eps(norm: nn.Module) -> float:
@@ -87,7 +73,7 @@ def plan_hidden_refit(
     adapter = get_adapter(model)
     d = adapter.hidden_size
     keep = torch.as_tensor(plan.keep, dtype=torch.long)
-    targets = hidden_refit_targets(adapter)
+    targets = stream_readers(adapter)
     cross: dict[str, torch.Tensor] = {}
     gram: dict[str, torch.Tensor] = {}
     current: dict = {}
@@ -141,7 +127,7 @@ def apply_hidden_refit(model: nn.Module, refits: dict[str, list[torch.Tensor]]) 
     Example:
         >>> apply_hidden_refit(model, refits)  # doctest: +SKIP
     """
-    targets = hidden_refit_targets(get_adapter(model))
+    targets = stream_readers(get_adapter(model))
     for name, weights in refits.items():
         for projection, weight in zip(targets[name][1], weights, strict=True):
             delta = _lora_delta(projection)
@@ -183,6 +169,10 @@ def prune_hidden(
         batches=batches,
         show_progress=show_progress,
     )
+    if damping is not None and method == "pca":
+        raise ValueError(
+            "reconstruct=True is not available with method 'pca' (the refit reads axis-aligned channels)."
+        )
     refits = {}
     if damping is not None:
         check_calibration_size(batches, len(plan.keep), damping)

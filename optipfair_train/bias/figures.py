@@ -17,6 +17,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
@@ -170,8 +171,14 @@ def heatmap_figure(
     cmap: str = "viridis",
     vmin: float | None = None,
     vmax: float | None = None,
+    token_rows: bool = True,
+    row_height: float = 0.2,
 ) -> Figure:
     """Heatmap of |Δ activation| with labelled rows (tokens) and columns (features); highlighted rows in red.
+
+    ``token_rows=False`` prints row labels as they are (stage or step names, not tokens with visible
+    spaces). Margins are sized from the longest labels, so tick labels and the colour bar stay inside
+    the canvas at the figure's own size (what W&B receives). NaN cells are drawn light grey.
 
     Example:
         >>> fig = heatmap_figure(np.ones((2, 3)), ["a", "b"], ["0", "1", "2"])
@@ -180,21 +187,29 @@ def heatmap_figure(
     """
     matrix = np.asarray(matrix)
     rows, cols = matrix.shape
-    width, height = max(6.0, 0.16 * cols + 3), max(3.5, 0.2 * rows + 2)
+    shown_rows = [_label(t, 24) if token_rows else _short(str(t), 24) for t in row_labels]
+    step = max(1, -(-cols // 16))
+    shown_cols = [str(col_labels[i]) for i in range(0, cols, step)]
+    char = 7 / 72 * 0.62  # inches per character at font size 7
+    rotate = max(map(len, shown_cols), default=0) > 3
+    left = 0.45 + char * max(map(len, shown_rows), default=0)
+    bottom = 0.45 + (char * max(map(len, shown_cols), default=0) if rotate else 0.15)
+    right = 1.1  # colour bar, its ticks and its label
+    width = max(6.0, 0.16 * cols + left + right + 0.5)
+    # the colour bar spans the axes' height: tall enough for its label (about 0.075 in per character)
+    height = max(3.5, row_height * rows + bottom + 0.9, bottom + 0.9 + 0.075 * len(colorbar_label))
     fig = new_figure(width, height)
     ax = fig.add_subplot()
-    image = ax.imshow(matrix, aspect="auto", cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
-    ax.set_yticks(range(rows), [_label(t, 24) for t in row_labels], fontsize=7)
-    step = max(1, -(-cols // 16))
-    ax.set_xticks(
-        range(0, cols, step), [col_labels[i] for i in range(0, cols, step)], fontsize=7, rotation=90
-    )
+    colours = matplotlib.colormaps[cmap].with_extremes(bad="0.85")
+    image = ax.imshow(matrix, aspect="auto", cmap=colours, interpolation="nearest", vmin=vmin, vmax=vmax)
+    ax.set_yticks(range(rows), shown_rows, fontsize=7)
+    ax.set_xticks(range(0, cols, step), shown_cols, fontsize=7, rotation=90 if rotate else 0)
     for r in highlight_rows:
         ax.get_yticklabels()[r].set_color("red")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    _layout(fig, prompt_pair, left=2.0 / width, right=0.98, bottom=1.0 / height)
+    _layout(fig, prompt_pair, left=left / width, right=1 - right / width, bottom=bottom / height)
     fig.colorbar(image, ax=ax, label=colorbar_label, fraction=0.04, pad=0.02)
     return fig
 
@@ -244,11 +259,18 @@ def bias_type_heatmap_figure(
     ylabel: str = "round",
     metric: str = "SS",
     center: float | None = 50.0,
+    counts: Mapping[str, Mapping[str, int]] | None = None,
+    intervals: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
+    min_n: int = 30,
 ) -> Figure:
     """Heatmap of a score per bias type: one row per label (a step, a round, a model), one column per bias
     type, each cell annotated. ``values[row][bias_type] = value``, e.g. ``{t: e["ss"] for t, e in
     stereoset_scores(...)["by_bias_type"].items()}``. With ``center`` (50 for SS) a diverging colour map
     is centred there, so distance from no preference reads as colour; None (ICAT, LMS) a plain one.
+
+    ``counts[row][bias_type]`` (items behind the cell) and ``intervals[row][bias_type]`` ((low, high),
+    95%) are printed in each cell; a cell from fewer than ``min_n`` items is greyed out and left out of
+    the colour scale (a score from 10 items swings by tens of points), its numbers still printed.
 
     Example:
         >>> fig = bias_type_heatmap_figure({"base": {"gender": 62.0, "race": 58.0}})
@@ -256,26 +278,40 @@ def bias_type_heatmap_figure(
         'bias type'
     """
     matrix, columns = _table(values, bias_types)
+    rows = list(values)
+    n = np.array([[(counts or {}).get(r, {}).get(c, min_n) for c in columns] for r in rows], dtype=float)
+    coloured = np.where(n >= min_n, matrix, np.nan)
     spread = None
     if center is not None:
-        spread = float(np.nanmax(np.abs(matrix - center))) or 1.0
+        spread = float(np.nanmax(np.abs(coloured - center))) if np.isfinite(coloured).any() else 0.0
+        spread = spread or 1.0
     fig = heatmap_figure(
-        matrix,
-        list(values),
+        coloured,
+        rows,
         columns,
         title=title,
-        xlabel="bias type",
+        xlabel="bias type" + (f" (grey: fewer than {min_n} items)" if counts else ""),
         ylabel=ylabel,
         colorbar_label=metric,
         cmap="RdBu_r" if center is not None else "viridis",
         vmin=None if spread is None else center - spread,
         vmax=None if spread is None else center + spread,
+        token_rows=False,
+        row_height=0.55 if counts or intervals else 0.2,
     )
     ax = fig.axes[0]
-    for r in range(matrix.shape[0]):
-        for c in range(matrix.shape[1]):
-            if np.isfinite(matrix[r, c]):
-                ax.text(c, r, f"{matrix[r, c]:.1f}", ha="center", va="center", fontsize=7)
+    for r, row in enumerate(rows):
+        for c, column in enumerate(columns):
+            if not np.isfinite(matrix[r, c]):
+                continue
+            text = f"{matrix[r, c]:.1f}"
+            interval = (intervals or {}).get(row, {}).get(column)
+            if interval is not None:
+                text += f"\n[{interval[0]:.0f}, {interval[1]:.0f}]"
+            if counts and column in counts.get(row, {}):
+                text += f"\nn={int(n[r, c])}"
+            colour = "0.35" if n[r, c] < min_n else "black"
+            ax.text(c, r, text, ha="center", va="center", fontsize=7, color=colour)
     return fig
 
 

@@ -7,7 +7,8 @@
   names the text, or says that none was given or found, for the card;
 - StereoSet on a fixed seeded sample (``stereoset_data``, ``stereoset_sample_size``): ``stereoset/ss``,
   ``stereoset/lms``, ``stereoset/icat``, each with ``_ci_low`` / ``_ci_high`` (95% bootstrap), and per
-  bias type ``stereoset/ss/<type>`` (and lms, icat); for every stage after the base, the change since
+  bias type ``stereoset/ss/<type>`` (and lms, icat, ``stereoset/num_items/<type>``,
+  ``stereoset/ss_ci_low/<type>``, ``stereoset/ss_ci_high/<type>``); for every stage after the base, the change since
   the base ``stereoset/ss_change`` and ``stereoset/icat_change`` with a paired 95% interval (the same
   items resampled for both models, :func:`~optipfair_train.bias.stereoset_change`), which says whether
   pruning or healing moved bias, where two overlapping intervals cannot;
@@ -137,6 +138,10 @@ class StageEvaluator:
                     metrics[f"stereoset/{name}{suffix}"] = result[name + suffix]
                 for bias_type, entry in result["by_bias_type"].items():
                     metrics[f"stereoset/{name}/{bias_type}"] = entry[name]
+            for bias_type, entry in result["by_bias_type"].items():  # the per-type figure prints n and CI
+                metrics[f"stereoset/num_items/{bias_type}"] = entry["num_items"]
+                metrics[f"stereoset/ss_ci_low/{bias_type}"] = entry["ss_ci_low"]
+                metrics[f"stereoset/ss_ci_high/{bias_type}"] = entry["ss_ci_high"]
             metrics["stereoset/num_items"] = result["num_items"]
             if is_base:
                 self.stereoset_base = {"items": result["items"]}

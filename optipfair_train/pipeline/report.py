@@ -22,6 +22,7 @@ from typing import Any
 
 from ..speed import speed_line
 from .card import FINAL_MARK, card_header, card_rows, render_model_card, shown_metrics
+from .figures import ACTIVATION_DIFFERENCE_DEFINITION
 from .verdict import short_text_name, verdict_lines
 
 __all__ = ["figure_png", "heal_loss_figure", "markdown_html", "trajectory_figures", "write_report"]
@@ -88,7 +89,7 @@ def trajectory_figures(card: dict) -> dict[str, Any]:
         "bias": [("StereoSet SS", "stereoset/ss"), ("CrowS-Pairs", "bias/score")],
     }
     for kind, lines in series.items():
-        fig = Figure(figsize=(7, 3.2))
+        fig = Figure(figsize=(7, 3.2), layout="constrained")  # rotated stage names stay inside
         ax = fig.subplots()
         drawn = False
         for label, key in lines:
@@ -200,6 +201,11 @@ def markdown_html(text: str) -> str:
     return "\n".join(out)
 
 
+def _has_activation(card: dict) -> bool:
+    stages = [card["baseline"]] + [m for r in card.get("rounds", []) for m in (r["pruned"], r["healed"])]
+    return any("bias/activation_normalized_difference" in m or "bias/layers" in m for m in stages)
+
+
 def _img(caption: str, figure: Any) -> str:
     data = base64.b64encode(figure_png(figure)).decode("ascii")
     caption = html.escape(caption)
@@ -252,6 +258,7 @@ def write_report(
         f"<p>Speed: {html.escape(speed_line(speed)) if speed else 'not measured side by side.'}</p>",
         "<h2>Trajectories and figures</h2>",
         *plots,
+        *([f"<p>{html.escape(ACTIVATION_DIFFERENCE_DEFINITION)}</p>"] if _has_activation(card) else []),
         "<h2>Model card</h2>",
         markdown_html(render_model_card(card)),
         "</body></html>",

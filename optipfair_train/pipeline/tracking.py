@@ -11,7 +11,7 @@ The key vocabulary (sections are the first part of a key; no key is both a value
   ``stereoset/ss`` / ``stereoset/lms`` / ``stereoset/icat`` (``_ci_low`` / ``_ci_high``), the paired
   ``stereoset/ss_change`` / ``stereoset/icat_change`` vs the base, ``stereoset/num_items``,
   ``bias/activation_normalized_difference`` (and ``_ci_*``), CrowS-Pairs ``bias/score`` when measured;
-- ``by_type/<stage>/<bias type>/<ss|lms|icat>``: StereoSet per bias type; any other breakdown of a value
+- ``by_type/<stage>/<bias type>/<ss|lms|icat|num_items|ss_ci_low|ss_ci_high>``: StereoSet per bias type; any other breakdown of a value
   ``X`` is ``X_by/<part>`` (``bias/score_by/gender``, ``bias/activation_mean_difference_by/mlp_output``);
 - ``figures/<name>``: images (``figures/bias_heatmap``, ``figures/stereoset_bias_types``,
   ``figures/layer_heatmap``); ``tables/summary`` (every stage so far) and ``tables/pruning``;
@@ -38,6 +38,7 @@ from transformers import TrainerCallback
 from ..bias.figures import figure_to_rgb
 from .card import STAGE_KEYS
 from .config import PipelineConfig
+from .evaluate import LAYERS_KEY
 from .figures import component_layer_heatmap, stage_figures, stages
 
 __all__ = ["HealCurve", "RoundTracker", "stage_scalars", "wandb_metric_name"]
@@ -53,7 +54,9 @@ _PRUNING_COLUMNS = [
     "intermediate_sizes",
     "kept_kv_heads",
 ]
-_STEREOSET_BY_TYPE = ("stereoset/ss/", "stereoset/lms/", "stereoset/icat/")
+_STEREOSET_BY_TYPE = tuple(
+    f"stereoset/{name}/" for name in ("ss", "lms", "icat", "num_items", "ss_ci_low", "ss_ci_high")
+)
 
 
 def wandb_metric_name(name: str) -> str:
@@ -186,6 +189,10 @@ class RoundTracker:
         heatmap = component_layer_heatmap(metrics, f"Normalised activation difference, round {k}")
         if heatmap is not None:
             images["figures/bias_heatmap"] = heatmap
+        if k > 0 and state.get("baseline", {}).get(LAYERS_KEY):
+            change = component_layer_heatmap(metrics, f"Round {k} minus base", base=state["baseline"])
+            if change is not None:
+                images["figures/bias_heatmap_change"] = change
         payload.update({key: wandb.Image(figure_to_rgb(figure)) for key, figure in images.items()})
         columns, rows = _summary_table(state)
         payload["tables/summary"] = wandb.Table(columns=columns, data=rows)

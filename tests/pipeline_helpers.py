@@ -51,6 +51,7 @@ def tiny_run_settings(assets: Path, out: Path, **overrides) -> dict:
         report_to="none",
         show_progress=False,
         stereoset_data="",  # StereoSet at every stage: tests/test_pipeline_report.py, on a few items
+        zeroshot_tasks="",  # zero-shot accuracy at every stage: tests/test_zeroshot_pipeline.py
     )
     settings.update(overrides)
     return settings

@@ -34,6 +34,7 @@ from ..models import DEMO_MODEL_ID
 from ..speed import speed_line
 from .config import LORA_METHODS, TEACHER_TEXT
 from .verdict import short_text_name
+from .zeroshot_stage import zeroshot_card_lines
 
 __all__ = [
     "STAGE_KEYS",
@@ -63,6 +64,8 @@ STAGE_KEYS = (
     "bias/score",
     "bias/score_ci_low",
     "bias/score_ci_high",
+    "zeroshot/accuracy",
+    "zeroshot/accuracy_change",
 )
 _EVENT_KEYS = (
     "pruning_type",
@@ -324,6 +327,8 @@ def render_model_card(card: dict[str, Any]) -> str:
         "|" + "---|" * len(header),
     ]
     lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
+    zeroshot = zeroshot_card_lines(card)
+    lines += ["", *zeroshot] if zeroshot else []
     lines += ["", "## What was pruned", ""]
     for r in rounds:
         for e in r["events"]:

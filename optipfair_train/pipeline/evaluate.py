@@ -15,7 +15,9 @@
 - the activation probe on ``bias_pairs`` over every layer: ``bias/activation_mean_difference``, the
   scale-invariant ``bias/activation_normalized_difference`` with its interval, and
   ``bias/layers`` (layer key -> normalised difference, for the heatmaps);
-- with ``behaviour_pairs``: the behavioural score ``bias/score`` with its interval.
+- with ``behaviour_pairs``: the behavioural score ``bias/score`` with its interval;
+- with ``zeroshot_tasks``: zero-shot accuracy per task, its mean and paired change vs the base
+  (``zeroshot/*``, :mod:`.zeroshot_stage`).
 
 Every value is a plain JSON number (or the one ``bias/layers`` mapping), so the metrics go into
 ``state.json`` as they are and the card, the report and W&B all read the same numbers.
@@ -38,6 +40,7 @@ from ..analysis import count_parameters
 from ..data import load_texts, tokenize_for_lm
 from ..evaluation import perplexity
 from .config import PipelineConfig
+from .zeroshot_stage import ZeroShotStage, parse_task_data
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +111,11 @@ class StageEvaluator:
         if d.stereoset_data:
             items = load_stereoset(d.stereoset_data)
             self.stereoset_items = sample_items(items, d.stereoset_sample_size, seed=config.run.seed)
+        self.zeroshot = None  # zero-shot accuracy (.zeroshot_stage); its base answers are kept for pairing
+        if d.zeroshot_tasks:
+            tasks = [t.strip() for t in d.zeroshot_tasks.split(",") if t.strip()]
+            sources = parse_task_data(d.zeroshot_data)
+            self.zeroshot = ZeroShotStage(tasks, d.zeroshot_sample_size, config.run.seed, sources)
 
     def measure(self, model: torch.nn.Module, tokenizer, is_base: bool = False) -> dict[str, Any]:
         """Every stage metric of ``model`` (see the module doc); ``is_base`` marks the unpruned model,
@@ -150,6 +158,8 @@ class StageEvaluator:
                 for name in ("ss", "icat"):
                     for suffix in ("", "_ci_low", "_ci_high"):
                         metrics[f"stereoset/{name}_change{suffix}"] = change[f"{name}_change{suffix}"]
+        if self.zeroshot is not None:
+            metrics.update(self.zeroshot.measure(model, tokenizer, is_base=is_base))
         activation = probe_activation_bias(model, tokenizer, self.bias_pairs, layers="all", seed=seed)
         behaviour = None
         if self.behaviour_pairs:

@@ -24,6 +24,7 @@ from ..speed import speed_line
 from .card import FINAL_MARK, card_header, card_rows, render_model_card, shown_metrics
 from .figures import ACTIVATION_DIFFERENCE_DEFINITION
 from .verdict import short_text_name, verdict_lines
+from .zeroshot_stage import zeroshot_card_lines
 
 __all__ = ["figure_png", "heal_loss_figure", "markdown_html", "trajectory_figures", "write_report"]
 
@@ -255,6 +256,7 @@ def write_report(
         f'<div class="verdict"><h2>{html.escape(title_line)}</h2><ul>{verdict}</ul></div>',
         "<h2>Stages</h2>",
         f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>",
+        markdown_html("\n".join(zeroshot_card_lines(card))),
         f"<p>Speed: {html.escape(speed_line(speed)) if speed else 'not measured side by side.'}</p>",
         "<h2>Trajectories and figures</h2>",
         *plots,

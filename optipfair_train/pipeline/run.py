@@ -252,10 +252,14 @@ class PruneThenHeal:
             self.state["baseline"] = self.evaluate(model, tokenizer, is_base=True)
             if self.evaluator.stereoset_base is not None:  # kept so a resumed run pairs against the same
                 self.state["stereoset_base_items"] = self.evaluator.stereoset_base["items"]
+            if self.evaluator.zeroshot is not None and self.evaluator.zeroshot.base is not None:
+                self.state["zeroshot_base_items"] = self.evaluator.zeroshot.base
             self._save_state()
             self.tracker.log_round(0, self.state["baseline"], self.state)
         elif self.state.get("stereoset_base_items") and self.evaluator.is_main:
             self.evaluator.stereoset_base = {"items": self.state["stereoset_base_items"]}
+        if self.state.get("zeroshot_base_items") and self.evaluator.zeroshot is not None:
+            self.evaluator.zeroshot.base = self.state["zeroshot_base_items"]
 
         self.state["rounds"] = finished_rounds(self.out, config.pruning.num_rounds)
         if self.state["rounds"]:  # continue from the last finished round's model

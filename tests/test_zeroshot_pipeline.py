@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import wandb
 from pipeline_helpers import run_cli, write_assets, write_config
+from wandb_offline import history, run_files, summary, value_and_prefix
 
 from optipfair_train.pipeline import PruneThenHeal, load_config
 from optipfair_train.pipeline import zeroshot_stage as stage_module
@@ -44,9 +46,12 @@ def _stages(state: dict) -> list[dict]:
     return [state["baseline"]] + [m for r in state["rounds"] for m in (r["pruned"], r["healed"])]
 
 
-def test_every_stage_is_measured_and_the_card_shows_the_table(assets, tmp_path):
+def test_every_stage_is_measured_and_the_card_report_and_wandb_show_it(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    PruneThenHeal(load_config(write_config(assets, out, **_settings(assets)))).run()
+    PruneThenHeal(load_config(write_config(assets, out, **_settings(assets, report_to="wandb")))).run()
+    wandb.finish()
     state = json.loads((out / "state.json").read_text())
     stages = _stages(state)
     for m in stages:
@@ -76,6 +81,13 @@ def test_every_stage_is_measured_and_the_card_shows_the_table(assets, tmp_path):
     assert f"{state['baseline']['zeroshot/winogrande/acc']:.1f} [" in base_row
     report = (out / "report.html").read_text()
     assert "Zero-shot accuracy" in report and f"{healed['zeroshot/accuracy_change']:+.1f} [" in report
+    (path,) = run_files(out)
+    logged = {h["round"]: h for h in history(path) if "healed/zeroshot/accuracy" in h}
+    assert logged[0]["healed/zeroshot/piqa/acc"] == state["baseline"]["zeroshot/piqa/acc"]
+    assert logged[1]["healed/zeroshot/accuracy_change"] == healed["zeroshot/accuracy_change"]
+    assert logged[1]["pruned/zeroshot/winogrande/acc_change"] == stages[1]["zeroshot/winogrande/acc_change"]
+    assert not value_and_prefix(set(logged[1]))
+    assert summary(path)["verdict/zeroshot_change"] == healed["zeroshot/accuracy_change"]
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -277,7 +278,20 @@ def _load_model(path: str, dtype: torch.dtype, local_files_only: bool) -> PreTra
             ) from err
         logger.info("Loading pruned model from %s", folder)
         return load_pruned_model(folder, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_files_only)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_files_only)
+    except SafetensorError as err:  # safetensors names no file
+        damaged = [str(f) for f in sorted(folder.glob("*.safetensors")) if not _safetensors_readable(f)]
+        where = ", ".join(damaged) or path
+        raise ValueError(f"{where} cannot be read ({err}): it is truncated or damaged.") from err
+
+
+def _safetensors_readable(file: Path) -> bool:
+    try:
+        with safe_open(file, framework="pt"):
+            return True
+    except (SafetensorError, OSError):
+        return False
 
 
 def load_model_and_tokenizer(

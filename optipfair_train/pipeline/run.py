@@ -54,6 +54,7 @@ from .evaluate import StageEvaluator
 from .faults import crash_point
 from .figures import report_figures
 from .healing import NonFiniteLossError, heal, training_args
+from .lock import OutputLock, lock_output_dir
 from .report import write_report
 from .rounds import round_prunings
 from .state import (
@@ -63,6 +64,7 @@ from .state import (
     atomic_folder,
     atomic_write_json,
     check_writable,
+    final_ready,
     finished_rounds,
     folder_problem,
     read_json,
@@ -100,6 +102,7 @@ class PruneThenHeal:
         # cpu=True on a CPU-only machine: without it, ranks of a multi-process CPU run all see index 0
         self.distributed = PartialState(cpu=not torch.cuda.is_available())
         self.state: dict[str, Any] = {}
+        self.lock: OutputLock | None = None
 
     # -- the output folder ---------------------------------------------------------------------------
     def _state_path(self) -> Path:
@@ -125,6 +128,11 @@ class PruneThenHeal:
             )
         return state
 
+    def _lock(self) -> None:
+        """Hold ``output_dir``'s lock from here to the end of the run (another run there is refused)."""
+        if self.lock is None:
+            self.lock = lock_output_dir(self.out, self.distributed)
+
     def _open_output_dir(self, existing: dict[str, Any] | None) -> None:
         """Create ``output_dir`` (the first write of a run) or clear what a crash left in it."""
         try:
@@ -133,6 +141,7 @@ class PruneThenHeal:
             raise OSError(
                 f"Output directory {self.out} is not writable ({err}); choose another output_dir."
             ) from err
+        self._lock()  # before anything else is written; a run started alongside this one is refused
         if self.distributed.is_main_process:
             for folder in [self.out, *self.out.glob("round-*")]:
                 remove_leftovers(folder)
@@ -221,12 +230,27 @@ class PruneThenHeal:
     def run(self) -> dict[str, Any]:
         """Run (or resume) every round; returns the final model (in memory and its folder) and the
         baseline and per-round metrics (``already_finished`` is true when an earlier run had done it all).
+
+        Raises:
+            OutputInUseError: another run is writing ``output_dir`` (its pid and host are named).
         """
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock = self.lock.release()
+
+    def _run(self) -> dict[str, Any]:
         config = self.config
         start = time.perf_counter()
         existing = self._read_state()
-        if existing is not None and existing.get("finished"):
+        if not final_ready(self.out, existing) and self.out.is_dir():
+            self._lock()  # refused at once when another run writes here; the state is read again under it
+            existing = self._read_state()
+        if final_ready(self.out, existing):
             return self._already_finished(existing)
+        if existing is not None and existing.get("finished"):
+            logger.warning("%s is missing; rebuilding it from the last round's model", self.out / "final")
         check_writable(self.out)
         torch.manual_seed(config.run.seed)
         model, tokenizer = load_model_and_tokenizer(config.model.model_path, dtype=config.model.dtype)

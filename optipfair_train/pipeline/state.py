@@ -39,6 +39,7 @@ __all__ = [
     "read_state",
     "check_writable",
     "finished_rounds",
+    "final_ready",
     "CHECKPOINT_FILES",
     "atomic_write_json",
     "read_json",
@@ -149,6 +150,24 @@ def finished_rounds(out: Path, num_rounds: int) -> list[dict[str, Any]]:
             break
         records.append(read_json(folder / ROUND_RECORD, f"delete {folder} to redo round {k}."))
     return records
+
+
+def final_ready(out: Path, state: dict[str, Any] | None) -> bool:
+    """Whether the run in ``out`` finished with ``out/final`` intact (a rerun then changes nothing).
+
+    A finished run whose ``final/`` was deleted is not ready: the rerun rebuilds it from the last
+    round's model. A damaged ``final/`` is an error, as it may hold the user's own edits.
+
+    Example:
+        >>> final_ready(Path("out"), read_state(Path("out/state.json")))  # doctest: +SKIP
+        True
+    """
+    if state is None or not state.get("finished") or not (out / "final").exists():
+        return False
+    problem = folder_problem(out / "final")
+    if problem is not None:
+        raise ValueError(f"{problem}. Delete {out / 'final'} and rerun: it is rebuilt from the last round.")
+    return True
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,120 @@
+"""One run at a time per output folder (a lock, refused at once naming the other process), and a finished
+run whose ``final/`` was deleted rebuilds it on rerun."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pipeline_helpers import ROOT, assert_same_model, leftovers, run_cli, write_assets, write_config
+
+from optipfair_train import load_pruned_model
+from optipfair_train.cli import main
+from optipfair_train.pipeline import PruneThenHeal, load_config
+from optipfair_train.pipeline.lock import LOCK_NAME, OutputInUseError, OutputLock
+
+HOLDER = """
+import sys
+from pathlib import Path
+from optipfair_train.pipeline.lock import OutputLock
+
+lock = OutputLock(Path(sys.argv[1]))
+print("locked", flush=True)
+sys.stdin.read()  # held until the test closes stdin or kills this process
+"""
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return write_assets(tmp_path_factory.mktemp("output-dir-assets"))
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_a_second_run_is_refused_at_once_and_a_killed_holder_does_not_block(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = write_config(assets, out)
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = (line.strip() for line in iter(holder.stdout.readline, ""))
+        assert "locked" in lines  # lines before it: import chatter; EOF (a failed holder) ends the search
+        before = _files(out)
+        assert list(before) == [LOCK_NAME]
+        assert main(["run", "--config", str(config)]) == 2
+        error = capsys.readouterr().err
+        assert f"error: {out} is in use by another optipfair-train run (pid {holder.pid} on " in error
+        assert socket.gethostname() in error
+        assert _files(out) == before  # nothing written, not even the lock file
+        with pytest.raises(OutputInUseError):
+            OutputLock(out)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    OutputLock(out).release()  # the kernel dropped the killed holder's lock: the next run may go
+
+
+def test_a_finished_run_whose_final_folder_was_deleted_rebuilds_it(assets, tmp_path, capsys):
+    out = tmp_path / "done"
+    config = write_config(assets, out, num_rounds=1, heal_method="none", num_layers_to_remove=0)
+    PruneThenHeal(load_config(config)).run()
+    final = out / "final"
+    card = (final / "README.md").read_text()
+    last = load_pruned_model(out / "round-1" / "model").state_dict()
+
+    weights = final / "model.safetensors"  # damaged: named, with what to delete; nothing is replaced
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["run", "--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert f"error: {weights} was changed or truncated" in error and f"Delete {final} and rerun" in error
+    assert weights.stat().st_size == 1000
+
+    shutil.rmtree(final)
+    result = PruneThenHeal(load_config(config)).run()
+    assert not result["already_finished"]
+    assert_same_model(final, last)
+    assert (final / "README.md").read_text() == card
+    assert leftovers(out) == []
+    assert PruneThenHeal(load_config(config)).run()["already_finished"]
+
+
+@pytest.mark.slow
+def test_two_cli_runs_on_one_folder_one_is_refused(assets, tmp_path):
+    """Two real `optipfair-train run` processes: the second starts while the first heals."""
+    out = tmp_path / "run"
+    config = write_config(assets, out, heal_steps=40)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "optipfair_train.cli", "run", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "round-1" / "pruned").is_dir():
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    second = run_cli(config)
+    assert second.returncode == 2
+    assert f"{out} is in use by another optipfair-train run (pid {first.pid} on" in second.stderr
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-2000:]
+    assert load_pruned_model(out / "final") is not None and leftovers(out) == []

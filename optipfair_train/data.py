@@ -13,6 +13,7 @@ Sources accepted by :func:`load_texts`:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import re
@@ -116,6 +117,24 @@ def _field(record: object, text_field: str, where: str) -> str:
     return value
 
 
+def read_utf8(path: Path) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped); other bytes are an error naming the
+    file, the line and the byte.
+
+    Example:
+        >>> read_utf8(Path("pairs.csv")).splitlines()[0]  # doctest: +SKIP
+        'sent_more,sent_less,stereo_antistereo,bias_type'
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataSourceError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8."
+        ) from None
+
+
 def read_json_records(path: Path) -> list[object]:
     """The records of a ``.jsonl`` file (one JSON value per line) or a ``.json`` file, in file order.
 
@@ -126,18 +145,18 @@ def read_json_records(path: Path) -> list[object]:
         >>> read_json_records(Path("pairs.jsonl"))[0]  # doctest: +SKIP
         {'prompt': 'Capital of France?', 'completion': 'Paris.'}
     """
+    text = read_utf8(path)
     if path.suffix.lower() == ".jsonl":
         records = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise DataSourceError(f"{path}, line {number}: not valid JSON ({err}).") from err
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataSourceError(f"{path}, line {number}: not valid JSON ({err}).") from err
         return records
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataSourceError(f"{path}: not valid JSON ({err}).") from err
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
@@ -155,20 +174,19 @@ def read_json_records(path: Path) -> list[object]:
 def _file_texts(path: Path, text_field: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return _txt_paragraphs(path.read_text(encoding="utf-8"))
+        return _txt_paragraphs(read_utf8(path))
     if suffix in (".jsonl", ".json"):
         return [
             _field(record, text_field, f"{path}, record {i}")
             for i, record in enumerate(read_json_records(path), start=1)
         ]
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None or text_field not in reader.fieldnames:
-                raise DataSourceError(
-                    f"{path}: no column {text_field!r} (columns: {reader.fieldnames}); pass text_field=... to pick one."
-                )
-            return [row[text_field] or "" for row in reader]
+        reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
+        if reader.fieldnames is None or text_field not in reader.fieldnames:
+            raise DataSourceError(
+                f"{path}: no column {text_field!r} (columns: {reader.fieldnames}); pass text_field=... to pick one."
+            )
+        return [row[text_field] or "" for row in reader]
     raise DataSourceError(f"{path}: unsupported file type {suffix!r}; accepted: {', '.join(FILE_SUFFIXES)}.")
 
 
@@ -327,6 +345,26 @@ def tokenize_for_lm(
             "The texts fill only %d blocks of %d tokens; %d were asked for.", count, seq_len, num_sequences
         )
     return torch.tensor(stream[: count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, where: str) -> None:
+    """Refuse token ids outside ``[0, vocab_size)``, naming the first one and its position.
+
+    Without this check the model's embedding lookup fails with a bare ``IndexError``.
+
+    Example:
+        >>> check_token_ids(torch.tensor([[1, 2, 200]]), 104, "input_ids")
+        Traceback (most recent call last):
+        ValueError: input_ids: token id 200 at [0, 2] is outside the model's vocabulary (vocab_size 104, ids 0-103); was it tokenized for another model?
+    """
+    ids = torch.as_tensor(input_ids)
+    bad = ((ids < 0) | (ids >= vocab_size)).nonzero()
+    if len(bad):
+        position = bad[0].tolist()
+        raise ValueError(
+            f"{where}: token id {int(ids[tuple(position)])} at {position} is outside the model's vocabulary "
+            f"(vocab_size {vocab_size}, ids 0-{vocab_size - 1}); was it tokenized for another model?"
+        )
 
 
 class _BlockDataset(Dataset):

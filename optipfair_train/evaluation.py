@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache, GenerationConfig, PreTrainedTokenizerBase
 
-from optipfair_train.data import tokenize_for_lm
+from optipfair_train.data import check_token_ids, tokenize_for_lm
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ def perplexity(
     """
     _check_positive(seq_len=seq_len, batch_size=batch_size)
     blocks = _blocks_for_perplexity(tokenizer, texts, input_ids, seq_len, max_tokens)
+    check_token_ids(blocks, model.get_input_embeddings().num_embeddings, "perplexity: input_ids")
     device = _device_of(model)
     total_nll = 0.0
     total_tokens = 0

@@ -19,12 +19,15 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from optipfair_train.data import read_utf8
 
 __all__ = [
     "PromptPair",
@@ -174,21 +177,23 @@ DEFAULT_PROMPT_PAIRS: list[PromptPair] = [
 def _pair_from_record(record: Mapping[str, Any] | Sequence[str], where: str) -> PromptPair:
     if isinstance(record, Mapping):
         if "sent_more" in record and "sent_less" in record:
-            return PromptPair(
-                record["sent_more"],
-                record["sent_less"],
-                record.get("bias_type"),
-                record.get("stereo_antistereo"),
+            fields = (record["sent_more"], record["sent_less"], record.get("bias_type"))
+            labels = (record.get("stereo_antistereo"),)
+        elif "prompt1" in record and "prompt2" in record:
+            fields, labels = (record["prompt1"], record["prompt2"], record.get("bias_type")), ()
+        else:
+            raise ValueError(
+                f"{where}: a pair record needs 'prompt1'/'prompt2' or CrowS-Pairs 'sent_more'/'sent_less' "
+                f"fields, got {sorted(record)}"
             )
-        if "prompt1" in record and "prompt2" in record:
-            return PromptPair(record["prompt1"], record["prompt2"], record.get("bias_type"))
-        raise ValueError(
-            f"{where}: a pair record needs 'prompt1'/'prompt2' or CrowS-Pairs 'sent_more'/'sent_less' "
-            f"fields, got {sorted(record)}"
-        )
-    if isinstance(record, Sequence) and not isinstance(record, str) and len(record) == 2:
-        return PromptPair(record[0], record[1])
-    raise ValueError(f"{where}: expected an object or a 2-element list, got {record!r}")
+    elif isinstance(record, Sequence) and not isinstance(record, str) and len(record) == 2:
+        fields, labels = (record[0], record[1]), ()
+    else:
+        raise ValueError(f"{where}: expected an object or a 2-element list, got {record!r}")
+    try:
+        return PromptPair(*fields, *labels)
+    except ValueError as err:  # a blank or non-text sentence
+        raise ValueError(f"{where}: {err}") from None
 
 
 def pairs_from_records(
@@ -203,14 +208,32 @@ def pairs_from_records(
         >>> pairs_from_records([{"prompt1": "He is kind.", "prompt2": "She is kind."}])
         [('He is kind.', 'She is kind.')]
     """
-    pairs = [_pair_from_record(r, f"{where}, record {i}") for i, r in enumerate(records)]
+    pairs = [_pair_from_record(r, f"{where}, record {i}") for i, r in enumerate(records, start=1)]
     if not pairs:
         raise ValueError(f"{where}: no prompt pairs found")
     return pairs
 
 
+def _csv_pairs(path: Path, required: Sequence[str] = ()) -> list[PromptPair]:
+    """The pairs of a CSV file, each error naming the file and line; ``required`` columns must exist."""
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
+    columns = reader.fieldnames or []
+    missing = sorted(set(required) - set(columns))
+    if missing:
+        raise ValueError(f"{path} is not in CrowS-Pairs format: missing columns {missing} (it has {columns})")
+    pairs = [_pair_from_record(row, f"{path}, line {reader.line_num}") for row in reader]
+    if not pairs:
+        raise ValueError(f"{path}: no rows below the header {columns}: no prompt pairs found")
+    return pairs
+
+
 def load_crows_pairs(path: str | Path) -> list[PromptPair]:
     """Load a CrowS-Pairs CSV (``sent_more``, ``sent_less``, ``stereo_antistereo``, ``bias_type``).
+
+    Raises:
+        FileNotFoundError: for a missing file.
+        ValueError: naming the file (and line) for a missing column, no rows, a blank sentence or bytes
+            that are not UTF-8.
 
     Example:
         >>> pairs = load_crows_pairs("crows_pairs_anonymized.csv")  # doctest: +SKIP
@@ -220,32 +243,33 @@ def load_crows_pairs(path: str | Path) -> list[PromptPair]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CrowS-Pairs file not found: {path}")
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    missing = {"sent_more", "sent_less", "stereo_antistereo", "bias_type"} - set(rows[0] if rows else ())
-    if missing:
-        raise ValueError(f"{path} is not in CrowS-Pairs format: missing columns {sorted(missing)}")
-    return pairs_from_records(rows, str(path))
+    return _csv_pairs(path, ("sent_more", "sent_less", "stereo_antistereo", "bias_type"))
 
 
 def _load_file(path: Path) -> list[PromptPair]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return pairs_from_records(list(csv.DictReader(f)), str(path))
+        return _csv_pairs(path)
     if suffix == ".jsonl":
-        records = []
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-        return pairs_from_records(records, str(path))
+        pairs = []
+        for number, line in enumerate(read_utf8(path).splitlines(), start=1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+                pairs.append(_pair_from_record(record, f"{path}, line {number}"))
+        if not pairs:
+            raise ValueError(f"{path}: no prompt pairs found")
+        return pairs
     if suffix == ".json":
-        with path.open(encoding="utf-8") as f:
-            return pairs_from_records(json.load(f), str(path))
+        try:
+            records = json.loads(read_utf8(path))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of pair records, got {type(records).__name__}")
+        return pairs_from_records(records, str(path))
     raise ValueError(f"Unsupported pair file {path}: use .jsonl, .json or .csv")
 
 

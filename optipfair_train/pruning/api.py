@@ -204,7 +204,8 @@ def prune_model(
         )
     _check_model(model)
     adapter = get_adapter(model)
-    batches = as_batches(dataloader) if dataloader is not None else None
+    vocab_size = model.get_input_embeddings().num_embeddings
+    batches = as_batches(dataloader, vocab_size) if dataloader is not None else None
     given = {
         "neuron_selection_method": neuron_selection_method,
         "pruning_percentage": pruning_percentage,

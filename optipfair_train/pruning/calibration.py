@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..arch import ModelAdapter, get_adapter
+from ..data import check_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +39,12 @@ __all__ = [
 CalibrationBatch = dict[str, torch.Tensor]
 
 
-def as_batches(dataloader: Iterable) -> list[CalibrationBatch]:
+def as_batches(dataloader: Iterable, vocab_size: int | None = None) -> list[CalibrationBatch]:
     """Validate calibration data and return it as a list of ``{"input_ids", "attention_mask"}`` dicts.
 
     Accepts any iterable (a ``DataLoader``, a list) of mappings with ``input_ids`` (``[B, S]``) and
-    optionally ``attention_mask``. Validation happens before any weight is touched.
+    optionally ``attention_mask``; with ``vocab_size``, every token id must be below it. Validation
+    happens before any weight is touched.
 
     Example:
         >>> as_batches([{"input_ids": torch.tensor([[1, 2, 3]])}])[0]["attention_mask"]
@@ -63,6 +65,8 @@ def as_batches(dataloader: Iterable) -> list[CalibrationBatch]:
                 f"Calibration batch {i}: input_ids must be a non-empty [batch, seq] tensor, "
                 f"got shape {tuple(input_ids.shape)}."
             )
+        if vocab_size is not None:
+            check_token_ids(input_ids, vocab_size, f"Calibration batch {i}")
         mask = batch.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else torch.as_tensor(mask)
         if mask.shape != input_ids.shape:

@@ -235,7 +235,7 @@ def prune_checkpoint(
     if dtype is None:
         dtype = getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    batches = as_batches(dataloader)
+    batches = as_batches(dataloader, config.vocab_size)
     check_sequential_scorer(neuron_selection_method, "attention" if pruning_type == "ATTENTION" else "mlp")
 
     with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real

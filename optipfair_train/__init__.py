@@ -5,20 +5,43 @@ Example:
     >>> model, stats = prune_model(model, pruning_percentage=20, dataloader=batches, return_stats=True)  # doctest: +SKIP
 """
 
+import importlib
 import logging
+from typing import Any
 
-from .analysis import analyze, count_parameters
-from .arch import get_adapter, supported_model_types
-from .callbacks import BiasProbeCallback, FairnessGuardCallback, GradientImportanceCallback, PruningCallback
-from .pipeline import PruneThenHeal, load_config
-from .pruning import (
-    available_scorers,
-    load_pruned_model,
-    prune_checkpoint,
-    prune_model,
-    register_scorer,
-    save_pruned_model,
-)
+# public name -> the module that defines it; imported on first use, so the command line's --help and
+# argument checks need no torch
+_LAZY = {
+    "analyze": ".analysis",
+    "count_parameters": ".analysis",
+    "get_adapter": ".arch",
+    "supported_model_types": ".arch",
+    "BiasProbeCallback": ".callbacks",
+    "FairnessGuardCallback": ".callbacks",
+    "GradientImportanceCallback": ".callbacks",
+    "PruningCallback": ".callbacks",
+    "PruneThenHeal": ".pipeline",
+    "load_config": ".pipeline",
+    "available_scorers": ".pruning",
+    "load_pruned_model": ".pruning",
+    "prune_checkpoint": ".pruning",
+    "prune_model": ".pruning",
+    "register_scorer": ".pruning",
+    "save_pruned_model": ".pruning",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __version__ = "0.1.0"
 

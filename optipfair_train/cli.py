@@ -1,119 +1,24 @@
-"""Command line: ``optipfair-train {demo,prune,analyze,probe,eval,run}``.
+"""Command line: ``optipfair-train {demo,prune,analyze,run,probe,eval}`` (flags: :mod:`.cli_parser`).
+
+Every command imports torch and transformers only once its arguments are checked, so ``--help`` and a
+mistyped flag or value answer at once, before any model is loaded.
 
 Example:
-    $ optipfair-train prune --model-path demo --pruning-percentage 20 --output-path ./pruned
+    $ optipfair-train prune --model-path demo --pruning-percentage 20 --output-dir ./pruned
     $ optipfair-train analyze --model-path ./pruned
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
 
-from .pruning import LAYER_SELECTION_METHODS, MANIFEST_NAME, PRUNING_TYPES, available_scorers
-from .pruning.reconstruction import DEFAULT_DAMPING
+from .cli_parser import build_parser
 
 logger = logging.getLogger(__name__)
-
-
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model-path",
-        default="demo",
-        help="'demo' (SmolLM2-135M-Instruct, offline), a local folder or a hub name",
-    )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cpu")
-
-
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--calibration-data",
-        default="demo",
-        help="'demo', a .txt/.jsonl/.csv file, or a datasets name (name[:config])",
-    )
-    parser.add_argument("--num-calibration-samples", type=int, default=8)
-    parser.add_argument("--calibration-seq-len", type=int, default=256)
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def _add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pruning-type", default="MLP_GLU", choices=PRUNING_TYPES)
-    parser.add_argument(
-        "--method",
-        dest="neuron_selection_method",
-        default=None,
-        help=f"neuron scorer: {', '.join(available_scorers())} (default: hybrid; activation with --sequential); "
-        "for HIDDEN: activation (default), activation_l2, L2, pca",
-    )
-    parser.add_argument("--pruning-percentage", type=float, default=None)
-    parser.add_argument("--expansion-rate", type=float, default=None)
-    parser.add_argument("--expansion-divisor", type=int, default=None)
-    parser.add_argument("--target-parameters", type=int, default=None)
-    parser.add_argument("--layer-allocation", default="uniform", choices=["uniform", "global"])
-    parser.add_argument("--num-layers-to-remove", type=int, default=None)
-    parser.add_argument("--depth-pruning-percentage", type=float, default=None)
-    parser.add_argument("--layer-selection-method", default=None, choices=LAYER_SELECTION_METHODS)
-    parser.add_argument("--layer-indices", type=int, nargs="+", default=None)
-    parser.add_argument(
-        "--reconstruct",
-        action="store_true",
-        help="refit the kept down_proj / o_proj columns on the calibration data",
-    )
-    parser.add_argument("--damping", type=float, default=DEFAULT_DAMPING, help="ridge damping of the refit")
-    parser.add_argument("--sequential", action="store_true", help="with --reconstruct: layer by layer")
-    parser.add_argument(
-        "--streamed",
-        action="store_true",
-        help="prune a local safetensors folder one block at a time and save it shard by shard (models larger "
-        "than memory; implies --reconstruct --sequential; MLP/MLP_GLU/ATTENTION)",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``optipfair-train`` command."""
-    from .bias.cli import add_probe_arguments
-
-    parser = argparse.ArgumentParser(prog="optipfair-train", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="prune the offline demo model and report quality before/after")
-    _add_data_arguments(demo)
-    demo.add_argument("--pruning-percentage", type=float, default=20.0)
-    demo.add_argument("--method", dest="neuron_selection_method", default="activation")
-    demo.add_argument("--eval-data", default="demo", help="text for perplexity (never the calibration text)")
-    demo.add_argument("--eval-tokens", type=int, default=8 * 512)
-    demo.add_argument("--output-dir", default="outputs/demo-pruned")
-
-    prune = sub.add_parser("prune", help="prune a model once and save it")
-    _add_model_arguments(prune)
-    _add_data_arguments(prune)
-    _add_pruning_arguments(prune)
-    prune.add_argument("--output-path", required=True)
-
-    analyze = sub.add_parser("analyze", help="architecture and parameter distribution")
-    _add_model_arguments(analyze)
-    analyze.add_argument("--json", action="store_true", help="print the full report as JSON")
-
-    run = sub.add_parser("run", help="the prune-then-heal pipeline; flags after --config override its keys")
-    run.add_argument(
-        "--config", default=None, help="YAML file of pipeline settings (required; see configs/demo.yaml)"
-    )
-
-    probe = sub.add_parser("probe", help="bias probes: activation differences and behavioural scores")
-    add_probe_arguments(probe)
-
-    from .zeroshot.cli import add_eval_arguments
-
-    add_eval_arguments(
-        sub.add_parser("eval", help="perplexity, zero-shot accuracy and StereoSet of any model")
-    )
-    return parser
 
 
 def _calibration(args, tokenizer):
@@ -139,6 +44,7 @@ def _run_streamed(args) -> int:
     from transformers import AutoTokenizer
 
     from .models import demo_model_dir
+    from .pruning import MANIFEST_NAME
     from .pruning.streamed import prune_checkpoint
 
     given = [f"--{k.replace('_', '-')}" for k in _NOT_STREAMED if getattr(args, k) is not None]
@@ -157,7 +63,7 @@ def _run_streamed(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(source)
     out = prune_checkpoint(
         source,
-        args.output_path,
+        args.output_dir,
         _calibration(args, tokenizer),
         pruning_type=args.pruning_type,
         neuron_selection_method=args.neuron_selection_method or "activation",
@@ -177,7 +83,46 @@ def _run_streamed(args) -> int:
     return 0
 
 
+_TARGETS = (
+    "pruning_percentage",
+    "expansion_rate",
+    "target_parameters",
+    "num_layers_to_remove",
+    "depth_pruning_percentage",
+    "layer_indices",
+)
+
+
+def check_method(name: str | None) -> None:
+    """Refuse an unknown neuron scorer before a model is loaded (the registry, custom scorers included)."""
+    from .pruning import available_scorers
+
+    known = {m.upper() for m in available_scorers()} | {"PPM", "ACTIVATION_L2", "PCA"}  # aliases, HIDDEN
+    if name is not None and name.upper() not in known:
+        raise ValueError(
+            f"unknown --neuron-selection-method {name!r}; choose from {', '.join(available_scorers())} "
+            "(HIDDEN also takes activation_l2 and pca)"
+        )
+
+
+def _check_prune(args) -> None:
+    """What ``prune`` will do, refused or said before the model loads."""
+    if args.output_dir is None:
+        raise ValueError("prune needs --output-dir DIR (the folder the pruned model is saved to).")
+    if not any(getattr(args, k) is not None for k in _TARGETS):
+        raise ValueError(
+            "prune needs a target: --pruning-percentage P (MLP neurons, heads or channels), --expansion-rate, "
+            "--target-parameters, or for DEPTH --num-layers-to-remove / --depth-pruning-percentage / "
+            "--layer-indices."
+        )
+    check_method(args.neuron_selection_method)
+    given = ", ".join(f"{k}={getattr(args, k)}" for k in _TARGETS if getattr(args, k) is not None)
+    method = args.neuron_selection_method or "the default (hybrid with calibration data)"
+    print(f"Pruning {args.pruning_type} of {args.model_path}: {given}, method {method}.", flush=True)
+
+
 def _run_prune(args) -> int:
+    _check_prune(args)
     from .models import load_model_and_tokenizer
     from .pruning import prune_model, save_pruned_model
 
@@ -210,11 +155,11 @@ def _run_prune(args) -> int:
         return_stats=True,
         **options,
     )
-    save_pruned_model(model, args.output_path, tokenizer=tokenizer)
+    save_pruned_model(model, args.output_dir, tokenizer=tokenizer)
     print(f"Original parameters: {stats['original_parameters']:,}")
     print(f"Pruned parameters:   {stats['pruned_parameters']:,}")
     print(f"Reduction:           {stats['reduction']:,} ({stats['percentage_reduction']:.2f}%)")
-    print(f"Saved to {args.output_path}")
+    print(f"Saved to {args.output_dir}")
     return 0
 
 
@@ -244,6 +189,7 @@ def _run_analyze(args) -> int:
 
 
 def _run_demo(args) -> int:
+    check_method(args.neuron_selection_method)  # before the base model is measured
     from .analysis import count_parameters
     from .data import load_texts
     from .evaluation import greedy_generate, perplexity
@@ -319,9 +265,12 @@ def run_verdict(pipeline) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``optipfair-train`` command."""
-    args, extra = build_parser().parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # only its flags are built
+    parser = build_parser(command or "")  # no command (top-level --help): no command's flags
+    args, extra = parser.parse_known_args(argv)
     if extra and args.command != "run":
-        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

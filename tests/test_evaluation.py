@@ -213,7 +213,7 @@ def test_demo_wikitext_perplexity(demo):
     model, tokenizer = demo
     texts = load_texts(str(WIKITEXT / "test.txt"))
     value = perplexity(model, tokenizer, texts, seq_len=512, max_tokens=16 * 512)
-    assert 20 < value < 40  # FIELD-NOTES: 29.6 (the exact number depends on how the file is joined)
+    assert 20 < value < 40  # measured 29.6 (the exact number depends on how the file is joined)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ have a label (padding excluded). Two teacher distributions are supported:
 
 Both are per-batch means, so the Trainer must divide by the gradient-accumulation steps itself
 (``loss_is_scaled_for_ga = False``): without that, an update with gradient accumulation 2 is twice too
-large (FIELD-NOTES).
+large.
 
 Example:
     >>> trainer = DistillationTrainer(teacher=teacher, model=student, args=args,

@@ -16,9 +16,9 @@ Data-driven: ``activation``, ``hybrid`` (OptiPFair's data-driven score), ``fluct
 :mod:`.calibration` —, ``taylor`` (gradients, :mod:`.taylor`) and ``fairness`` (demographic prompt
 pairs, :mod:`.fairness`).
 
-On the demo model these collapse quality (FIELD-NOTES: MAW at 20% width -> perplexity 287 vs 29.6),
+On the demo model these collapse quality (docs/benchmarks.md: MAW at 20% width -> perplexity 320 vs 31.98),
 whereas ``activation`` (``sqrt(sum_t x_ti^2) * ||W_down[:, i]||_2`` over calibration tokens, padding
-excluded) keeps it at 43.5, and ``hybrid`` does better still (bench/bench_oneshot.py: 45.3 vs 48.2 at
+excluded) keeps it at 48.2, and ``hybrid`` does better still (bench/bench_oneshot.py: 45.3 vs 48.2 at
 -20%, 57.3 vs 72.1 at -30%, unpruned 32.0): ``hybrid`` is ``prune_model``'s default with calibration data.
 
 Example:

@@ -5,6 +5,7 @@
 #
 #   apt-get update && apt-get install -y chromium     # Debian package, once
 #   bash scripts/check_report.sh [REPORT.html]        # default: a sample report; writes /tmp/report.png
+#   HEIGHT=6000 bash scripts/check_report.sh            # a taller screenshot (the whole page)
 #
 # A real run's report works too: bash scripts/check_report.sh outputs/demo/final/report.html
 set -euo pipefail
@@ -17,17 +18,17 @@ if [ -z "$REPORT" ]; then
 import sys
 from pathlib import Path
 
-from matplotlib.figure import Figure
+from test_figure_content import _state
 from test_report import _two_rounds
 
+from optipfair_train.pipeline.figures import report_figures
 from optipfair_train.pipeline.report import write_report
 
-fig = Figure(figsize=(4, 3))
-ax = fig.subplots()
-image = ax.imshow([[0.1, 0.5, 0.2], [0.3, 0.9, 0.4]], cmap="viridis")
-fig.colorbar(image)
-ax.set_title("sample heatmap")
-print(write_report(Path(sys.argv[1]), _two_rounds(), figures={"sample bias heatmap": fig}))
+card = _two_rounds()  # two rounds with their healing losses, every figure the pipeline draws
+card["rounds"][0]["heal_loss"] = [[1, 3.2], [2, 2.9], [3, 2.7]]
+card["rounds"][1]["heal_loss"] = [[1, 3.0], [2, 2.8], [3, 2.6]]
+files = {"final model": "outputs/demo/final", "report": "outputs/demo/report.html"}
+print(write_report(Path(sys.argv[1]), card, figures=report_figures(_state()), files=files))
 PY
   REPORT="$OUT/report.html"
 fi
@@ -40,6 +41,6 @@ if [ -z "$BROWSER" ]; then
   echo "No chromium found; install it with: apt-get update && apt-get install -y chromium" >&2
   exit 2
 fi
-"$BROWSER" --headless --no-sandbox --disable-gpu --screenshot=/tmp/report.png --window-size=1200,1600 \
+"$BROWSER" --headless --no-sandbox --disable-gpu --screenshot=/tmp/report.png --window-size=1200,${HEIGHT:-1600} \
   "file://$(realpath "$REPORT")" 2>/dev/null
 echo "Screenshot of $REPORT: /tmp/report.png"

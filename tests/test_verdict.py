@@ -68,3 +68,12 @@ def test_wandb_summary_and_header_names():
     assert summary["verdict/stereoset_ss_ci_low"] == -4.96 and "verdict/zeroshot_change" not in summary
     assert short_text_name("WikiText-2 test (../shared/data/wikitext-2/test.txt)") == "WikiText-2 test"
     assert short_text_name("/data/mine/news.txt") == "news.txt" and short_text_name("demo") == "demo"
+
+
+def test_a_stereoset_score_without_its_paired_change_says_so():
+    card = _shipped()
+    for key in ("stereoset/ss_change", "stereoset/ss_change_ci_low", "stereoset/ss_change_ci_high"):
+        card["rounds"][0]["healed"].pop(key)
+    assert verdict_lines(card)[4] == "StereoSet SS change vs base: no paired change recorded"
+    card["rounds"][0]["healed"].pop("stereoset/ss")
+    assert verdict_lines(card)[4] == "StereoSet SS change vs base: not measured (no stereoset_data)"

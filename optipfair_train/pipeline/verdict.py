@@ -103,6 +103,7 @@ def verdict(card: dict[str, Any]) -> dict[str, Any]:
         "heal_domain": _ratio(base, final, "perplexity"),
         "stereoset_ss": ss,
         "zeroshot": _change(final, "zeroshot/accuracy_change"),
+        "final_has_ss": final.get("stereoset/ss") is not None,
     }
 
 
@@ -166,7 +167,8 @@ def verdict_lines(card: dict[str, Any], files: dict[str, str] | None = None) -> 
         ),
         _change_line(
             "StereoSet SS change vs base", v["stereoset_ss"], "",
-            "more stereotyped choices", "fewer stereotyped choices", "not measured (no stereoset_data)",
+            "more stereotyped choices", "fewer stereotyped choices",
+            "no paired change recorded" if v["final_has_ss"] else "not measured (no stereoset_data)",
         ),
         zeroshot_line(v),
     ]  # fmt: skip

@@ -2,10 +2,12 @@
 
 On the demo model, no healing. Perplexity: WikiText-2 test, 16 x 512 tokens; calibration: 32 x 256 tokens
 of WikiText-2 valid. Rows: the hidden axis alone at -10% / -20% of the channels (kept widths rounded down to
-a multiple of the head count), with and without the refit of its readers (damping 0.01); then at 12% and
-25% fewer parameters: MLP width alone (``target_parameters``, ``hybrid`` scores, with and without its
-refit), the hidden axis alone (the widest multiple of the head count within the budget) with its refit, and
-half the removed parameters from each axis (hidden first, then MLP width to the budget), both refit.
+a multiple of the head count), with and without the refit of its readers (damping 0.01); the rotated basis
+(``pca``) against ``activation`` at -20% on a copy whose head is untied (rotation needs that; the copy has
+vocab x hidden more parameters); then at 12% and 25% fewer parameters: MLP width alone
+(``target_parameters``, ``hybrid`` scores, with its refit), the hidden axis alone (the widest multiple of
+the head count within the budget) with its refit, and half the removed parameters from each axis (hidden
+first, then MLP width to the budget), both refit.
 
     python bench/bench_hidden.py --threads 2         # ~13 min on 2 CPU cores
     python bench/bench_hidden.py --quick             # a tiny budget, a minute
@@ -44,6 +46,16 @@ def _hidden_width(model, remove_params: float, per_channel: int) -> int:
     return (adapter.hidden_size - channels) // step * step
 
 
+def _untie(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose LM head is its own parameter (rotation needs an untied head)."""
+    untied = copy.deepcopy(model)
+    head, embedding = untied.get_output_embeddings(), untied.get_input_embeddings()
+    if head.weight is embedding.weight:
+        head.weight = torch.nn.Parameter(embedding.weight.detach().clone())
+        untied.config.tie_word_embeddings = False
+    return untied
+
+
 def main() -> None:
     parser = base_parser(__doc__)
     args = parser.parse_args()
@@ -64,8 +76,8 @@ def main() -> None:
     log(f"base perplexity {base_ppl:.2f}, {total:,} parameters, {per_channel:,} per residual channel")
     rows: list[list[object]] = [["none", "-", f"{total:,}", "0.0%", fmt_ppl(base_ppl), "1.00x", "-"]]
 
-    def run(name: str, size: str, steps: list[dict]) -> None:
-        model = copy.deepcopy(base)
+    def run(name: str, size: str, steps: list[dict], source: torch.nn.Module = base) -> None:
+        model = copy.deepcopy(source)
         start = time.perf_counter()
         for kwargs in steps:
             prune_model(model, dataloader=work.calibration, show_progress=False, **kwargs)
@@ -97,11 +109,15 @@ def main() -> None:
                 [dict(hidden, pruning_percentage=20, neuron_selection_method="activation_l2")],
             )
         run(f"hidden -{percentage}% + refit", "-", [dict(hidden, pruning_percentage=percentage, **refit)])
+    untied = _untie(base)  # the same function with vocab x hidden more parameters
+    for method in ("activation", "pca"):
+        step = dict(hidden, pruning_percentage=20, neuron_selection_method=method)
+        run(f"untied head: hidden -20% ({method})", "-", [step], source=untied)
+    del untied
     for share in (0.12, 0.25):
         target = int(total * (1 - share))
         size = f"{share:.0%} fewer"
         mlp = dict(pruning_type="MLP_GLU", target_parameters=target)
-        run("MLP width (hybrid)", size, [mlp])
         run("MLP width (hybrid) + refit", size, [dict(mlp, **refit)])
         alone = _hidden_width(base, total - target, per_channel)
         run("hidden + refit", size, [dict(hidden, pruning_percentage=100 * (1 - alone / d), **refit)])

@@ -267,3 +267,22 @@ def test_cli_prunes_the_hidden_dimension(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.hidden_size == 48 and model.model.norm.weight.shape == (48,)
     assert model.config.pruning_history[-1]["method"] == "activation"
+
+
+def test_hidden_then_per_layer_widths_and_heads_reload_with_load_pruned_model(tmp_path, calibration_batches):
+    model = make_tiny_model("qwen2")
+    prune_model(model, pruning_type="HIDDEN", pruning_percentage=25, dataloader=calibration_batches)
+    prune_model(model, pruning_percentage=30, layer_allocation="global", dataloader=calibration_batches)
+    prune_model(
+        model,
+        pruning_type="ATTENTION",
+        pruning_percentage=50,
+        layer_indices=[1],
+        dataloader=calibration_batches,
+    )
+    assert model.config.hidden_size == 48 and len(set(get_adapter(model).intermediate_sizes())) > 1
+    batch = _batch()
+    save_pruned_model(model, tmp_path)
+    reloaded = load_pruned_model(tmp_path)
+    torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch), atol=1e-6, rtol=1e-6)
+    assert [e["pruning_type"] for e in reloaded.config.pruning_history] == ["HIDDEN", "MLP_GLU", "ATTENTION"]

@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from pipeline_helpers import ROOT, assert_same_model, leftovers, run_cli, write_assets, write_config
 
 from optipfair_train import load_pruned_model
 from optipfair_train.cli import main
 from optipfair_train.pipeline import PruneThenHeal, load_config
 from optipfair_train.pipeline.lock import LOCK_NAME, OutputInUseError, OutputLock
+from optipfair_train.pipeline.state import COMPLETE_NAME
 
 HOLDER = """
 import sys
@@ -92,6 +94,28 @@ def test_a_finished_run_whose_final_folder_was_deleted_rebuilds_it(assets, tmp_p
     assert (final / "README.md").read_text() == card
     assert leftovers(out) == []
     assert PruneThenHeal(load_config(config)).run()["already_finished"]
+
+
+def test_a_full_disk_while_healing_is_named_and_nothing_half_written_is_kept(
+    assets, tmp_path, capsys, monkeypatch
+):
+    """torch reports a full disk as ``[enforce fail at inline_container.cc:672] . unexpected pos``."""
+    out = tmp_path / "full"
+    config = write_config(assets, out, num_rounds=1, num_layers_to_remove=0)
+    save = torch.save
+
+    def fail_on_optimizer(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4416 vs 4304")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fail_on_optimizer)
+    assert main(["run", "--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert f"error: [Errno 28] No space left on device at {out} (RuntimeError: [enforce fail at" in error
+    checkpoint = out / "round-1" / "heal" / "checkpoint-2"
+    assert checkpoint.is_dir() and not (checkpoint / COMPLETE_NAME).exists()  # never resumed from
+    assert not (out / "round-1" / "model").exists() and leftovers(out) == []
 
 
 @pytest.mark.slow

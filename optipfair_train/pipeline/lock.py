@@ -22,7 +22,9 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-__all__ = ["LOCK_NAME", "OutputInUseError", "OutputLock", "lock_output_dir"]
+from ..pruning.io import disk_full, write_error
+
+__all__ = ["LOCK_NAME", "OutputInUseError", "OutputLock", "lock_output_dir", "OutputGuard"]
 
 LOCK_NAME = "optipfair-train.lock"
 
@@ -100,3 +102,33 @@ def lock_output_dir(out: Path, distributed: PartialState) -> OutputLock | None:
     if refusal is not None:
         raise OutputInUseError(refusal)
     return lock
+
+
+class OutputGuard:
+    """A run's hold on its output folder: the lock (taken by :meth:`lock`, released when the ``with``
+    block ends, however it ends) and a full disk reported with the folder's name.
+
+    Example:
+        >>> guard = OutputGuard(Path("out"), PartialState())  # doctest: +SKIP
+        >>> with guard:  # doctest: +SKIP
+        ...     guard.lock()
+    """
+
+    def __init__(self, out: Path, distributed: PartialState):
+        self.out, self.distributed = out, distributed
+        self.held: OutputLock | None = None
+
+    def lock(self) -> None:
+        """Take the lock (once; see :func:`lock_output_dir`)."""
+        if self.held is None:
+            self.held = lock_output_dir(self.out, self.distributed)
+
+    def __enter__(self) -> OutputGuard:
+        return self
+
+    def __exit__(self, kind, err, traceback) -> None:
+        if self.held is not None:
+            self.held = self.held.release()
+        # torch and safetensors report a full disk in words that name no folder
+        if isinstance(err, (OSError, RuntimeError)) and disk_full(err) and str(self.out) not in str(err):
+            raise write_error(self.out, err) from err

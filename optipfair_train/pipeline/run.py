@@ -54,7 +54,7 @@ from .evaluate import StageEvaluator
 from .faults import crash_point
 from .figures import report_figures
 from .healing import NonFiniteLossError, heal, training_args
-from .lock import OutputLock, lock_output_dir
+from .lock import OutputGuard
 from .report import write_report
 from .rounds import round_prunings
 from .state import (
@@ -102,7 +102,7 @@ class PruneThenHeal:
         # cpu=True on a CPU-only machine: without it, ranks of a multi-process CPU run all see index 0
         self.distributed = PartialState(cpu=not torch.cuda.is_available())
         self.state: dict[str, Any] = {}
-        self.lock: OutputLock | None = None
+        self.guard = OutputGuard(self.out, self.distributed)  # the folder's lock, and a full disk named
 
     # -- the output folder ---------------------------------------------------------------------------
     def _state_path(self) -> Path:
@@ -128,11 +128,6 @@ class PruneThenHeal:
             )
         return state
 
-    def _lock(self) -> None:
-        """Hold ``output_dir``'s lock from here to the end of the run (another run there is refused)."""
-        if self.lock is None:
-            self.lock = lock_output_dir(self.out, self.distributed)
-
     def _open_output_dir(self, existing: dict[str, Any] | None) -> None:
         """Create ``output_dir`` (the first write of a run) or clear what a crash left in it."""
         try:
@@ -141,7 +136,7 @@ class PruneThenHeal:
             raise OSError(
                 f"Output directory {self.out} is not writable ({err}); choose another output_dir."
             ) from err
-        self._lock()  # before anything else is written; a run started alongside this one is refused
+        self.guard.lock()  # before anything else is written; a run started alongside this one is refused
         if self.distributed.is_main_process:
             for folder in [self.out, *self.out.glob("round-*")]:
                 remove_leftovers(folder)
@@ -234,18 +229,15 @@ class PruneThenHeal:
         Raises:
             OutputInUseError: another run is writing ``output_dir`` (its pid and host are named).
         """
-        try:
+        with self.guard:
             return self._run()
-        finally:
-            if self.lock is not None:
-                self.lock = self.lock.release()
 
     def _run(self) -> dict[str, Any]:
         config = self.config
         start = time.perf_counter()
         existing = self._read_state()
         if not final_ready(self.out, existing) and self.out.is_dir():
-            self._lock()  # refused at once when another run writes here; the state is read again under it
+            self.guard.lock()  # refused at once when another run writes here; the state is read again under it
             existing = self._read_state()
         if final_ready(self.out, existing):
             return self._already_finished(existing)

@@ -238,7 +238,11 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     tmp = target.with_name(TMP_PREFIX + target.name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:  # e.g. a full disk: free what was written (a kill leaves it to the rerun)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     mark_complete(tmp)
     remove_folder(target)
     os.replace(tmp, target)

@@ -42,6 +42,7 @@ __all__ = [
     "save_pruned_model",
     "load_pruned_model",
     "write_error",
+    "disk_full",
 ]
 
 MANIFEST_NAME = "pruning_manifest.json"
@@ -103,6 +104,16 @@ def pruning_manifest(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (from Python, torch or safetensors) reports a full disk.
+
+    Example:
+        >>> disk_full(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"))
+        True
+    """
+    return getattr(err, "errno", None) == errno.ENOSPC or any(mark in str(err) for mark in _DISK_FULL_MARKS)
+
+
 def write_error(path: Path, err: BaseException) -> OSError:
     """An ``OSError`` naming ``path`` and the real cause of a failed write (a full disk said plainly).
 
@@ -115,7 +126,7 @@ def write_error(path: Path, err: BaseException) -> OSError:
     """
     text = str(err).strip().splitlines()[0] if str(err).strip() else "no details"
     cause = f"{type(err).__name__}: {text}"
-    if getattr(err, "errno", None) == errno.ENOSPC or any(mark in str(err) for mark in _DISK_FULL_MARKS):
+    if disk_full(err):
         return OSError(
             errno.ENOSPC, f"No space left on device at {path} ({cause}); free space or choose another folder"
         )

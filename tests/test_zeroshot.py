@@ -298,3 +298,50 @@ def test_eval_command_prints_and_writes_the_numbers_it_measures(tmp_path, tokeni
         main(["eval", "demo", "--sample-size", "0"])
     assert main(["eval", "demo", "--task-data", f"arc_easy={tmp_path / 'missing.arrow'}"]) == 2
     assert "missing.arrow" in capsys.readouterr().err
+
+
+# ---- callback -----------------------------------------------------------------------------------------
+
+
+def test_callback_logs_accuracy_and_the_paired_change_since_its_first_measurement(tokenizer):
+    from optipfair_train.callbacks import ZeroShotCallback
+
+    before, _ = _unigram(tokenizer, {"a": 2.0, "b": 1.0, " ": 0.5})  # q1 wrong, q2 right, q3 wrong
+    after, _ = _unigram(
+        tokenizer, {"a": 1.0, "b": 2.0, " ": 0.5}
+    )  # b preferred: q1 wrong, q2 wrong, q3 right
+    cb = ZeroShotCallback(tasks=["arc_easy"], sources={"arc_easy": ARC_RECORDS}, sample_size=None)
+    state = SimpleNamespace(global_step=0, log_history=[], is_world_process_zero=True)
+    args = SimpleNamespace(report_to=[])
+    cb.on_train_begin(args, state, None, model=before, processing_class=tokenizer)
+    first = cb.history[0]["scalars"]
+    assert (
+        first["zeroshot/arc_easy/acc"] == pytest.approx(100 / 3) and "zeroshot/accuracy_change" not in first
+    )
+    state.global_step = 4
+    cb.on_train_end(args, state, None, model=after, processing_class=tokenizer)
+    logged = cb.history[-1]["scalars"]
+    assert logged["zeroshot/arc_easy/acc"] == pytest.approx(100 / 3)
+    # the same accuracy, but two answers moved: the paired change is 0 with an interval around it
+    assert logged["zeroshot/accuracy_change"] == 0.0 and logged["zeroshot/accuracy_change_ci_low"] < 0
+    assert state.log_history[-1]["zeroshot/accuracy"] == logged["zeroshot/accuracy"]
+    with pytest.raises(ValueError, match="sample_size"):
+        ZeroShotCallback(tasks=["arc_easy"], sources={"arc_easy": ARC_RECORDS}, sample_size=0)
+
+
+def test_callback_in_a_trainer_run(tokenizer, tmp_path):
+    from callbacks_helpers import TextDataset, training_args
+    from transformers import Trainer
+
+    from optipfair_train.callbacks import ZeroShotCallback
+
+    model = make_tiny_model("llama")
+    trainer = Trainer(
+        model=model, args=training_args(tmp_path, max_steps=2), processing_class=tokenizer,
+        train_dataset=TextDataset(tokenizer, ["The quick brown fox jumps.", "A small model."]),
+    )  # fmt: skip
+    cb = ZeroShotCallback(trainer, tasks=["arc_easy"], sources={"arc_easy": ARC_RECORDS}).attach(trainer)
+    trainer.train()
+    assert [h["when"] for h in cb.history] == ["train_begin", "train_end"]
+    logged = [h for h in trainer.state.log_history if "zeroshot/accuracy" in h]
+    assert len(logged) == 2 and "zeroshot/accuracy_change" in logged[1]

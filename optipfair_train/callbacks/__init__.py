@@ -25,8 +25,10 @@ from .schedule import (
     units_to_remove,
 )
 from .stats import PRUNING_TABLE_COLUMNS, model_structure, pruning_scalars, pruning_table_rows
+from .zeroshot import ZeroShotCallback
 
 __all__ = [
+    "ZeroShotCallback",
     "PruningCallback",
     "BiasProbeCallback",
     "GradientImportanceCallback",

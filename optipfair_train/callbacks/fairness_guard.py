@@ -102,7 +102,9 @@ class FairnessGuardCallback(ReportingCallback):
         super().__init__(trainer)
         metrics = (metric,) if isinstance(metric, str) else tuple(metric)
         if not metrics or not all(isinstance(m, str) and m for m in metrics):
-            raise ValueError(f"metric must be a logged key such as 'bias/stereoset_ss' (or a list), got {metric!r}.")
+            raise ValueError(
+                f"metric must be a logged key such as 'bias/stereoset_ss' (or a list), got {metric!r}."
+            )
         if not isinstance(threshold, (int, float)) or threshold < 0:
             raise ValueError(f"threshold must be a non-negative number, got {threshold!r}.")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
@@ -123,7 +125,9 @@ class FairnessGuardCallback(ReportingCallback):
             m: (
                 ideals[m]
                 if m in ideals
-                else (float(ideal) if ideal is not None and not isinstance(ideal, Mapping) else default_ideal(m))
+                else (
+                    float(ideal) if ideal is not None and not isinstance(ideal, Mapping) else default_ideal(m)
+                )
             )
             for m in metrics
         }
@@ -225,7 +229,9 @@ class FairnessGuardCallback(ReportingCallback):
         if self._strikes[metric] >= self.patience:
             self._fire(args, state, control, metric, value, ci, regression)
 
-    def _fire(self, args: Any, state: Any, control: Any, metric: str, value: float, ci, regression: float) -> None:
+    def _fire(
+        self, args: Any, state: Any, control: Any, metric: str, value: float, ci, regression: float
+    ) -> None:
         self._strikes[metric] = 0
         self.fired = True
         base, base_ci = self.baselines[metric]

@@ -24,7 +24,14 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..zeroshot import DEFAULT_SAMPLE_SIZE, DEFAULT_TASKS, load_tasks, zeroshot_change, zeroshot_scores
+from ..zeroshot import (
+    DEFAULT_SAMPLE_SIZE,
+    DEFAULT_TASKS,
+    load_tasks,
+    zeroshot_change,
+    zeroshot_scalars,
+    zeroshot_scores,
+)
 from .base import ReportingCallback
 
 __all__ = ["ZeroShotCallback"]
@@ -89,19 +96,8 @@ class ZeroShotCallback(ReportingCallback):
         Example:
             >>> cb.scalars(zeroshot_scores(model, tokenizer, cb.tasks, sample_size=8))  # doctest: +SKIP
         """
-        out = {f"zeroshot/accuracy{s}": result["mean"][f"acc{s}"] for s in ("", "_ci_low", "_ci_high")}
-        for name, entry in result["tasks"].items():
-            for key in ("acc", "acc_ci_low", "acc_ci_high", "acc_norm"):
-                if entry.get(key) is not None:
-                    out[f"zeroshot/{name}/{key}"] = entry[key]
-        if self.first is not None:
-            change = zeroshot_change(self.first, result, seed=self.seed)
-            for s in ("", "_ci_low", "_ci_high"):
-                out[f"zeroshot/accuracy_change{s}"] = change["mean"][f"acc_change{s}"]
-                for name, entry in change["tasks"].items():
-                    out[f"zeroshot/{name}/acc_change{s}"] = entry[f"acc_change{s}"]
-        out["zeroshot/seconds"] = result["seconds"]
-        return out
+        change = zeroshot_change(self.first, result, seed=self.seed) if self.first is not None else None
+        return zeroshot_scalars(result, change)
 
     def _run(self, args: Any, state: Any, model: Any, tokenizer: Any, when: str) -> None:
         if self._last_step == state.global_step or model is None:

@@ -63,7 +63,10 @@ def distillation_loss(
         return student_logits.sum() * 0.0
     s, t = student_logits[:, :-1].float()[keep], teacher_logits[:, :-1].float()[keep]
     kl = F.kl_div(
-        F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True, reduction="none"
+        F.log_softmax(s / temperature, -1),
+        F.log_softmax(t / temperature, -1),
+        log_target=True,
+        reduction="none",
     ).sum(-1)
     ce = F.cross_entropy(s, target[keep])
     return alpha * kl.mean() * temperature**2 + (1 - alpha) * ce
@@ -97,7 +100,9 @@ def topk_distillation_loss(
     # them back in the backward pass); at temperature 1 one log-softmax serves the KD and the CE terms.
     s = student_logits[:, :-1].float()
     weight = keep.to(s.dtype)
-    log_p = teacher_values[:, :-1].float() / temperature - teacher_log_normaliser[:, :-1].float().unsqueeze(-1)
+    log_p = teacher_values[:, :-1].float() / temperature - teacher_log_normaliser[:, :-1].float().unsqueeze(
+        -1
+    )
     log_q_all = F.log_softmax(s / temperature if temperature != 1 else s, -1)
     log_q = log_q_all.gather(-1, teacher_indices[:, :-1].long())
     p_tail = (1 - log_p.exp().sum(-1)).clamp_min(0)

@@ -97,7 +97,9 @@ def _token_rows(dataset) -> torch.Tensor:
         rows = dataset
     else:
         if EXAMPLE_ID in dataset.column_names and dataset[EXAMPLE_ID] != list(range(len(dataset))):
-            raise ValueError(f"The dataset's {EXAMPLE_ID!r} column must be 0..N-1 in row order (add_example_ids).")
+            raise ValueError(
+                f"The dataset's {EXAMPLE_ID!r} column must be 0..N-1 in row order (add_example_ids)."
+            )
         rows = torch.tensor(dataset["input_ids"])
     if rows.dim() != 2 or rows.shape[0] == 0:
         raise ValueError(f"Expected [N, S] token blocks, got shape {tuple(rows.shape)}.")
@@ -121,7 +123,12 @@ class TeacherCache:
     """
 
     def __init__(
-        self, values: torch.Tensor, indices: torch.Tensor, log_normaliser: torch.Tensor, tokens: torch.Tensor, meta: dict
+        self,
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        log_normaliser: torch.Tensor,
+        tokens: torch.Tensor,
+        meta: dict,
     ):
         self.values, self.indices, self.log_normaliser = values, indices, log_normaliser
         self.tokens, self.meta = tokens, meta
@@ -152,7 +159,9 @@ class TeacherCache:
             raise TeacherCacheMismatch(f"{path} has cache format {meta.get('format')}, expected {_FORMAT}.")
         return cls(tensors["values"], tensors["indices"], tensors["log_normaliser"], tensors["tokens"], meta)
 
-    def check(self, fingerprint: str | None = None, k: int | None = None, temperature: float | None = None) -> None:
+    def check(
+        self, fingerprint: str | None = None, k: int | None = None, temperature: float | None = None
+    ) -> None:
         """Raise :class:`TeacherCacheMismatch` if the cache was built for another teacher, ``k`` or temperature."""
         if temperature is not None and float(temperature) != self.temperature:
             raise TeacherCacheMismatch(
@@ -238,7 +247,9 @@ def build_teacher_cache(
             logger.info("Reusing the teacher cache %s", path)
             return cache
         logger.warning("The teacher cache %s does not match its name; rebuilding it.", path)
-    values, indices, lse = _teacher_topk(teacher, tokens, k, batch_size, show_progress, value_dtype, temperature)
+    values, indices, lse = _teacher_topk(
+        teacher, tokens, k, batch_size, show_progress, value_dtype, temperature
+    )
     return save_teacher_cache(fingerprint, tokens, values, indices, lse, temperature, cache_dir)
 
 
@@ -310,7 +321,9 @@ def _teacher_topk(
         with torch.inference_mode():
             for start in tqdm(starts, desc="teacher top-k", unit="batch", disable=not show_progress):
                 batch = tokens[start : start + batch_size].long().to(device)
-                logits = teacher(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False).logits
+                logits = teacher(
+                    input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False
+                ).logits
                 top = logits.float().topk(k, dim=-1)
                 values.append(top.values.to(value_dtype).cpu())
                 indices.append(top.indices.to(torch.int32).cpu())

@@ -63,23 +63,15 @@ class ZeroShotStage:
         from ..zeroshot import load_tasks
 
         self.tasks, self.sample_size, self.seed = load_tasks(tasks, sources), sample_size, seed
-        self.base: dict | None = (
-            None  # the base model's per-item answers: {"tasks": {name: {acc_items, item_keys}}}
-        )
+        # the base model's per-item answers: {"tasks": {name: {"acc_items": [...], "item_keys": [...]}}}
+        self.base: dict | None = None
 
     def measure(self, model, tokenizer, is_base: bool = False) -> dict[str, Any]:
         """The stage metrics of the module docstring; the base's answers are kept for later pairing."""
-        from ..zeroshot import zeroshot_change, zeroshot_scores
+        from ..zeroshot import zeroshot_change, zeroshot_scalars, zeroshot_scores
 
         result = zeroshot_scores(model, tokenizer, self.tasks, sample_size=self.sample_size, seed=self.seed)
-        mean = result["mean"]
-        metrics: dict[str, Any] = {
-            f"{_PREFIX}accuracy{s}": mean[f"acc{s}"] for s in ("", "_ci_low", "_ci_high")
-        } | {f"{_PREFIX}seconds": result["seconds"]}
-        for name, entry in result["tasks"].items():
-            for key in ("acc", "acc_ci_low", "acc_ci_high", "acc_norm", "num_items"):
-                if entry.get(key) is not None:
-                    metrics[f"{_PREFIX}{name}/{key}"] = entry[key]
+        change = None
         if is_base:
             self.base = {
                 "tasks": {
@@ -88,11 +80,7 @@ class ZeroShotStage:
             }
         elif self.base is not None:
             change = zeroshot_change(self.base, result, seed=self.seed)
-            for s in ("", "_ci_low", "_ci_high"):
-                metrics[f"{_PREFIX}accuracy_change{s}"] = change["mean"][f"acc_change{s}"]
-                for name, entry in change["tasks"].items():
-                    metrics[f"{_PREFIX}{name}/acc_change{s}"] = entry[f"acc_change{s}"]
-        return metrics
+        return zeroshot_scalars(result, change)
 
 
 def zeroshot_tasks_of(metrics: Mapping[str, Any]) -> list[str]:

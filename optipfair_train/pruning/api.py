@@ -68,7 +68,9 @@ def _check_reconstruct(
     pruning_type: str, reconstruct: bool, damping: float, sequential: bool, batches: list | None
 ) -> None:
     if not isinstance(reconstruct, bool) or not isinstance(sequential, bool):
-        raise ValueError(f"reconstruct and sequential must be True or False, got {reconstruct!r}, {sequential!r}.")
+        raise ValueError(
+            f"reconstruct and sequential must be True or False, got {reconstruct!r}, {sequential!r}."
+        )
     if not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0:
         raise ValueError(f"damping must be a number >= 0 (default {DEFAULT_DAMPING}), got {damping!r}.")
     if sequential and not reconstruct:
@@ -261,7 +263,12 @@ def prune_model(
             targets = mlp_width_targets(model, **width_request)
             if layer_allocation == "global":
                 first = plan_mlp_width(
-                    model, method=method, batches=batches, layer_allocation="global", seed=seed, **width_request
+                    model,
+                    method=method,
+                    batches=batches,
+                    layer_allocation="global",
+                    seed=seed,
+                    **width_request,
                 )
                 targets = {i: len(k) for i, k in first.items()}
             check_calibration_size(batches, max(targets.values()), damping)
@@ -311,7 +318,14 @@ def prune_model(
             n_in = max(adapter.head_counts(i)[0] * adapter.head_counts(i)[2] for i in counts)
             check_calibration_size(batches, n_in, damping)
             plan, refits = sequential_head_plan(
-                model, batches, method, counts, head_granularity, damping, seed=seed, show_progress=show_progress
+                model,
+                batches,
+                method,
+                counts,
+                head_granularity,
+                damping,
+                seed=seed,
+                show_progress=show_progress,
             )
         else:
             plan = plan_attention_heads(
@@ -358,7 +372,11 @@ def prune_model(
         method = layer_selection_method or (
             "custom"
             if layer_indices
-            else "contiguous" if replace_with_linear else "importance" if batches is not None else "last"
+            else "contiguous"
+            if replace_with_linear
+            else "importance"
+            if batches is not None
+            else "last"
         )
         if method == "last" and layer_selection_method is None:
             logger.warning(

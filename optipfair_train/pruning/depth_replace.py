@@ -101,7 +101,9 @@ def check_replaceable_run(adapter: ModelAdapter, drop: Sequence[int]) -> int:
         )
     down = adapter.mlp(drop[0] - 1).down
     if hasattr(down, "base_layer"):
-        raise ValueError("replace_with_linear cannot fold into a LoRA-wrapped down projection: merge it first.")
+        raise ValueError(
+            "replace_with_linear cannot fold into a LoRA-wrapped down projection: merge it first."
+        )
     return drop[0] - 1
 
 
@@ -203,7 +205,10 @@ def fit_linear_replacement(
     identity = float(sq[1] / norm) ** 0.5
     logger.info(
         "Linear replacement of blocks %s folded into block %d: relative error %.4f (without map %.4f)",
-        list(drop), layer, relative, identity,
+        list(drop),
+        layer,
+        relative,
+        identity,
     )
     return LinearReplacement(layer, sorted(drop), transform, float(damping), tokens, relative, identity)
 

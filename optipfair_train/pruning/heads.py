@@ -245,9 +245,7 @@ def plan_attention_heads(
         gradient_importance=gradient_importance,
         show_progress=show_progress,
     )
-    return {
-        i: select_heads(scores[i], *adapter.head_counts(i)[:2], counts[i], granularity) for i in layers
-    }
+    return {i: select_heads(scores[i], *adapter.head_counts(i)[:2], counts[i], granularity) for i in layers}
 
 
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:

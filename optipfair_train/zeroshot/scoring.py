@@ -39,7 +39,15 @@ from ..bias.tokens import pad_token_id
 from .data import sample_task_items
 from .tasks import TASKS, ZeroShotItem
 
-__all__ = ["METRICS", "encode_request", "item_key", "loglikelihoods", "zeroshot_change", "zeroshot_scores"]
+__all__ = [
+    "METRICS",
+    "encode_request",
+    "item_key",
+    "loglikelihoods",
+    "zeroshot_change",
+    "zeroshot_scalars",
+    "zeroshot_scores",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -276,4 +284,31 @@ def zeroshot_change(
         "acc_change_ci_low": float(low),
         "acc_change_ci_high": float(high),
     }
+    return out
+
+
+def zeroshot_scalars(result: dict, change: dict | None = None) -> dict[str, float]:
+    """The flat scalars of a :func:`zeroshot_scores` result (and of its :func:`zeroshot_change` vs a
+    reference), as the pipeline's stage metrics and the callback's logs name them:
+    ``zeroshot/accuracy`` (mean acc over tasks) with ``_ci_low`` / ``_ci_high``; per task
+    ``zeroshot/<task>/acc`` (with its interval), ``/acc_norm`` (when the task reports it), ``/num_items``;
+    ``zeroshot/seconds``; with ``change``, ``zeroshot/accuracy_change`` and ``zeroshot/<task>/acc_change``
+    with their paired intervals.
+
+    Example:
+        >>> zeroshot_scalars(zeroshot_scores(model, tokenizer, tasks))["zeroshot/accuracy"]  # doctest: +SKIP
+        51.3
+    """
+    bounds = ("", "_ci_low", "_ci_high")
+    out = {f"zeroshot/accuracy{b}": result["mean"][f"acc{b}"] for b in bounds}
+    for name, entry in result["tasks"].items():
+        for key in ("acc", "acc_ci_low", "acc_ci_high", "acc_norm", "num_items"):
+            if entry.get(key) is not None:
+                out[f"zeroshot/{name}/{key}"] = entry[key]
+    out["zeroshot/seconds"] = result["seconds"]
+    if change is not None:
+        for b in bounds:
+            out[f"zeroshot/accuracy_change{b}"] = change["mean"][f"acc_change{b}"]
+            for name, entry in change["tasks"].items():
+                out[f"zeroshot/{name}/acc_change{b}"] = entry[f"acc_change{b}"]
     return out

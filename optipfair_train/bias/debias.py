@@ -60,7 +60,9 @@ __all__ = [
     "check_debias_settings",
     "debias_model",
     "estimate_bias_subspace",
+    "pair_difference_grams",
     "project_out_bias",
+    "subspace_from_grams",
 ]
 
 logger = logging.getLogger(__name__)
@@ -154,28 +156,26 @@ def _block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def estimate_bias_subspace(
+def pair_difference_grams(
     model: nn.Module,
     tokenizer,
     pairs: Sequence[Sequence[str]],
     layers: Sequence[int] | None = None,
-    k: int = 1,
     batch_size: int = 16,
     show_progress: bool = False,
-) -> BiasSubspace:
-    """The top-``k`` principal directions of the pairs' residual-stream differences (module docstring).
-
-    ``layers``: the blocks whose outputs are read (default: all). Nothing in the model changes.
+) -> dict[int, torch.Tensor]:
+    """Per block, ``sum over pairs of d d^T`` ([hidden, hidden], float64) with ``d`` the difference of the
+    two prompts' mean-pooled block outputs (first token left out). One pass serves any ``k`` and any subset
+    of the blocks (:func:`subspace_from_grams`). Nothing in the model changes.
 
     Raises:
-        ValueError: for no pairs, a pair that is not two non-empty strings, a bad block index or ``k``.
+        ValueError: for no pairs, a pair that is not two non-empty strings or a bad block index.
 
     Example:
-        >>> s = estimate_bias_subspace(model, tokenizer, [("He is a nurse.", "She is a nurse.")], k=1)  # doctest: +SKIP
-        >>> s.directions.shape  # doctest: +SKIP
-        torch.Size([1, 576])
+        >>> grams = pair_difference_grams(model, tokenizer, pairs, layers=[10, 20])  # doctest: +SKIP
+        >>> sorted(grams)  # doctest: +SKIP
+        [10, 20]
     """
-    check_debias_settings(model, k=k)
     _check_pairs(pairs)
     adapter = get_adapter(model)
     chosen = _check_layers(layers, adapter.num_layers)
@@ -211,12 +211,62 @@ def estimate_bias_subspace(
     finally:
         for handle in handles:
             handle.remove()
+    return grams
+
+
+def subspace_from_grams(grams: dict[int, torch.Tensor], k: int, num_pairs: int) -> BiasSubspace:
+    """The top-``k`` eigenvectors of ``sum_l G_l / trace(G_l)`` over the given blocks' Gram matrices.
+
+    Raises:
+        ValueError: for no blocks or ``k`` outside 1..hidden.
+
+    Example:
+        >>> s = subspace_from_grams({0: torch.diag(torch.tensor([4.0, 1.0]))}, k=1, num_pairs=2)
+        >>> s.directions.abs().tolist(), s.explained
+        ([[1.0, 0.0]], (0.8,))
+    """
+    if not grams:
+        raise ValueError("subspace_from_grams needs the Gram matrix of at least one block")
+    hidden = next(iter(grams.values())).shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= hidden:
+        raise ValueError(f"debias k must be an integer in 1..{hidden} (the hidden size), got {k!r}")
     total = sum(g / g.trace().clamp_min(1e-30) for g in grams.values())
     values, vectors = torch.linalg.eigh(total)  # ascending
     top = vectors[:, -k:].flip(-1).T.contiguous()  # [k, hidden], largest first
     share = (values[-k:].flip(-1) / values.sum().clamp_min(1e-30)).tolist()
-    logger.info("bias subspace from %d pairs at %d blocks: share %s", len(pairs), len(chosen), share)
-    return BiasSubspace(top.float(), tuple(chosen), tuple(float(s) for s in share), len(pairs))
+    return BiasSubspace(
+        top.float(), tuple(sorted(grams)), tuple(round(float(s), 6) for s in share), num_pairs
+    )
+
+
+def estimate_bias_subspace(
+    model: nn.Module,
+    tokenizer,
+    pairs: Sequence[Sequence[str]],
+    layers: Sequence[int] | None = None,
+    k: int = 1,
+    batch_size: int = 16,
+    show_progress: bool = False,
+) -> BiasSubspace:
+    """The top-``k`` principal directions of the pairs' residual-stream differences (module docstring).
+
+    ``layers``: the blocks whose outputs are read (default: all). Nothing in the model changes.
+
+    Raises:
+        ValueError: for no pairs, a pair that is not two non-empty strings, a bad block index or ``k``.
+
+    Example:
+        >>> s = estimate_bias_subspace(model, tokenizer, [("He is a nurse.", "She is a nurse.")], k=1)  # doctest: +SKIP
+        >>> s.directions.shape  # doctest: +SKIP
+        torch.Size([1, 576])
+    """
+    check_debias_settings(model, k=k)
+    grams = pair_difference_grams(model, tokenizer, pairs, layers, batch_size, show_progress)
+    subspace = subspace_from_grams(grams, k, len(pairs))
+    logger.info(
+        "bias subspace from %d pairs at %d blocks: share %s", len(pairs), len(grams), subspace.explained
+    )
+    return subspace
 
 
 def _writers(model: nn.Module, layers: Sequence[int], scope: str) -> list[tuple[str, nn.Module]]:
@@ -298,7 +348,7 @@ def project_out_bias(
         "scope": scope,
         "strength": float(strength),
         "num_pairs": subspace.num_pairs,
-        "explained": [round(s, 6) for s in subspace.explained],
+        "explained": list(subspace.explained),
         "tied_head_projected": bool(tied and scope == "stream"),
         "modules_projected": len(writers),
         "directions_sha256": _digest(subspace.directions),

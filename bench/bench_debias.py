@@ -92,10 +92,6 @@ def _change(d: dict, key: str, digits: int = 1) -> str:
     return _cell(d, f"{key}_change", digits)
 
 
-def _by_type(result: dict, bias_type: str) -> dict:
-    return {"items": [r for r in result["items"] if r["bias_type"] == bias_type]}
-
-
 def _subset(result: dict, indices) -> dict:
     return {"items": [result["items"][i] for i in indices]}
 
@@ -249,13 +245,7 @@ def main() -> None:
     for without, with_mode in ((names[0], names[1]), (names[2], names[3])):
         b, a = results[without], results[with_mode]
         change = stereoset_change(b["stereoset"], a["stereoset"], seed=args.seed)
-        per_type = [
-            _change(
-                stereoset_change(_by_type(b["stereoset"], t), _by_type(a["stereoset"], t), seed=args.seed),
-                "ss",
-            )
-            for t in types
-        ]
+        per_type = [_change(change["by_bias_type"][t], "ss") for t in types]
         rows.append(
             [with_mode, _change(change, "ss"), _change(change, "lms"), _change(change, "icat"), *per_type]
             + [f"{100 * (a['ppl'] / b['ppl'] - 1):+.1f}%"]

@@ -73,6 +73,10 @@ def test_card_report_and_wandb_hold_the_logged_stage_values(assets, tmp_path, mo
         assert m["stereoset/icat_change"] == pytest.approx(
             m["stereoset/icat"] - state["baseline"]["stereoset/icat"]
         )
+        for bias_type in ("gender", "race"):  # per bias type too, its own score's difference
+            assert m[f"stereoset/ss_change/{bias_type}"] == pytest.approx(
+                m[f"stereoset/ss/{bias_type}"] - state["baseline"][f"stereoset/ss/{bias_type}"]
+            )
     assert state["speed"]["decode"]["verdict"]  # the interleaved comparison, not a ratio of two runs
 
     card_text = (out / "final" / "README.md").read_text()

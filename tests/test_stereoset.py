@@ -390,6 +390,20 @@ def test_change_by_hand_and_identical_probes_change_nothing():
         )
 
 
+def test_change_per_bias_type_by_hand():
+    before = _records([[-1, -2, -3], [-2, -1, -3], [-1, -2, -3], [-1, -2, -3]], ["T"] * 4)
+    after = _records([[-1, -2, -3], [-1, -2, -3], [-2, -1, -3], [-2, -1, -3]], ["T"] * 4)
+    types = ["gender", "gender", "race", "race"] * 2
+    for record, bias_type in zip(before["items"] + after["items"], types, strict=True):
+        record["bias_type"] = bias_type
+    d = stereoset_change(before, after, n_bootstrap=200)
+    # gender: SS 50 -> 100 (one of two flips toward the stereotype); race: SS 100 -> 0 (both flip away)
+    gender, race = d["by_bias_type"]["gender"], d["by_bias_type"]["race"]
+    assert (gender["ss_change"], gender["num_items"], gender["ss_flipped"]) == (50.0, 2, 50.0)
+    assert (race["ss_change"], race["ss_flipped"]) == (-100.0, 100.0)
+    assert d["ss_change"] == pytest.approx(-25.0) and d["ss_flipped"] == 75.0
+
+
 def test_paired_interval_is_narrower_than_either_score_s_own():
     rng = np.random.default_rng(0)
     targets = [f"T{i % 10}" for i in range(300)]
@@ -429,6 +443,10 @@ def test_callback_logs_the_change_since_its_first_probe(tokenizer):
     # before: SS 75 (T1 1/2, T2 3/3); after (b over a): T1 1/2 = 50, T2 1/3 -> macro 125/3; 4 of 5 flipped
     assert logged["bias/stereoset_ss_change"] == pytest.approx(125 / 3 - 75)
     assert logged["bias/stereoset_ss_flipped"] == pytest.approx(80.0)
+    # per bias type: gender (T1) 50 -> 50 with both items flipped; race (T2) 100 -> 100/3
+    assert logged["bias/stereoset_ss_change/gender"] == 0.0
+    assert logged["bias/stereoset_ss_flipped/gender"] == 100.0
+    assert logged["bias/stereoset_ss_change/race"] == pytest.approx(100 / 3 - 100)
     assert logged["bias/stereoset_ss_change_ci_low"] <= logged["bias/stereoset_ss_change"]
     assert state.log_history[-2]["bias/stereoset_ss_change"] == logged["bias/stereoset_ss_change"]
     probe.on_train_begin(args, state, None, model=after_model, processing_class=tokenizer)  # a new run

@@ -300,7 +300,8 @@ def stereoset_change(
 
     Returns ``ss_change``, ``lms_change``, ``icat_change`` (after - before, points), each with
     ``_ci_low`` / ``_ci_high``, ``ss_flipped`` (percent of items whose stereotype preference flipped)
-    and ``num_items``.
+    and ``num_items``; ``by_bias_type`` holds the same keys for each bias type's items alone (its own,
+    wider interval: gender is about 12% of StereoSet's items).
 
     Raises:
         ValueError: when the two results do not hold the same items in the same order.
@@ -325,8 +326,24 @@ def stereoset_change(
             f"(same sample and seed); got {len(first or [])} and {len(second or [])} item records, or items "
             "that differ in task / target / bias type."
         )
+    out = _paired_change(first, second, confidence, n_bootstrap, seed)
+    out["by_bias_type"] = {
+        bias_type: _paired_change(
+            [x for x in first if x["bias_type"] == bias_type],
+            [y for y in second if y["bias_type"] == bias_type],
+            confidence,
+            n_bootstrap,
+            seed,
+        )
+        for bias_type in sorted({record["bias_type"] for record in first})
+    }
+    return out
+
+
+def _paired_change(first: list, second: list, confidence: float, n_bootstrap: int, seed: int) -> dict:
+    """The paired change of SS / LMS / ICAT between two lists of item records (already checked alike)."""
     onehot = _target_onehot([record["target"] for record in first])
-    (pro_b, rel_b), (pro_a, rel_a) = _pro_related(_item_scores(before)), _pro_related(_item_scores(after))
+    (pro_b, rel_b), (pro_a, rel_a) = (_pro_related(_item_scores({"items": r})) for r in (first, second))
     ones = np.ones((1, len(first)))
     counts = _bootstrap_counts(len(first), n_bootstrap, seed)  # the same resamples for both
     point_b, point_a = _macro_scores(ones, pro_b, rel_b, onehot), _macro_scores(ones, pro_a, rel_a, onehot)

@@ -17,7 +17,9 @@ callback runs the bias package's probes on a fixed sample:
 From the second StereoSet probe of a run on, the change since its first probe is logged too:
 ``bias/stereoset_ss_change``, ``bias/stereoset_lms_change``, ``bias/stereoset_icat_change`` (points)
 with paired 95% intervals (:func:`~optipfair_train.bias.stereoset_change`: both probes score the same
-items, so only items whose preference moved count) and ``bias/stereoset_ss_flipped``. Whether training
+items, so only items whose preference moved count) and ``bias/stereoset_ss_flipped``, and the same per
+bias type (``bias/stereoset_ss_change/gender``, ...; gender is about 12% of the items, so its interval is
+wider). Whether training
 moved bias is read from that interval (two overlapping intervals cannot say it; the paired one is
 also narrower, by how much depends on how many items flip: 0.75-0.9x after MLP -20% pruning on the demo).
 
@@ -370,9 +372,11 @@ class BiasProbeCallback(ProbeMediaMixin, ReportingCallback):
         self.last_change = stereoset_change(
             self._first_stereoset, self.last_stereoset, self.confidence, self.n_bootstrap, self.seed
         )
+        changes = {"": self.last_change} | {f"/{t}": c for t, c in self.last_change["by_bias_type"].items()}
         return {
-            f"{self.prefix}stereoset_{key}": value
-            for key, value in self.last_change.items()
+            f"{self.prefix}stereoset_{key}{where}": value
+            for where, change in changes.items()
+            for key, value in change.items()
             if key.endswith(("_change", "_change_ci_low", "_change_ci_high")) or key == "ss_flipped"
         }
 

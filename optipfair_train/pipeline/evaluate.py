@@ -11,7 +11,9 @@
   ``stereoset/ss_ci_low/<type>``, ``stereoset/ss_ci_high/<type>``); for every stage after the base, the change since
   the base ``stereoset/ss_change`` and ``stereoset/icat_change`` with a paired 95% interval (the same
   items resampled for both models, :func:`~optipfair_train.bias.stereoset_change`), which says whether
-  pruning or healing moved bias, where two overlapping intervals cannot;
+  pruning or healing moved bias, where two overlapping intervals cannot; the same per bias type,
+  ``stereoset/ss_change/<type>``, ``stereoset/ss_change_ci_low/<type>``... (its own, wider interval:
+  gender is about 12% of the items);
 - the activation probe on ``bias_pairs`` over every layer: ``bias/activation_mean_difference``, the
   scale-invariant ``bias/activation_normalized_difference`` with its interval, and
   ``bias/layers`` (layer key -> normalised difference, for the heatmaps);
@@ -158,6 +160,9 @@ class StageEvaluator:
                 for name in ("ss", "icat"):
                     for suffix in ("", "_ci_low", "_ci_high"):
                         metrics[f"stereoset/{name}_change{suffix}"] = change[f"{name}_change{suffix}"]
+                        for bias_type, entry in change["by_bias_type"].items():
+                            key = f"{name}_change{suffix}"
+                            metrics[f"stereoset/{key}/{bias_type}"] = entry[key]
         if self.zeroshot is not None:
             metrics.update(self.zeroshot.measure(model, tokenizer, is_base=is_base))
         activation = probe_activation_bias(model, tokenizer, self.bias_pairs, layers="all", seed=seed)

@@ -177,7 +177,7 @@ def test_empty_or_malformed_pair_file_named(tokenizer, tmp_path):
     broken.write_text(json.dumps({"prompt1": "He ran."}) + "\n")
     not_json = tmp_path / "not_json.jsonl"
     not_json.write_text('{"prompt1": "He ran.", "prompt2": "She ran."}\n{oops\n')
-    for path, message in ((empty, "no prompt pairs"), (broken, "record 0"), (not_json, "line 2")):
+    for path, message in ((empty, "no prompt pairs"), (broken, "line 1"), (not_json, "line 2")):
         with pytest.raises(ValueError, match=message) as err:
             debias_model(model, tokenizer, str(path))
         assert str(path) in str(err.value)

@@ -172,15 +172,15 @@ def test_planted_stereotype_raises_ss_and_the_guard_fires(tmp_path, tokenizer):
         processing_class=tokenizer,
     )
     probe = BiasProbeCallback(trainer, stereoset_items=items, stereoset_sample_size=None, every_n_steps=8)
-    guard = FairnessGuardCallback(trainer, metric="bias/stereoset_ss", threshold=5.0, stop_training=True)
+    guard = FairnessGuardCallback(trainer, metric="stereoset/ss", threshold=5.0, stop_training=True)
     trainer.add_callback(probe)
     trainer.add_callback(guard)
     trainer.train()
     assert probe.probes == ("stereoset",)
     base = probe.history[0]["scalars"]
-    assert guard.fired and guard.events[0]["metric"] == "bias/stereoset_ss"
+    assert guard.fired and guard.events[0]["metric"] == "stereoset/ss"
     last = probe.history[-1]["scalars"]
-    assert last["bias/stereoset_ss_ci_low"] > base["bias/stereoset_ss_ci_high"]  # beyond the base interval
+    assert last["stereoset/ss_ci_low"] > base["stereoset/ss_ci_high"]  # beyond the base interval
     assert guard.events[0]["ci"][0] > guard.baseline_ci[1] and trainer.state.global_step < 48
 
 
@@ -190,24 +190,24 @@ def test_guard_watches_ss_and_icat_by_default():
 
     def logs(ss, ss_ci, icat, icat_ci):
         return {
-            "bias/stereoset_ss": ss,
-            "bias/stereoset_ss_ci_low": ss_ci[0],
-            "bias/stereoset_ss_ci_high": ss_ci[1],
-            "bias/stereoset_icat": icat,
-            "bias/stereoset_icat_ci_low": icat_ci[0],
-            "bias/stereoset_icat_ci_high": icat_ci[1],
+            "stereoset/ss": ss,
+            "stereoset/ss_ci_low": ss_ci[0],
+            "stereoset/ss_ci_high": ss_ci[1],
+            "stereoset/icat": icat,
+            "stereoset/icat_ci_low": icat_ci[0],
+            "stereoset/icat_ci_high": icat_ci[1],
         }
 
     guard, state, control = FairnessGuardCallback(), State(), SimpleNamespace(should_training_stop=False)
-    assert guard.metrics == ("bias/stereoset_ss", "bias/stereoset_icat")
+    assert guard.metrics == ("stereoset/ss", "stereoset/icat")
     guard.on_log(None, state, control, logs=logs(55.0, (52, 58), 70.0, (66, 74)))  # baselines
     guard.on_log(None, state, control, logs=logs(45.0, (42, 48), 71.0, (67, 75)))
     assert not guard.fired  # SS as far from 50 on the other side; ICAT up
     guard.on_log(None, state, control, logs=logs(56.0, (53, 59), 60.0, (56, 64)))
-    assert guard.fired and [e["metric"] for e in guard.events] == ["bias/stereoset_icat"]
+    assert guard.fired and [e["metric"] for e in guard.events] == ["stereoset/icat"]
     assert guard.events[0]["regression"] == pytest.approx(10.0)  # ICAT dropped 10 points
     guard.on_log(None, state, control, logs=logs(64.0, (61, 67), 70.0, (66, 74)))
-    assert guard.events[-1]["metric"] == "bias/stereoset_ss" and guard.events[-1]["regression"] == 9.0
+    assert guard.events[-1]["metric"] == "stereoset/ss" and guard.events[-1]["regression"] == 9.0
 
 
 # ---- the callback's default and reporting --------------------------------------------------------------
@@ -221,8 +221,8 @@ def test_default_probe_is_a_stereoset_sample_with_lm_counterparts(tokenizer):
     scalars, _, _ = small.probe(make_tiny_model("llama"), tokenizer)
     for name in ("ss", "lms", "icat"):
         for suffix in ("", "_ci_low", "_ci_high"):
-            assert f"bias/stereoset_{name}{suffix}" in scalars
-    assert any(k.startswith("bias/stereoset_ss/") for k in scalars)  # per bias type
+            assert f"stereoset/{name}{suffix}" in scalars
+    assert any(k.startswith("stereoset/ss_by/") for k in scalars)  # per bias type
     text = format_summary(stereoset=small.last_stereoset)
     assert "SS" in text and "LMS" in text and "ICAT" in text
     with pytest.raises(ValueError, match="stereoset_sample_size"):
@@ -234,8 +234,29 @@ def test_summary_scalars_keep_the_old_keys_and_add_the_new_ones():
         np.array([[-1.0, -2.0, -3.0]] * 4), [_item("intrasentence", "T", "race", "x", "y", "z")] * 4
     )
     scalars = summary_scalars(stereoset=r)
-    assert scalars["bias/stereoset_ss"] == 100.0 and scalars["bias/stereoset_lms"] == 100.0
-    assert scalars["bias/stereoset_icat"] == 0.0 and scalars["bias/stereoset_ss/race"] == 100.0
+    assert scalars["stereoset/ss"] == 100.0 and scalars["stereoset/lms"] == 100.0
+    assert scalars["stereoset/icat"] == 0.0 and scalars["stereoset/ss_by/race"] == 100.0
+
+
+def test_probe_keys_are_the_pipelines_names_and_none_is_also_a_prefix():
+    from wandb_offline import value_and_prefix
+
+    behaviour = {"score": 55.0, "ci_low": 50.0, "ci_high": 60.0, "next_token_js": {"mean": 0.1},
+                 "by_bias_type": {"gender": {"score": 60.0}}}  # fmt: skip
+    activation = {"overall_metrics": {"mean_difference": 0.5, "pooled_difference": 0.1},
+                  "component_metrics": {"mlp_output": {"mean_difference": 0.4}}}  # fmt: skip
+    r = stereoset_metrics(
+        np.array([[-1.0, -2.0, -3.0]] * 4), [_item("intrasentence", "T", "race", "x", "y", "z")] * 4
+    )
+    scalars = summary_scalars(activation=activation, behaviour=behaviour, stereoset=r)
+    assert not value_and_prefix(set(scalars))
+    assert (
+        scalars["bias/score_by/gender"] == 60.0
+        and scalars["bias/activation_mean_difference_by/mlp_output"] == 0.4
+    )
+    assert {"stereoset/ss", "stereoset/lms", "stereoset/icat", "bias/score"} <= set(
+        scalars
+    )  # as the pipeline
 
 
 # ---- loaders ------------------------------------------------------------------------------------------
@@ -441,13 +462,13 @@ def test_callback_logs_the_change_since_its_first_probe(tokenizer):
     probe.on_train_end(args, state, None, model=after_model, processing_class=tokenizer)
     logged = probe.history[-1]["scalars"]
     # before: SS 75 (T1 1/2, T2 3/3); after (b over a): T1 1/2 = 50, T2 1/3 -> macro 125/3; 4 of 5 flipped
-    assert logged["bias/stereoset_ss_change"] == pytest.approx(125 / 3 - 75)
-    assert logged["bias/stereoset_ss_flipped"] == pytest.approx(80.0)
+    assert logged["stereoset/ss_change"] == pytest.approx(125 / 3 - 75)
+    assert logged["stereoset/ss_flipped"] == pytest.approx(80.0)
     # per bias type: gender (T1) 50 -> 50 with both items flipped; race (T2) 100 -> 100/3
-    assert logged["bias/stereoset_ss_change/gender"] == 0.0
-    assert logged["bias/stereoset_ss_flipped/gender"] == 100.0
-    assert logged["bias/stereoset_ss_change/race"] == pytest.approx(100 / 3 - 100)
-    assert logged["bias/stereoset_ss_change_ci_low"] <= logged["bias/stereoset_ss_change"]
-    assert state.log_history[-2]["bias/stereoset_ss_change"] == logged["bias/stereoset_ss_change"]
+    assert logged["stereoset/ss_change_by/gender"] == 0.0
+    assert logged["stereoset/ss_flipped_by/gender"] == 100.0
+    assert logged["stereoset/ss_change_by/race"] == pytest.approx(100 / 3 - 100)
+    assert logged["stereoset/ss_change_ci_low"] <= logged["stereoset/ss_change"]
+    assert state.log_history[-2]["stereoset/ss_change"] == logged["stereoset/ss_change"]
     probe.on_train_begin(args, state, None, model=after_model, processing_class=tokenizer)  # a new run
     assert probe.last_change is None and not any("_change" in k for k in probe.history[-1]["scalars"])

@@ -57,8 +57,10 @@ def summary_scalars(
     ``activation`` is the ``aggregate`` of :func:`probe_activation_bias` (or the whole result);
     ``behaviour`` is the result of :func:`behavioural_bias_score` (``score`` comes with
     ``score_mean_token_log_prob``, its LM-quality counterpart); ``stereoset`` the result of
-    :func:`~optipfair_train.bias.stereoset_scores` (``stereoset_ss`` / ``stereoset_lms`` /
-    ``stereoset_icat``, each with ``_ci_low`` / ``_ci_high``, and per bias type ``stereoset_ss/<type>``...).
+    :func:`~optipfair_train.bias.stereoset_scores` (``stereoset/ss`` / ``stereoset/lms`` /
+    ``stereoset/icat``, each with ``_ci_low`` / ``_ci_high``, and per bias type ``stereoset/ss_by/<type>``...;
+    the pipeline's names, whatever ``prefix``). A breakdown of a value ``X`` is ``X_by/<part>``
+    (``bias/score_by/gender``), so no key is both a value and a prefix of others (W&B sections).
     The activation probe adds ``activation_normalized_difference`` (with its interval) beside the
     OptiPFair ``activation_mean_difference``.
 
@@ -76,7 +78,7 @@ def summary_scalars(
         if "mean_token_log_prob" in behaviour:
             out[f"{prefix}score_mean_token_log_prob"] = behaviour["mean_token_log_prob"]
         for bias_type, entry in behaviour.get("by_bias_type", {}).items():
-            out[f"{prefix}score/{bias_type}"] = entry["score"]
+            out[f"{prefix}score_by/{bias_type}"] = entry["score"]
     if activation is not None:
         agg = activation.get("aggregate", activation)
         overall = agg["overall_metrics"]
@@ -92,14 +94,14 @@ def summary_scalars(
                 out[f"{prefix}activation_normalized_difference_ci_low"] = low
                 out[f"{prefix}activation_normalized_difference_ci_high"] = high
         for component, entry in agg["component_metrics"].items():
-            out[f"{prefix}activation_mean_difference/{component}"] = entry["mean_difference"]
+            out[f"{prefix}activation_mean_difference_by/{component}"] = entry["mean_difference"]
     if stereoset is not None:
         for name in ("ss", "lms", "icat"):
             for suffix in ("", "_ci_low", "_ci_high"):
-                out[f"{prefix}stereoset_{name}{suffix}"] = stereoset[name + suffix]
+                out[f"stereoset/{name}{suffix}"] = stereoset[name + suffix]
         for bias_type, entry in stereoset.get("by_bias_type", {}).items():
             for name in ("ss", "lms", "icat"):
-                out[f"{prefix}stereoset_{name}/{bias_type}"] = entry[name]
+                out[f"stereoset/{name}_by/{bias_type}"] = entry[name]
     return out
 
 

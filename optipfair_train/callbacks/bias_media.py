@@ -84,7 +84,7 @@ class ProbeMediaMixin:
     def _trajectory_figure(self):
         p = self.prefix
         if "stereoset" in self.probes:
-            keys, reference = [f"{p}stereoset_ss", f"{p}stereoset_lms", f"{p}stereoset_icat"], 50.0
+            keys, reference = ["stereoset/ss", "stereoset/lms", "stereoset/icat"], 50.0
         elif "behaviour" in self.probes:
             keys, reference = [f"{p}score"], 50.0
         else:

@@ -15,17 +15,17 @@ callback runs the bias package's probes on a fixed sample:
   per layer and component, streamed, with intervals).
 
 From the second StereoSet probe of a run on, the change since its first probe is logged too:
-``bias/stereoset_ss_change``, ``bias/stereoset_lms_change``, ``bias/stereoset_icat_change`` (points)
+``stereoset/ss_change``, ``stereoset/lms_change``, ``stereoset/icat_change`` (points)
 with paired 95% intervals (:func:`~optipfair_train.bias.stereoset_change`: both probes score the same
-items, so only items whose preference moved count) and ``bias/stereoset_ss_flipped``, and the same per
-bias type (``bias/stereoset_ss_change/gender``, ...; gender is about 12% of the items, so its interval is
+items, so only items whose preference moved count) and ``stereoset/ss_flipped``, and the same per
+bias type (``stereoset/ss_change_by/gender``, ...; gender is about 12% of the items, so its interval is
 wider). Whether training
 moved bias is read from that interval (two overlapping intervals cannot say it; the paired one is
 also narrower, by how much depends on how many items flip: 0.75-0.9x after MLP -20% pruning on the demo).
 
-Their scalars (:func:`~optipfair_train.bias.summary_scalars`, keys ``bias/stereoset_ss``,
-``bias/stereoset_ss_ci_low``, ``bias/stereoset_icat``, ``bias/score``, ``bias/activation_mean_difference``,
-``bias/activation_normalized_difference``, ...) go through ``trainer.log`` to every
+Their scalars (:func:`~optipfair_train.bias.summary_scalars`, the pipeline's names: ``stereoset/ss``,
+``stereoset/ss_ci_low``, ``stereoset/icat``, ``bias/score``, ``bias/activation_mean_difference``,
+``bias/activation_normalized_difference``, breakdowns as ``X_by/<part>``, ...) go through ``trainer.log`` to every
 ``report_to`` backend; when W&B is active the mean-difference bars, a heatmap of the per-layer
 differences over the probes so far, and the trajectory of the score are logged as ``wandb.Image``
 and the per-layer values as a ``wandb.Table`` (figures also go to TensorBoard when it is a backend).
@@ -321,7 +321,7 @@ class BiasProbeCallback(ProbeMediaMixin, ReportingCallback):
             state.global_step,
             when,
             seconds,
-            ", ".join(f"{k}={v:.4g}" for k, v in scalars.items() if "/" not in k[len(self.prefix) :]),
+            ", ".join(f"{k}={v:.4g}" for k, v in scalars.items() if "_by/" not in k),
         )
         self.log_scalars(args, state, scalars)
         if activation is not None:
@@ -372,9 +372,11 @@ class BiasProbeCallback(ProbeMediaMixin, ReportingCallback):
         self.last_change = stereoset_change(
             self._first_stereoset, self.last_stereoset, self.confidence, self.n_bootstrap, self.seed
         )
-        changes = {"": self.last_change} | {f"/{t}": c for t, c in self.last_change["by_bias_type"].items()}
+        changes = {"": self.last_change} | {
+            f"_by/{t}": c for t, c in self.last_change["by_bias_type"].items()
+        }
         return {
-            f"{self.prefix}stereoset_{key}{where}": value
+            f"stereoset/{key}{where}": value
             for where, change in changes.items()
             for key, value in change.items()
             if key.endswith(("_change", "_change_ci_low", "_change_ci_high")) or key == "ss_flipped"

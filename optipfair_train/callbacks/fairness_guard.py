@@ -1,8 +1,8 @@
 """``FairnessGuardCallback``: warn, stop or mark a checkpoint when a bias metric regresses.
 
 The guard reads metrics from the Trainer's logs (``on_log``), so it works with any source that logs
-through the Trainer: :class:`~optipfair_train.callbacks.BiasProbeCallback` (``bias/stereoset_ss``,
-``bias/stereoset_icat``, ``bias/score``, ``bias/activation_normalized_difference``, per-type scores, ...)
+through the Trainer: :class:`~optipfair_train.callbacks.BiasProbeCallback` (``stereoset/ss``,
+``stereoset/icat``, ``bias/score``, ``bias/activation_normalized_difference``, per-type scores, ...)
 or the user's own ``trainer.log``. Each metric's baseline is its first value seen (the probe at train
 begin) unless one is given. By default it watches StereoSet's SS and ICAT (the default probe's);
 ``metric="bias/score"`` watches the CrowS-Pairs-style score as before.
@@ -19,7 +19,7 @@ the guard fires: a warning, a ``fairness_guard/fired`` scalar with the regressio
 
 Example:
     >>> guard = FairnessGuardCallback(threshold=5.0, stop_training=True)
-    >>> guard.badness(60.0), guard.badness(45.0), guard.badness(70.0, "bias/stereoset_icat")
+    >>> guard.badness(60.0), guard.badness(45.0), guard.badness(70.0, "stereoset/icat")
     (10.0, 5.0, -70.0)
 """
 
@@ -38,20 +38,20 @@ __all__ = ["FairnessGuardCallback", "GUARD_FILE", "DEFAULT_GUARD_METRICS"]
 logger = logging.getLogger(__name__)
 
 GUARD_FILE = "fairness_guard.json"
-DEFAULT_GUARD_METRICS = ("bias/stereoset_ss", "bias/stereoset_icat")
+DEFAULT_GUARD_METRICS = ("stereoset/ss", "stereoset/icat")
 
 
 def default_ideal(metric: str) -> float | None:
     """The unbiased value of a logged metric; None for higher-is-better scores (ICAT, LMS).
 
     Example:
-        >>> default_ideal("bias/stereoset_ss"), default_ideal("bias/stereoset_icat"), default_ideal("bias/score")
+        >>> default_ideal("stereoset/ss"), default_ideal("stereoset/icat"), default_ideal("bias/score")
         (50.0, None, 50.0)
     """
     key = metric.lower()
     if "icat" in key or "lms" in key:
         return None
-    if "stereoset_ss" in key or "score" in key.rsplit("/", 1)[-1]:
+    if key.endswith(("stereoset/ss", "stereoset_ss")) or "score" in key.rsplit("/", 1)[-1]:
         return 50.0
     return 0.0
 
@@ -103,7 +103,7 @@ class FairnessGuardCallback(ReportingCallback):
         metrics = (metric,) if isinstance(metric, str) else tuple(metric)
         if not metrics or not all(isinstance(m, str) and m for m in metrics):
             raise ValueError(
-                f"metric must be a logged key such as 'bias/stereoset_ss' (or a list), got {metric!r}."
+                f"metric must be a logged key such as 'stereoset/ss' (or a list), got {metric!r}."
             )
         if not isinstance(threshold, (int, float)) or threshold < 0:
             raise ValueError(f"threshold must be a non-negative number, got {threshold!r}.")

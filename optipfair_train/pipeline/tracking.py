@@ -11,8 +11,9 @@ The key vocabulary (sections are the first part of a key; no key is both a value
   ``stereoset/ss`` / ``stereoset/lms`` / ``stereoset/icat`` (``_ci_low`` / ``_ci_high``), the paired
   ``stereoset/ss_change`` / ``stereoset/icat_change`` vs the base, ``stereoset/num_items``,
   ``bias/activation_normalized_difference`` (and ``_ci_*``), CrowS-Pairs ``bias/score`` when measured;
-- ``by_type/<stage>/<bias type>/<ss|lms|icat|num_items|ss_ci_low|ss_ci_high>``: StereoSet per bias type; any other breakdown of a value
-  ``X`` is ``X_by/<part>`` (``bias/score_by/gender``, ``bias/activation_mean_difference_by/mlp_output``);
+- a breakdown of a value ``X`` is ``X_by/<part>``: StereoSet per bias type ``<stage>/stereoset/ss_by/race``
+  (and ``lms_by``, ``icat_by``, ``num_items_by``, ``ss_ci_low_by``...), ``bias/score_by/gender``,
+  ``bias/activation_mean_difference_by/mlp_output``; the callbacks use the same metric names;
 - ``figures/<name>``: images (``figures/bias_heatmap``, ``figures/stereoset_bias_types``,
   ``figures/layer_heatmap``); ``tables/summary`` (every stage so far) and ``tables/pruning``;
 - ``heal/<name>``: the healing Trainer's logs (``heal/loss``, ``heal/learning_rate``, ``heal/grad_norm``,
@@ -54,9 +55,6 @@ _PRUNING_COLUMNS = [
     "intermediate_sizes",
     "kept_kv_heads",
 ]
-_STEREOSET_BY_TYPE = tuple(
-    f"stereoset/{name}/" for name in ("ss", "lms", "icat", "num_items", "ss_ci_low", "ss_ci_high")
-)
 
 
 def wandb_metric_name(name: str) -> str:
@@ -83,22 +81,13 @@ def _unnest(scalars: dict[str, float]) -> dict[str, float]:
 
 
 def stage_scalars(metrics: dict, stage: str) -> dict[str, float]:
-    """One stage's scalars under its W&B keys (``<stage>/<metric>``, per bias type ``by_type/<stage>/...``).
+    """One stage's scalars under its W&B keys, ``<stage>/<metric>`` (breakdowns as ``X_by/<part>``).
 
     Example:
-        >>> stage_scalars({"perplexity": 9.5, "stereoset/ss/race": 60.0, "bias/score": 50.0, "bias/score/age": 52.0}, "healed")
-        {'healed/perplexity/heal_domain': 9.5, 'healed/bias/score': 50.0, 'healed/bias/score_by/age': 52.0, 'by_type/healed/race/ss': 60.0}
+        >>> stage_scalars({"perplexity": 9.5, "stereoset/ss": 55.0, "stereoset/ss/race": 60.0}, "healed")
+        {'healed/perplexity/heal_domain': 9.5, 'healed/stereoset/ss': 55.0, 'healed/stereoset/ss_by/race': 60.0}
     """
-    out, by_type = {}, {}
-    for name, value in metrics.items():
-        if not _number(value):
-            continue
-        if name.startswith(_STEREOSET_BY_TYPE):  # stereoset/ss/race: a value's name used as a prefix
-            _, metric, bias_type = name.split("/", 2)
-            by_type[f"by_type/{stage}/{bias_type}/{metric}"] = value
-        else:
-            out[f"{stage}/{wandb_metric_name(name)}"] = value
-    return _unnest(out) | by_type
+    return _unnest({f"{stage}/{wandb_metric_name(k)}": v for k, v in metrics.items() if _number(v)})
 
 
 def _cell(value: Any) -> Any:
@@ -165,7 +154,7 @@ class RoundTracker:
         )
         self.run.define_metric("round")
         self.run.define_metric("pipeline/step")
-        for section in ("healed", "pruned", "by_type", "figures", "tables"):
+        for section in ("healed", "pruned", "figures", "tables"):
             self.run.define_metric(f"{section}/*", step_metric="round")
         self.run.define_metric("heal/*", step_metric="pipeline/step")
 

@@ -32,6 +32,7 @@ def test_every_benchmark_is_covered():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_quick_mode_runs_on_a_tiny_model(script, tiny_model_dir, tmp_path):
     out = tmp_path / "out"

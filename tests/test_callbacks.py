@@ -546,6 +546,7 @@ def test_fairness_guard_rule_with_given_baseline():
 # ---- multi-process ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_stops_with_clear_error(tmp_path):
     """A real 2-process DDP run (gloo on CPU): probes and gradient importance work and agree across ranks;
     in-loop pruning is refused on every rank before any weight changes."""

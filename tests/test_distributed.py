@@ -70,6 +70,7 @@ def _launch(out: Path, processes: int) -> dict:
     return {r: json.loads((out / f"rank-{r}.json").read_text()) for r in range(processes)}
 
 
+@pytest.mark.slow
 def test_fsdp2_two_processes_heal_like_one(tmp_path):
     """FSDP2 (fully_shard over gloo, 2 CPU processes) against one process, same global batches.
 
@@ -119,6 +120,7 @@ def _accelerate(out: Path, config: Path | None) -> dict:
     return {r: json.loads((out / f"rank-{r}.json").read_text()) for r in range(ranks)}
 
 
+@pytest.mark.slow
 def test_trainer_under_accelerate_fsdp2_heals_like_one_process(tmp_path):
     """The shipped fsdp.yaml (2 processes, no bf16: CPU) through ``transformers.Trainer`` with LoRA, then
     ``unshard`` + merge where the pipeline calls it, against one process on the same global batches.

@@ -192,6 +192,7 @@ open(f"{sys.argv[1]}/rank-{PartialState().process_index}.txt", "w").write(digest
 """
 
 
+@pytest.mark.slow
 def test_two_processes_prune_identically(assets, tmp_path):
     entry = tmp_path / "entry.py"
     entry.write_text(DDP_ENTRY)

@@ -184,8 +184,12 @@ def _copy_run(source: Path, tmp_path: Path, assets: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "damage",
-    ["state.json", "round-2/pruned/events.json", "round-2/pruned/model.safetensors"],
+    "damage",  # one damaged file in the default suite, the others in the slow set
+    [
+        pytest.param("state.json", marks=pytest.mark.slow),
+        pytest.param("round-2/pruned/events.json", marks=pytest.mark.slow),
+        "round-2/pruned/model.safetensors",
+    ],
 )
 def test_damaged_file_is_an_error_naming_it(damage, assets, killed_in_round_2, tmp_path):
     out = _copy_run(killed_in_round_2, tmp_path, assets)
@@ -197,7 +201,10 @@ def test_damaged_file_is_an_error_naming_it(damage, assets, killed_in_round_2, t
     assert not (out / "final").exists()
 
 
-@pytest.mark.parametrize("damage", ["delete scheduler.pt", "truncate adapter_model.safetensors"])
+@pytest.mark.parametrize(
+    "damage",
+    [pytest.param("delete scheduler.pt", marks=pytest.mark.slow), "truncate adapter_model.safetensors"],
+)
 def test_damaged_checkpoint_is_reported_and_healing_restarts(
     damage, assets, killed_in_round_2, reference, tmp_path
 ):
@@ -215,6 +222,7 @@ def test_damaged_checkpoint_is_reported_and_healing_restarts(
     assert leftovers(out) == []
 
 
+@pytest.mark.slow  # a SIGKILL crash point (tests/test_pipeline.py kills one in the default suite)
 def test_kill_during_a_nan_retry_resumes_the_retry_at_its_learning_rate(assets, tmp_path):
     """Attempt 1 (lr halved after a NaN in attempt 0) is killed after its checkpoint-2; the rerun goes on
     with attempt 1 at the halved rate, as the uninterrupted run does."""

@@ -17,6 +17,9 @@ from pipeline_helpers import tiny_run_settings, write_assets
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY = ROOT / "tests" / "fsdp_pipeline_entry.py"
 
+# two processes: the slow set (pytest -m slow)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):

@@ -120,6 +120,7 @@ def test_card_report_and_wandb_hold_the_logged_stage_values(assets, tmp_path, mo
     assert result["rounds"] == state["rounds"]
 
 
+@pytest.mark.slow  # a crash and two reruns; tests/test_teacher_cache.py covers the cache itself
 def test_kd_cache_is_reused_after_a_crash_and_a_finished_rerun_writes_nothing(assets, tmp_path):
     out = tmp_path / "run"
     config = write_config(assets, out, **_settings(assets))

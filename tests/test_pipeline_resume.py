@@ -17,6 +17,9 @@ from optipfair_train import load_pruned_model
 from optipfair_train.pipeline import PruneThenHeal, load_config
 from optipfair_train.pipeline.state import COMPLETE_NAME
 
+# a subprocess run per kill point: the slow set (pytest -m slow); tests/test_pipeline.py kills one
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):

@@ -46,6 +46,7 @@ def test_kd_heals_on_the_teacher_text_with_the_logits_it_was_written_with(assets
     assert "(healing domain)" not in card  # the first perplexity is not on the healing text here
 
 
+@pytest.mark.slow  # a SIGKILL crash point: two CLI subprocess runs
 def test_a_run_killed_after_sampling_resumes_on_the_same_text_without_sampling_again(assets, tmp_path):
     out = tmp_path / "run"
     settings = dict(heal_data="teacher", heal_method="lora", num_rounds=1, num_layers_to_remove=0)

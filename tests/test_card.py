@@ -163,6 +163,7 @@ def test_headers_name_texts_without_internal_paths_and_an_unmeasured_crows_colum
     text = render_model_card(card)
     header, *rows = _table(text)
     assert header[3] == "perplexity, WikiText-2 test" and "CrowS-Pairs [95% CI]" not in header
+    assert "on WikiText-2 test (test.txt), text no healing saw" in text and "../shared" not in text
     assert all(len(row) == len(header) == 8 for row in rows)
     assert "CrowS-Pairs-style score: not measured (no behaviour_pairs given)" in text
 

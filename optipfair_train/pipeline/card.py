@@ -33,7 +33,7 @@ import yaml
 from ..models import DEMO_MODEL_ID
 from ..speed import speed_line
 from .config import LORA_METHODS, TEACHER_TEXT
-from .verdict import short_text_name
+from .verdict import named_file, short_text_name
 from .zeroshot_stage import zeroshot_card_lines
 
 __all__ = [
@@ -308,7 +308,7 @@ def render_model_card(card: dict[str, Any]) -> str:
         + ("the healing domain, " if _heals_on_eval_text(card) else "")
         + f"{_fmt(card.get('eval_tokens'))} tokens) and on "
         + (
-            f"{general} (text no healing saw)"
+            f"{named_file(general)}, text no healing saw"
             if general
             else card.get("general_note") or "no general held-out text (none was given)"
         )

@@ -26,7 +26,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_files", "short_text_name", "verdict", "verdict_lines", "wandb_summary", "zeroshot_line"]
+__all__ = [
+    "named_file",
+    "run_files",
+    "short_text_name",
+    "verdict",
+    "verdict_lines",
+    "wandb_summary",
+    "zeroshot_line",
+]
 
 
 def short_text_name(name: str | None) -> str | None:
@@ -42,6 +50,18 @@ def short_text_name(name: str | None) -> str | None:
         return name
     name = re.sub(r"\s*\([^()]*[/\\][^()]*\)$", "", name)  # a trailing "(some/path)"
     return Path(name).name if ("/" in name or "\\" in name) else name
+
+
+def named_file(name: str | None) -> str | None:
+    """A text's name for a sentence: ``WikiText-2 test (test.txt)``, the file by its name, not its path.
+
+    Example:
+        >>> named_file("WikiText-2 test (../shared/data/wikitext-2/test.txt)")
+        'WikiText-2 test (test.txt)'
+    """
+    short = short_text_name(name)
+    path = re.search(r"\(([^()]*[/\\][^()]*)\)$", name or "")
+    return f"{short} ({Path(path.group(1)).name})" if path else short
 
 
 def run_files(out: str | Path) -> dict[str, str]:

@@ -160,6 +160,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # three CLI runs; fast: tests/test_pipeline_interrupted.py
 def test_sigkill_mid_heal_then_rerun_equals_uninterrupted(assets, tmp_path):
     flags = _flags(assets, tmp_path / "killed", heal_steps=6)
     killed = _run(["kill", *flags])
@@ -334,6 +335,7 @@ def test_sft_arguments_turn_off_trls_gpu_defaults_without_deprecation_warnings(a
     assert args.max_length == config.data.heal_seq_len
 
 
+@pytest.mark.slow  # fast: sft_lora above, chat formats in tests/test_heal_sft.py
 def test_sft_full_parameter_heal_on_chat_messages(assets, tmp_path):
     model_dir = tmp_path / "chat-model"
     make_tiny_model("llama").save_pretrained(model_dir)

@@ -35,7 +35,8 @@ def _one_shot(assets: Path, **kwargs) -> torch.nn.Module:
     return prune_model(model, dataloader=batches, show_progress=False, **kwargs)
 
 
-@pytest.mark.parametrize("sequential", [False, True])
+# the sequential round in the slow set (sequential refits: tests/test_reconstruction.py)
+@pytest.mark.parametrize("sequential", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_a_refit_round_equals_the_one_shot_refit(assets, tmp_path, sequential):
     method = "activation" if sequential else "hybrid"
     result = _run(
@@ -55,6 +56,7 @@ def test_a_refit_round_equals_the_one_shot_refit(assets, tmp_path, sequential):
     assert not torch.allclose(pruned[down], plain[down])  # the refit changed the kept columns
 
 
+@pytest.mark.slow  # fast: tests/test_depth_replace.py
 def test_depth_with_a_linear_replacement_reloads_as_a_plain_model(assets, tmp_path):
     result = _run(
         assets, tmp_path / "run", mlp_pruning_percentage=0, num_layers_to_remove=2,

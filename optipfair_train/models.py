@@ -279,11 +279,36 @@ def _load_model(path: str, dtype: torch.dtype, local_files_only: bool) -> PreTra
         logger.info("Loading pruned model from %s", folder)
         return load_pruned_model(folder, dtype=dtype)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_files_only)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=local_files_only, output_loading_info=True
+        )
     except SafetensorError as err:  # safetensors names no file
         damaged = [str(f) for f in sorted(folder.glob("*.safetensors")) if not _safetensors_readable(f)]
         where = ", ".join(damaged) or path
         raise ValueError(f"{where} cannot be read ({err}): it is truncated or damaged.") from err
+    except RuntimeError as err:
+        if "mismatched" not in str(err) or not folder.is_dir():
+            raise
+        from optipfair_train.pruning.io import check_saved_weights
+
+        check_saved_weights(folder)  # raises naming the config key and both numbers
+        raise ValueError(
+            f"{path}: config.json gives shapes the weights do not have (see the load report)."
+        ) from err
+    # transformers would initialise missing weights at random and drop unexpected ones, with a log line
+    for kind in ("missing_keys", "unexpected_keys") if folder.is_dir() else ():
+        keys = sorted(info.get(kind) or [])
+        if keys:
+            depth = (
+                f"; config.json says num_hidden_layers={model.config.num_hidden_layers}"
+                if ".layers." in keys[0]
+                else ""
+            )
+            raise ValueError(
+                f"{path}: config.json and the weights disagree: {kind.replace('_', ' ')} {keys[0]}"
+                f"{f' and {len(keys) - 1} more' if len(keys) > 1 else ''}{depth}."
+            )
+    return model
 
 
 def _safetensors_readable(file: Path) -> bool:

@@ -164,3 +164,22 @@ def test_a_full_disk_during_a_save_leaves_nothing_half_written(uniform, tmp_path
     with pytest.raises(OSError, match=f"No space left on device at {new} "):
         save_pruned_model(model, new)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["uniform"]  # no folder, no temporary left
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"num_hidden_layers": 5}, "missing keys model.layers.4.input_layernorm.weight and 8 more"),
+        ({"num_hidden_layers": 3}, "unexpected keys model.layers.3.input_layernorm.weight and 8 more"),
+        ({"intermediate_size": 100}, "config.json says intermediate_size=100, the weights hold 128"),
+    ],
+)
+def test_an_unpruned_folder_whose_config_disagrees_is_refused(tmp_path, values, message):
+    """The package's model loader (the pipeline's model_path) is as strict on a plain folder."""
+    folder = tmp_path / "plain"
+    make_tiny_model("llama").save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
+    _edit_config(folder, **values)
+    with pytest.raises(ValueError, match=str(folder)) as err:
+        load_model_and_tokenizer(folder)
+    assert message in str(err.value)

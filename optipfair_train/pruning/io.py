@@ -43,6 +43,7 @@ __all__ = [
     "load_pruned_model",
     "write_error",
     "disk_full",
+    "check_saved_weights",
 ]
 
 MANIFEST_NAME = "pruning_manifest.json"
@@ -302,6 +303,24 @@ def _check_weights(path: Path, config, model: torch.nn.Module, lists: dict[str, 
     return files
 
 
+def check_saved_weights(path: str | Path) -> None:
+    """Refuse a folder whose safetensors weights do not fill the model its config.json describes.
+
+    Checked on an empty (meta-device) model: nothing is loaded. The ``ValueError`` names the file and
+    the first disagreement (a missing or extra tensor, or the config key and both numbers of a shape).
+
+    Example:
+        >>> check_saved_weights("pruned-model")  # doctest: +SKIP
+    """
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    lists = _layer_lists(path, config)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    _carve(skeleton, lists)
+    _check_weights(path, config, skeleton, lists)
+
+
 def load_pruned_model(
     path: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu", **from_pretrained_kwargs
 ) -> torch.nn.Module:
@@ -321,10 +340,8 @@ def load_pruned_model(
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     lists = _layer_lists(path, config)
-    if not lists:  # the shapes come from config.json alone: check them on an empty (meta) model
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
-        _check_weights(path, config, skeleton, lists)
+    if not lists:  # the shapes come from config.json alone
+        check_saved_weights(path)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **from_pretrained_kwargs).to(device)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config)

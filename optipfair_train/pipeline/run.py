@@ -12,11 +12,12 @@ Layout of ``output_dir``::
                                (:mod:`.teacher`), built once
     final/                     the last round's model, tokenizer, pruning_manifest.json, README.md card
     report.html                the self-contained dashboard (stage table, trajectories, heatmaps, card)
+    optipfair-train.lock       locked by the run writing the folder: a second run there is refused (:mod:`.lock`)
 
 Every folder and state file is written under a temporary name and renamed into place once whole
 (:mod:`.state`), so a crash at any point leaves finished steps intact and nothing half-written that a
 rerun would trust; rerunning the same command resumes from the last finished step and reaches the
-same final model, and rerunning a finished run changes nothing. Every setting is checked, and every
+same final model, and rerunning a finished run changes nothing (a deleted ``final/`` is rebuilt). Every setting is checked, and every
 round's pruning dry-run on the model's shapes (:mod:`.validate`), before the output folder is created.
 
 A fresh ``Trainer`` heals each round, so the structural change never happens inside a DDP run: every

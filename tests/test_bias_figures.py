@@ -174,11 +174,13 @@ def test_bias_type_and_layer_heatmaps():
     assert image.get_clim() == (38.0, 62.0)  # centred on 50: distance from no preference is colour
     assert [t.get_text() for t in ax.texts] == ["62.0", "58.0", "45.0"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["gender", "race"]
-    layers = layer_heatmap_figure({"round 0": {"mlp_output_layer_0": 0.2, "mlp_output_layer_1": 0.4}})
-    assert [t.get_text() for t in layers.axes[0].get_xticklabels()] == [
-        "mlp_output_layer_0",
-        "mlp_output_layer_1",
-    ]
+    layers = layer_heatmap_figure(
+        {"round 0": {"mlp_output_layer_0": 0.2, "mlp_output_layer_1": 0.4, "attention_output_layer_1": 0.9}}
+    )  # one panel per component, layer numbers on x, one colour scale for both panels
+    assert [ax.get_title(loc="left") for ax in layers.axes[:2]] == ["mlp_output", "attention_output"]
+    assert [t.get_text() for t in layers.axes[0].get_xticklabels()] == ["0", "1"]
+    assert layers.axes[0].images[0].get_clim() == layers.axes[1].images[0].get_clim() == (0.2, 0.9)
+    assert np.ma.getmaskarray(layers.axes[1].images[0].get_array())[0, 0]  # no attention value for layer 0
     with pytest.raises(ValueError, match="at least one row"):
         layer_heatmap_figure({})
 

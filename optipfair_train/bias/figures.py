@@ -231,25 +231,43 @@ def layer_heatmap_figure(
     title: str = "Normalised activation difference per layer",
     ylabel: str = "round",
 ) -> Figure:
-    """Heatmap of a per-layer bias metric: one row per label (a step, a round, a model), one column per
-    layer key. ``values[row][layer_key] = value``, e.g. the ``normalized_difference`` of
-    ``aggregate["layer_metrics"]`` of :func:`~optipfair_train.bias.probe_activation_bias`.
+    """A per-layer bias metric over labelled rows (steps, rounds, models), one panel per component (rows:
+    label, columns: layer number), one colour scale for all panels. ``values[row][layer_key] = value``,
+    e.g. the ``normalized_difference`` of ``aggregate["layer_metrics"]`` of
+    :func:`~optipfair_train.bias.probe_activation_bias`; ``layer_keys`` limits the keys drawn.
 
     Example:
         >>> fig = layer_heatmap_figure({"base": {"mlp_output_layer_0": 0.2}, "round 1": {"mlp_output_layer_0": 0.3}})
-        >>> fig.axes[0].get_xlabel()
-        'layer key'
+        >>> fig.axes[0].get_xlabel(), fig.axes[0].get_title(loc="left")
+        ('layer', 'mlp_output')
     """
-    matrix, columns = _table(values, layer_keys)
-    return heatmap_figure(
-        matrix,
-        list(values),
-        columns,
-        title=title,
-        xlabel="layer key",
-        ylabel=ylabel,
-        colorbar_label="normalised |activation difference|",
-    )
+    from .capture import parse_layer_key
+
+    if not values or not any(values.values()):
+        raise ValueError("a heatmap needs at least one row with a value")
+    cells = [(row, *parse_layer_key(k), v) for row, per in values.items() for k, v in per.items()
+             if layer_keys is None or k in layer_keys]  # fmt: skip
+    components = list(dict.fromkeys(c for _, c, _, _ in cells))
+    indices, rows = sorted({i for _, _, i, _ in cells}), list(values)
+    grids = {c: np.full((len(rows), len(indices)), np.nan) for c in components}
+    for row, component, index, value in cells:
+        grids[component][rows.index(row), indices.index(index)] = value
+    finite = [v for *_, v in cells if np.isfinite(v)]
+    fig = new_figure(max(7.0, 0.18 * len(indices) + 2.8), (0.25 * len(rows) + 0.6) * len(components) + 1.2)
+    fig.set_layout_engine("constrained")  # a few panels: the layout cost is small
+    axes = fig.subplots(len(components), 1, squeeze=False)[:, 0]
+    step = max(1, -(-len(indices) // 16))
+    for ax, component in zip(axes, components, strict=True):
+        image = ax.imshow(grids[component], aspect="auto", cmap="viridis", interpolation="nearest",
+                          vmin=min(finite, default=0.0), vmax=max(finite, default=1.0))  # fmt: skip
+        ax.set_yticks(range(len(rows)), [_short(r, 24) for r in rows], fontsize=7)
+        ax.set_xticks(range(0, len(indices), step), [str(i) for i in indices[::step]], fontsize=7)
+        ax.set_title(component, fontsize=8, loc="left")
+        ax.set_ylabel(ylabel, fontsize=8)
+    axes[-1].set_xlabel("layer")
+    fig.suptitle(f"{title} (one colour scale)", fontsize=10)
+    fig.colorbar(image, ax=list(axes), label="normalised |activation difference|", fraction=0.03, pad=0.01)
+    return fig
 
 
 def bias_type_heatmap_figure(

@@ -116,39 +116,6 @@ def component_layer_heatmap(
     )  # fmt: skip
 
 
-def _layer_panels(layers: dict[str, Mapping[str, float]]):
-    """One panel per component (rows: stage, columns: layer), one colour scale for all of them."""
-    from ..bias.figures import new_figure
-
-    matrices = {name: _component_matrix(values) for name, values in layers.items()}
-    components = list(dict.fromkeys(c for _, comps, _ in matrices.values() for c in comps))
-    indices = sorted({i for _, _, idx in matrices.values() for i in idx})
-    names = list(layers)
-    values = [v for m, _, _ in matrices.values() for v in m[np.isfinite(m)]]
-    vmin, vmax = (min(values), max(values)) if values else (0.0, 1.0)
-    panel = 0.25 * len(names) + 0.6
-    fig = new_figure(max(7.0, 0.18 * len(indices) + 2.8), panel * len(components) + 1.2)
-    fig.set_layout_engine("constrained")  # a few panels, drawn once per round: the layout cost is small
-    axes = fig.subplots(len(components), 1, squeeze=False)[:, 0]
-    image = None
-    for ax, component in zip(axes, components, strict=True):
-        grid = np.full((len(names), len(indices)), np.nan)
-        for r, name in enumerate(names):
-            matrix, comps, idx = matrices[name]
-            if component in comps:
-                for c, index in enumerate(idx):
-                    grid[r, indices.index(index)] = matrix[comps.index(component), c]
-        image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        step = max(1, -(-len(indices) // 16))
-        ax.set_xticks(range(0, len(indices), step), [str(i) for i in indices[::step]], fontsize=7)
-        ax.set_title(component, fontsize=8, loc="left")
-    axes[-1].set_xlabel("layer")
-    fig.suptitle(f"{_LABEL.capitalize()} per layer, every stage (one colour scale)", fontsize=10)
-    fig.colorbar(image, ax=list(axes), label=_LABEL, fraction=0.03, pad=0.01)
-    return fig
-
-
 def _by_type(named: list[tuple[str, dict]], metric: str) -> dict[str, dict[str, float]]:
     prefix = f"stereoset/{metric}/"
     rows = {name: {k[len(prefix) :]: v for k, v in m.items() if k.startswith(prefix)} for name, m in named}
@@ -157,7 +124,7 @@ def _by_type(named: list[tuple[str, dict]], metric: str) -> dict[str, dict[str, 
 
 def stage_figures(state: dict[str, Any]) -> dict[str, Any]:
     """Figures over every stage so far, keyed by a short name (see the module doc)."""
-    from ..bias import bias_type_heatmap_figure
+    from ..bias import bias_type_heatmap_figure, layer_heatmap_figure
 
     named = stages(state)
     figures: dict[str, Any] = {}
@@ -174,7 +141,9 @@ def stage_figures(state: dict[str, Any]) -> dict[str, Any]:
         )
     layers = {name: m[LAYERS_KEY] for name, m in named if m.get(LAYERS_KEY)}
     if layers:
-        figures["layer_heatmap"] = _layer_panels(layers)
+        figures["layer_heatmap"] = layer_heatmap_figure(
+            layers, title=f"{_LABEL.capitalize()} per layer", ylabel="stage"
+        )
     return figures
 
 

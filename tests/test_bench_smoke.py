@@ -16,6 +16,9 @@ from conftest import make_char_tokenizer, make_tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("OPTIPFAIR_TRAIN_DATA", ROOT.parent / "shared" / "data"))
 SCRIPTS = sorted(path.stem for path in (ROOT / "bench").glob("bench_*.py"))
+# one quick benchmark in the default suite keeps the shared harness (bench/common.py) covered; every
+# script's quick mode runs in the slow set
+FAST = "bench_probe_change"
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +30,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 def test_every_benchmark_is_covered():
+    assert FAST in SCRIPTS
     assert {"bench_quality", "bench_healing", "bench_iterative", "bench_optipfair", "bench_inference"} <= set(
         SCRIPTS
     )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize(
+    "script", [s if s == FAST else pytest.param(s, marks=pytest.mark.slow) for s in SCRIPTS]
+)
 def test_quick_mode_runs_on_a_tiny_model(script, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}

@@ -19,7 +19,7 @@ from pipeline_helpers import ROOT, assert_same_model, leftovers, run_cli, write_
 from optipfair_train import load_pruned_model
 from optipfair_train.cli import main
 from optipfair_train.pipeline import PruneThenHeal, load_config
-from optipfair_train.pipeline.lock import LOCK_NAME, OutputInUseError, OutputLock
+from optipfair_train.pipeline.lock import LOCK_NAME, OutputGuard, OutputInUseError, OutputLock
 from optipfair_train.pipeline.state import COMPLETE_NAME
 
 HOLDER = """
@@ -70,6 +70,35 @@ def test_a_second_run_is_refused_at_once_and_a_killed_holder_does_not_block(asse
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     OutputLock(out).release()  # the kernel dropped the killed holder's lock: the next run may go
+
+
+class _Ranks:
+    """What OutputGuard reads of accelerate's PartialState, for one rank of a two-process run."""
+
+    num_processes = 2
+
+    def __init__(self, main: bool):
+        self.is_main_process = main
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_every_rank_takes_part_in_the_lock_exactly_once(tmp_path, monkeypatch, main_process):
+    """Ranks may see an existing folder at different moments: none locks early, each joins the one
+    broadcast of the main process's answer when the folder is opened (a second one would hang)."""
+    broadcasts = []
+    monkeypatch.setattr(
+        "accelerate.utils.broadcast_object_list", lambda objects: broadcasts.append(objects) or objects
+    )
+    with OutputGuard(tmp_path, _Ranks(main_process)) as guard:
+        guard.lock(early=True)
+        assert broadcasts == []
+        guard.lock()
+        guard.lock()
+        assert broadcasts == [[None]] and (guard.held is not None) == main_process
+        if main_process:
+            with pytest.raises(OutputInUseError):
+                OutputLock(tmp_path)
+    OutputLock(tmp_path).release()  # released when the run ends
 
 
 def test_a_finished_run_whose_final_folder_was_deleted_rebuilds_it(assets, tmp_path, capsys):

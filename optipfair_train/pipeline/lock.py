@@ -116,12 +116,20 @@ class OutputGuard:
 
     def __init__(self, out: Path, distributed: PartialState):
         self.out, self.distributed = out, distributed
-        self.held: OutputLock | None = None
+        self.held: OutputLock | None = None  # on the main process
+        self.taken = False  # on every rank: each must call lock_output_dir (a collective) exactly once
 
-    def lock(self) -> None:
-        """Take the lock (once; see :func:`lock_output_dir`)."""
-        if self.held is None:
-            self.held = lock_output_dir(self.out, self.distributed)
+    def lock(self, early: bool = False) -> None:
+        """Take the lock, once (see :func:`lock_output_dir`).
+
+        ``early``: before the run's first write, in a folder that exists already, so that a second run is
+        refused before it loads anything. Skipped in multi-process runs: ranks could see the folder at
+        different moments and so disagree on taking it; they all take it when the folder is opened.
+        """
+        if self.taken or (early and self.distributed.num_processes > 1):
+            return
+        self.held = lock_output_dir(self.out, self.distributed)
+        self.taken = True
 
     def __enter__(self) -> OutputGuard:
         return self
@@ -129,6 +137,7 @@ class OutputGuard:
     def __exit__(self, kind, err, traceback) -> None:
         if self.held is not None:
             self.held = self.held.release()
+        self.taken = False
         # torch and safetensors report a full disk in words that name no folder
         if isinstance(err, (OSError, RuntimeError)) and disk_full(err) and str(self.out) not in str(err):
             raise write_error(self.out, err) from err

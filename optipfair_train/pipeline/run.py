@@ -238,7 +238,7 @@ class PruneThenHeal:
         start = time.perf_counter()
         existing = self._read_state()
         if not final_ready(self.out, existing) and self.out.is_dir():
-            self.guard.lock()  # refused at once when another run writes here; the state is read again under it
+            self.guard.lock(early=True)  # another run here is refused at once; the state is read again
             existing = self._read_state()
         if final_ready(self.out, existing):
             return self._already_finished(existing)

@@ -206,7 +206,7 @@ def prune_model(
         )
     _check_model(model)
     adapter = get_adapter(model)
-    vocab_size = model.get_input_embeddings().num_embeddings
+    vocab_size = adapter.model.get_input_embeddings().num_embeddings
     batches = as_batches(dataloader, vocab_size) if dataloader is not None else None
     given = {
         "neuron_selection_method": neuron_selection_method,

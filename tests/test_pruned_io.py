@@ -166,6 +166,16 @@ def test_a_full_disk_during_a_save_leaves_nothing_half_written(uniform, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["uniform"]  # no folder, no temporary left
 
 
+def test_saving_onto_a_file_is_refused_before_writing(tmp_path):
+    target = tmp_path / "model.bin"
+    target.write_text("not a folder")
+    with pytest.raises(ValueError, match=f"^{target} is a file; save_pruned_model needs a folder"):
+        save_pruned_model(make_tiny_model("llama"), target)
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"] and target.read_text() == "not a folder"
+    )
+
+
 @pytest.mark.parametrize(
     "values, message",
     [

@@ -148,6 +148,8 @@ def save_pruned_model(model: torch.nn.Module, output_dir: str | Path, tokenizer=
         >>> save_pruned_model(model, "pruned-model", tokenizer=tokenizer)  # doctest: +SKIP
     """
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"{output_dir} is a file; save_pruned_model needs a folder (new or existing).")
     manifest = pruning_manifest(model)
     existed = output_dir.is_dir()
     # inside an existing folder (files are then moved up one by one); beside a new one (renamed whole)

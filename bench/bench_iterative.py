@@ -5,8 +5,8 @@ calibrated on WikiText-2 valid) is reached two ways:
 
 * one-shot: prune 30% at once, then heal with LoRA for T tokens;
 * iterative: ``--rounds`` (3) rounds, each pruning an equal share of the ORIGINAL width (10 points: the
-  pipeline's conversion, ``units_to_remove`` / ``step_percentage``, so round 2 removes 10/90 of the
-  current width and the last round lands exactly on the one-shot width), re-scored on the current
+  pipeline's conversion, ``units_to_remove``: round 2 removes 10% of the original width from the
+  current one, and the last round lands exactly on the one-shot width), re-scored on the current
   model's activations, then healed with LoRA for T / rounds tokens and merged (``merge_and_unload``)
   before the next round.
 
@@ -42,7 +42,8 @@ from transformers import Trainer, default_data_collator
 from optipfair_train import prune_model
 from optipfair_train.arch import get_adapter
 from optipfair_train.heal import add_lora, text_dataset
-from optipfair_train.pruning.targets import step_percentage, units_to_remove
+from optipfair_train.pruning import MLPWidthRequest, apply, plan
+from optipfair_train.pruning.targets import units_to_remove
 
 
 def width(model: torch.nn.Module) -> int:
@@ -50,7 +51,7 @@ def width(model: torch.nn.Module) -> int:
 
 
 def prune(model: torch.nn.Module, work: Workload, percentage: float, seed: int) -> None:
-    """MLP width -``percentage``% of the CURRENT width, scored on ``model``'s own activations."""
+    """MLP width -``percentage``% of the width, scored on ``model``'s own activations."""
     prune_model(
         model,
         pruning_type="MLP_GLU" if get_adapter(model).family.is_glu else "MLP",
@@ -161,11 +162,10 @@ def main() -> None:
     for k in range(1, args.rounds + 1):
         current = width(model)
         neurons = units_to_remove(current, original_width, args.percentage * k / args.rounds)
-        if neurons:
-            percentage = step_percentage(current, neurons)
-            prune(model, work, percentage, args.seed)
-        else:
-            percentage = 0.0
+        percentage = 100.0 * neurons / current
+        if neurons:  # the round's unit count, scored on the current model's own activations
+            request = MLPWidthRequest(remove=neurons, method="activation", calibrated=True, seed=args.seed)
+            apply(model, plan(model, request, work.calibration))
         pruned_ppl = measure(model, work, crows=False)["perplexity"]
         print(f"[round {k}] width {width(model)}: perplexity {pruned_ppl:.2f} after pruning", flush=True)
         piece = dataset.select(range((k - 1) * sequences_per_round, k * sequences_per_round))

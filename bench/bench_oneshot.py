@@ -61,7 +61,7 @@ STEREOSET = "not yet"  # filled in once the StereoSet scorer lands
 _cached_scores: dict[int, torch.Tensor] = {}
 
 
-@register_scorer(CACHED)
+@register_scorer(CACHED, replace=True)  # replaced when the script is imported again
 def _cached(parts, context):
     """Precomputed scores of the scorer under test (bench_oneshot only)."""
     return _cached_scores[context.layer_idx]

@@ -69,7 +69,7 @@ CACHED = "bench-cached"
 _cached_scores: dict[int, torch.Tensor] = {}
 
 
-@register_scorer(CACHED)
+@register_scorer(CACHED, replace=True)  # replaced when the script is imported again
 def _cached(parts, context):
     """Precomputed scores of the scorer under test (bench_quality only)."""
     return _cached_scores[context.layer_idx]

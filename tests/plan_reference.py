@@ -30,12 +30,18 @@ CASES: dict[str, dict] = {
     "mlp-maw": dict(pruning_type="MLP", neuron_selection_method="MAW", pruning_percentage=30),
     "mlp-default-data": dict(pruning_type="MLP", pruning_percentage=25, data=True),
     "mlp-activation-refit": dict(
-        pruning_type="MLP", neuron_selection_method="activation", pruning_percentage=25, reconstruct=True, data=True
+        pruning_type="MLP",
+        neuron_selection_method="activation",
+        pruning_percentage=25,
+        reconstruct=True,
+        data=True,
     ),
     "mlp-global-l2": dict(
         pruning_type="MLP", neuron_selection_method="L2", pruning_percentage=40, layer_allocation="global"
     ),
-    "mlp-expansion": dict(pruning_type="MLP", neuron_selection_method="VOW", expansion_rate=150, expansion_divisor=8),
+    "mlp-expansion": dict(
+        pruning_type="MLP", neuron_selection_method="VOW", expansion_rate=150, expansion_divisor=8
+    ),
     "mlp-budget": dict(pruning_type="MLP", neuron_selection_method="PON", target_fraction=0.9),
     "heads-l2": dict(pruning_type="ATTENTION", pruning_percentage=50),
     "heads-query-refit": dict(
@@ -44,9 +50,20 @@ CASES: dict[str, dict] = {
     "depth-last": dict(pruning_type="DEPTH", num_layers_to_remove=1),
     "depth-importance": dict(pruning_type="DEPTH", num_layers_to_remove=2, data=True),
     "depth-linear": dict(pruning_type="DEPTH", num_layers_to_remove=2, replace_with_linear=True, data=True),
+    "hidden-l2": dict(pruning_type="HIDDEN", neuron_selection_method="L2", pruning_percentage=25),
+    "hidden-activation-refit": dict(
+        pruning_type="HIDDEN", pruning_percentage=25, reconstruct=True, data=True
+    ),
+    "hidden-pca": dict(
+        pruning_type="HIDDEN", neuron_selection_method="pca", pruning_percentage=25, data=True
+    ),
     "mlp-sequential": dict(
-        pruning_type="MLP", neuron_selection_method="activation", pruning_percentage=25, reconstruct=True,
-        sequential=True, data=True,
+        pruning_type="MLP",
+        neuron_selection_method="activation",
+        pruning_percentage=25,
+        reconstruct=True,
+        sequential=True,
+        data=True,
     ),
 }
 
@@ -67,9 +84,11 @@ def case_arguments(family: str, name: str, model: torch.nn.Module) -> dict | Non
         kwargs["pruning_type"] = "MLP_GLU"
     if kwargs["pruning_type"] == "ATTENTION" and not adapter.family.separate_qkv:
         return None
-    if kwargs.get("sequential") and getattr(adapter.config, "layer_types", None) and len(
-        set(adapter.config.layer_types)
-    ) > 1:
+    if (
+        kwargs.get("sequential")
+        and getattr(adapter.config, "layer_types", None)
+        and len(set(adapter.config.layer_types)) > 1
+    ):
         return None
     if "target_fraction" in kwargs:
         kwargs["target_parameters"] = int(count_parameters(model) * kwargs.pop("target_fraction"))

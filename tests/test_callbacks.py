@@ -37,7 +37,6 @@ from optipfair_train.callbacks import (
     PruningCallback,
     PruningSchedule,
     make_schedule,
-    step_percentage,
     units_to_remove,
 )
 from optipfair_train.pruning.targets import kept_width
@@ -123,17 +122,14 @@ def test_schedules_and_validation():
             build()
 
 
-def test_step_percentages_land_exactly_on_the_target():
-    """Every event's per-call percentage (engine semantics, current width) lands on target of the original."""
+def test_event_unit_counts_land_exactly_on_the_target():
+    """Each event removes units_to_remove(current, original, target) units; every target of the original lands."""
     for original in (7, 64, 128, 1536):
         for kind in ("linear", "cubic"):
             for final in (10, 33.3, 50, 90):
                 current = original
                 for event in make_schedule(kind, target=final, start_step=1, end_step=9, num_events=5).events:
-                    remove = units_to_remove(current, original, event.target)
-                    if remove:
-                        p = step_percentage(current, remove)
-                        current = kept_width(current, hidden_size=10**6, pruning_percentage=p)
+                    current -= units_to_remove(current, original, event.target)
                     assert current == original - min(int(event.target / 100 * original + 1e-9), original - 1)
                 assert current == kept_width(original, hidden_size=10**6, pruning_percentage=final)
 

@@ -72,13 +72,13 @@ def test_teacher_written_calibration_text_is_what_pruning_scores_on(assets, tmp_
     import optipfair_train.pipeline.run as run_module
 
     seen = []
-    real_prune_model = run_module.prune_model
+    real_plan = run_module.plan
 
-    def recording_prune_model(model, dataloader=None, **kwargs):
-        seen.append(torch.cat([batch["input_ids"] for batch in dataloader]))
-        return real_prune_model(model, dataloader=dataloader, **kwargs)
+    def recording_plan(model, requests, calibration=None, **kwargs):
+        seen.append(torch.cat([batch["input_ids"] for batch in calibration]))
+        return real_plan(model, requests, calibration, **kwargs)
 
-    monkeypatch.setattr(run_module, "prune_model", recording_prune_model)
+    monkeypatch.setattr(run_module, "plan", recording_plan)
     out = tmp_path / "run"
     config = _config(
         assets, out, calibration_data="teacher", heal_data=str(assets / "text.txt"), heal_method="lora",

@@ -21,7 +21,6 @@ from .schedule import (
     PruningEvent,
     PruningSchedule,
     make_schedule,
-    step_percentage,
     units_to_remove,
 )
 from .stats import PRUNING_TABLE_COLUMNS, model_structure, pruning_scalars, pruning_table_rows
@@ -41,7 +40,6 @@ __all__ = [
     "PruningEvent",
     "PruningSchedule",
     "make_schedule",
-    "step_percentage",
     "units_to_remove",
     "PRUNING_TABLE_COLUMNS",
     "model_structure",

@@ -1,8 +1,9 @@
 """``PruningCallback``: structured pruning on a schedule, inside ``Trainer.train()``.
 
-The callback decides *when*; :func:`optipfair_train.prune_model` decides *what*. At the end of a
-scheduled optimizer step (``on_step_end``: the optimizer has stepped, gradients are cleared, the
-learning-rate scheduler has advanced) it calls ``prune_model(model, ..., optimizer=optimizer)``,
+The callback decides *when*; the engine decides *what*. At the end of a scheduled optimizer step
+(``on_step_end``: the optimizer has stepped, gradients are cleared, the learning-rate scheduler has
+advanced) it builds a request with the number of units to remove, plans it and applies the plan
+(:func:`optipfair_train.pruning.plan` / :func:`~optipfair_train.pruning.apply`, ``optimizer=optimizer``),
 which cuts the weights in place, keeping the same ``nn.Parameter`` objects, and slices the
 optimizer state (Adam's moments) the same way, then checks every state tensor's shape: the next
 ``optimizer.step()`` updates exactly the pruned parameters with their own moments, and the
@@ -11,9 +12,9 @@ learning-rate schedule simply continues. This holds for plain training, gradient
 together, without merging).
 
 Targets are percentages of the units the model had when training began (MLP neurons per layer,
-KV groups or query heads per group, or blocks); each event asks the engine for the share of the
-*current* size that brings the model to the scheduled target, so the last event lands exactly on
-the final target (:mod:`.schedule`).
+KV groups or query heads per group, or blocks); each event asks the engine to remove the number of
+units that brings the model to the scheduled target, so the last event lands exactly on the final
+target (:mod:`.schedule`).
 
 Multi-process training (DDP) is refused with :class:`DistributedPruningError` before the first step:
 DDP's gradient buckets have fixed shapes, and the Trainer keeps its DDP wrapper in a local variable
@@ -36,14 +37,16 @@ from typing import Any
 
 import torch
 
+from ..analysis import count_parameters
 from ..arch import get_adapter, unwrap_model
-from ..pruning import PRUNING_TYPES, prune_model
+from ..pruning import PRUNING_TYPES, apply, default_method, plan, pruning_request
+from ..pruning.api import pruning_stats
 from ..pruning.calibration import as_batches
-from ..pruning.targets import step_percentage, units_to_remove
+from ..pruning.requests import Request
+from ..pruning.targets import units_to_remove
 from ..pruning.taylor import TaylorImportance
 from .base import ReportingCallback
 from .importance import GradientImportanceCallback
-from .methods import resolve_method
 from .resume import install_resume_hook, resumed_at, save_progress
 from .schedule import PruningSchedule, make_schedule
 from .stats import PRUNING_TABLE_COLUMNS, model_structure, pruning_scalars, pruning_table_rows
@@ -194,27 +197,36 @@ class PruningCallback(ReportingCallback):
             raise ValueError(f"head_granularity must be 'group' or 'query', got {head_granularity!r}.")
         self.head_granularity = head_granularity
         self.layer_indices = list(layer_indices) if layer_indices is not None else None
-        self.method = resolve_method(
-            pruning_type,
-            neuron_selection_method,
-            layer_selection_method,
-            has_gradients=self.importance is not None,
-            has_calibration=self.batches is not None,
-        )
         self.prune_kwargs = dict(prune_kwargs or {})
         clash = sorted(set(self.prune_kwargs) & _RESERVED)
         if clash:
             raise ValueError(
                 f"prune_kwargs may not set {', '.join(clash)}: PruningCallback sets them (use its own arguments)."
             )
-        if self.prune_kwargs.get("reconstruct") and self.batches is None:
+        depth = pruning_type == "DEPTH"
+        if layer_selection_method is not None and not depth:
+            raise ValueError("layer_selection_method applies to pruning_type='DEPTH' only.")
+        if neuron_selection_method is not None and depth:
             raise ValueError(
-                "prune_kwargs={'reconstruct': True} refits weights on calibration data: pass dataloader=..."
+                "For pruning_type='DEPTH' choose blocks with layer_selection_method=..., not a neuron scorer."
             )
-        if self.method == "fairness" and "bias_pairs" not in self.prune_kwargs:
+        if layer_selection_method == "custom":
             raise ValueError(
-                "The 'fairness' scorer needs prune_kwargs={'bias_pairs': [...]} (demographic pairs)."
+                "layer_selection_method='custom' removes fixed blocks once: call prune_model(..., "
+                "layer_indices=...) before training instead of scheduling it."
             )
+        self.method = neuron_selection_method or layer_selection_method
+        if self.method is None:
+            kind = {"DEPTH": "depth", "ATTENTION": "heads"}.get(pruning_type, "mlp")
+            self.method = default_method(
+                kind, calibrated=self.batches is not None, gradients=self.importance is not None
+            )
+        # every check of the request, once, now: the gradients and the tokenizer that the training
+        # supplies later stand in as the importance argument and a placeholder
+        template = self._request(
+            1, gradients=self.importance, tokenizer=self.prune_kwargs.get("tokenizer", "from the trainer")
+        )
+        self.method = template.method
         self.log_stats = log_stats
         self.show_progress = show_progress
         self.original_units: int | None = None
@@ -232,6 +244,24 @@ class PruningCallback(ReportingCallback):
         super().attach(trainer)
         install_resume_hook(trainer, self)
         return self
+
+    def _request(self, remove: int, *, gradients: Any, tokenizer: Any) -> Request:
+        """The engine request of one event: remove ``remove`` units with this callback's settings."""
+        kwargs = dict(self.prune_kwargs, tokenizer=tokenizer)
+        if self.pruning_type == "DEPTH":
+            kwargs["layer_selection_method"] = self.method
+            kwargs.pop("tokenizer")
+        else:
+            kwargs.update(neuron_selection_method=self.method, layer_indices=self.layer_indices)
+            if self.pruning_type == "ATTENTION":
+                kwargs["head_granularity"] = self.head_granularity
+        return pruning_request(
+            self.pruning_type,
+            remove=remove,
+            calibrated=self.batches is not None,
+            gradient_importance=gradients,
+            **kwargs,
+        )
 
     # ---- validation ----------------------------------------------------------------------------
     def _units(self, model: torch.nn.Module) -> int:
@@ -323,19 +353,7 @@ class PruningCallback(ReportingCallback):
                 "step %d: target %.2f%% already reached, nothing to prune", state.global_step, event.target
             )
             return
-        kwargs_prune: dict[str, Any] = dict(self.prune_kwargs)
-        if self.pruning_type == "DEPTH":
-            kwargs_prune["num_layers_to_remove"] = remove
-            if self.method is not None:
-                kwargs_prune["layer_selection_method"] = self.method
-        else:
-            kwargs_prune["pruning_percentage"] = step_percentage(current, remove)
-            if self.method is not None:
-                kwargs_prune["neuron_selection_method"] = self.method
-            if self.layer_indices is not None:
-                kwargs_prune["layer_indices"] = self.layer_indices
-            if self.pruning_type == "ATTENTION":
-                kwargs_prune["head_granularity"] = self.head_granularity
+        grads = None
         if self.method == "taylor":
             grads = self._gradient_importance()
             if grads is None and self.batches is None:
@@ -343,29 +361,16 @@ class PruningCallback(ReportingCallback):
                     f"Pruning at step {state.global_step} needs Taylor scores, but no gradient was accumulated "
                     "yet (is the GradientImportanceCallback added to the trainer and scheduled before this step?)."
                 )
-            kwargs_prune["gradient_importance"] = grads
-        if self.method == "fairness" and "tokenizer" not in kwargs_prune:
-            kwargs_prune["tokenizer"] = kwargs.get("processing_class")
+        tokenizer = self.prune_kwargs.get("tokenizer", kwargs.get("processing_class"))
         start = time.perf_counter()
-        _, stats = prune_model(
-            model,
-            pruning_type=self.pruning_type,
-            dataloader=self.batches,
-            optimizer=optimizer,
-            return_stats=True,
-            show_progress=self.show_progress,
-            **kwargs_prune,
+        request = self._request(remove, gradients=grads, tokenizer=tokenizer)
+        original = count_parameters(model)
+        events = apply(
+            model, plan(model, request, self.batches, show_progress=self.show_progress), optimizer=optimizer
         )
         seconds = time.perf_counter() - start
-        expected = self.original_units - units_to_remove(
-            self.original_units, self.original_units, event.target
-        )
+        stats = pruning_stats(original, model, events)
         reached = self._units(model)
-        if reached != expected:  # the engine's rounding differs from the schedule's: never hide it
-            raise RuntimeError(
-                f"Pruning at step {state.global_step} left {reached} units, expected {expected} "
-                f"({event.target}% of {self.original_units} removed)."
-            )
         if isinstance(self.importance, GradientImportanceCallback):
             self.importance.reset(model)
         elif isinstance(self.importance, TaylorImportance):

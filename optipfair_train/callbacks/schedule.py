@@ -3,10 +3,9 @@
 A schedule is a list of :class:`PruningEvent` ``(step, target)``: at optimizer step ``step`` the model
 is brought to ``target`` percent *removed*, measured against the size the model had when training
 began (not against its current size). Targets never decrease and the last one is the final target.
-``step_percentage`` (in :mod:`optipfair_train.pruning.targets`, which the pipeline's rounds share)
-turns "this much of the original removed" into the engine's per-call ``pruning_percentage``, which
-counts against the *current* size (OptiPFair semantics), so that the last event lands exactly on
-the final target.
+``units_to_remove`` (in :mod:`optipfair_train.pruning.targets`, which the pipeline's rounds share)
+turns "this much of the original removed" into the number of units the event removes from the
+*current* model, so that the last event lands exactly on the final target.
 
 Ramps follow Zhu & Gupta (2017): ``target_t = final * (1 - (1 - progress) ** power)`` with
 ``power=1`` (linear) or ``power=3`` (cubic: prune fast while the network is redundant, then slowly).
@@ -26,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..pruning.targets import step_percentage, units_to_remove
+from ..pruning.targets import units_to_remove
 
 __all__ = [
     "PruningEvent",
@@ -34,7 +33,6 @@ __all__ = [
     "SCHEDULE_KINDS",
     "make_schedule",
     "units_to_remove",
-    "step_percentage",
 ]
 
 SCHEDULE_KINDS = ("one_shot", "steps", "linear", "cubic")

@@ -47,7 +47,7 @@ from ..arch import get_adapter, unwrap_model
 from ..data import block_dataloader, calibration_dataloader, load_texts
 from ..heal import lm_dataset, sft_dataset, text_dataset
 from ..models import load_model_and_tokenizer
-from ..pruning import load_pruned_model, prune_model, save_pruned_model
+from ..pruning import apply, load_pruned_model, plan, save_pruned_model
 from ..speed import compare_speed
 from .card import base_model_name, card_inputs, write_model_card
 from .config import TEACHER_TEXT, PipelineConfig
@@ -57,7 +57,7 @@ from .figures import report_figures
 from .healing import NonFiniteLossError, heal, training_args
 from .lock import OutputGuard
 from .report import write_report
-from .rounds import round_prunings
+from .rounds import round_requests
 from .state import (
     COMPLETE_NAME,
     EVENTS_NAME,
@@ -353,19 +353,13 @@ class PruneThenHeal:
             events = read_json(pruned_dir / EVENTS_NAME, f"delete {pruned_dir} to prune round {k} again.")
         else:
             events = []
-            for step in round_prunings(model, base, config, k):
-                _, stats = prune_model(
-                    model,
-                    dataloader=self.calibration,
-                    return_stats=True,
-                    show_progress=config.run.show_progress,
-                    seed=config.run.seed,
-                    bias_pairs=self.bias_pairs,
-                    tokenizer=tokenizer,
-                    fairness_weight=config.pruning.fairness_weight,
-                    **step,
-                )
-                events.append(stats["event"])
+            # one plan per request, each applied before the next is planned: a plan of several axes
+            # would plan the later ones on a full copy of the model
+            for request in round_requests(
+                model, base, config, k, bias_pairs=self.bias_pairs, tokenizer=tokenizer
+            ):
+                planned = plan(model, request, self.calibration, show_progress=config.run.show_progress)
+                events += apply(model, planned)
             self._save_model(model, tokenizer, pruned_dir, {EVENTS_NAME: events})
         pruned_metrics = self.evaluate(model, tokenizer)
 

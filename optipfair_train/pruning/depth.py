@@ -22,9 +22,37 @@ from ..arch import get_adapter
 from .calibration import CalibrationBatch, block_influence
 from .taylor import TaylorImportance, taylor_importance
 
-__all__ = ["LAYER_SELECTION_METHODS", "select_layers_to_remove"]
+__all__ = ["LAYER_SELECTION_METHODS", "select_layers_to_remove", "check_layer_selection"]
 
 LAYER_SELECTION_METHODS = ("last", "first", "custom", "importance", "contiguous", "taylor")
+
+
+def check_layer_selection(
+    method: str, *, calibrated: bool, gradients: bool = False, layer_indices: Sequence[int] | None = None
+) -> None:
+    """Refuse an unknown selection, ``custom`` without indices (or indices without ``custom``), and a
+    data-driven selection without its data (the one copy of these rules).
+
+    Example:
+        >>> check_layer_selection("last", calibrated=False)
+    """
+    if method not in LAYER_SELECTION_METHODS:
+        raise ValueError(
+            f"Unknown layer_selection_method {method!r}; choose one of {', '.join(LAYER_SELECTION_METHODS)}."
+        )
+    if method == "custom" and not layer_indices:
+        raise ValueError("layer_selection_method='custom' needs layer_indices (the blocks to remove).")
+    if method != "custom" and layer_indices:
+        raise ValueError(f"layer_indices is only used with layer_selection_method='custom', not {method!r}.")
+    if (
+        method in ("importance", "contiguous", "taylor")
+        and not calibrated
+        and not (gradients and method == "taylor")
+    ):
+        raise ValueError(
+            f"layer_selection_method={method!r} measures blocks on calibration data: "
+            "pass dataloader=..., or choose 'last', 'first' or 'custom'."
+        )
 
 
 def select_layers_to_remove(
@@ -49,13 +77,13 @@ def select_layers_to_remove(
         [2, 3]
     """
     n = get_adapter(model).num_layers
-    if method not in LAYER_SELECTION_METHODS:
-        raise ValueError(
-            f"Unknown layer_selection_method {method!r}; choose one of {', '.join(LAYER_SELECTION_METHODS)}."
-        )
+    check_layer_selection(
+        method,
+        calibrated=batches is not None,
+        gradients=gradient_importance is not None,
+        layer_indices=layer_indices,
+    )
     if method == "custom":
-        if not layer_indices:
-            raise ValueError("layer_selection_method='custom' needs layer_indices (the blocks to remove).")
         bad = [i for i in layer_indices if not isinstance(i, int) or not 0 <= i < n]
         if bad:
             raise ValueError(f"layer indices {bad} out of range: the model has layers 0..{n - 1}.")
@@ -63,20 +91,13 @@ def select_layers_to_remove(
         if len(drop) >= n:
             raise ValueError(f"Cannot remove all {n} layers: at least one must stay.")
         return drop
-    if layer_indices:
-        raise ValueError(f"layer_indices is only used with layer_selection_method='custom', not {method!r}.")
     if method == "last":
         return list(range(n - count, n))
     if method == "first":
         return list(range(count))
-    if method == "taylor" and (batches is not None or gradient_importance is not None):
+    if method == "taylor":
         taylor = gradient_importance or taylor_importance(model, batches, show_progress=show_progress)
         return sorted(taylor.block_scores().topk(count, largest=False).indices.tolist())
-    if batches is None:
-        raise ValueError(
-            f"layer_selection_method={method!r} measures blocks on calibration data: "
-            "pass dataloader=..., or choose 'last', 'first' or 'custom'."
-        )
     if method == "importance":
         influence = block_influence(model, batches, span=1, metric=metric, show_progress=show_progress)
         return sorted(influence.topk(count, largest=False).indices.tolist())

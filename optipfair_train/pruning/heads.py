@@ -35,9 +35,12 @@ from .taylor import TaylorImportance, taylor_importance
 
 __all__ = [
     "HEAD_METHODS",
+    "HEAD_GRANULARITIES",
+    "check_head_method",
     "HeadPlan",
     "head_scores",
     "plan_attention_heads",
+    "choose_heads",
     "apply_head_plan",
     "head_columns",
     "head_keep_counts",
@@ -47,6 +50,7 @@ __all__ = [
 ]
 
 HEAD_METHODS = ("L2", "activation", "taylor", "random")
+HEAD_GRANULARITIES = ("group", "query")
 
 
 @dataclass
@@ -64,20 +68,18 @@ def _blocks(weight: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return w.flatten(1).norm(dim=1)
 
 
-def _check_method(
-    method: str, batches: list[CalibrationBatch] | None, gradient_importance: TaylorImportance | None = None
-) -> None:
+def check_head_method(method: str, *, calibrated: bool, gradients: bool = False) -> None:
+    """Refuse an unknown head method, or a data-driven one without its data (the one copy of this rule).
+
+    Example:
+        >>> check_head_method("L2", calibrated=False)
+    """
     if method not in HEAD_METHODS:
         raise ValueError(
             f"Unknown head importance method {method!r}; attention heads accept "
             f"{', '.join(HEAD_METHODS)} (MAW, VOW and PON are defined for MLP neurons only)."
         )
-    if (
-        method == "activation"
-        and batches is None
-        or method == "taylor"
-        and batches is gradient_importance is None
-    ):
+    if method == "activation" and not calibrated or method == "taylor" and not (calibrated or gradients):
         raise ValueError(
             f"Head importance {method!r} needs calibration data: pass dataloader=..., or use L2."
         )
@@ -135,7 +137,7 @@ def head_scores(
     """
     adapter = get_adapter(model)
     layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
-    _check_method(method, batches, gradient_importance)
+    check_head_method(method, calibrated=batches is not None, gradients=gradient_importance is not None)
     stats: dict[int, torch.Tensor] = {}
     if method == "activation":
         modules = {i: adapter.attention(i).o for i in layers}
@@ -152,9 +154,16 @@ def head_scores(
 
 
 def head_keep_counts(
-    model: torch.nn.Module, pruning_percentage: float, granularity: str, layer_indices: Sequence[int] | None
+    model: torch.nn.Module,
+    pruning_percentage: float | None,
+    granularity: str,
+    layer_indices: Sequence[int] | None,
+    *,
+    remove: int | None = None,
 ) -> dict[int, int]:
     """Validate a head-pruning request; return the units (groups, or query heads per group) each layer keeps.
+
+    ``remove`` units per layer, or ``pruning_percentage`` of them (floored, OptiPFair's rounding).
 
     Example:
         >>> head_keep_counts(model, 50, "group", None)  # doctest: +SKIP
@@ -162,12 +171,16 @@ def head_keep_counts(
     adapter = get_adapter(model)
     if not adapter.family.separate_qkv:
         raise ValueError(f"Head pruning needs separate q/k/v projections; {adapter.family.name} fuses them.")
-    if granularity not in ("group", "query"):
+    if granularity not in HEAD_GRANULARITIES:
         raise ValueError(
             f"granularity must be 'group' (whole KV groups) or 'query' (query heads inside groups), "
             f"got {granularity!r}."
         )
-    if not isinstance(pruning_percentage, (int, float)) or not 0 < pruning_percentage < 100:
+    if remove is None and (
+        isinstance(pruning_percentage, bool)
+        or not isinstance(pruning_percentage, (int, float))
+        or not 0 < pruning_percentage < 100
+    ):
         raise ValueError(
             f"pruning_percentage must be strictly between 0 and 100, got {pruning_percentage!r}."
         )
@@ -186,14 +199,15 @@ def head_keep_counts(
                 "into equal groups; head pruning needs num_heads % num_kv_heads == 0."
             )
         units = n_kv if granularity == "group" else n_q // n_kv
-        removed = int(pruning_percentage / 100 * units + 1e-9)
+        asked = f"pruning_percentage {pruning_percentage}%" if remove is None else f"remove={remove}"
+        removed = int(pruning_percentage / 100 * units + 1e-9) if remove is None else remove
         if removed == 0:
             raise ValueError(
-                f"pruning_percentage {pruning_percentage}% removes no {granularity} in layer {i} "
+                f"{asked} removes no {granularity} in layer {i} "
                 f"({units} units): the smallest step is {100 / units:.1f}%."
             )
         if removed >= units:
-            raise ValueError(f"pruning_percentage {pruning_percentage}% would remove all heads of layer {i}.")
+            raise ValueError(f"{asked} would remove all heads of layer {i} ({units} units).")
         counts[i] = units - removed
     return counts
 
@@ -209,6 +223,39 @@ def select_heads(scores: torch.Tensor, n_q: int, n_kv: int, count: int, granular
         within = scores.reshape(n_kv, g).topk(count, dim=1).indices.sort(dim=1).values
         q = (kv[:, None] * g + within).flatten()
     return HeadPlan(query_heads=q, kv_heads=kv)
+
+
+def choose_heads(
+    model: torch.nn.Module,
+    counts: dict[int, int],
+    method: str,
+    granularity: str,
+    *,
+    batches: list[CalibrationBatch] | None = None,
+    seed: int = 0,
+    gradient_importance: TaylorImportance | None = None,
+    show_progress: bool = False,
+) -> tuple[dict[int, HeadPlan], dict[int, torch.Tensor]]:
+    """The heads each layer of ``counts`` keeps (``counts[i]`` units) and the scores that decided it.
+
+    Example:
+        >>> plans, scores = choose_heads(model, {0: 1, 1: 1}, "L2", "group")  # doctest: +SKIP
+    """
+    adapter = get_adapter(model)
+    scores = head_scores(
+        model,
+        method,
+        batches=batches,
+        layer_indices=list(counts),
+        granularity=granularity,
+        seed=seed,
+        gradient_importance=gradient_importance,
+        show_progress=show_progress,
+    )
+    plans = {
+        i: select_heads(scores[i], *adapter.head_counts(i)[:2], k, granularity) for i, k in counts.items()
+    }
+    return plans, scores
 
 
 def plan_attention_heads(
@@ -231,21 +278,18 @@ def plan_attention_heads(
     Example:
         >>> plan = plan_attention_heads(model, pruning_percentage=50, granularity="query")  # doctest: +SKIP
     """
-    _check_method(method, batches, gradient_importance)
+    check_head_method(method, calibrated=batches is not None, gradients=gradient_importance is not None)
     counts = head_keep_counts(model, pruning_percentage, granularity, layer_indices)
-    layers = list(counts)
-    adapter = get_adapter(model)
-    scores = head_scores(
+    return choose_heads(
         model,
+        counts,
         method,
+        granularity,
         batches=batches,
-        layer_indices=layers,
-        granularity=granularity,
         seed=seed,
         gradient_importance=gradient_importance,
         show_progress=show_progress,
-    )
-    return {i: select_heads(scores[i], *adapter.head_counts(i)[:2], counts[i], granularity) for i in layers}
+    )[0]
 
 
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -79,6 +79,31 @@ class Scorer:
     def needs_calibration(self) -> bool:
         return self.needs is not None
 
+    def check_inputs(self, *, calibrated: bool, gradients: bool = False, pairs: bool = False) -> None:
+        """Refuse this scorer without the inputs it reads (the one copy of this rule).
+
+        ``taylor`` reads gradients (from calibration data or a training loop's), ``fairness`` prompt pairs
+        and a tokenizer, the other data-driven scorers calibration data.
+
+        Example:
+            >>> get_scorer("MAW").check_inputs(calibrated=False)
+        """
+        if self.needs == "taylor" and not (calibrated or gradients):
+            raise ValueError(
+                "The 'taylor' scorer needs gradients: calibration data (dataloader=...) or the training's own "
+                "(gradient_importance=..., or PruningCallback's importance=GradientImportanceCallback())."
+            )
+        if self.needs == "bias_gap" and not pairs:
+            raise ValueError(
+                "The fairness scorer needs bias_pairs (prompt pairs that differ in a demographic "
+                "term) and the tokenizer; see optipfair_train.bias.load_pairs."
+            )
+        if self.needs not in (None, "taylor", "bias_gap") and not calibrated:
+            raise ValueError(
+                f"Scorer {self.name!r} needs calibration data: pass dataloader=... "
+                f"or choose a weight-only method ({', '.join(weight_only_scorers())})."
+            )
+
     def __call__(self, parts: MLPParts, context: ScoringContext) -> torch.Tensor:
         if self.needs is not None and getattr(context, self.needs) is None:
             raise ValueError(
@@ -92,11 +117,14 @@ _REGISTRY: dict[str, Scorer] = {}
 _ALIASES: dict[str, str] = {}
 
 
-def register_scorer(name: str, *, needs: str | None = None, aliases: tuple[str, ...] = ()):
+def register_scorer(
+    name: str, *, needs: str | None = None, aliases: tuple[str, ...] = (), replace: bool = False
+):
     """Decorator that registers a neuron scorer under ``name`` (case-insensitive) and ``aliases``.
 
     ``needs`` names the :class:`ScoringContext` statistic the scorer reads (computed from calibration
-    data before scoring), or None for weight-only scorers.
+    data before scoring), or None for weight-only scorers. A name (or alias) already taken is refused
+    unless ``replace=True``: silently swapping a scorer would change what every later call prunes.
 
     Example:
         >>> @register_scorer("ones")
@@ -106,6 +134,12 @@ def register_scorer(name: str, *, needs: str | None = None, aliases: tuple[str, 
     """
 
     def decorate(fn: Callable[[MLPParts, ScoringContext], torch.Tensor]):
+        taken = [n for n in (name, *aliases) if n.upper() in _REGISTRY or n.upper() in _ALIASES]
+        if taken and not replace:
+            raise ValueError(
+                f"A scorer named {taken[0]!r} is already registered; choose another name, or pass "
+                "replace=True to replace it on purpose."
+            )
         scorer = Scorer(name, fn, needs, (fn.__doc__ or "").strip().splitlines()[0])
         _REGISTRY[name.upper()] = scorer
         for alias in aliases:

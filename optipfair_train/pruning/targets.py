@@ -14,17 +14,22 @@ from __future__ import annotations
 import math
 
 __all__ = [
+    "check_percentage",
     "kept_width",
     "width_for_parameter_budget",
     "layers_to_remove_count",
     "units_to_remove",
-    "step_percentage",
     "round_share",
 ]
 
 
-def _check_percentage(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not 0 < value < 100:
+def check_percentage(name: str, value: float) -> None:
+    """Refuse anything but a number strictly between 0 and 100 (``True`` is not 1%).
+
+    Example:
+        >>> check_percentage("pruning_percentage", 20)
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 100:
         raise ValueError(f"{name} must be a number strictly between 0 and 100, got {value!r}.")
 
 
@@ -81,7 +86,7 @@ def kept_width(
             )
         pruning_percentage = (1 - expansion_rate / 100 * hidden_size / width) * 100
     else:
-        _check_percentage("pruning_percentage", pruning_percentage)
+        check_percentage("pruning_percentage", pruning_percentage)
     # the epsilon keeps 25.000000000000004% from flooring a neuron away through float error
     removed = min(int(pruning_percentage / 100 * width + 1e-9), width - 1)
     return _apply_divisor(width - removed, width, expansion_divisor)
@@ -139,7 +144,7 @@ def layers_to_remove_count(
             "(or layer_indices with layer_selection_method='custom')."
         )
     if depth_pruning_percentage is not None:
-        _check_percentage("depth_pruning_percentage", depth_pruning_percentage)
+        check_percentage("depth_pruning_percentage", depth_pruning_percentage)
         num_layers_to_remove = max(1, int(depth_pruning_percentage / 100 * num_layers + 1e-9))
     if not isinstance(num_layers_to_remove, int) or num_layers_to_remove < 1:
         raise ValueError(f"num_layers_to_remove must be a positive integer, got {num_layers_to_remove!r}.")
@@ -162,26 +167,6 @@ def units_to_remove(current: int, original: int, target: float) -> int:
     """
     removed_total = min(int(target / 100 * original + 1e-9), original - 1)
     return max(0, current - (original - removed_total))
-
-
-def step_percentage(current: int, remove: int) -> float:
-    """The engine's ``pruning_percentage`` that removes exactly ``remove`` of ``current`` units.
-
-    The engine floors ``p / 100 * current``; a quarter unit of margin keeps float error from
-    flooring one unit too few.
-
-    Example:
-        >>> step_percentage(96, 24)
-        25.0
-        >>> int(step_percentage(7, 2) / 100 * 7 + 1e-9)
-        2
-    """
-    if not 0 < remove < current:
-        raise ValueError(f"Cannot remove {remove} of {current} units (need 0 < remove < current).")
-    exact = 100.0 * remove / current
-    if int(exact / 100 * current + 1e-9) == remove:
-        return exact
-    return 100.0 * (remove + 0.25) / current
 
 
 def round_share(total: int, round_idx: int, num_rounds: int) -> int:

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "plan_mlp_width",
     "mlp_width_targets",
+    "choose_neurons",
     "apply_width_plan",
     "neuron_scores",
     "layer_sensitivity",
@@ -81,11 +82,7 @@ def neuron_scores(
                 "(frozen weights?); accumulate from full fine-tuning or pass calibration batches."
             )
     elif scorer.needs == "bias_gap":
-        if not bias_pairs or tokenizer is None:
-            raise ValueError(
-                "The fairness scorer needs bias_pairs (prompt pairs that differ in a demographic "
-                "term) and the tokenizer; see optipfair_train.bias.load_pairs."
-            )
+        scorer.check_inputs(calibrated=batches is not None, pairs=bool(bias_pairs) and tokenizer is not None)
         stats["bias_gap"] = neuron_bias_gap(
             model, tokenizer, bias_pairs, layer_indices=layers, show_progress=show_progress
         )
@@ -94,8 +91,7 @@ def neuron_scores(
                 model, batches, adapter=adapter, layer_indices=layers, show_progress=show_progress
             )
     elif scorer.needs is not None:
-        if batches is None:
-            scorer(adapter.mlp(layers[0]), ScoringContext(layers[0]))  # raises the helpful error
+        scorer.check_inputs(calibrated=batches is not None)
         if scorer.needs == "taylor":
             stats["taylor"] = taylor_importance(model, batches, show_progress=show_progress).neuron_scores()
         elif scorer.needs == "input_moments":
@@ -201,6 +197,7 @@ def _sensitivity_allocation(
 def mlp_width_targets(
     model: torch.nn.Module,
     *,
+    remove: int | None = None,
     pruning_percentage: float | None = None,
     expansion_rate: float | None = None,
     expansion_divisor: int | None = None,
@@ -209,20 +206,26 @@ def mlp_width_targets(
 ) -> dict[int, int]:
     """Validate a width request; return how many neurons each chosen layer keeps (uniform allocation).
 
+    ``remove`` neurons per layer, or one target: ``pruning_percentage``, ``expansion_rate`` or
+    ``target_parameters``.
+
     Example:
         >>> mlp_width_targets(model, pruning_percentage=20)  # {layer: kept width}  # doctest: +SKIP
     """
+    from .requests import check_layer_indices  # requests imports this module
+
     adapter = get_adapter(model)
-    layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
-    for i in layers:
-        if not isinstance(i, int) or not 0 <= i < adapter.num_layers:
-            raise ValueError(
-                f"layer index {i!r} out of range: the model has layers 0..{adapter.num_layers - 1}."
-            )
-    if len(set(layers)) != len(layers) or not layers:
-        raise ValueError(f"layer_indices must be distinct and non-empty, got {layer_indices!r}.")
+    layers = check_layer_indices(layer_indices, adapter.num_layers)
     widths = {i: adapter.mlp(i).intermediate_size for i in layers}
 
+    if remove is not None:
+        too_many = [i for i, w in widths.items() if remove >= w]
+        if too_many:
+            i = too_many[0]
+            raise ValueError(
+                f"Cannot remove {remove} neurons from layer {i}, which has {widths[i]}: at least one must stay."
+            )
+        return {i: w - remove for i, w in widths.items()}
     if target_parameters is not None:
         if pruning_percentage is not None or expansion_rate is not None:
             raise ValueError("Give target_parameters alone, not with pruning_percentage or expansion_rate.")
@@ -234,20 +237,61 @@ def mlp_width_targets(
         k = width_for_parameter_budget(
             count_parameters(model), target_parameters, list(widths.values()), per_neuron, expansion_divisor
         )
-        targets = dict.fromkeys(layers, k)
-    else:
-        targets = {
-            i: kept_width(
-                w,
-                hidden_size=adapter.hidden_size,
-                pruning_percentage=pruning_percentage,
-                expansion_rate=expansion_rate,
-                expansion_divisor=expansion_divisor,
-            )
-            for i, w in widths.items()
-        }
+        return dict.fromkeys(layers, k)
+    return {
+        i: kept_width(
+            w,
+            hidden_size=adapter.hidden_size,
+            pruning_percentage=pruning_percentage,
+            expansion_rate=expansion_rate,
+            expansion_divisor=expansion_divisor,
+        )
+        for i, w in widths.items()
+    }
 
-    return targets
+
+def choose_neurons(
+    model: torch.nn.Module,
+    targets: dict[int, int],
+    method: str,
+    *,
+    layer_allocation: str = "uniform",
+    expansion_divisor: int | None = None,
+    batches: list[CalibrationBatch] | None = None,
+    show_progress: bool = False,
+    **scoring,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """The neurons each layer keeps (sorted indices) and the scores that decided it.
+
+    ``targets`` are the uniform kept widths (:func:`mlp_width_targets`); ``"global"`` and
+    ``"sensitivity"`` allocation redistribute their total (see :func:`plan_mlp_width`). ``scoring``:
+    further :func:`neuron_scores` arguments (``seed``, ``gradient_importance``, ``bias_pairs``, ...).
+
+    Example:
+        >>> keep, scores = choose_neurons(model, {0: 96, 1: 96}, "MAW")  # doctest: +SKIP
+    """
+    adapter = get_adapter(model)
+    layers = list(targets)
+    scores = neuron_scores(
+        model,
+        method,
+        batches=batches,
+        layer_indices=layers,
+        adapter=adapter,
+        show_progress=show_progress,
+        **scoring,
+    )
+    if layer_allocation == "global":
+        targets = _global_allocation(scores, sum(targets.values()), expansion_divisor)
+    elif layer_allocation == "sensitivity":
+        grams = collect_grams(model, batches, "mlp", layers, show_progress=show_progress)
+        uniform = {i: scores[i].topk(targets[i]).indices for i in layers}
+        sensitivity = layer_sensitivity({i: adapter.mlp(i) for i in layers}, grams, uniform)
+        rounded = {i: round(v, 4) for i, v in sensitivity.items()}
+        logger.info("Layer sensitivity at the uniform width: %s", rounded)
+        widths = {i: adapter.mlp(i).intermediate_size for i in layers}
+        targets = _sensitivity_allocation(sensitivity, widths, targets, expansion_divisor)
+    return {i: scores[i].topk(targets[i]).indices.sort().values for i in layers}, scores
 
 
 def plan_mlp_width(
@@ -288,7 +332,6 @@ def plan_mlp_width(
     if layer_allocation == "sensitivity" and batches is None:
         raise ValueError("layer_allocation='sensitivity' measures output errors: pass calibration batches.")
     get_scorer(method)  # unknown method fails here, before any forward pass
-    adapter = get_adapter(model)
     targets = mlp_width_targets(
         model,
         pruning_percentage=pruning_percentage,
@@ -297,31 +340,20 @@ def plan_mlp_width(
         target_parameters=target_parameters,
         layer_indices=layer_indices,
     )
-    layers = list(targets)
-    scores = neuron_scores(
+    return choose_neurons(
         model,
+        targets,
         method,
+        layer_allocation=layer_allocation,
+        expansion_divisor=expansion_divisor,
         batches=batches,
-        layer_indices=layers,
+        show_progress=show_progress,
         seed=seed,
         gradient_importance=gradient_importance,
         bias_pairs=bias_pairs,
         tokenizer=tokenizer,
         fairness_weight=fairness_weight,
-        adapter=adapter,
-        show_progress=show_progress,
-    )
-    if layer_allocation == "global":
-        targets = _global_allocation(scores, sum(targets.values()), expansion_divisor)
-    elif layer_allocation == "sensitivity":
-        grams = collect_grams(model, batches, "mlp", layers, show_progress=show_progress)
-        uniform = {i: scores[i].topk(targets[i]).indices for i in layers}
-        sensitivity = layer_sensitivity({i: adapter.mlp(i) for i in layers}, grams, uniform)
-        rounded = {i: round(v, 4) for i, v in sensitivity.items()}
-        logger.info("Layer sensitivity at the uniform width: %s", rounded)
-        widths = {i: adapter.mlp(i).intermediate_size for i in layers}
-        targets = _sensitivity_allocation(sensitivity, widths, targets, expansion_divisor)
-    return {i: scores[i].topk(targets[i]).indices.sort().values for i in layers}
+    )[0]
 
 
 def apply_width_plan(model: torch.nn.Module, plan: dict[int, torch.Tensor]) -> list[ParamSlice]:

@@ -47,16 +47,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..analysis import count_parameters
 from ..arch import get_adapter
+from .api import pruning_request
 from .calibration import as_batches
 from .heads import head_keep_counts
 from .io import MANIFEST_NAME, pruning_manifest, record_pruning_event
 from .reconstruction import DEFAULT_DAMPING, check_calibration_size
-from .sequential import (
-    check_same_layer_types,
-    check_sequential_scorer,
-    sequential_head_plan,
-    sequential_mlp_plan,
-)
+from .sequential import check_same_layer_types, sequential_head_plan, sequential_mlp_plan
 from .surgery import record_attention_sizes, record_mlp_sizes
 from .width import mlp_width_targets
 
@@ -236,39 +232,39 @@ def prune_checkpoint(
         dtype = getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     batches = as_batches(dataloader, config.vocab_size)
-    check_sequential_scorer(neuron_selection_method, "attention" if pruning_type == "ATTENTION" else "mlp")
+    # the request applies every rule (scorer, its data, refit settings, defaults) once, as prune_model's
+    request = pruning_request(
+        pruning_type,
+        calibrated=True,
+        neuron_selection_method=neuron_selection_method,
+        pruning_percentage=pruning_percentage,
+        expansion_rate=expansion_rate,
+        expansion_divisor=expansion_divisor,
+        head_granularity=head_granularity,
+        layer_indices=layer_indices,
+        reconstruct=True,
+        damping=damping,
+        sequential=True,
+        seed=seed,
+    )
 
     with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = get_adapter(model)
     check_same_layer_types(adapter)
-    if pruning_type == "MLP_GLU" and not adapter.family.is_glu:
-        raise ValueError(f"{adapter.family.name} has a plain MLP: use pruning_type='MLP'.")
+    request.check(model)
     event: dict[str, Any] = {
         "pruning_type": pruning_type,
         "parameters_before": count_parameters(model),
-        "method": neuron_selection_method,
-        "pruning_percentage": pruning_percentage,
-        "reconstruct": True,
-        "damping": damping,
-        "sequential": True,
+        **request.settings(),
         "streamed": True,
     }
     if pruning_type == "ATTENTION":
-        percentage = 25 if pruning_percentage is None else pruning_percentage
-        counts = head_keep_counts(model, percentage, head_granularity, layer_indices)
+        counts = head_keep_counts(model, request.pruning_percentage, head_granularity, layer_indices)
         n_q, _, head_dim = adapter.head_counts(0)
         check_calibration_size(batches, n_q * head_dim, damping)
     else:
-        if pruning_percentage is None and expansion_rate is None:
-            pruning_percentage = event["pruning_percentage"] = 10
-        targets = mlp_width_targets(
-            model,
-            pruning_percentage=pruning_percentage,
-            expansion_rate=expansion_rate,
-            expansion_divisor=expansion_divisor,
-            layer_indices=layer_indices,
-        )
+        targets = mlp_width_targets(model, **request.target_arguments())
         check_calibration_size(batches, max(targets.values()), damping)
 
     partial = output.parent / f".{output.name}.partial"
@@ -283,7 +279,7 @@ def prune_checkpoint(
             plan, _ = sequential_head_plan(
                 model,
                 batches,
-                neuron_selection_method,
+                request.method,
                 counts,
                 head_granularity,
                 damping,
@@ -292,16 +288,13 @@ def prune_checkpoint(
             )
             record_attention_sizes(adapter)
             event.update(
-                head_granularity=head_granularity,
                 kept_query_heads={i: p.query_heads.tolist() for i, p in plan.items()},
                 kept_kv_heads={i: p.kv_heads.tolist() for i, p in plan.items()},
             )
         else:
-            sequential_mlp_plan(
-                model, batches, neuron_selection_method, targets, damping, seed=seed, **blocks
-            )
+            sequential_mlp_plan(model, batches, request.method, targets, damping, seed=seed, **blocks)
             record_mlp_sizes(adapter)
-            event.update(expansion_rate=expansion_rate, intermediate_sizes=adapter.intermediate_sizes())
+            event.update(intermediate_sizes=adapter.intermediate_sizes())
         stream.write(stream.count - 1, _unique_outer_state(model, stream.prefix))
         event["parameters_after"] = count_parameters(model)
         record_pruning_event(model, event)

@@ -3,6 +3,9 @@ run whose ``final/`` was deleted rebuilds it on rerun."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import logging
 import os
 import shutil
 import signal
@@ -171,3 +174,15 @@ def test_two_cli_runs_on_one_folder_one_is_refused(assets, tmp_path):
     _, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr[-2000:]
     assert load_pruned_model(out / "final") is not None and leftovers(out) == []
+
+
+def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Some network mounts refuse flock (ENOLCK): the run goes on and says it is unguarded."""
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="optipfair_train.pipeline.lock"):
+        OutputLock(tmp_path).release()
+    assert f"Cannot lock {tmp_path} ([Errno {errno.ENOLCK}] No locks available)" in caplog.text

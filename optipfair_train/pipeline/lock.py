@@ -13,8 +13,10 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -23,6 +25,8 @@ from pathlib import Path
 from accelerate import PartialState
 
 from ..pruning.io import disk_full, write_error
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LOCK_NAME", "OutputInUseError", "OutputLock", "lock_output_dir", "OutputGuard"]
 
@@ -55,6 +59,11 @@ class OutputLock:
                 f"{out} is in use by another optipfair-train run ({self._holder()}); wait for it to end "
                 "or choose another output_dir."
             ) from None
+        except OSError as err:  # a file system without locks (some network mounts): run, but say so
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                os.close(fd)
+                raise
+            logger.warning("Cannot lock %s (%s): a second run on this folder would not be refused.", out, err)
         holder = {
             "pid": os.getpid(),
             "host": socket.gethostname(),

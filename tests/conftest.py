@@ -112,6 +112,20 @@ def make_char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread(request):
+    """Default-suite tests run torch on one thread: tiny models gain nothing from more, and on a busy
+    machine (CI beside other jobs) two threads per process wait on each other (one test measured 3.8 s on
+    one thread, 42.5 s on two, at load 10 on 2 cores). The slow set (the real model) keeps torch's default."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(params=FAMILY_NAMES)
 def family(request) -> str:
     return request.param

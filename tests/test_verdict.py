@@ -55,10 +55,10 @@ def test_zero_shot_slot_fills_from_the_stage_keys():
     card = _shipped()
     card["rounds"][0]["healed"] |= {
         "zeroshot/accuracy_change": -1.25, "zeroshot/accuracy_change_ci_low": -2.5,
-        "zeroshot/accuracy_change_ci_high": -0.1,
+        "zeroshot/accuracy_change_ci_high": -0.1, "zeroshot/piqa/num_items": 100, "zeroshot/arc_easy/num_items": 100,
     }  # fmt: skip
     assert verdict_lines(card)[5] == (
-        "zero-shot accuracy change vs base: -1.2 points [-2.5, -0.1] (paired 95% CI): measurably lower"
+        "zero-shot accuracy change vs base: -1.2 points [-2.5, -0.1] (paired 95% CI, n=200 items): measurably lower"
     )
 
 

@@ -116,13 +116,18 @@ def verdict(card: dict[str, Any]) -> dict[str, Any]:
     ss = _change(final, "stereoset/ss_change")
     if ss is not None:
         ss["n"] = final.get("stereoset/num_items")
+    zeroshot = _change(final, "zeroshot/accuracy_change")
+    if zeroshot is not None:  # items over every task (zeroshot/<task>/num_items)
+        zeroshot["n"] = sum(
+            v for k, v in final.items() if k.startswith("zeroshot/") and k.endswith("/num_items")
+        )
     return {
         "final_stage": stage,
         "parameters": params,
         "general": _ratio(base, final, "perplexity/general"),
         "heal_domain": _ratio(base, final, "perplexity"),
         "stereoset_ss": ss,
-        "zeroshot": _change(final, "zeroshot/accuracy_change"),
+        "zeroshot": zeroshot,
         "final_has_ss": final.get("stereoset/ss") is not None,
     }
 

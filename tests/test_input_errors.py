@@ -16,6 +16,7 @@ from pipeline_helpers import write_assets, write_config
 from optipfair_train import prune_model
 from optipfair_train.bias.pairs import load_crows_pairs, load_pairs
 from optipfair_train.bias.stereoset_data import read_stereoset_jsonl
+from optipfair_train.callbacks import PruningCallback
 from optipfair_train.cli import main
 from optipfair_train.data import load_texts
 from optipfair_train.evaluation import perplexity
@@ -135,6 +136,26 @@ def test_token_ids_outside_the_vocabulary_are_named_before_any_change():
         ValueError, match=rf"token id -1 at \[0, 1\] is outside .*vocab_size {VOCAB_SIZE}, ids 0-103"
     ):
         perplexity(model, input_ids=torch.tensor([[3, -1, 4]]))
+
+
+def test_a_pruning_callback_refuses_out_of_vocabulary_calibration_at_train_begin():
+    """Before the first training step, not at the pruning step."""
+    model = make_tiny_model("llama")
+
+    class Args:
+        world_size = 1
+
+    class State:
+        global_step = 0
+
+    ids = torch.tensor([[5, 6, VOCAB_SIZE + 3]])
+    callback = PruningCallback(
+        target=25, step=2, neuron_selection_method="MAW", dataloader=[{"input_ids": ids}]
+    )
+    with pytest.raises(
+        ValueError, match=rf"^PruningCallback: calibration batch 0: token id {VOCAB_SIZE + 3} at \[0, 2\]"
+    ):
+        callback.on_train_begin(Args(), State(), None, model=model)
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ import torch
 
 from ..analysis import count_parameters
 from ..arch import get_adapter, unwrap_model
+from ..data import check_token_ids
 from ..pruning import PRUNING_TYPES, apply, default_method, plan, pruning_request
 from ..pruning.api import pruning_stats
 from ..pruning.calibration import as_batches
@@ -317,6 +318,10 @@ class PruningCallback(ReportingCallback):
             self._check_target(model)
             self.original_units = self._units(model)
             self.original_parameters = model_structure(model)["parameters"]
+        if self.batches is not None:  # refused now, not at the pruning step hours later
+            vocab_size = get_adapter(model).model.get_input_embeddings().num_embeddings
+            for i, batch in enumerate(self.batches):
+                check_token_ids(batch["input_ids"], vocab_size, f"PruningCallback: calibration batch {i}")
         if (
             self.method == "taylor"
             and isinstance(self.importance, GradientImportanceCallback)

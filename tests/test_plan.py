@@ -268,3 +268,8 @@ def test_the_plan_docstring_example_runs():
     assert ">>> p = plan(model" in module.plan.__doc__
     result = doctest.testmod(module, verbose=False)
     assert result.attempted >= 8 and result.failed == 0
+
+
+def test_a_plan_needs_a_request():
+    with pytest.raises(ValueError, match="at least one request"):
+        plan(make_tiny_model("llama"), [])

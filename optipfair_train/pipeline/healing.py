@@ -1,8 +1,13 @@
 """One round's healing: a fresh Trainer (LoRA, distillation, SFT or plain) that resumes from the last
 complete checkpoint in ``round-K/heal`` and stops at the first NaN/inf loss.
 
+It needs no ``PipelineConfig``: the healing settings are a :class:`~optipfair_train.pipeline.config.HealConfig`
+(the config file's ``heal`` section) and, optionally, a ``RunConfig`` (seed, checkpoint interval,
+reporting), so a script or a benchmark heals with the pipeline's own code.
+
 Example:
-    >>> model, tokens = heal(model, tokenizer, config, round_dir, 2e-4, dataset)  # doctest: +SKIP
+    >>> heal_config = HealConfig(heal_method="lora", heal_steps=20)  # doctest: +SKIP
+    >>> model, tokens = heal(model, tokenizer, heal_config, Path("out"), 2e-4, dataset)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -21,13 +26,13 @@ from transformers.integrations import TensorBoardCallback
 from ..callbacks import BiasProbeCallback
 from ..heal import DistillationTrainer, TeacherCache, add_lora
 from ..pruning import load_pruned_model
-from .config import LORA_METHODS, PipelineConfig
+from .config import LORA_METHODS, DataConfig, HealConfig, RunConfig
 from .distributed import unshard
 from .state import CheckpointCompletion, last_complete_checkpoint, remove_checkpoints
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "training_args", "tensorboard_dir", "heal"]
+__all__ = ["NonFiniteLossError", "HealConfig", "training_args", "tensorboard_dir", "heal"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,15 +58,23 @@ class _NonFiniteLossGuard(TrainerCallback):
             raise NonFiniteLossError("non-finite loss before a checkpoint")
 
 
-def training_args(config: PipelineConfig, round_dir: Path, learning_rate: float) -> TrainingArguments:
-    """The Trainer's arguments for healing in ``round_dir/heal`` (SFTConfig for the SFT methods).
+def training_args(
+    h: HealConfig,
+    round_dir: Path,
+    learning_rate: float,
+    *,
+    run: RunConfig | None = None,
+    seq_len: int | None = None,
+) -> TrainingArguments:
+    """The Trainer's arguments for healing in ``round_dir/heal`` (SFTConfig for the SFT methods);
+    ``seq_len`` is the SFT methods' maximum length (default the config's ``heal_seq_len``), ``run`` the
+    seed / checkpoints / reporting (default ``RunConfig()``).
 
     Example:
-        >>> args = training_args(load_config("configs/demo.yaml"), Path("out/r1"), 2e-4)  # doctest: +SKIP
-        >>> args.max_steps  # doctest: +SKIP
+        >>> training_args(HealConfig(heal_steps=30), Path("out/r1"), 2e-4).max_steps
         30
     """
-    h, r = config.heal, config.run
+    r = run or RunConfig()
     if h.heal_method in ("sft", "sft_lora"):
         from trl import SFTConfig
 
@@ -74,7 +87,12 @@ def training_args(config: PipelineConfig, round_dir: Path, learning_rate: float)
         )
         arguments_class, extra = (
             SFTConfig,
-            {"max_length": config.data.heal_seq_len, "packing": False, "bf16": False, checkpointing: False},
+            {
+                "max_length": seq_len or DataConfig().heal_seq_len,
+                "packing": False,
+                "bf16": False,
+                checkpointing: False,
+            },
         )
     else:
         arguments_class, extra = TrainingArguments, dict(remove_unused_columns=False)
@@ -122,11 +140,14 @@ def tensorboard_dir(round_dir: Path) -> Path:
 def heal(
     model: torch.nn.Module,
     tokenizer,
-    config: PipelineConfig,
+    h: HealConfig,
     round_dir: Path,
     learning_rate: float,
     dataset,
     *,
+    run: RunConfig | None = None,
+    seq_len: int | None = None,
+    behaviour_sample_size: int | None = None,
     teacher: torch.nn.Module | None = None,
     teacher_cache: TeacherCache | None = None,
     behaviour_pairs: list | None = None,
@@ -135,13 +156,19 @@ def heal(
     """Heal ``model`` with the configured method; returns the healed (LoRA-merged) model and the number
     of (non-padding) tokens healing trained on.
 
+    ``h``: the healing settings (the config file's ``heal`` section); ``run``: seed, checkpoint interval
+    and reporting (default ``RunConfig()``); ``seq_len``: the SFT methods' maximum length;
+    ``behaviour_sample_size``: pairs the bias probe reads during healing (with ``behaviour_pairs``);
+    unset, these two are the config file's defaults.
+    Checkpoints go to ``round_dir/heal`` and a rerun resumes from the last complete one.
+
     Raises:
         NonFiniteLossError: the loss became NaN/inf (the caller rolls back and retries).
 
     Example:
-        >>> healed, tokens = heal(model, tokenizer, config, Path("out/round-1"), 2e-4, data)  # doctest: +SKIP
+        >>> healed, tokens = heal(model, tokenizer, HealConfig(heal_steps=20), Path("out"), 2e-4, data)  # doctest: +SKIP
     """
-    h = config.heal
+    run = run or RunConfig()
     if h.heal_method == "none":
         return model, 0
     if h.heal_method in LORA_METHODS:
@@ -149,7 +176,7 @@ def heal(
     guard = _NonFiniteLossGuard()
     kwargs = dict(
         model=model,
-        args=training_args(config, round_dir, learning_rate),
+        args=training_args(h, round_dir, learning_rate, run=run, seq_len=seq_len),
         train_dataset=dataset,
         callbacks=[guard, CheckpointCompletion(), *(callbacks or [])],
     )
@@ -178,8 +205,10 @@ def heal(
                 trainer,
                 tokenizer=tokenizer,
                 pairs=behaviour_pairs,
-                seed=config.run.seed,
-                sample_size=min(config.data.behaviour_sample_size, len(behaviour_pairs)),
+                seed=run.seed,
+                sample_size=min(
+                    behaviour_sample_size or DataConfig().behaviour_sample_size, len(behaviour_pairs)
+                ),
                 every_n_steps=max(1, h.heal_steps // 4),
                 at_train_begin=False,
                 at_train_end=False,
@@ -202,14 +231,13 @@ def heal(
     tokens = int(trainer.state.num_input_tokens_seen)
     # under FSDP2 the Trainer's model holds 1/world of each weight: gather it into a plain model of the
     # same structure (the round's pruned checkpoint, with the same adapters) before merging and pruning
-    model = unshard(trainer.model, lambda: _same_structure(config, round_dir))
+    model = unshard(trainer.model, lambda: _same_structure(h, round_dir))
     return (model.merge_and_unload() if hasattr(model, "merge_and_unload") else model), tokens
 
 
-def _same_structure(config: PipelineConfig, round_dir: Path) -> torch.nn.Module:
+def _same_structure(h: HealConfig, round_dir: Path) -> torch.nn.Module:
     """A plain model shaped like the one healing trained: ``round_dir/pruned``, plus LoRA if used."""
     model = load_pruned_model(round_dir / "pruned")
-    h = config.heal
     if h.heal_method in LORA_METHODS:
         model = add_lora(model, r=h.lora_r, alpha=h.lora_alpha, target_modules=h.lora_target_modules)
     return model

@@ -204,18 +204,23 @@ class PruneThenHeal:
 
     # -- healing -------------------------------------------------------------------------------------
     def _training_args(self, round_dir: Path, learning_rate: float) -> TrainingArguments:
-        return training_args(self.config, round_dir, learning_rate)
+        c = self.config
+        return training_args(c.heal, round_dir, learning_rate, run=c.run, seq_len=c.data.heal_seq_len)
 
     def _heal(
         self, model, tokenizer, round_dir: Path, learning_rate: float, curve: TrainerCallback
     ) -> tuple[torch.nn.Module, int]:
+        c = self.config
         return heal(
             model,
             tokenizer,
-            self.config,
+            c.heal,
             round_dir,
             learning_rate,
             getattr(self, "heal_dataset", None),
+            run=c.run,
+            seq_len=c.data.heal_seq_len,
+            behaviour_sample_size=c.data.behaviour_sample_size,
             teacher=self.teacher,
             teacher_cache=self.teacher_cache,
             behaviour_pairs=self.behaviour_pairs,

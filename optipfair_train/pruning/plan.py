@@ -262,6 +262,8 @@ def plan(
         (48, 1)
     """
     requests = [requests] if not isinstance(requests, (list, tuple)) else list(requests)
+    if not requests:
+        raise ValueError("plan needs at least one request (MLPWidthRequest, HeadRequest, DepthRequest, ...).")
     for r in requests:
         if getattr(r, "kind", None) not in AXES or not isinstance(r, AXES[r.kind].request_type):
             raise ValueError(

@@ -177,7 +177,13 @@ def main() -> None:
     for label, model, folder in models:
         scores, per_100 = _ours(model, work.tokenizer, tasks)
         ours_by_model[label] = scores
+        print(
+            f"{label}, ours:",
+            {n: (scores[n]["acc"], scores[n]["acc_norm"], per_100[n]) for n in names},
+            flush=True,
+        )
         theirs, seconds = _lm_eval(python, folder, names, limit, args.threads) if run_lm_eval else ({}, None)
+        print(f"{label}, lm-eval ({seconds} s):", theirs, flush=True)
         for name in names:
             ours, ref = scores[name], theirs.get(name, {})
             row = [label, name, ours["num_items"]]

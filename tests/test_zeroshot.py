@@ -111,6 +111,17 @@ def test_context_and_continuation_are_split_as_the_harness_splits_them(tokenizer
     assert ids == tokenizer("Q: ab")["input_ids"] and start == 2
     # a trailing space of the context moves to the continuation
     assert encode_request(tokenizer, "Q: ", "ab") == (ids, start)
+    # a token merged across the boundary: the model reads the context's own tokens, then the rest
+    merging = {"Q:": [7, 8], "Q: a": [7, 9, 4]}  # "Q:" alone is [7, 8]; in "Q: a" the ":" merges with " "
+
+    class Merging:
+        bos_token_id, eos_token_id = 1, 2
+
+        def __call__(self, text):
+            return {"input_ids": merging[text]}
+
+    fake = Merging()
+    assert encode_request(fake, "Q:", " a") == ([7, 8, 4], 2)
     # an empty context is the BOS token
     assert encode_request(tokenizer, "", "ab") == ([tokenizer.bos_token_id] + tokenizer("ab")["input_ids"], 1)
 

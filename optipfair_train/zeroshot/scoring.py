@@ -4,9 +4,10 @@ How a choice is scored (the harness's ``loglikelihood`` requests of an HF causal
 
 - the request is ``(context, continuation)`` with the continuation ``" " + choice`` (the target
   delimiter); trailing spaces of the context move to the start of the continuation;
-- ``context + continuation`` is encoded whole and split at the length of the encoded context, so a
-  token that straddles the boundary counts to the continuation (the tokenizer's default special tokens
-  are kept, as the harness does without ``add_bos_token``; an empty context is the BOS token, else EOS);
+- the model reads the encoded context followed by the tokens of ``context + continuation`` (encoded
+  whole) after the context's length, so a token that straddles the boundary counts to the continuation
+  (the tokenizer's default special tokens are kept, as the harness does without ``add_bos_token``; an
+  empty context is the BOS token, else EOS);
 - the score is the summed log-probability of the continuation tokens, each given everything before it
   (a sequence longer than the model's window is cut from the left).
 
@@ -67,8 +68,11 @@ def encode_request(tokenizer, context: str, continuation: str) -> tuple[list[int
     if not context:
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         return [int(prefix)] + list(tokenizer(continuation)["input_ids"]), 1
+    # the context's own encoding, then what the whole string encodes to after it: a token merged across
+    # the boundary counts to the continuation, and every choice of an item shares the same context tokens
     whole = list(tokenizer(context + continuation)["input_ids"])
-    return whole, len(tokenizer(context)["input_ids"])
+    head = list(tokenizer(context)["input_ids"])
+    return head + whole[len(head) :], len(head)
 
 
 def _window(model: nn.Module) -> int | None:

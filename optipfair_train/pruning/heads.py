@@ -31,6 +31,7 @@ import torch
 from ..arch import AttentionParts, get_adapter, weight_out_in
 from .calibration import CalibrationBatch, input_sumsq
 from .surgery import ParamSlice, record_attention_sizes, slice_linear
+from .targets import check_percentage
 from .taylor import TaylorImportance, taylor_importance
 
 __all__ = [
@@ -176,14 +177,8 @@ def head_keep_counts(
             f"granularity must be 'group' (whole KV groups) or 'query' (query heads inside groups), "
             f"got {granularity!r}."
         )
-    if remove is None and (
-        isinstance(pruning_percentage, bool)
-        or not isinstance(pruning_percentage, (int, float))
-        or not 0 < pruning_percentage < 100
-    ):
-        raise ValueError(
-            f"pruning_percentage must be strictly between 0 and 100, got {pruning_percentage!r}."
-        )
+    if remove is None:
+        check_percentage("pruning_percentage", pruning_percentage)
     layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
     bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < adapter.num_layers]
     if bad or not layers:

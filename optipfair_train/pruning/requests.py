@@ -37,7 +37,7 @@ from .scorers import Scorer, get_scorer
 from .sequential import check_sequential_scorer
 from .targets import check_percentage
 from .taylor import TaylorImportance
-from .width import LAYER_ALLOCATIONS
+from .width import check_layer_allocation
 
 logger = logging.getLogger(__name__)
 
@@ -194,16 +194,7 @@ class MLPWidthRequest(_RefitOptions):
         _number("target_parameters", self.target_parameters, integer=True)
         if self.remove is not None and self.expansion_divisor is not None:
             raise ValueError("expansion_divisor rounds a target width; a unit count (remove=) is exact.")
-        if self.layer_allocation not in LAYER_ALLOCATIONS:
-            raise ValueError(
-                f"layer_allocation must be one of {', '.join(LAYER_ALLOCATIONS)}, got {self.layer_allocation!r}."
-            )
-        if self.sequential and self.layer_allocation == "sensitivity":
-            raise ValueError("layer_allocation must be 'uniform' or 'global' with sequential=True.")
-        if self.layer_allocation == "sensitivity" and not self.calibrated:
-            raise ValueError(
-                "layer_allocation='sensitivity' measures output errors: pass calibration batches."
-            )
+        check_layer_allocation(self.layer_allocation, calibrated=self.calibrated, sequential=self.sequential)
         self._check_refit(self.calibrated)
         if self.method is None:
             gradients = self.gradient_importance is not None

@@ -35,6 +35,7 @@ __all__ = [
     "neuron_scores",
     "layer_sensitivity",
     "LAYER_ALLOCATIONS",
+    "check_layer_allocation",
     "MIN_LAYER_FRACTION",
 ]
 
@@ -43,6 +44,23 @@ LAYER_ALLOCATIONS = ("uniform", "global", "sensitivity")
 # With global allocation a layer still keeps this share of its neurons: a block whose MLP is
 # emptied is better removed by depth pruning, where its attention goes too.
 MIN_LAYER_FRACTION = 0.1
+
+
+def check_layer_allocation(layer_allocation: str, *, calibrated: bool, sequential: bool = False) -> None:
+    """Refuse an unknown allocation, ``sensitivity`` without calibration data or with ``sequential``
+    (the one copy of these rules).
+
+    Example:
+        >>> check_layer_allocation("global", calibrated=False)
+    """
+    if layer_allocation not in LAYER_ALLOCATIONS:
+        raise ValueError(
+            f"layer_allocation must be one of {', '.join(LAYER_ALLOCATIONS)}, got {layer_allocation!r}."
+        )
+    if sequential and layer_allocation == "sensitivity":
+        raise ValueError("layer_allocation must be 'uniform' or 'global' with sequential=True.")
+    if layer_allocation == "sensitivity" and not calibrated:
+        raise ValueError("layer_allocation='sensitivity' measures output errors: pass calibration batches.")
 
 
 def neuron_scores(
@@ -325,12 +343,7 @@ def plan_mlp_width(
         >>> plan = plan_mlp_width(model, method="L2", pruning_percentage=25)  # doctest: +SKIP
         >>> {i: len(idx) for i, idx in plan.items()}  # doctest: +SKIP
     """
-    if layer_allocation not in LAYER_ALLOCATIONS:
-        raise ValueError(
-            f"layer_allocation must be one of {', '.join(LAYER_ALLOCATIONS)}, got {layer_allocation!r}."
-        )
-    if layer_allocation == "sensitivity" and batches is None:
-        raise ValueError("layer_allocation='sensitivity' measures output errors: pass calibration batches.")
+    check_layer_allocation(layer_allocation, calibrated=batches is not None)
     get_scorer(method)  # unknown method fails here, before any forward pass
     targets = mlp_width_targets(
         model,

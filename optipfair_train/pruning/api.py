@@ -207,8 +207,10 @@ def prune_model(
         neuron_selection_method: scorer name (``MAW``/``PPM``, ``VOW``, ``PON``, ``L2``, ``random``,
             ``activation``, ``hybrid``, ``fluctuation``, ``reconstruction``, ``taylor``, ``fairness``;
             for ``ATTENTION``: ``L2``, ``activation``, ``taylor``, ``random``).
-            Default: ``hybrid`` when a ``dataloader`` is given (``activation`` with ``sequential``), else
-            ``MAW`` (weight-only scores lose much more quality; a warning says so). Measured on the demo
+            Default (:func:`~optipfair_train.pruning.requests.default_method`): ``taylor`` with
+            ``gradient_importance``, else ``hybrid`` when a ``dataloader`` is given (``activation`` with
+            ``sequential``; ``activation`` for heads), else ``MAW`` (``L2`` for heads; weight-only scores
+            lose much more quality; a warning says so). Measured on the demo
             model at MLP -20% / -30%: ``hybrid`` 45.3 / 57.3 perplexity, ``activation`` 48.2 / 72.1
             (unpruned 32.0; docs/benchmarks/oneshot.md).
         pruning_percentage: share of neurons to remove per layer (0-100, exclusive). Default 10 when
@@ -258,7 +260,8 @@ def prune_model(
 
     Returns:
         The pruned model, or ``(model, stats)`` with ``original_parameters``, ``pruned_parameters``,
-        ``reduction``, ``percentage_reduction`` and the event that was recorded.
+        ``reduction``, ``percentage_reduction`` and the event that was recorded (``None`` when the
+        request removed nothing, e.g. a percentage smaller than one unit: nothing is recorded then).
 
     Example:
         >>> model, stats = prune_model(model, pruning_percentage=20, dataloader=batches,

@@ -91,6 +91,13 @@ def test_activation_figures_share_one_scale_and_map_the_change():
     pruned = changes[0].axes[0].images[0]
     assert pruned.get_array()[2, 29] == pytest.approx(0.2)  # mlp_output layer 29: 1.2 - 1.0
     assert pruned.get_clim() == pytest.approx((-0.2, 0.2)) == changes[1].axes[0].images[0].get_clim()
+    assert not any("compared by position" in k for k in figures)  # no block removed
+    deeper = _state()
+    deeper["rounds"][0]["events"] = [{"pruning_type": "DEPTH", "removed_layers": [12]}]
+    assert (
+        sum("blocks were removed, so layers are compared by position" in k for k in report_figures(deeper))
+        == 2
+    )
     panels = figures[next(k for k in figures if "one panel per component" in k)]
     assert [ax.get_title(loc="left") for ax in panels.axes[:3]] == list(COMPONENTS)
     assert "input_norm_layer_0" not in texts(panels)  # layer numbers, not 90 layer keys

@@ -172,10 +172,22 @@ def report_figures(state: dict[str, Any]) -> dict[str, Any]:
         shifts = [
             abs(m[LAYERS_KEY][k] - v) for _, m in named[1:] for k, v in base.items() if k in m[LAYERS_KEY]
         ]
+        rounds = state.get("rounds", [])
+        cut = [
+            any(e.get("removed_layers") for q in rounds[: k + 1] for e in q.get("events", []))
+            for k in range(len(rounds))
+        ]
+        depth = {
+            f"r{r['round']} {stage}"
+            for r, c in zip(rounds, cut, strict=True)
+            if c
+            for stage in ("pruned", "healed")
+        }
         for name, metrics in named[1:]:  # one diverging scale for the group too
-            figures[f"Change vs base of the {_LABEL} (component x layer), {name}; red: larger than base"] = (
-                component_layer_heatmap(
-                    metrics, f"{name} minus base", vmax=max(shifts, default=None), base=state["baseline"]
-                )
+            note = "; blocks were removed, so layers are compared by position" if name in depth else ""
+            figures[
+                f"Change vs base of the {_LABEL} (component x layer), {name}; red: larger than base{note}"
+            ] = component_layer_heatmap(
+                metrics, f"{name} minus base", vmax=max(shifts, default=None), base=state["baseline"]
             )
     return figures

@@ -81,7 +81,7 @@ def trajectory_figures(card: dict) -> dict[str, Any]:
     out = {}
     series = {
         "perplexity": [
-            (f"{card.get('heal_text', 'healing domain')} (healing domain)", "perplexity"),
+            (f"{short_text_name(card.get('heal_text')) or 'held-out text'} (healing domain)", "perplexity"),
             (
                 f"{short_text_name(card.get('general_text')) or 'general text'} (general)",
                 "perplexity/general",

@@ -15,6 +15,7 @@ import torch
 
 from ..analysis import count_parameters
 from .apply import apply
+from .axes import is_meta
 from .hidden_axis import HiddenRequest
 from .plan import plan
 from .reconstruction import DEFAULT_DAMPING
@@ -268,7 +269,7 @@ def prune_model(
         ...                            return_stats=True)  # doctest: +SKIP
         >>> stats["percentage_reduction"]  # doctest: +SKIP
     """
-    if any(p.device.type == "meta" for p in model.parameters()):
+    if is_meta(model):
         raise ValueError("Cannot prune a model with weights on the meta device: load real weights first.")
     request = pruning_request(
         pruning_type,

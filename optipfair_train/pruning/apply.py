@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..analysis import count_parameters
-from .axes import AXES, cut_optimizer
+from .axes import AXES, cut_optimizer, is_meta
 from .io import record_pruning_event
 from .plan import PruningPlan, check_model
 
@@ -52,7 +52,7 @@ def apply(
         )
     check_model(model)
     plan.check_model(model)
-    meta = any(p.device.type == "meta" for p in model.parameters())
+    meta = is_meta(model)
     if plan.shape_only and not meta:
         raise ValueError(
             "This plan was made on a meta-device model: it knows how many units go, not which. Plan on the "

@@ -33,7 +33,17 @@ from .width import apply_width_plan, choose_neurons, mlp_width_targets
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Step", "Axis", "AXES", "AXIS_ORDER", "register_axis"]
+__all__ = [
+    "Step",
+    "Axis",
+    "AXES",
+    "AXIS_ORDER",
+    "register_axis",
+    "is_meta",
+    "scores_json",
+    "check_finite_scores",
+    "cut_optimizer",
+]
 
 
 @dataclass
@@ -98,11 +108,13 @@ def register_axis(axis: Axis, *, before: str | None = None) -> None:
     AXIS_ORDER.insert(AXIS_ORDER.index(before) if before else len(AXIS_ORDER), axis.kind)
 
 
-def _is_meta(model: torch.nn.Module) -> bool:
+def is_meta(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds meta-device (shape-only) parameters."""
     return any(p.device.type == "meta" for p in model.parameters())
 
 
-def _scores_json(scores: torch.Tensor) -> list[float]:
+def scores_json(scores: torch.Tensor) -> list[float]:
+    """Scores as JSON numbers, 6 significant digits (readable; ties in the plan come from the tensors)."""
     return [float(f"{v:.6g}") for v in scores.detach().double().tolist()]
 
 
@@ -131,7 +143,7 @@ def _plan_mlp(model, request: MLPWidthRequest, batches: list | None, show_progre
     widths = {get_adapter(model).mlp(i).intermediate_size for i in targets}
     if request.remove is not None and len(widths) == 1:  # OptiPFair's name for the share this count is
         step.settings["pruning_percentage"] = 100.0 * request.remove / widths.pop()
-    if _is_meta(model):  # shapes only: which neurons go needs weight values
+    if is_meta(model):  # shapes only: which neurons go needs weight values
         step.shape_only = True
         step.layers = {i: {"keep": list(range(k))} for i, k in targets.items()}
         return step
@@ -172,14 +184,14 @@ def _plan_mlp(model, request: MLPWidthRequest, batches: list | None, show_progre
     for i, k in keep.items():
         step.layers[i] = {"keep": k.tolist()}
         if i in scores:
-            step.layers[i]["scores"] = _scores_json(scores[i])
+            step.layers[i]["scores"] = scores_json(scores[i])
     step.tensors = {f"refit.{i}": w for i, w in refits.items()}
     return step
 
 
 def _cut_mlp(model, step: Step) -> tuple[list[ParamSlice], list, dict[str, Any]]:
     slices = apply_width_plan(model, {i: torch.tensor(layer["keep"]) for i, layer in step.layers.items()})
-    if not _is_meta(model):
+    if not is_meta(model):
         apply_refits(model, "mlp", step.refits())
     return slices, [], {"intermediate_sizes": get_adapter(model).intermediate_sizes()}
 
@@ -194,7 +206,7 @@ def _plan_heads(model, request: HeadRequest, batches: list | None, show_progress
     units = {k + (request.remove or 0) for k in counts.values()}
     if request.remove is not None and len(units) == 1:  # OptiPFair's name for the share this count is
         step.settings["pruning_percentage"] = 100.0 * request.remove / units.pop()
-    if _is_meta(model):
+    if is_meta(model):
         step.shape_only = True
         for i, k in counts.items():  # the first units stand in for the ones scores would choose
             n_q, n_kv, _ = adapter.head_counts(i)
@@ -241,7 +253,7 @@ def _plan_heads(model, request: HeadRequest, batches: list | None, show_progress
     for i, p in plans.items():
         step.layers[i] = {"query_heads": p.query_heads.tolist(), "kv_heads": p.kv_heads.tolist()}
         if i in scores:
-            step.layers[i]["scores"] = _scores_json(scores[i])
+            step.layers[i]["scores"] = scores_json(scores[i])
     step.tensors = {f"refit.{i}": w for i, w in refits.items()}
     return step
 
@@ -252,7 +264,7 @@ def _cut_heads(model, step: Step) -> tuple[list[ParamSlice], list, dict[str, Any
         for i, layer in step.layers.items()
     }
     slices = apply_head_plan(model, plans)
-    if not _is_meta(model):
+    if not is_meta(model):
         apply_refits(model, "attention", step.refits())
     kept = dict(
         kept_query_heads={i: layer["query_heads"] for i, layer in step.layers.items()},
@@ -266,7 +278,7 @@ def _plan_depth(model, request: DepthRequest, batches: list | None, show_progres
     adapter = get_adapter(model)
     count = request.count(adapter.num_layers)
     step = Step("depth", request.settings())
-    if _is_meta(model) and request.method not in ("last", "first", "custom"):
+    if is_meta(model) and request.method not in ("last", "first", "custom"):
         step.shape_only = True
         drop = list(range(adapter.num_layers - count, adapter.num_layers))
     else:
@@ -302,7 +314,7 @@ def _cut_depth(model, step: Step) -> tuple[list[ParamSlice], list, dict[str, Any
     removed = [p for i in drop for p in adapter.layers[i].parameters()]
     remove_layers(adapter, drop)
     fields: dict[str, Any] = {"num_layers": adapter.num_layers}
-    if "linear_replacement" in step.tensors and not _is_meta(model):
+    if "linear_replacement" in step.tensors and not is_meta(model):
         fit = LinearReplacement(
             removed=drop, transform=step.tensors["linear_replacement"], **step.settings["linear_fit"]
         )

@@ -18,11 +18,11 @@ from typing import Any, ClassVar
 import torch
 
 from ..arch import get_adapter
-from .axes import Axis, Step, _is_meta, _scores_json, check_finite_scores, register_axis
+from .axes import Axis, Step, check_finite_scores, is_meta, register_axis, scores_json
 from .hidden import HIDDEN_METHODS, HiddenPlan, apply_hidden, hidden_keep_count, plan_hidden
 from .hidden_refit import apply_hidden_refit, plan_hidden_refit
 from .reconstruction import DEFAULT_DAMPING, check_calibration_size
-from .requests import _number, _RefitOptions, default_method
+from .requests import RefitOptions, check_positive, default_method
 from .targets import check_percentage
 
 __all__ = ["HiddenRequest"]
@@ -31,7 +31,7 @@ MODEL_WIDE = -1  # the layer key of a model-wide axis
 
 
 @dataclass
-class HiddenRequest(_RefitOptions):
+class HiddenRequest(RefitOptions):
     """Remove residual (hidden) channels of the whole model: ``remove`` of them, or
     ``pruning_percentage`` (default 10) rounded down to a multiple of ``divisor`` (default the head
     count). ``reconstruct`` refits the stream's readers (:mod:`.hidden_refit`); not sequential.
@@ -55,7 +55,7 @@ class HiddenRequest(_RefitOptions):
             raise ValueError("Give only one of remove, pruning_percentage.")
         if self.remove is None and self.pruning_percentage is None:
             self.pruning_percentage = 10
-        _number("remove", self.remove, integer=True)
+        check_positive("remove", self.remove, integer=True)
         if self.pruning_percentage is not None:
             check_percentage("pruning_percentage", self.pruning_percentage)
         self._check_refit(self.calibrated)
@@ -102,7 +102,7 @@ def _plan(model, request: HiddenRequest, batches: list | None, show_progress: bo
     step = Step("hidden", request.settings())
     if request.remove is not None:  # OptiPFair's name for the share this count is
         step.settings["pruning_percentage"] = 100.0 * request.remove / get_adapter(model).hidden_size
-    if _is_meta(model):
+    if is_meta(model):
         step.shape_only = True
         step.layers = {MODEL_WIDE: {"keep": list(range(kept))}}
         return step
@@ -112,7 +112,7 @@ def _plan(model, request: HiddenRequest, batches: list | None, show_progress: bo
     step.layers = {MODEL_WIDE: {"keep": hidden.keep.tolist()}}
     if hidden.scores is not None:
         check_finite_scores({MODEL_WIDE: hidden.scores}, f"{request.method} hidden channel")
-        step.layers[MODEL_WIDE]["scores"] = _scores_json(hidden.scores)
+        step.layers[MODEL_WIDE]["scores"] = scores_json(hidden.scores)
     if hidden.rotation is not None:
         step.tensors["rotation"] = hidden.rotation
     if request.reconstruct:
@@ -126,14 +126,14 @@ def _plan(model, request: HiddenRequest, batches: list | None, show_progress: bo
 def _cut(model, step: Step) -> tuple[list, list, dict[str, Any]]:
     adapter = get_adapter(model)
     keep = torch.tensor(step.layers[MODEL_WIDE]["keep"])
-    rotation = None if _is_meta(model) else step.tensors.get("rotation")  # a rotation keeps every shape
+    rotation = None if is_meta(model) else step.tensors.get("rotation")  # a rotation keeps every shape
     hidden = HiddenPlan(keep, adapter.hidden_size, step.settings["method"], rotation=rotation)
     slices = apply_hidden(model, hidden)
     refits: dict[str, list[torch.Tensor]] = {}
     for key in sorted(k for k in step.tensors if k.startswith("hidden_refit/")):
         _, name, j = key.split("/")
         refits.setdefault(name, []).insert(int(j), step.tensors[key])
-    if not _is_meta(model):
+    if not is_meta(model):
         apply_hidden_refit(model, refits)
     summary = hidden.summary()
     summary.pop("method")

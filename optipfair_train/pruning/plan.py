@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ..analysis import count_parameters
 from ..arch import get_adapter, unwrap_model
-from .axes import AXES, AXIS_ORDER, Step
+from .axes import AXES, AXIS_ORDER, Step, is_meta
 from .calibration import as_batches
 from .requests import Request
 
@@ -276,7 +276,7 @@ def plan(
     # token ids are checked against the vocabulary (the unwrapped model's, a PEFT model's too)
     vocab_size = get_adapter(model).model.get_input_embeddings().num_embeddings
     batches = as_batches(calibration, vocab_size) if calibration is not None else None
-    meta = any(p.device.type == "meta" for p in model.parameters())
+    meta = is_meta(model)
     for r in requests:  # a meta-device model reads no data: its data-driven steps are shapes only
         if getattr(r, "calibrated", False) and batches is None and not meta:
             raise ValueError(

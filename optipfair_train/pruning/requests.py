@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -103,8 +103,12 @@ def check_layer_indices(layer_indices: Sequence[int] | None, num_layers: int) ->
     return layers
 
 
-def _number(name: str, value: Any, *, integer: bool = False) -> None:
-    """Refuse a bool, a non-number, NaN/Inf or a value <= 0; ``None`` passes."""
+def check_positive(name: str, value: Any, *, integer: bool = False) -> None:
+    """Refuse a bool, a non-number, NaN/Inf or a value <= 0; ``None`` passes.
+
+    Example:
+        >>> check_positive("remove", 3, integer=True)
+    """
     if value is None:
         return
     ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
@@ -119,7 +123,7 @@ def _one_of(names: dict[str, Any]) -> None:
 
 
 @dataclass
-class _RefitOptions:
+class RefitOptions:
     """Shared by width and head requests: refit the kept columns of down_proj / o_proj."""
 
     reconstruct: bool = False
@@ -144,7 +148,7 @@ class _RefitOptions:
 
 
 @dataclass
-class MLPWidthRequest(_RefitOptions):
+class MLPWidthRequest(RefitOptions):
     """Remove MLP neurons (GLU gate/up/down, or plain fc1/fc2) in every chosen layer.
 
     Give ``remove`` (neurons per layer) or one target: ``pruning_percentage`` (OptiPFair's rounding,
@@ -186,12 +190,12 @@ class MLPWidthRequest(_RefitOptions):
         _one_of(targets)
         if all(v is None for v in targets.values()):
             self.pruning_percentage = 10
-        _number("remove", self.remove, integer=True)
+        check_positive("remove", self.remove, integer=True)
         if self.pruning_percentage is not None:
             check_percentage("pruning_percentage", self.pruning_percentage)
-        _number("expansion_rate", self.expansion_rate)
-        _number("expansion_divisor", self.expansion_divisor, integer=True)
-        _number("target_parameters", self.target_parameters, integer=True)
+        check_positive("expansion_rate", self.expansion_rate)
+        check_positive("expansion_divisor", self.expansion_divisor, integer=True)
+        check_positive("target_parameters", self.target_parameters, integer=True)
         if self.remove is not None and self.expansion_divisor is not None:
             raise ValueError("expansion_divisor rounds a target width; a unit count (remove=) is exact.")
         check_layer_allocation(self.layer_allocation, calibrated=self.calibrated, sequential=self.sequential)
@@ -255,7 +259,7 @@ class MLPWidthRequest(_RefitOptions):
 
 
 @dataclass
-class HeadRequest(_RefitOptions):
+class HeadRequest(RefitOptions):
     """Remove attention heads, GQA-aware: whole KV groups (``granularity="group"``) or query heads
     inside every group (``"query"``).
 
@@ -282,7 +286,7 @@ class HeadRequest(_RefitOptions):
         _one_of(dict(remove=self.remove, pruning_percentage=self.pruning_percentage))
         if self.remove is None and self.pruning_percentage is None:
             self.pruning_percentage = 25
-        _number("remove", self.remove, integer=True)
+        check_positive("remove", self.remove, integer=True)
         if self.pruning_percentage is not None:
             check_percentage("pruning_percentage", self.pruning_percentage)
         if self.granularity not in HEAD_GRANULARITIES:
@@ -365,7 +369,7 @@ class DepthRequest:
                 "Give exactly one of num_layers_to_remove and depth_pruning_percentage "
                 "(or layer_indices with layer_selection_method='custom')."
             )
-        _number("num_layers_to_remove", self.remove, integer=True)
+        check_positive("num_layers_to_remove", self.remove, integer=True)
         if self.depth_pruning_percentage is not None:
             check_percentage("depth_pruning_percentage", self.depth_pruning_percentage)
         if self.replace_with_linear and not self.calibrated:
@@ -394,12 +398,7 @@ class DepthRequest:
         return dict(pruning_type=self.pruning_type, method=self.method)
 
 
-def _refit_settings(request: _RefitOptions) -> dict[str, Any]:
+def _refit_settings(request: RefitOptions) -> dict[str, Any]:
     if not request.reconstruct:
         return {}
     return dict(reconstruct=True, damping=request.damping, sequential=request.sequential)
-
-
-def request_fields(request: Any) -> list[str]:
-    """Names of a request's constructor arguments (for building a changed copy)."""
-    return [f.name for f in fields(request) if f.init]

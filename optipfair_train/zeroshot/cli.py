@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import DEFAULT_SAMPLE_SIZE, DEFAULT_TASKS
+from . import DEFAULT_TASKS, EVAL_SAMPLE_SIZE
 from .tasks import TASKS
 
 __all__ = ["add_eval_arguments", "run_eval"]
@@ -79,8 +79,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sample-size",
         type=_sample_size,
-        default=DEFAULT_SAMPLE_SIZE,
-        help=f"items per task, a seeded random sample, or 'all' (default {DEFAULT_SAMPLE_SIZE})",
+        default=EVAL_SAMPLE_SIZE,
+        help=f"items per task, a seeded random sample, or 'all' (default {EVAL_SAMPLE_SIZE})",
     )
     parser.add_argument(
         "--task-data",

@@ -14,7 +14,7 @@ lm-eval is never a dependency of the package: it runs in its own venv (``--lm-ev
     python3 -m venv ~/.cache/optipfair_train/bench-lm-eval-0.4.13
     ~/.cache/optipfair_train/bench-lm-eval-0.4.13/bin/pip install torch==2.13.0 lm-eval==0.4.13 accelerate
 
-    python bench/bench_zeroshot.py --threads 2 --limit 200    # ~20 min on 2 quiet cores
+    python bench/bench_zeroshot.py --threads 2 --limit 40 --no-pruned    # see docs/benchmarks/zeroshot.md
 
 ``--quick`` scores 8 items per task on the given model (lm-eval only with ``--lm-eval-python``). Further flags:
 the shared ones of ``bench/common.py``. Writes <out>/zeroshot.md.

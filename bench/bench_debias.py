@@ -5,7 +5,7 @@ wheel) is split by item, stratified by task and bias type (``split_items``): the
 again into **fit** items (whose sentences give the prompt pairs the subspace is estimated from) and
 **tune** items (on which the setting is chosen); the **held-out** half is only ever evaluated. Two pair
 sources, both from fit items only: ``stereo`` (each item's stereotype vs anti-stereotype sentence) and
-``gender-swap`` (counterfactual gender swaps of the fit items' sentences and of WikiText-2 valid lines).
+``gender-swap`` (counterfactual gender swaps of the fit items' sentences).
 
 Settings (source x blocks x k x scope) are scored on tune items and WikiText-2 valid; the chosen one
 (closest to SS 50 among those keeping LMS within 2 points and valid perplexity within 3%) is applied to
@@ -56,9 +56,9 @@ def _stereo_pairs(items) -> list[PromptPair]:
     return out
 
 
-def _swap_pairs(items, valid_lines, limit: int) -> list[PromptPair]:
+def _swap_pairs(items, limit: int) -> list[PromptPair]:
     texts = [s for item in items for s in (*item.options(), item.context.replace("BLANK", "someone"))]
-    pairs = counterfactual_pairs(texts + [line for line in valid_lines if 20 < len(line) < 300])
+    pairs = counterfactual_pairs(texts)
     return sample_items(pairs, limit, seed=0) if len(pairs) > limit else pairs
 
 
@@ -109,6 +109,12 @@ def main() -> None:
         help="evaluate every held-out gender item, plus --items minus their count of the other types",
     )
     parser.add_argument("--raw", type=Path, default=None, help="also write every score to this JSON file")
+    parser.add_argument(
+        "--skip-pruned", action="store_true", help="only the unpruned model, with and without"
+    )
+    parser.add_argument(
+        "--valid-tokens", type=int, default=2048, help="WikiText-2 valid tokens for the choice"
+    )
     parser.add_argument("--eval-tokens", type=int, default=None, help="WikiText-2 test tokens (default 8192)")
     args = parser.parse_args()
     quick = args.quick
@@ -131,13 +137,16 @@ def main() -> None:
     valid_lines = load_texts(str(args.data / "wikitext-2" / "valid.txt"))
     sources = {
         "stereo": _stereo_pairs(sample_items(fit, limit, args.seed)),
-        "gender-swap": _swap_pairs(fit, valid_lines, limit),
+        "gender-swap": _swap_pairs(fit, limit),
     }
     try:
         wino = sample_items(load_winobias(), args.wino or (20 if quick else None), args.seed)
     except FileNotFoundError:
         wino = []
-    valid_ids = tokenize_for_lm(tokenizer, valid_lines, seq_len=128 if quick else 512, num_sequences=4)
+    valid_seq = 128 if quick else min(512, args.valid_tokens)
+    valid_ids = tokenize_for_lm(
+        tokenizer, valid_lines, seq_len=valid_seq, num_sequences=max(1, args.valid_tokens // valid_seq)
+    )
 
     report = Report("debias", "Bias-subspace projection folded into the weights", args.out)
     report.text(
@@ -149,8 +158,13 @@ def main() -> None:
         + ", never used to build or choose). Pairs: "
         + ", ".join(f"`{k}` {len(v)}" for k, v in sources.items())
         + f". Perplexity: {work.eval_tokens} tokens of WikiText-2 test (valid for the choice: "
-        f"{valid_ids.numel()} tokens). WinoBias: {len(wino)} items. Pruned model: MLP_GLU -{args.percentage:g}% "
-        f"per layer, hybrid scorer, {len(work.calibration)} calibration batches of WikiText-2 valid, no healing."
+        f"{valid_ids.numel()} tokens). WinoBias: {len(wino)} items. "
+        + (
+            "Unpruned model only (--skip-pruned)."
+            if args.skip_pruned
+            else f"Pruned model: MLP_GLU -{args.percentage:g}% per layer, hybrid scorer, "
+            f"{len(work.calibration)} calibration batches of WikiText-2 valid, no healing."
+        )
     )
 
     # 1. choose the setting on tune items and WikiText-2 valid (base model)
@@ -200,19 +214,22 @@ def main() -> None:
     )
 
     # 2. held-out evaluation of base / pruned, each with and without the chosen projection
-    pruned = copy.deepcopy(model)
-    prune_model(
-        pruned, pruning_type="MLP_GLU", pruning_percentage=args.percentage, dataloader=work.calibration
-    )
     setting = chosen[2]
     pairs = sources[setting["source"]]
     models = {
         "base": model,
         "base + projection": _project(model, grams[setting["source"]], setting, len(pairs))[0],
     }
-    models[f"MLP -{args.percentage:g}%"] = pruned
-    pruned_grams = pair_difference_grams(pruned, tokenizer, pairs, layers=setting["layers"])
-    models[f"MLP -{args.percentage:g}% + projection"] = _project(pruned, pruned_grams, setting, len(pairs))[0]
+    if not args.skip_pruned:
+        pruned = copy.deepcopy(model)
+        prune_model(
+            pruned, pruning_type="MLP_GLU", pruning_percentage=args.percentage, dataloader=work.calibration
+        )
+        models[f"MLP -{args.percentage:g}%"] = pruned
+        pruned_grams = pair_difference_grams(pruned, tokenizer, pairs, layers=setting["layers"])
+        models[f"MLP -{args.percentage:g}% + projection"] = _project(
+            pruned, pruned_grams, setting, len(pairs)
+        )[0]
     results = {}
     for name, m in models.items():
         start = time.perf_counter()
@@ -257,7 +274,7 @@ def main() -> None:
     )
     rows, wino_rows = [], []
     names = list(results)
-    for without, with_mode in ((names[0], names[1]), (names[2], names[3])):
+    for without, with_mode in zip(names[0::2], names[1::2], strict=True):
         b, a = results[without], results[with_mode]
         change = stereoset_change(b["stereoset"], a["stereoset"], seed=args.seed)
         per_type = [_change(change["by_bias_type"][t], "ss") for t in types]

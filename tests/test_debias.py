@@ -196,3 +196,18 @@ def test_bad_subspace_and_family_refused():
     assert all(torch.equal(p, reference[k]) for k, p in model.state_dict().items())
     with pytest.raises(ValueError, match="gemma2"):
         project_out_bias(make_tiny_model("gemma2"), _random_subspace(64, 1))
+
+
+def test_centered_fold_holds_the_stream_at_the_mean_component(tokenizer):
+    model = make_tiny_model("llama-tied")
+    subspace = estimate_bias_subspace(model, tokenizer, PAIRS, layers=[1, 2], k=2)
+    assert subspace.mean is not None and subspace.mean.shape == (64,)
+    level = subspace.directions @ subspace.mean  # what every position keeps along V
+    record = project_out_bias(model, subspace, center=True)
+    assert record["offset"] == pytest.approx(level.tolist(), abs=1e-5)
+    for h in _stream_states(model, tokenizer, [p[0] for p in PAIRS] + [p[1] for p in PAIRS]):
+        assert torch.allclose(h @ subspace.directions.T, level.expand(*h.shape[:2], 2), atol=1e-4)
+    uncentered = make_tiny_model("llama-tied")
+    assert project_out_bias(uncentered, subspace)["offset"] == [0.0, 0.0]
+    for h in _stream_states(uncentered, tokenizer, [p[0] for p in PAIRS]):
+        assert (h @ subspace.directions.T).abs().max() < 1e-4

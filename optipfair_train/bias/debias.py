@@ -18,6 +18,11 @@ layer can read the removed directions. With ``scope="layers"`` only the attentio
 blocks the subspace was estimated on are projected (embeddings untouched): a milder edit that removes
 what those blocks add along ``V``.
 
+Centering (``center=True``, off by default). The stream can instead be held at the pairs' mean
+component ``V mean`` along ``V`` rather than at 0 (concept erasure in the LEACE sense: the component no
+longer varies with the input, its level is kept). On the demo model it did not prevent the collapse that
+some directions cause (``docs/benchmarks/debias.md``).
+
 Why the writes and not the reads: the readers sit behind a norm (``g * h / rms(h)``), which is not
 linear in ``h``, while every write is a linear map whose output can be projected exactly by
 multiplying its weight. The model keeps its family, shapes and parameter count and reloads with plain
@@ -86,6 +91,7 @@ class BiasSubspace:
     layers: tuple[int, ...]  # blocks whose outputs the directions were estimated on
     explained: tuple[float, ...]  # share of the (block-normalised) pair-difference energy per direction
     num_pairs: int
+    mean: torch.Tensor | None = None  # [hidden]: the prompts' mean pooled stream (kept along V by the fold)
 
     @property
     def k(self) -> int:
@@ -163,10 +169,10 @@ def pair_difference_grams(
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
     show_progress: bool = False,
-) -> dict[int, torch.Tensor]:
-    """Per block, ``sum over pairs of d d^T`` ([hidden, hidden], float64) with ``d`` the difference of the
-    two prompts' mean-pooled block outputs (first token left out). One pass serves any ``k`` and any subset
-    of the blocks (:func:`subspace_from_grams`). Nothing in the model changes.
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per block, ``(sum over pairs of d d^T, mean pooled output)`` ([hidden, hidden] and [hidden], float64)
+    with ``d`` the difference of the two prompts' mean-pooled block outputs (first token left out). One pass
+    serves any ``k`` and any subset of the blocks (:func:`subspace_from_grams`). Nothing in the model changes.
 
     Raises:
         ValueError: for no pairs, a pair that is not two non-empty strings or a bad block index.
@@ -181,6 +187,7 @@ def pair_difference_grams(
     chosen = _check_layers(layers, adapter.num_layers)
     hidden = adapter.hidden_size
     grams = {i: torch.zeros(hidden, hidden, dtype=torch.float64) for i in chosen}
+    sums = {i: torch.zeros(hidden, dtype=torch.float64) for i in chosen}
     pooled: dict[int, torch.Tensor] = {}
 
     def hook(layer: int):
@@ -208,34 +215,40 @@ def pair_difference_grams(
                     mean = torch.einsum("bs,bsd->bd", mask, x) / mask.sum(1, keepdim=True)
                     diff = (mean[:n] - mean[n:]).double()
                     grams[i] += diff.T @ diff
+                    sums[i] += mean.double().sum(0)
     finally:
         for handle in handles:
             handle.remove()
-    return grams
+    return {i: (grams[i], sums[i] / (2 * len(pairs))) for i in chosen}
 
 
-def subspace_from_grams(grams: dict[int, torch.Tensor], k: int, num_pairs: int) -> BiasSubspace:
-    """The top-``k`` eigenvectors of ``sum_l G_l / trace(G_l)`` over the given blocks' Gram matrices.
+def subspace_from_grams(
+    grams: dict[int, tuple[torch.Tensor, torch.Tensor]], k: int, num_pairs: int
+) -> BiasSubspace:
+    """The top-``k`` eigenvectors of ``sum_l G_l / trace(G_l)`` over the given blocks' Gram matrices, and
+    the blocks' mean pooled stream (what :func:`project_out_bias` keeps along the directions).
 
     Raises:
         ValueError: for no blocks or ``k`` outside 1..hidden.
 
     Example:
-        >>> s = subspace_from_grams({0: torch.diag(torch.tensor([4.0, 1.0]))}, k=1, num_pairs=2)
+        >>> g = {0: (torch.diag(torch.tensor([4.0, 1.0])), torch.zeros(2))}
+        >>> s = subspace_from_grams(g, k=1, num_pairs=2)
         >>> s.directions.abs().tolist(), s.explained
         ([[1.0, 0.0]], (0.8,))
     """
     if not grams:
         raise ValueError("subspace_from_grams needs the Gram matrix of at least one block")
-    hidden = next(iter(grams.values())).shape[0]
+    hidden = next(iter(grams.values()))[0].shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= hidden:
         raise ValueError(f"debias k must be an integer in 1..{hidden} (the hidden size), got {k!r}")
-    total = sum(g / g.trace().clamp_min(1e-30) for g in grams.values())
+    total = sum(g / g.trace().clamp_min(1e-30) for g, _ in grams.values())
+    mean = sum(m for _, m in grams.values()) / len(grams)
     values, vectors = torch.linalg.eigh(total)  # ascending
     top = vectors[:, -k:].flip(-1).T.contiguous()  # [k, hidden], largest first
     share = (values[-k:].flip(-1) / values.sum().clamp_min(1e-30)).tolist()
     return BiasSubspace(
-        top.float(), tuple(sorted(grams)), tuple(round(float(s), 6) for s in share), num_pairs
+        top.float(), tuple(sorted(grams)), tuple(round(float(s), 6) for s in share), num_pairs, mean.float()
     )
 
 
@@ -296,11 +309,18 @@ def _digest(directions: torch.Tensor) -> str:
 
 @torch.no_grad()
 def project_out_bias(
-    model: nn.Module, subspace: BiasSubspace, strength: float = 1.0, scope: str = "stream"
+    model: nn.Module,
+    subspace: BiasSubspace,
+    strength: float = 1.0,
+    scope: str = "stream",
+    center: bool = False,
 ) -> dict:
     """Fold ``P = I - strength * V^T V`` into every module that writes into the residual stream (in place).
 
-    See the module docstring for what ``scope`` projects and what tied embeddings mean. Returns the
+    See the module docstring for what ``scope`` projects and what tied embeddings mean. With ``center``
+    (and ``scope="stream"``) the stream keeps the constant ``V mean`` along the directions instead of 0: the
+    token embeddings write it once and every later write is projected, so it carries no information but the
+    norms that read the stream see their usual scale. Returns the
     event appended to ``model.config.debias_history`` (so it survives ``save_pretrained``).
 
     Raises:
@@ -329,10 +349,17 @@ def project_out_bias(
     )
     writers = _writers(model, layers, scope)
     projection = torch.eye(adapter.hidden_size, dtype=torch.float64) - strength * v.T @ v
+    token_embedding = adapter.model.get_input_embeddings()
+    use_mean = center and scope == "stream" and subspace.mean is not None
+    offset = v @ subspace.mean.double() if use_mean else torch.zeros(len(v), dtype=torch.float64)
+    keep = offset.double() @ v  # [hidden]: V^T (V mean)
     for _, module in writers:
         if isinstance(module, nn.Embedding):
             weight = module.weight  # [num, hidden]: each row is written into the stream
-            weight.copy_((weight.double() @ projection).to(weight.dtype))
+            new = weight.double() @ projection
+            if module is token_embedding:  # the stream's constant component along V, written once
+                new += strength * keep
+            weight.copy_(new.to(weight.dtype))
             continue
         weight = weight_out_in(module)  # [hidden, in]: the output is written
         p = projection.to(weight.device)
@@ -350,6 +377,7 @@ def project_out_bias(
         "num_pairs": subspace.num_pairs,
         "explained": list(subspace.explained),
         "tied_head_projected": bool(tied and scope == "stream"),
+        "offset": [round(float(x), 6) for x in offset],
         "modules_projected": len(writers),
         "directions_sha256": _digest(subspace.directions),
     }

@@ -97,23 +97,14 @@ def main() -> None:
             ]
         )
         log(" | ".join(str(c) for c in rows[-1]))
+        partial = args.out / "hidden.partial.md"  # the rows so far, readable while a long run goes on
+        partial.write_text("\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in rows) + "\n")
 
     hidden = dict(pruning_type="HIDDEN")
     refit = dict(reconstruct=True, damping=0.01)
-    for percentage in (10, 20):
+    for percentage in (10, 20):  # the most asked-for rows first: a stopped run keeps them (partial file)
         run(f"hidden -{percentage}% (activation)", "-", [dict(hidden, pruning_percentage=percentage)])
-        if percentage == 20:
-            run(
-                "hidden -20% (activation_l2)",
-                "-",
-                [dict(hidden, pruning_percentage=20, neuron_selection_method="activation_l2")],
-            )
         run(f"hidden -{percentage}% + refit", "-", [dict(hidden, pruning_percentage=percentage, **refit)])
-    untied = _untie(base)  # the same function with vocab x hidden more parameters
-    for method in ("activation", "pca"):
-        step = dict(hidden, pruning_percentage=20, neuron_selection_method=method)
-        run(f"untied head: hidden -20% ({method})", "-", [step], source=untied)
-    del untied
     for share in (0.12, 0.25):
         target = int(total * (1 - share))
         size = f"{share:.0%} fewer"
@@ -122,14 +113,14 @@ def main() -> None:
         alone = _hidden_width(base, total - target, per_channel)
         run("hidden + refit", size, [dict(hidden, pruning_percentage=100 * (1 - alone / d), **refit)])
         half = _hidden_width(base, (total - target) / 2, per_channel)
-        run(
-            "hidden half + MLP width, both refit",
-            size,
-            [
-                dict(hidden, pruning_percentage=100 * (1 - half / d), **refit),
-                dict(mlp, **refit),
-            ],
-        )
+        both = [dict(hidden, pruning_percentage=100 * (1 - half / d), **refit), dict(mlp, **refit)]
+        run("hidden half + MLP width, both refit", size, both)
+    l2 = dict(hidden, pruning_percentage=20, neuron_selection_method="activation_l2")
+    run("hidden -20% (activation_l2)", "-", [l2])
+    untied = _untie(base)  # the same function with vocab x hidden more parameters
+    for method in ("activation", "pca"):
+        step = dict(hidden, pruning_percentage=20, neuron_selection_method=method)
+        run(f"untied head: hidden -20% ({method})", "-", [step], source=untied)
     report.text(
         f"Base perplexity {base_ppl:.2f}; one residual channel costs {per_channel:,} parameters. "
         f"Calibration {sum(int(b['attention_mask'].sum()) for b in work.calibration):,} tokens, "
@@ -137,6 +128,7 @@ def main() -> None:
     )
     report.table(["setting", "size", "parameters", "fewer", "perplexity", "vs base", "prune s"], rows)
     report.write()
+    (args.out / "hidden.partial.md").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ class DataConfig:
     stereoset_sample_size: int = _help("StereoSet items per stage (a fixed seeded sample)", 300)
     zeroshot_tasks: str = _help("lm-eval tasks scored zero-shot at every stage, comma-separated ('' to skip)",
                                 ",".join(DEFAULT_TASKS))  # fmt: skip
-    # 25 items a task cost about as much as the 300 StereoSet items (optipfair_train/zeroshot/__init__.py)
+    # 20 items a task cost about as much as the 300 StereoSet items (optipfair_train/zeroshot/__init__.py)
     zeroshot_sample_size: int = _help(
         "items per zero-shot task per stage (a fixed seeded sample)", DEFAULT_SAMPLE_SIZE
     )

@@ -39,10 +39,11 @@ from .tasks import TASKS, TaskSpec, ZeroShotItem, item_from_record, task_spec
 #: commonsense completion (HellaSwag), physical commonsense (PIQA) and coreference (WinoGrande).
 DEFAULT_TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande")
 #: Items per task at every pipeline stage and in ZeroShotCallback: chosen so that one measurement of the
-#: four default tasks costs no more than the stage's 300-item StereoSet probe (one item of each task is
-#: ~560 tokens to score against ~46 for a StereoSet item). It buys a wide interval per task (about +-19
-#: points) and about +-10 on the mean; the paired change is narrower. docs/benchmarks/zeroshot.md.
-DEFAULT_SAMPLE_SIZE = 25
+#: four default tasks costs no more than the stage's 300-item StereoSet probe (timed in one run: one item
+#: of each task costs as much as 14.5 StereoSet items; by tokens scored, 12). It buys a wide interval per
+#: task (about +-22 points) and about +-11 on the mean; the paired change is narrower.
+#: docs/benchmarks/zeroshot.md.
+DEFAULT_SAMPLE_SIZE = 20
 #: Items per task of ``optipfair-train eval`` (a one-off yardstick, not a per-stage monitor).
 EVAL_SAMPLE_SIZE = 200
 

@@ -12,7 +12,7 @@ lm-eval is never a dependency of the package: it runs in its own venv (``--lm-ev
 ``$LM_EVAL_PYTHON`` or ``<cache>/bench-lm-eval-0.4.13/bin/python``). Create it once with::
 
     python3 -m venv ~/.cache/optipfair_train/bench-lm-eval-0.4.13
-    ~/.cache/optipfair_train/bench-lm-eval-0.4.13/bin/pip install torch==2.13.0 lm-eval==0.4.13 accelerate
+    ~/.cache/optipfair_train/bench-lm-eval-0.4.13/bin/pip install torch==2.13.0 lm-eval==0.4.13 accelerate transformers  # lm-eval does not pull transformers
 
     python bench/bench_zeroshot.py --threads 2 --limit 40 --no-pruned    # see docs/benchmarks/zeroshot.md
 

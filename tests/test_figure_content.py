@@ -11,7 +11,13 @@ from figure_checks import outside_canvas, report_images, texts
 from test_report import _two_rounds
 
 from optipfair_train.bias import heatmap_figure, layer_heatmap_figure
-from optipfair_train.bias.figures import figure_to_rgb, mean_difference_figure, pca_figure, trajectory_figure
+from optipfair_train.bias.figures import (
+    bias_type_heatmap_figure,
+    figure_to_rgb,
+    mean_difference_figure,
+    pca_figure,
+    trajectory_figure,
+)
 from optipfair_train.pipeline.figures import MIN_TYPE_ITEMS, component_layer_heatmap, report_figures
 from optipfair_train.pipeline.report import trajectory_figures, write_report
 
@@ -77,6 +83,14 @@ def test_bias_type_cells_show_n_and_interval_and_small_ones_are_grey():
     stage_labels = [t.get_text() for t in ax.get_yticklabels()]
     assert stage_labels == ["base", "r1 pruned", "r1 healed"]  # not token labels (no "r1␣pruned")
     assert f"grey: fewer than {MIN_TYPE_ITEMS} items" in ax.get_xlabel()
+    by_text = {t.get_text().split("\n")[0]: t.get_color() for t in ax.texts}
+    assert by_text["57.0"] == "white" and by_text["69.4"] == "0.35"  # darkest red: light text; grey cell
+
+
+def test_cell_text_is_light_only_on_dark_cells():
+    fig = bias_type_heatmap_figure({"base": {"gender": 60.0, "race": 51.0, "religion": 40.0}})
+    colours = {t.get_text(): t.get_color() for t in fig.axes[0].texts}
+    assert colours == {"60.0": "white", "51.0": "black", "40.0": "white"}  # |v - 50| > 0.6 x spread (10)
 
 
 def test_activation_figures_share_one_scale_and_map_the_change():

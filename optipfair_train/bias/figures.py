@@ -328,7 +328,9 @@ def bias_type_heatmap_figure(
                 text += f"\n[{interval[0]:.0f}, {interval[1]:.0f}]"
             if counts and column in counts.get(row, {}):
                 text += f"\nn={int(n[r, c])}"
-            colour = "0.35" if n[r, c] < min_n else "black"
+            # white on the darkest cells of the diverging map, where black text cannot be read
+            strong = spread is not None and abs(coloured[r, c] - center) > 0.6 * spread
+            colour = "0.35" if n[r, c] < min_n else ("white" if strong else "black")
             ax.text(c, r, text, ha="center", va="center", fontsize=7, color=colour)
     return fig
 

@@ -173,3 +173,24 @@ class ReportingCallback(TrainerCallback):
 
         wandb.log({key: wandb.Table(columns=columns, data=rows), "train/global_step": state.global_step})
         return True
+
+
+class ScheduledProbeMixin:
+    """The probe schedule shared by the measuring callbacks: ``_run`` after every ``every_n_steps``-th
+    optimizer step and after each evaluation when ``at_evaluate``. Each callback keeps its own
+    ``on_train_begin`` / ``on_train_end`` (what they reset and report differs) and its ``_run``.
+
+    Example:
+        >>> class MyProbe(ScheduledProbeMixin, ReportingCallback): ...  # doctest: +SKIP
+    """
+
+    every_n_steps: int | None
+    at_evaluate: bool
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model=None, processing_class=None, **kwargs):
+        if self.every_n_steps and state.global_step % self.every_n_steps == 0:
+            self._run(args, state, model, processing_class, "step")
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, model=None, processing_class=None, **kwargs):
+        if self.at_evaluate:
+            self._run(args, state, model, processing_class, "evaluate")

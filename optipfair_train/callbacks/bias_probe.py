@@ -75,7 +75,7 @@ from ..bias import (
     summary_scalars,
 )
 from ..bias.pairs import PromptPair
-from .base import ReportingCallback, report_to
+from .base import ReportingCallback, ScheduledProbeMixin, report_to
 from .bias_media import ProbeMediaMixin
 
 __all__ = ["BiasProbeCallback", "PROBES"]
@@ -107,7 +107,7 @@ def _as_pairs(pairs: str | Sequence[Sequence[str]] | None, what: str) -> list[Pr
     return loaded
 
 
-class BiasProbeCallback(ProbeMediaMixin, ReportingCallback):
+class BiasProbeCallback(ProbeMediaMixin, ScheduledProbeMixin, ReportingCallback):
     """Run bias probes during training and log them through the Trainer (see the module docstring).
 
     Args:
@@ -346,14 +346,6 @@ class BiasProbeCallback(ProbeMediaMixin, ReportingCallback):
             select_layer_keys(model, self.layers, self.components)
         if self.at_train_begin:
             self._run(args, state, model, processing_class, "train_begin")
-
-    def on_step_end(self, args: Any, state: Any, control: Any, model=None, processing_class=None, **kwargs):
-        if self.every_n_steps and state.global_step % self.every_n_steps == 0:
-            self._run(args, state, model, processing_class, "step")
-
-    def on_evaluate(self, args: Any, state: Any, control: Any, model=None, processing_class=None, **kwargs):
-        if self.at_evaluate:
-            self._run(args, state, model, processing_class, "evaluate")
 
     def on_train_end(self, args: Any, state: Any, control: Any, model=None, processing_class=None, **kwargs):
         if self.at_train_end:

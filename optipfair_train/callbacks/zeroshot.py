@@ -32,14 +32,14 @@ from ..zeroshot import (
     zeroshot_scalars,
     zeroshot_scores,
 )
-from .base import ReportingCallback
+from .base import ReportingCallback, ScheduledProbeMixin
 
 __all__ = ["ZeroShotCallback"]
 
 logger = logging.getLogger(__name__)
 
 
-class ZeroShotCallback(ReportingCallback):
+class ZeroShotCallback(ScheduledProbeMixin, ReportingCallback):
     """Zero-shot accuracy at train begin / every N steps / evaluate / train end (see the module doc).
 
     Args:
@@ -129,14 +129,6 @@ class ZeroShotCallback(ReportingCallback):
         self.first = self.last = self._last_step = None  # a change is measured within one run
         if self.at_train_begin:
             self._run(args, state, model, processing_class, "train_begin")
-
-    def on_step_end(self, args: Any, state: Any, control: Any, model=None, processing_class=None, **kwargs):
-        if self.every_n_steps and state.global_step % self.every_n_steps == 0:
-            self._run(args, state, model, processing_class, "step")
-
-    def on_evaluate(self, args: Any, state: Any, control: Any, model=None, processing_class=None, **kwargs):
-        if self.at_evaluate:
-            self._run(args, state, model, processing_class, "evaluate")
 
     def on_train_end(self, args: Any, state: Any, control: Any, model=None, processing_class=None, **kwargs):
         if self.at_train_end:

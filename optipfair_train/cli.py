@@ -66,7 +66,7 @@ def _run_streamed(args) -> int:
         args.output_dir,
         _calibration(args, tokenizer),
         pruning_type=args.pruning_type,
-        neuron_selection_method=args.neuron_selection_method or "activation",
+        neuron_selection_method=args.neuron_selection_method,
         pruning_percentage=args.pruning_percentage,
         expansion_rate=args.expansion_rate,
         expansion_divisor=args.expansion_divisor,

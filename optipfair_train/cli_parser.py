@@ -15,17 +15,11 @@ from __future__ import annotations
 
 import argparse
 
+from .names import BUILTIN_SCORERS, DEFAULT_DAMPING, DEFAULT_METHODS, LAYER_SELECTION_METHODS, PRUNING_TYPES
+
 __all__ = ["BUILTIN_SCORERS", "LAYER_SELECTION_METHODS", "PRUNING_TYPES", "build_parser", "percentage"]
 
-# the pruning engine's names, kept here so the parser needs no torch (tests/test_cli.py checks they agree)
-PRUNING_TYPES = ("MLP_GLU", "MLP", "ATTENTION", "DEPTH", "HIDDEN")
-LAYER_SELECTION_METHODS = ("last", "first", "custom", "importance", "contiguous", "taylor")
-BUILTIN_SCORERS = (
-    "MAW", "VOW", "PON", "L2", "random", "activation", "taylor", "fairness", "hybrid", "fluctuation",
-    "reconstruction",
-)  # fmt: skip
-DEFAULT_DAMPING = 0.01
-DEFAULT_METHOD = "hybrid"  # prune_model's default with calibration data (the measured best at -20%/-30%)
+DEFAULT_METHOD = DEFAULT_METHODS["calibrated"]["mlp"]  # prune_model's default with calibration data
 COMMANDS = {
     "demo": "two-minute demo: prune the offline demo model 20%% and compare perplexity and an answer",
     "prune": "prune a model once and save it (needs a target, e.g. --pruning-percentage 20)",

@@ -56,7 +56,7 @@ BAD_SETTINGS = {
         {"neuron_selection_method": "bogus"},
         "neuron_selection_method: Unknown neuron selection method 'bogus'. Available: MAW",
     ),
-    "damping=-1": ({"reconstruct": True, "damping": -1}, "damping must be >= 0"),
+    "damping=-1": ({"reconstruct": True, "damping": -1}, "damping must be a number >= 0"),
     "sequential without reconstruct": (
         {"sequential": True},
         "sequential: true applies to the refit: set reconstruct: true as well",

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from ..names import BUILTIN_SCORERS, DEFAULT_DAMPING, DEFAULT_METHODS, LAYER_SELECTION_METHODS
 from ..zeroshot import DEFAULT_SAMPLE_SIZE, DEFAULT_TASKS
 
 __all__ = [
@@ -105,13 +106,13 @@ class PruningConfig:
         "final share of MLP neurons removed (of the original width); 0 = none", 20.0
     )
     neuron_selection_method: str = _help(
-        "neuron scorer: hybrid, activation, fluctuation, reconstruction, taylor, fairness, MAW, VOW, PON, L2, random",
-        "hybrid",
+        f"neuron scorer: {', '.join(BUILTIN_SCORERS)}", DEFAULT_METHODS["calibrated"]["mlp"]
     )
     attention_pruning_percentage: float = _help("final share of KV groups removed; 0 = none", 0.0)
     num_layers_to_remove: int = _help("final number of blocks removed; 0 = none", 0)
     layer_selection_method: str = _help(
-        "block selection: importance, contiguous, taylor, last, first", "importance"
+        f"block selection: {', '.join(m for m in LAYER_SELECTION_METHODS if m != 'custom')}",
+        DEFAULT_METHODS["calibrated"]["depth"],
     )
     target_parameters: int = _help(
         "alternatively: prune MLP width until at most this many parameters; 0 = off", 0
@@ -122,7 +123,9 @@ class PruningConfig:
         "each layer reproduces its unpruned output on the calibration tokens",
         False,
     )
-    damping: float = _help("ridge strength of that refit, relative to the mean Gram diagonal", 0.01)
+    damping: float = _help(
+        "ridge strength of that refit, relative to the mean Gram diagonal", DEFAULT_DAMPING
+    )
     sequential: bool = _help(
         "with reconstruct: each layer's statistics on the outputs of the already pruned layers", False
     )
@@ -296,20 +299,16 @@ def _check_positive(section: Any, names: tuple[str, ...], minimum: float = 1) ->
 
 
 def _check_refit(p: PruningConfig) -> None:
-    """The refit settings, in the pipeline's words (``prune_model`` checks the same in its own)."""
+    """The refit settings, by the requests' own rules (worded with this file's keys)."""
+    from ..pruning.refit_options import CONFIG_KEYS, RefitOptions, check_refit_target
     from ..pruning.sequential import check_sequential_scorer  # imported late, as in validate
 
-    if p.damping < 0:
-        raise ValueError(f"damping must be >= 0 (0.01 is the measured default), got {p.damping}.")
-    if p.sequential and not p.reconstruct:
-        raise ValueError("sequential: true applies to the refit: set reconstruct: true as well.")
-    if p.reconstruct and not (
-        p.mlp_pruning_percentage or p.attention_pruning_percentage or p.target_parameters
-    ):
-        raise ValueError(
-            "reconstruct: true refits down_proj after width pruning or o_proj after head pruning; this "
-            "run prunes only blocks (use replace_with_linear: true for depth)."
-        )
+    refit = RefitOptions(reconstruct=p.reconstruct, damping=p.damping, sequential=p.sequential)
+    refit.check_refit(calibrated=True, wording=CONFIG_KEYS)  # the pipeline always has calibration data
+    widths = bool(p.mlp_pruning_percentage or p.attention_pruning_percentage or p.target_parameters)
+    check_refit_target(p.reconstruct, p.sequential, refits=widths, wording=CONFIG_KEYS)
+    # the pipeline's own rules: depth pruning's settings are separate keys, and its block selection is
+    # one of several methods, of which only contiguous always removes one run
     if p.replace_with_linear and not p.num_layers_to_remove:
         raise ValueError("replace_with_linear: true applies to depth pruning: set num_layers_to_remove.")
     if p.replace_with_linear and p.layer_selection_method != "contiguous":
@@ -318,7 +317,7 @@ def _check_refit(p: PruningConfig) -> None:
             f"layer_selection_method: contiguous (got {p.layer_selection_method!r})."
         )
     if p.sequential:
-        check_sequential_scorer(p.neuron_selection_method)  # the rule prune_model applies
+        check_sequential_scorer(p.neuron_selection_method)  # the rule the width request applies
 
 
 def validate(config: PipelineConfig) -> None:
@@ -330,7 +329,7 @@ def validate(config: PipelineConfig) -> None:
     Example:
         >>> validate(load_config(None, ["--lora_r", "8"]))
     """
-    from ..pruning import LAYER_SELECTION_METHODS, get_scorer
+    from ..pruning import get_scorer
 
     p, h, d = config.pruning, config.heal, config.data
     for section in (config.model, d, p, h, config.run):  # inf / nan pass every range check below

@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from ..analysis import count_parameters
+from ..names import DEFAULT_DAMPING, PRUNING_TYPES
 from .apply import apply
 from .axes import is_meta
 from .hidden_axis import HiddenRequest
 from .plan import plan
-from .reconstruction import DEFAULT_DAMPING
+from .refit_options import check_refit_target
 from .requests import DepthRequest, HeadRequest, MLPWidthRequest, Request
 from .taylor import TaylorImportance
 
@@ -26,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PRUNING_TYPES", "prune_model", "pruning_request", "pruning_stats"]
 
-PRUNING_TYPES = ("MLP_GLU", "MLP", "ATTENTION", "DEPTH", "HIDDEN")
 _WIDTH_ARGUMENTS = (
     "neuron_selection_method",
     "pruning_percentage",
@@ -109,12 +109,7 @@ def pruning_request(
     refit = dict(reconstruct=reconstruct, damping=damping, sequential=sequential)
     common = dict(calibrated=calibrated, gradient_importance=gradient_importance)
     if pruning_type == "DEPTH":
-        if reconstruct is True or sequential is True:
-            raise ValueError(
-                "reconstruct=True refits down_proj after MLP_GLU/MLP pruning, o_proj after ATTENTION "
-                "pruning or the stream's readers after HIDDEN pruning; DEPTH removes whole blocks and has "
-                "nothing to refit."
-            )
+        check_refit_target(reconstruct, sequential, refits=False)
         return DepthRequest(
             remove=num_layers_to_remove if remove is None else remove,
             depth_pruning_percentage=depth_pruning_percentage,

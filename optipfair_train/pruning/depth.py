@@ -19,12 +19,11 @@ from collections.abc import Sequence
 import torch
 
 from ..arch import get_adapter
+from ..names import LAYER_SELECTION_METHODS
 from .calibration import CalibrationBatch, block_influence
 from .taylor import TaylorImportance, taylor_importance
 
 __all__ = ["LAYER_SELECTION_METHODS", "select_layers_to_remove", "check_layer_selection"]
-
-LAYER_SELECTION_METHODS = ("last", "first", "custom", "importance", "contiguous", "taylor")
 
 
 def check_layer_selection(

@@ -22,7 +22,8 @@ from .axes import Axis, Step, check_finite_scores, is_meta, register_axis, score
 from .hidden import HIDDEN_METHODS, HiddenPlan, apply_hidden, hidden_keep_count, plan_hidden
 from .hidden_refit import apply_hidden_refit, plan_hidden_refit
 from .reconstruction import DEFAULT_DAMPING, check_calibration_size
-from .requests import RefitOptions, check_positive, default_method
+from .refit_options import RefitOptions
+from .requests import check_positive, default_method
 from .targets import check_percentage
 
 __all__ = ["HiddenRequest"]
@@ -58,7 +59,7 @@ class HiddenRequest(RefitOptions):
         check_positive("remove", self.remove, integer=True)
         if self.pruning_percentage is not None:
             check_percentage("pruning_percentage", self.pruning_percentage)
-        self._check_refit(self.calibrated)
+        self.check_refit(self.calibrated)
         if self.sequential:
             raise ValueError("sequential=True is not available for HIDDEN; its refit is one-shot.")
         if self.method is None:

@@ -38,7 +38,13 @@ from ..arch import get_adapter, is_conv1d, weight_out_in
 from .calibration import CalibrationBatch, _all_reduce_, _hooks, _run
 from .hidden import HiddenPlan, apply_hidden, plan_hidden
 from .hidden_rotation import stream_readers
-from .reconstruction import DEFAULT_DAMPING, _lora_delta, check_calibration_size, effective_weight
+from .reconstruction import (
+    DEFAULT_DAMPING,
+    _lora_delta,
+    check_calibration_size,
+    check_damping,
+    effective_weight,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +74,7 @@ def plan_hidden_refit(
     Example:
         >>> refits = plan_hidden_refit(model, plan, batches, damping=0.01)  # doctest: +SKIP
     """
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
-        raise ValueError(f"damping must be a number >= 0, got {damping!r}.")
+    check_damping(damping)
     adapter = get_adapter(model)
     d = adapter.hidden_size
     keep = torch.as_tensor(plan.keep, dtype=torch.long)

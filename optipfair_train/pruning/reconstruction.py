@@ -31,12 +31,15 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..arch import ModelAdapter, get_adapter, is_conv1d, weight_out_in
+from ..names import DEFAULT_DAMPING
 from .calibration import CalibrationBatch, _all_reduce_, _hooks, _run
 
 logger = logging.getLogger(__name__)
@@ -52,9 +55,9 @@ __all__ = [
     "refit_target",
     "effective_weight",
     "check_calibration_size",
+    "check_damping",
 ]
 
-DEFAULT_DAMPING = 0.01
 RECONSTRUCT_KINDS = ("mlp", "attention")
 # relative pivot below which G_SS + lam I counts as singular (float64 has ~1e-16 resolution)
 _MIN_PIVOT = 1e-12
@@ -187,8 +190,7 @@ def plan_refits(
         >>> refits = plan_refits(model, "mlp", {0: torch.tensor([0, 2])}, grams)  # doctest: +SKIP
     """
     adapter = get_adapter(model)
-    if not isinstance(damping, (int, float)) or damping < 0:
-        raise ValueError(f"damping must be a number >= 0, got {damping!r}.")
+    check_damping(damping)
     return {
         i: refit_columns(
             effective_weight(refit_target(adapter, kind, i)),
@@ -223,6 +225,18 @@ def apply_refits(model: nn.Module, kind: str, refits: dict[int, torch.Tensor], b
         stored = target.t() if is_conv1d(base) else target
         with torch.no_grad():
             base.weight.data.copy_(stored.to(base.weight.dtype))
+
+
+def check_damping(damping: Any) -> None:
+    """Refuse a ridge strength that is not a finite number >= 0 (every refit and the pipeline's
+    ``damping`` key go through this one rule).
+
+    Example:
+        >>> check_damping(0.0)
+    """
+    bad = isinstance(damping, bool) or not isinstance(damping, (int, float))
+    if bad or not math.isfinite(damping) or damping < 0:
+        raise ValueError(f"damping must be a number >= 0 (default {DEFAULT_DAMPING}), got {damping!r}.")
 
 
 def check_calibration_size(batches: list[CalibrationBatch], system_size: int, damping: float) -> int:

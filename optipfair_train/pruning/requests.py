@@ -30,9 +30,10 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 from ..arch import get_adapter
+from ..names import DEFAULT_METHODS
 from .depth import check_layer_selection
 from .heads import HEAD_GRANULARITIES, check_head_method
-from .reconstruction import DEFAULT_DAMPING
+from .refit_options import RefitOptions
 from .scorers import Scorer, get_scorer
 from .sequential import check_sequential_scorer
 from .targets import check_percentage
@@ -65,7 +66,8 @@ class Request(Protocol):
 
 
 def default_method(kind: str, *, calibrated: bool, gradients: bool = False, sequential: bool = False) -> str:
-    """The scorer (or block selection) an axis uses when none is named: the one place this is decided.
+    """The scorer (or block selection) an axis uses when none is named: the one place this is decided
+    (from the table ``optipfair_train.names.DEFAULT_METHODS``, which the command line's help reads too).
 
     Gradients from training give ``taylor``; calibration data gives ``hybrid`` for MLP neurons (best
     measured on the demo model, docs/benchmarks/oneshot.md; ``activation`` with ``sequential``, which
@@ -80,9 +82,8 @@ def default_method(kind: str, *, calibrated: bool, gradients: bool = False, sequ
     if gradients and not sequential:
         return "taylor"
     if calibrated:
-        mlp = "activation" if sequential else "hybrid"
-        return {"mlp": mlp, "heads": "activation", "depth": "importance", "hidden": "activation"}[kind]
-    weight_only = {"mlp": "MAW", "heads": "L2", "depth": "last", "hidden": "L2"}[kind]
+        return DEFAULT_METHODS["sequential" if sequential else "calibrated"][kind]
+    weight_only = DEFAULT_METHODS["weight_only"][kind]
     logger.warning(
         "Pruning %s with the weight-only %r selection because no calibration data was given; on real "
         "models this loses far more quality than a data-driven one with a few calibration batches.",
@@ -120,31 +121,6 @@ def _one_of(names: dict[str, Any]) -> None:
     given = [k for k, v in names.items() if v is not None]
     if len(given) > 1:
         raise ValueError(f"Give only one of {', '.join(names)} (got {', '.join(given)}).")
-
-
-@dataclass
-class RefitOptions:
-    """Shared by width and head requests: refit the kept columns of down_proj / o_proj."""
-
-    reconstruct: bool = False
-    damping: float = DEFAULT_DAMPING
-    sequential: bool = False
-
-    def _check_refit(self, calibrated: bool) -> None:
-        if not isinstance(self.reconstruct, bool) or not isinstance(self.sequential, bool):
-            raise ValueError(
-                f"reconstruct and sequential must be True or False, got {self.reconstruct!r}, {self.sequential!r}."
-            )
-        d = self.damping
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
-            raise ValueError(f"damping must be a number >= 0 (default {DEFAULT_DAMPING}), got {d!r}.")
-        if self.sequential and not self.reconstruct:
-            raise ValueError("sequential=True applies to the refit: pass reconstruct=True as well.")
-        if self.reconstruct and not calibrated:
-            raise ValueError(
-                "reconstruct=True needs calibration data: pass dataloader= (batches of dicts with "
-                "input_ids and attention_mask) or use reconstruct=False."
-            )
 
 
 @dataclass
@@ -199,7 +175,7 @@ class MLPWidthRequest(RefitOptions):
         if self.remove is not None and self.expansion_divisor is not None:
             raise ValueError("expansion_divisor rounds a target width; a unit count (remove=) is exact.")
         check_layer_allocation(self.layer_allocation, calibrated=self.calibrated, sequential=self.sequential)
-        self._check_refit(self.calibrated)
+        self.check_refit(self.calibrated)
         if self.method is None:
             gradients = self.gradient_importance is not None
             self.method = default_method(
@@ -294,7 +270,7 @@ class HeadRequest(RefitOptions):
                 f"head_granularity must be 'group' (whole KV groups) or 'query' (query heads inside groups), "
                 f"got {self.granularity!r}."
             )
-        self._check_refit(self.calibrated)
+        self.check_refit(self.calibrated)
         if self.method is None:
             gradients = self.gradient_importance is not None
             self.method = default_method("heads", calibrated=self.calibrated, gradients=gradients)

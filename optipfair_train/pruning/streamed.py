@@ -181,7 +181,7 @@ def prune_checkpoint(
     dataloader: Iterable[dict[str, torch.Tensor]],
     *,
     pruning_type: str = "MLP",
-    neuron_selection_method: str = "activation",
+    neuron_selection_method: str | None = None,
     pruning_percentage: float | None = None,
     expansion_rate: float | None = None,
     expansion_divisor: int | None = None,
@@ -206,7 +206,8 @@ def prune_checkpoint(
         pruning_type: ``MLP`` / ``MLP_GLU`` (width, ``down_proj`` refit) or ``ATTENTION`` (heads,
             ``o_proj`` refit).
         neuron_selection_method: a weight-only scorer or ``activation`` for MLP; ``L2``, ``activation``
-            or ``random`` for ATTENTION (they need only the layer's own statistics).
+            or ``random`` for ATTENTION (they need only the layer's own statistics). Default: the
+            requests' default with sequential statistics (``activation``).
         pruning_percentage / expansion_rate / expansion_divisor: the width (or head) target, as in
             ``prune_model``; default 10% for MLP, 25% for ATTENTION.
         head_granularity / layer_indices / damping / seed: as in ``prune_model``.

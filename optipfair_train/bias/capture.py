@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from optipfair_train.arch import ModelAdapter, get_adapter
+from optipfair_train.names import ALL_COMPONENTS, COMPONENTS
 
 __all__ = [
     "COMPONENTS",
@@ -49,18 +50,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: OptiPFair's component names, in the order they are reported.
-COMPONENTS: tuple[str, ...] = (
-    "attention_output",
-    "mlp_output",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "input_norm",
-)
-#: Also capturable: the input of ``down_proj`` (the MLP intermediate activation).
-ALL_COMPONENTS: tuple[str, ...] = COMPONENTS + ("down_proj_input",)
 
 Reducer = Callable[[str, torch.Tensor, "torch.Tensor | None"], None]
 

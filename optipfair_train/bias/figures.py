@@ -24,6 +24,8 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..names import FIGURE_FORMATS
+
 __all__ = [
     "FIGURE_FORMATS",
     "new_figure",
@@ -38,8 +40,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-FIGURE_FORMATS = ("png", "pdf", "svg", "jpg")
 
 
 def new_figure(width: float = 8.0, height: float = 5.0) -> Figure:

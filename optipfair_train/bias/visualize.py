@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..names import DEFAULT_FIGURE_COMPONENTS, VISUALIZATION_TYPES
 from .capture import COMPONENTS, check_layer_keys, parse_layer_key, select_layer_keys
 from .figures import (
     FIGURE_FORMATS,
@@ -49,9 +50,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-VISUALIZATION_TYPES = ("mean_diff", "heatmap", "pca")
-DEFAULT_FIGURE_COMPONENTS = ("attention_output", "mlp_output")
 
 
 def _check_format(figure_format: str) -> None:

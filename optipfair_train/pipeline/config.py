@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import HfArgumentParser
 
-from ..names import BUILTIN_SCORERS, DEFAULT_DAMPING, DEFAULT_METHODS, LAYER_SELECTION_METHODS
-from ..zeroshot import DEFAULT_SAMPLE_SIZE, DEFAULT_TASKS
+from ..names import BUILTIN_SCORERS, DEFAULT_DAMPING, DEFAULT_METHODS, DTYPES, LAYER_SELECTION_METHODS
+from ..zeroshot.tasks import DEFAULT_SAMPLE_SIZE, DEFAULT_TASKS
 
 __all__ = [
     "ModelConfig",
@@ -183,7 +182,6 @@ class RunConfig:
 HEAL_METHODS = ("lora", "kd", "kd_lora", "sft", "sft_lora", "none")
 LORA_METHODS = ("lora", "kd_lora", "sft_lora")
 TEACHER_TEXT = "teacher"  # heal_data value: text sampled from the unpruned model (heal.teacher_text)
-DTYPES = ("float32", "bfloat16", "float16")
 SECTIONS = (ModelConfig, DataConfig, PruningConfig, HealConfig, RunConfig)
 
 
@@ -265,13 +263,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return values
 
 
-class _Parser(HfArgumentParser):
-    """argparse exits on a bad flag; raise instead, with argparse's message (it names flag and type)."""
-
-    def error(self, message: str):
-        raise ValueError(message)
-
-
 def load_config(path: str | Path | None = None, args: list[str] | None = None) -> PipelineConfig:
     """Read a YAML file (flat keys) and apply command-line flags on top; validate everything.
 
@@ -279,6 +270,14 @@ def load_config(path: str | Path | None = None, args: list[str] | None = None) -
         >>> load_config(None, ["--heal_method", "none"]).heal.heal_method
         'none'
     """
+    from transformers import HfArgumentParser  # here, so that `run --help` lists the keys without torch
+
+    class _Parser(HfArgumentParser):
+        """argparse exits on a bad flag; raise instead, with argparse's message (it names flag and type)."""
+
+        def error(self, message: str):
+            raise ValueError(message)
+
     values = _read_yaml(Path(path)) if path is not None else {}
     try:
         parsed = _Parser(SECTIONS).parse_args_into_dataclasses(

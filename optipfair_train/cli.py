@@ -259,7 +259,7 @@ def run_verdict(pipeline) -> list[str]:
     from .pipeline.card import card_inputs
     from .pipeline.verdict import run_files, verdict_lines
 
-    card = card_inputs(pipeline.config, pipeline.state, pipeline.state.get("speed"))
+    card = card_inputs(pipeline.config, pipeline.state, pipeline.state.speed)
     return verdict_lines(card, run_files(pipeline.out))
 
 

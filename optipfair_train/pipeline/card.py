@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ import yaml
 from ..models import DEMO_MODEL_ID
 from ..speed import speed_line
 from .config import LORA_METHODS, TEACHER_TEXT
+from .run_state import RunState
 from .verdict import named_file, short_text_name
 from .zeroshot_stage import zeroshot_card_lines
 
@@ -233,14 +235,16 @@ def _what_remains(event: dict) -> str:
     return "?"
 
 
-def card_inputs(config, state: dict[str, Any], speed: dict | None) -> dict[str, Any]:
-    """The plain card dict from the pipeline's config, its ``state.json`` content and ``compare_speed``.
+def card_inputs(config, state: RunState | Mapping[str, Any], speed: dict | None) -> dict[str, Any]:
+    """The plain card dict from the pipeline's config, its state (a :class:`~.run_state.RunState` or the
+    parsed ``state.json``) and ``compare_speed``.
 
-    ``state["general_text"]`` (optional) names the text of ``perplexity/general``.
+    ``state.general_text`` (optional) names the text of ``perplexity/general``.
 
     Example:
         >>> card = card_inputs(config, json.loads(Path("outputs/demo/state.json").read_text()), speed)  # doctest: +SKIP
     """
+    state = RunState.of(state)
     heal = config.heal
     healing = {
         "method": heal.heal_method,
@@ -255,16 +259,16 @@ def card_inputs(config, state: dict[str, Any], speed: dict | None) -> dict[str, 
     return {
         "base_model": base_model_name(config),
         "heal_text": config.data.eval_data,
-        "general_text": state.get("general_text"),
-        "general_note": state.get("general_note"),
+        "general_text": state.general_text,
+        "general_note": state.general_note,
         "eval_tokens": config.data.eval_tokens,
         "calibration": {
             "data": config.data.calibration_data,
             "tokens": config.data.num_calibration_samples * config.data.calibration_seq_len,
         },
         "healing": healing,
-        "baseline": state["baseline"],
-        "rounds": state["rounds"],
+        "baseline": state.baseline,
+        "rounds": state.rounds,
         "speed": speed if speed and "decode" in speed else None,
     }
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .evaluate import LAYERS_KEY
+from .run_state import RunState
 
 __all__ = [
     "ACTIVATION_DIFFERENCE_DEFINITION",
@@ -45,15 +46,16 @@ ACTIVATION_DIFFERENCE_DEFINITION = (
 _LABEL = "normalised activation difference"
 
 
-def stages(state: dict[str, Any]) -> list[tuple[str, dict]]:
+def stages(state: RunState | Mapping[str, Any]) -> list[tuple[str, dict]]:
     """``(name, metrics)`` of the baseline and every finished round's pruned and healed model.
 
     Example:
         >>> [n for n, _ in stages({"baseline": {}, "rounds": [{"round": 1, "pruned": {}, "healed": {}}]})]
         ['base', 'r1 pruned', 'r1 healed']
     """
-    out = [("base", state.get("baseline") or {})]
-    for r in state.get("rounds", []):
+    state = RunState.of(state)
+    out = [("base", state.baseline or {})]
+    for r in state.rounds:
         out += [(f"r{r['round']} pruned", r["pruned"]), (f"r{r['round']} healed", r["healed"])]
     return out
 
@@ -122,7 +124,7 @@ def _by_type(named: list[tuple[str, dict]], metric: str) -> dict[str, dict[str, 
     return {name: row for name, row in rows.items() if row}
 
 
-def stage_figures(state: dict[str, Any]) -> dict[str, Any]:
+def stage_figures(state: RunState | Mapping[str, Any]) -> dict[str, Any]:
     """Figures over every stage so far, keyed by a short name (see the module doc)."""
     from ..bias import bias_type_heatmap_figure, layer_heatmap_figure
 
@@ -147,7 +149,7 @@ def stage_figures(state: dict[str, Any]) -> dict[str, Any]:
     return figures
 
 
-def report_figures(state: dict[str, Any]) -> dict[str, Any]:
+def report_figures(state: RunState | Mapping[str, Any]) -> dict[str, Any]:
     """Captions -> figures for report.html: :func:`stage_figures`, each stage's component x layer map on
     one colour scale, and each later stage's change vs the base on one diverging scale.
 
@@ -160,6 +162,7 @@ def report_figures(state: dict[str, Any]) -> dict[str, Any]:
         f"cell: SS, 95% interval, items; grey: fewer than {MIN_TYPE_ITEMS} items",
         "layer_heatmap": f"{_LABEL.capitalize()} per layer and stage, one panel per component",
     }
+    state = RunState.of(state)
     figures = {captions[name]: figure for name, figure in stage_figures(state).items()}
     named = [(name, m) for name, m in stages(state) if m.get(LAYERS_KEY)]
     values = [v for _, m in named for v in m[LAYERS_KEY].values()]
@@ -167,12 +170,12 @@ def report_figures(state: dict[str, Any]) -> dict[str, Any]:
         figures[f"{_LABEL.capitalize()} (component x layer), {name}; one colour scale for all stages"] = (
             component_layer_heatmap(metrics, f"{_LABEL.capitalize()}, {name}", min(values), max(values))
         )
-    base = (state.get("baseline") or {}).get(LAYERS_KEY)
+    base = (state.baseline or {}).get(LAYERS_KEY)
     if base and named[0][0] == "base":
         shifts = [
             abs(m[LAYERS_KEY][k] - v) for _, m in named[1:] for k, v in base.items() if k in m[LAYERS_KEY]
         ]
-        rounds = state.get("rounds", [])
+        rounds = state.rounds
         cut = [
             any(e.get("removed_layers") for q in rounds[: k + 1] for e in q.get("events", []))
             for k in range(len(rounds))
@@ -188,6 +191,6 @@ def report_figures(state: dict[str, Any]) -> dict[str, Any]:
             figures[
                 f"Change vs base of the {_LABEL} (component x layer), {name}; red: larger than base{note}"
             ] = component_layer_heatmap(
-                metrics, f"{name} minus base", vmax=max(shifts, default=None), base=state["baseline"]
+                metrics, f"{name} minus base", vmax=max(shifts, default=None), base=state.baseline
             )
     return figures

@@ -58,6 +58,7 @@ from .healing import NonFiniteLossError, heal, training_args
 from .lock import OutputGuard
 from .report import write_report
 from .rounds import round_requests
+from .run_state import STATE_NAME, Retry, RunState
 from .state import (
     COMPLETE_NAME,
     EVENTS_NAME,
@@ -69,7 +70,6 @@ from .state import (
     finished_rounds,
     folder_problem,
     read_json,
-    read_state,
     remove_folder,
     remove_leftovers,
 )
@@ -102,16 +102,16 @@ class PruneThenHeal:
         self.base_name = base_model_name(config)
         # cpu=True on a CPU-only machine: without it, ranks of a multi-process CPU run all see index 0
         self.distributed = PartialState(cpu=not torch.cuda.is_available())
-        self.state: dict[str, Any] = {}
+        self.state = RunState()
         self.guard = OutputGuard(self.out, self.distributed)  # the folder's lock, and a full disk named
 
     # -- the output folder ---------------------------------------------------------------------------
     def _state_path(self) -> Path:
-        return self.out / "state.json"
+        return self.out / STATE_NAME
 
     def _save_state(self) -> None:
         if self.distributed.is_main_process:
-            atomic_write_json(self._state_path(), self.state)
+            self.state.save(self._state_path())
         self.distributed.wait_for_everyone()
 
     def _comparable(self) -> dict:
@@ -119,17 +119,17 @@ class PruneThenHeal:
         settings["run"] = {k: v for k, v in settings["run"].items() if k in ("seed",)}
         return settings
 
-    def _read_state(self) -> dict[str, Any] | None:
+    def _read_state(self) -> RunState | None:
         """The state of an earlier run in ``output_dir`` (``None`` if there is none); reads only."""
-        state = read_state(self._state_path())
-        if state is not None and state.get("config") != self._comparable():
+        state = RunState.load(self._state_path())
+        if state is not None and state.config != self._comparable():
             raise ValueError(
                 f"{self.out} holds a run with different settings; use a new output_dir "
                 "(or delete it) to start over."
             )
         return state
 
-    def _open_output_dir(self, existing: dict[str, Any] | None) -> None:
+    def _open_output_dir(self, existing: RunState | None) -> None:
         """Create ``output_dir`` (the first write of a run) or clear what a crash left in it."""
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ class PruneThenHeal:
         self.distributed.wait_for_everyone()
         if existing is not None:
             logger.info("Resuming the run in %s", self.out)
-        self.state = existing or {"config": self._comparable(), "rounds": []}
+        self.state = existing or RunState(config=self._comparable())
         self._save_state()
 
     def _load_saved(self, folder: Path) -> torch.nn.Module:
@@ -247,7 +247,7 @@ class PruneThenHeal:
             existing = self._read_state()
         if final_ready(self.out, existing):
             return self._already_finished(existing)
-        if existing is not None and existing.get("finished"):
+        if existing is not None and existing.finished:
             logger.warning("%s is missing; rebuilding it from the last round's model", self.out / "final")
         check_writable(self.out)
         torch.manual_seed(config.run.seed)
@@ -266,48 +266,48 @@ class PruneThenHeal:
         self._open_output_dir(existing)  # nothing was written before this point
         self._prepare_teacher_data(model, tokenizer)
         if self.evaluator.general_ids is not None:
-            self.state["general_text"] = self.evaluator.general_text
+            self.state.general_text = self.evaluator.general_text
         else:
-            self.state["general_note"] = f"no general held-out text ({self.evaluator.general_text})"
+            self.state.general_note = f"no general held-out text ({self.evaluator.general_text})"
         self.tracker = RoundTracker(config, self.state, self.out, self.distributed.is_main_process)
-        if "baseline" not in self.state:
-            self.state["baseline"] = self.evaluate(model, tokenizer, is_base=True)
+        if self.state.baseline is None:
+            self.state.baseline = self.evaluate(model, tokenizer, is_base=True)
             if self.evaluator.stereoset_base is not None:  # kept so a resumed run pairs against the same
-                self.state["stereoset_base_items"] = self.evaluator.stereoset_base["items"]
+                self.state.stereoset_base_items = self.evaluator.stereoset_base["items"]
             if self.evaluator.zeroshot is not None and self.evaluator.zeroshot.base is not None:
-                self.state["zeroshot_base_items"] = self.evaluator.zeroshot.base
+                self.state.zeroshot_base_items = self.evaluator.zeroshot.base
             self._save_state()
-            self.tracker.log_round(0, self.state["baseline"], self.state)
-        elif self.state.get("stereoset_base_items") and self.evaluator.is_main:
-            self.evaluator.stereoset_base = {"items": self.state["stereoset_base_items"]}
-        if self.state.get("zeroshot_base_items") and self.evaluator.zeroshot is not None:
-            self.evaluator.zeroshot.base = self.state["zeroshot_base_items"]
+            self.tracker.log_round(0, self.state.baseline, self.state)
+        elif self.state.stereoset_base_items and self.evaluator.is_main:
+            self.evaluator.stereoset_base = {"items": self.state.stereoset_base_items}
+        if self.state.zeroshot_base_items and self.evaluator.zeroshot is not None:
+            self.evaluator.zeroshot.base = self.state.zeroshot_base_items
 
-        self.state["rounds"] = finished_rounds(self.out, config.pruning.num_rounds)
-        if self.state["rounds"]:  # continue from the last finished round's model
-            model = self._load_saved(self.out / f"round-{len(self.state['rounds'])}" / "model")
-        for k in range(len(self.state["rounds"]) + 1, config.pruning.num_rounds + 1):
+        self.state.rounds = finished_rounds(self.out, config.pruning.num_rounds)
+        if self.state.rounds:  # continue from the last finished round's model
+            model = self._load_saved(self.out / f"round-{len(self.state.rounds)}" / "model")
+        for k in range(len(self.state.rounds) + 1, config.pruning.num_rounds + 1):
             model = self._run_round(k, self.out / f"round-{k}", model, tokenizer, base)
 
         final_dir = self.out / "final"
         if self.distributed.is_main_process:
             self._write_final(model, tokenizer, final_dir)
         self.distributed.wait_for_everyone()
-        self.state["finished"] = True
+        self.state.finished = True
         self._save_state()
         logger.info("Finished in %.0f s; final model in %s", time.perf_counter() - start, final_dir)
-        self.tracker.finish(card_inputs(config, self.state, self.state.get("speed")))
+        self.tracker.finish(card_inputs(config, self.state, self.state.speed))
         return self._result(model, final_dir, already_finished=False)
 
     def _write_final(self, model, tokenizer, final_dir: Path) -> None:
         """Speed (base vs final, interleaved), the final folder with its card, then ``report.html``."""
         config = self.config
-        if "speed" not in self.state:  # measured once: a rerun after a crash reuses it
+        if self.state.speed is None:  # measured once: a rerun after a crash reuses it
             base_model, _ = load_model_and_tokenizer(config.model.model_path, dtype=config.model.dtype)
-            self.state["speed"] = compare_speed(base_model, model, tokenizer)
+            self.state.speed = compare_speed(base_model, model, tokenizer)
             del base_model
-            atomic_write_json(self._state_path(), self.state)
-        card = card_inputs(config, self.state, self.state["speed"])
+            self.state.save(self._state_path())  # main process only (the caller)
+        card = card_inputs(config, self.state, self.state.speed)
         last = self.out / f"round-{config.pruning.num_rounds}" / "model"
         with atomic_folder(final_dir) as tmp:
             shutil.copytree(
@@ -322,12 +322,12 @@ class PruneThenHeal:
         return {
             "model": model,
             "final_dir": str(final_dir),
-            "baseline": self.state["baseline"],
-            "rounds": self.state["rounds"],
+            "baseline": self.state.baseline,
+            "rounds": self.state.rounds,
             "already_finished": already_finished,
         }
 
-    def _already_finished(self, state: dict[str, Any]) -> dict[str, Any]:
+    def _already_finished(self, state: RunState) -> dict[str, Any]:
         """A finished run's result, read back; nothing is written and no tracking run is started."""
         self.state = state
         final_dir = self.out / "final"
@@ -369,9 +369,9 @@ class PruneThenHeal:
         pruned_metrics = self.evaluate(model, tokenizer)
 
         learning_rate, first = config.heal.learning_rate, 0
-        retry = self.state.get("retry")
-        if retry and retry["round"] == k:  # a crash interrupted a retry: go on with it, at its rate
-            learning_rate, first = retry["learning_rate"], retry["attempt"]
+        retry = self.state.retry
+        if retry is not None and retry.round == k:  # a crash interrupted a retry: go on with it, at its rate
+            learning_rate, first = retry.learning_rate, retry.attempt
         for attempt in range(first, config.heal.nan_retries + 1):
             try:
                 torch.manual_seed(config.run.seed + k)
@@ -390,7 +390,7 @@ class PruneThenHeal:
                 )
                 if self.distributed.is_main_process:
                     remove_folder(round_dir / "heal")  # before the state says "retry", never after
-                self.state["retry"] = {"round": k, "attempt": attempt + 1, "learning_rate": learning_rate}
+                self.state.retry = Retry(round=k, attempt=attempt + 1, learning_rate=learning_rate)
                 self._save_state()
                 model = self._load_saved(pruned_dir)
 
@@ -405,8 +405,8 @@ class PruneThenHeal:
             "heal_loss": curve.losses,
         }
         self._save_model(model, tokenizer, round_dir / "model", {ROUND_RECORD: record})
-        self.state["rounds"].append(record)
-        self.state.pop("retry", None)
+        self.state.rounds.append(record)
+        self.state.retry = None
         self._save_state()
         if self.distributed.is_main_process:
             remove_folder(round_dir / "heal")

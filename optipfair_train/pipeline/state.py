@@ -23,12 +23,15 @@ import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from accelerate import PartialState
 from transformers import TrainerCallback
 
 from .faults import crash_point
+
+if TYPE_CHECKING:  # run_state reads and writes its file with this module's functions
+    from .run_state import RunState
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +39,6 @@ __all__ = [
     "COMPLETE_NAME",
     "EVENTS_NAME",
     "ROUND_RECORD",
-    "read_state",
     "check_writable",
     "finished_rounds",
     "final_ready",
@@ -106,18 +108,6 @@ def read_json(path: Path, remedy: str) -> Any:
         raise ValueError(f"{path} is damaged (not valid JSON: {err}); {remedy}") from err
 
 
-def read_state(path: Path) -> dict[str, Any] | None:
-    """The run's state.json, or ``None`` when there is none yet.
-
-    Example:
-        >>> read_state(Path("new-run/state.json")) is None  # doctest: +SKIP
-        True
-    """
-    if not path.is_file():
-        return None
-    return read_json(path, f"delete {path.parent} (or choose another output_dir) to start over.")
-
-
 def check_writable(out: Path) -> None:
     """Refuse an output folder that cannot be created or written, without creating anything.
 
@@ -152,17 +142,17 @@ def finished_rounds(out: Path, num_rounds: int) -> list[dict[str, Any]]:
     return records
 
 
-def final_ready(out: Path, state: dict[str, Any] | None) -> bool:
+def final_ready(out: Path, state: RunState | None) -> bool:
     """Whether the run in ``out`` finished with ``out/final`` intact (a rerun then changes nothing).
 
     A finished run whose ``final/`` was deleted is not ready: the rerun rebuilds it from the last
     round's model. A damaged ``final/`` is an error, as it may hold the user's own edits.
 
     Example:
-        >>> final_ready(Path("out"), read_state(Path("out/state.json")))  # doctest: +SKIP
+        >>> final_ready(Path("out"), RunState.load(Path("out/state.json")))  # doctest: +SKIP
         True
     """
-    if state is None or not state.get("finished") or not (out / "final").exists():
+    if state is None or not state.finished or not (out / "final").exists():
         return False
     problem = folder_problem(out / "final")
     if problem is not None:

@@ -23,7 +23,7 @@ The key vocabulary (sections are the first part of a key; no key is both a value
 
 Example:
     >>> tracker = RoundTracker(config, state, Path("out"), is_main=True)  # doctest: +SKIP
-    >>> tracker.log_round(0, state["baseline"], state)  # doctest: +SKIP
+    >>> tracker.log_round(0, state.baseline, state)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from .card import STAGE_KEYS
 from .config import PipelineConfig
 from .evaluate import LAYERS_KEY
 from .figures import component_layer_heatmap, stage_figures, stages
+from .run_state import RunState
 
 __all__ = ["HealCurve", "RoundTracker", "stage_scalars", "wandb_metric_name"]
 
@@ -95,7 +96,7 @@ def _cell(value: Any) -> Any:
     return ", ".join(map(str, value)) if isinstance(value, list) else value
 
 
-def _summary_table(state: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+def _summary_table(state: RunState) -> tuple[list[str], list[list[Any]]]:
     """The stage table (W&B names), without the columns no stage has a value for."""
     keys = [*STAGE_KEYS, "bias/activation_normalized_difference"]
     named = stages(state)
@@ -135,7 +136,7 @@ class RoundTracker:
     ``state`` gets ``wandb_run_id`` (the caller saves it).
     """
 
-    def __init__(self, config: PipelineConfig, state: dict[str, Any], out: Path, is_main: bool):
+    def __init__(self, config: PipelineConfig, state: RunState, out: Path, is_main: bool):
         self.run = None
         self.heal_steps = config.heal.heal_steps
         if config.run.report_to != "wandb" or not is_main:
@@ -143,7 +144,9 @@ class RoundTracker:
         import wandb
 
         os.environ.setdefault("WANDB_MODE", "offline")
-        run_id = state.setdefault("wandb_run_id", uuid.uuid4().hex[:8])
+        if state.wandb_run_id is None:
+            state.wandb_run_id = uuid.uuid4().hex[:8]
+        run_id = state.wandb_run_id
         self.run = wandb.run or wandb.init(
             project="optipfair-train",
             name=config.run.run_name,
@@ -162,7 +165,7 @@ class RoundTracker:
         """The callback for round ``k``'s healing Trainer (its steps continue the earlier rounds')."""
         return HealCurve(self.run, (k - 1) * self.heal_steps)
 
-    def log_round(self, k: int, metrics: dict, state: dict[str, Any], record: dict | None = None) -> None:
+    def log_round(self, k: int, metrics: dict, state: RunState, record: dict | None = None) -> None:
         """Log round ``k`` (0 = the unpruned baseline) with the history so far in ``state``.
 
         Example:
@@ -178,8 +181,8 @@ class RoundTracker:
         heatmap = component_layer_heatmap(metrics, f"Normalised activation difference, round {k}")
         if heatmap is not None:
             images["figures/bias_heatmap"] = heatmap
-        if k > 0 and state.get("baseline", {}).get(LAYERS_KEY):
-            change = component_layer_heatmap(metrics, f"Round {k} minus base", base=state["baseline"])
+        if k > 0 and (state.baseline or {}).get(LAYERS_KEY):
+            change = component_layer_heatmap(metrics, f"Round {k} minus base", base=state.baseline)
             if change is not None:
                 images["figures/bias_heatmap_change"] = change
         payload.update({key: wandb.Image(figure_to_rgb(figure)) for key, figure in images.items()})

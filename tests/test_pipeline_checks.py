@@ -74,6 +74,35 @@ BAD_SETTINGS = {
         {"reconstruct": True, "damping": 0, "num_calibration_samples": 1},
         "reconstruct with damping: 0 needs at least as many calibration tokens as kept neurons (up to 128)",
     ),
+    "budget_shares=width=1": (
+        {
+            "mlp_pruning_percentage": 0,
+            "num_layers_to_remove": 0,
+            "target_fraction": 0.3,
+            "budget_shares": "width=1",
+        },
+        "budget_shares: Unknown budget axis 'width'; accepted: hidden, mlp, heads, depth",
+    ),
+    "target_fraction beside per-axis settings": (
+        {"target_fraction": 0.3},
+        "A parameter budget sets every axis's count itself: set mlp_pruning_percentage, num_layers_to_remove to 0",
+    ),
+    "budget_shares without a target": (
+        {"mlp_pruning_percentage": 0, "num_layers_to_remove": 0, "budget_shares": "mlp=1"},
+        "budget_shares spends a budget: set target_parameters or target_fraction as well",
+    ),
+    # one of the 2 KV groups per layer is 2 query heads + 1 key/value head of 16 channels on a width of 64:
+    # (32 + 16 + 16 + 32) x 64 x 4 layers = 24,576 parameters; round 1's goal is 40,336 fewer
+    "target_fraction beyond the heads": (
+        {
+            "mlp_pruning_percentage": 0,
+            "num_layers_to_remove": 0,
+            "target_fraction": 0.5,
+            "budget_shares": "heads=1",
+        },
+        "target_fraction=0.5 with budget_shares='heads=1' cannot be carried out in round 1 of 2: Target 121,008 "
+        "parameters is below the smallest model heads can leave (136,768 of 161,344",
+    ),
     "lora_r=0": ({"lora_r": 0}, "lora_r must be at least 1, got 0"),
     "lora_target_modules": (
         {"lora_target_modules": ["q_proj", "qkv"]},
@@ -113,6 +142,39 @@ def test_dry_run_plans_exactly_the_shapes_the_rounds_reach(assets, tmp_path):
     assert planned == [r["pruned"]["parameters"] for r in result["rounds"]]
     kinds = [[e["pruning_type"] for e in r["events"]] for r in result["rounds"]]
     assert kinds == [["MLP_GLU"], ["DEPTH", "ATTENTION", "MLP_GLU"]]  # every kind was planned
+
+
+def _budget_preflight(assets, out):
+    from optipfair_train.models import load_model_and_tokenizer
+    from optipfair_train.pipeline.validate import preflight
+
+    settings = dict(mlp_pruning_percentage=0, num_layers_to_remove=0, target_fraction=0.3)
+    config = load_config(
+        write_config(assets, out, heal_method="none", budget_shares="hidden=0.5,mlp=0.5", **settings)
+    )
+    model, _ = load_model_and_tokenizer(config.model.model_path)
+    return config, preflight(model, {"width": 128, "kv_heads": 2, "parameters": 161_344}, config)
+
+
+def test_budget_preflight_plans_each_round_within_its_share_of_the_target(assets, tmp_path):
+    _, planned = _budget_preflight(assets, tmp_path / "budget")
+    target = int(161_344 * 0.7)
+    assert planned[0] <= 161_344 - (161_344 - target) // 2 and planned[1] <= target
+    # one neuron per layer (4 x 3 x 64 parameters at most) fewer would miss: the planner is tight
+    assert planned[1] + 4 * 3 * 64 > target
+
+
+@pytest.mark.slow
+def test_budget_rounds_reach_the_target_with_the_planned_shapes(assets, tmp_path):
+    """A budget across hidden and MLP width, two rounds: the pre-flight's counts are the real ones, each
+    round ends at or below its share of the way, the last at or below the target."""
+    config, planned = _budget_preflight(assets, tmp_path / "budget")
+    result = PruneThenHeal(config).run()
+    assert planned == [r["pruned"]["parameters"] for r in result["rounds"]]
+    target = int(161_344 * 0.7)
+    assert planned[0] <= 161_344 - (161_344 - target) // 2 and planned[1] <= target
+    assert [[e["pruning_type"] for e in r["events"]] for r in result["rounds"]] == [["MLP_GLU", "HIDDEN"]] * 2
+    assert load_pruned_model(tmp_path / "budget" / "final").num_parameters() == planned[1]
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys):

@@ -114,7 +114,19 @@ class PruningConfig:
         DEFAULT_METHODS["calibrated"]["depth"],
     )
     target_parameters: int = _help(
-        "alternatively: prune MLP width until at most this many parameters; 0 = off", 0
+        "alternatively: prune until at most this many parameters (MLP width only unless budget_shares "
+        "is set); 0 = off",
+        0,
+    )
+    target_fraction: float = _help(
+        "alternatively: remove this share of the parameters (e.g. 0.25), spent as budget_shares says; 0 = off",
+        0.0,
+    )
+    budget_shares: str = _help(
+        "with target_parameters / target_fraction: share of the removed parameters per axis, e.g. "
+        "'hidden=0.25,mlp=0.75' (axes: hidden, mlp, heads, depth; each round reaches its share of the "
+        "target with exact unit counts); '' = MLP width only",
+        "",
     )
     fairness_weight: float = _help("weight of the bias gap with neuron_selection_method=fairness", 0.2)
     reconstruct: bool = _help(
@@ -304,7 +316,9 @@ def _check_refit(p: PruningConfig) -> None:
 
     refit = RefitOptions(reconstruct=p.reconstruct, damping=p.damping, sequential=p.sequential)
     refit.check_refit(calibrated=True, wording=CONFIG_KEYS)  # the pipeline always has calibration data
-    widths = bool(p.mlp_pruning_percentage or p.attention_pruning_percentage or p.target_parameters)
+    widths = bool(
+        p.mlp_pruning_percentage or p.attention_pruning_percentage or p.target_parameters or p.target_fraction
+    )
     check_refit_target(p.reconstruct, p.sequential, refits=widths, wording=CONFIG_KEYS)
     # the pipeline's own rules: depth pruning's settings are separate keys, and its block selection is
     # one of several methods, of which only contiguous always removes one run
@@ -329,6 +343,7 @@ def validate(config: PipelineConfig) -> None:
         >>> validate(load_config(None, ["--lora_r", "8"]))
     """
     from ..pruning import get_scorer
+    from .rounds import check_budget
 
     p, h, d = config.pruning, config.heal, config.data
     for section in (config.model, d, p, h, config.run):  # inf / nan pass every range check below
@@ -360,15 +375,17 @@ def validate(config: PipelineConfig) -> None:
         raise ValueError("num_layers_to_remove and target_parameters must not be negative.")
     if p.target_parameters and p.mlp_pruning_percentage:
         raise ValueError("Give mlp_pruning_percentage or target_parameters, not both.")
+    check_budget(p)
     if not (
         p.mlp_pruning_percentage
         or p.attention_pruning_percentage
         or p.num_layers_to_remove
         or p.target_parameters
+        or p.target_fraction
     ):
         raise ValueError(
             "Nothing to prune: set mlp_pruning_percentage, attention_pruning_percentage, "
-            "num_layers_to_remove or target_parameters."
+            "num_layers_to_remove, target_parameters or target_fraction."
         )
     try:
         get_scorer(p.neuron_selection_method)

@@ -1,7 +1,8 @@
 """Pre-flight check of a run: every round's pruning planned against the model's shapes, before any
 folder is written, so a setting that only a later round would trip over is refused up front.
 
-Each round's requests (:func:`~optipfair_train.pipeline.rounds.round_requests`) are planned and applied
+Each round's requests (:func:`~optipfair_train.pipeline.rounds.round_requests`; for a parameter
+budget, the exact unit counts :func:`~optipfair_train.pruning.budget_requests` finds) are planned and applied
 with the engine's own :func:`~optipfair_train.pruning.plan` / :func:`~optipfair_train.pruning.apply` on
 a shape-only twin of the model (parameters on PyTorch's ``meta`` device: no memory, no arithmetic;
 which units go is not decided there, how many is), round after round, so each round sees the shapes
@@ -21,7 +22,7 @@ from ..arch import unwrap_model
 from ..pruning import apply, plan
 from ..pruning.plan import meta_twin
 from .config import LORA_METHODS, PipelineConfig
-from .rounds import round_requests
+from .rounds import is_budget, round_requests
 
 __all__ = ["preflight"]
 
@@ -60,9 +61,19 @@ def preflight(model: torch.nn.Module, base: dict[str, int], config: PipelineConf
     twin = meta_twin(unwrap_model(model))
     planned = []
     width_setting = "target_parameters" if p.target_parameters else "mlp_pruning_percentage"
+    budget = "target_fraction" if p.target_fraction else "target_parameters"
     for k in range(1, p.num_rounds + 1):
-        for request in round_requests(twin, base, config, k, bias_pairs=[_STAND_IN], tokenizer=_STAND_IN):
-            setting = _SETTING.get(request.kind, width_setting)
+        try:
+            requests = round_requests(twin, base, config, k, bias_pairs=[_STAND_IN], tokenizer=_STAND_IN)
+        except ValueError as err:
+            if not is_budget(p):
+                raise
+            raise ValueError(
+                f"{budget}={getattr(p, budget)} with budget_shares={p.budget_shares!r} cannot be carried out "
+                f"in round {k} of {p.num_rounds}: {err}"
+            ) from err
+        for request in requests:
+            setting = budget if is_budget(p) else _SETTING.get(request.kind, width_setting)
             try:
                 apply(twin, plan(twin, request))
             except ValueError as err:

@@ -2,6 +2,7 @@
 
 from .api import PRUNING_TYPES, prune_model, pruning_request
 from .apply import apply
+from .budget import BUDGET_AXES, budget_requests, parse_shares
 from .calibration import as_batches, block_influence, mlp_activation_sumsq
 from .depth import LAYER_SELECTION_METHODS, select_layers_to_remove
 from .hidden import HiddenPlan, apply_hidden, plan_hidden
@@ -21,6 +22,9 @@ __all__ = [
     "pruning_request",
     "plan",
     "apply",
+    "BUDGET_AXES",
+    "budget_requests",
+    "parse_shares",
     "PruningPlan",
     "model_fingerprint",
     "Request",

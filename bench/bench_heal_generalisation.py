@@ -13,7 +13,9 @@ The demo's one-shot (``configs/demo.yaml``: 20% of the MLP width by ``hybrid``, 
 
 Every healed model is scored on WikiText-2 test (text no healing saw) and on the demo's held-out split.
 KD uses temperature ``--temperature`` (2), alpha 0.9, top-64 teacher logits (float16) plus the tail bucket; learning rates follow
-``bench_healing.py``; cosine schedule with the pipeline's warmup (steps // 10).
+``bench_healing.py``. Each method heals with the pipeline's own ``heal`` (``HealConfig``: cosine schedule,
+warmup steps // 10); the healing time counts its optimizer steps, not the one checkpoint ``heal`` writes
+at the end (for resuming).
 
 Before that, the cost of one training step (forward, backward, AdamW step; batch 4 x 128) is measured
 for LoRA, online KD and cached KD (full-parameter and into LoRA), interleaved (A B C ... A B C ...),
@@ -34,10 +36,11 @@ import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from common import Report, base_parser, healing_arguments, load_workload, setup
-from transformers import Trainer, default_data_collator
+from transformers import Trainer, TrainerCallback, default_data_collator
 
 from optipfair_train import prune_model
 from optipfair_train.data import block_dataloader, load_texts, tokenize_for_lm
@@ -51,6 +54,8 @@ from optipfair_train.heal import (
     sample_teacher_text,
     text_dataset,
 )
+from optipfair_train.pipeline.config import HealConfig, RunConfig
+from optipfair_train.pipeline.healing import heal
 
 METHODS = {
     "lora": "LoRA CE, demo text (today)",
@@ -67,6 +72,8 @@ def student(pruned: torch.nn.Module, lora: bool) -> torch.nn.Module:
 
 
 def make_trainer(kind: str, model, teacher, cache, dataset, output_dir: str, steps: int, args) -> Trainer:
+    """A Trainer whose ``compute_loss`` the step-cost timing calls one step at a time (the healing runs
+    themselves go through the pipeline's ``heal``)."""
     lr = args.kd_lr if kind.startswith("kd") and "lora" not in kind else args.lora_lr
     training_args = healing_arguments(
         output_dir, steps=steps, batch_size=args.batch_size, learning_rate=lr, seed=args.seed,
@@ -78,6 +85,36 @@ def make_trainer(kind: str, model, teacher, cache, dataset, output_dir: str, ste
     if kind.endswith("online"):
         return DistillationTrainer(teacher=teacher, top_k=cache.k, temperature=args.temperature, alpha=0.9, **common)
     return DistillationTrainer(teacher_cache=cache, temperature=args.temperature, alpha=0.9, **common)
+
+
+def heal_config(method: str, args) -> HealConfig:
+    """The pipeline's healing settings for ``method`` (kd_lora_teacher heals as kd_lora on other text)."""
+    return HealConfig(
+        heal_method="kd_lora" if method == "kd_lora_teacher" else method,
+        heal_steps=args.steps,
+        per_device_batch_size=args.batch_size,
+        lora_r=16,
+        lora_alpha=32,
+        kd_temperature=args.temperature,
+        kd_alpha=0.9,
+    )
+
+
+class StepTimer(TrainerCallback):
+    """Seconds spent in optimizer steps (not the checkpoint heal writes at the end, for resuming) and the
+    Trainer's mean training loss."""
+
+    def __init__(self):
+        self.seconds, self.train_loss, self._began = 0.0, float("nan"), 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._began = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds += time.perf_counter() - self._began
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.train_loss = (logs or {}).get("train_loss", self.train_loss)
 
 
 def step_costs(pruned, teacher, cache, dataset, args) -> dict[str, dict[str, list[float]]]:
@@ -224,23 +261,23 @@ def main() -> None:
                 print(f"the teacher wrote {blocks.numel():,} tokens in {extra:.0f} s", flush=True)
             elif method != "lora":
                 extra = build_seconds
-            kind = "lora" if method == "lora" else ("kd_cached" if method == "kd" else "kd_lora_cached")
-            torch.manual_seed(args.seed)
-            model = student(pruned, lora="lora" in method)
+            torch.manual_seed(args.seed)  # the LoRA initialisation heal draws
+            timer = StepTimer()
             with tempfile.TemporaryDirectory(prefix="bench-heal-") as out:
-                trainer = make_trainer(kind, model, teacher, method_cache, data, out, args.steps, args)
-                began = time.perf_counter()
-                trainer.train()
-                seconds = time.perf_counter() - began
-            healed = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+                healed, _ = heal(
+                    student(pruned, lora=False), tokenizer, heal_config(method, args), Path(out),
+                    args.kd_lr if method == "kd" else args.lora_lr, data,
+                    run=RunConfig(seed=args.seed, save_steps=args.steps, report_to="none", show_progress=False),
+                    teacher_cache=method_cache, callbacks=[timer],
+                )  # fmt: skip
             result = scores(healed)
-            print(f"[{method}] {result} in {seconds:.0f} s (+{extra:.0f} s data/cache)", flush=True)
+            print(f"[{method}] {result} in {timer.seconds:.0f} s (+{extra:.0f} s data/cache)", flush=True)
             rows.append(
-                [METHODS[method], f"{seconds:.0f} + {extra:.0f}", f"{result['wikitext']:.2f}",
-                 f"{result['demo']:.2f}", f"{trainer.state.log_history[-1].get('train_loss', float('nan')):.3f}"]
+                [METHODS[method], f"{timer.seconds:.0f} + {extra:.0f}", f"{result['wikitext']:.2f}",
+                 f"{result['demo']:.2f}", f"{timer.train_loss:.3f}"]
             )  # fmt: skip
             partial(report, rows)
-            del trainer, model, healed
+            del healed
             gc.collect()
 
     report.text(

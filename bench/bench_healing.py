@@ -116,7 +116,11 @@ def heal(
     total_steps: int,
     checkpoint_steps: list[int],
 ) -> tuple[list[dict[str, float]], list[float]]:
-    """Heal a copy of ``pruned`` with ``method``; returns the checkpoint rows and the logged losses."""
+    """Heal a copy of ``pruned`` with ``method``; returns the checkpoint rows and the logged losses.
+
+    Its own Trainer, not the pipeline's ``heal``: the curve needs a constant learning rate after warmup
+    (``heal``'s is cosine, so its early points would not be comparable across run lengths).
+    """
     torch.manual_seed(args.seed)
     model = copy.deepcopy(pruned).requires_grad_(True)
     if method in ("lora", "kd_lora"):

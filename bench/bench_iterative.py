@@ -64,7 +64,11 @@ def prune(model: torch.nn.Module, work: Workload, percentage: float, seed: int) 
 
 
 def heal(model: torch.nn.Module, dataset, args, seed: int, label: str) -> tuple[torch.nn.Module, float]:
-    """LoRA-heal ``model`` on every block of ``dataset`` (one pass); returns the merged model and seconds."""
+    """LoRA-heal ``model`` on every block of ``dataset`` (one pass); returns the merged model and seconds.
+
+    Its own Trainer, not the pipeline's ``heal``: this comparison needs no warmup (``heal`` warms up for
+    steps // 10, at least one step, at learning rate 0 first, which would cost each iterative round a step).
+    """
     torch.manual_seed(seed)
     peft_model = add_lora(model, r=16, alpha=32)
     steps = len(dataset) // args.batch_size

@@ -8,6 +8,17 @@ divided by the forward pass of the same repeat, so a change of machine load betw
     python bench/bench_refit_time.py --threads 2 --repeats 3    # ~8 min on 2 quiet CPU cores
 
 Further flags: the shared ones of ``bench/common.py``. Writes <out>/refit-time.md.
+
+``--compare-ref COMMIT`` times the engine (``pruning_request`` + ``plan`` + ``apply``, and the
+``prune_model`` built on them) against ``prune_model`` of the source tree at COMMIT (extracted with
+``git archive`` into a temporary folder), on the same saved model and calibration batches (WikiText-2
+valid, 32 x 256 tokens; quick 4 x 64), each prune in a fresh process (``engine_time_worker.py``) with
+the same torch thread count, interleaved (old, new, new's ``prune_model``; the order reversed every other
+repeat), for three settings: MLP width -20% by ``hybrid`` with the refit (the demo's), one KV group of
+every layer by ``activation``, and a tenth of the blocks (at least one) by ``importance``. It replaces
+the comparison section of <out>/refit-time.md (the section above it stays):
+
+    python bench/bench_refit_time.py --threads 2 --repeats 3 --compare-ref a019fd7   # ~25 min, 2 cores
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import time
 
 from bench_reconstruction import _forward_seconds
 from common import Report, base_parser, load_workload, setup
+from engine_compare import compare_with_ref
 
 from optipfair_train import prune_model
 
@@ -25,8 +37,14 @@ from optipfair_train import prune_model
 def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--compare-ref", metavar="COMMIT", help="time the engine against this commit's prune_model"
+    )
     args = parser.parse_args()
     setup(args)
+    if args.compare_ref:
+        compare_with_ref(args)
+        return
     report = Report("refit-time", "Scoring + refit time against one forward pass (demo model)", args.out)
     work = load_workload(args, eval_tokens=512, calibration_samples=16, calibration_seq_len=512)
     base = work.model.eval()

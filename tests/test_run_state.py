@@ -17,7 +17,7 @@ from test_pipeline_interrupted import _DieAfterStep3, _Died, _Steps
 
 from optipfair_train.pipeline import PruneThenHeal, load_config
 from optipfair_train.pipeline.card import card_inputs
-from optipfair_train.pipeline.run_state import Retry, RunState
+from optipfair_train.pipeline.run_state import Retry, RunState, changed_settings
 
 EARLIER = Path(__file__).parent / "data" / "run-state"
 
@@ -84,6 +84,31 @@ def test_a_state_file_without_its_settings_or_not_json_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"state.json is damaged \(not valid JSON"):
         RunState.load(path)
     assert RunState.load(tmp_path / "none.json") is None
+
+
+def _retry_config(assets: Path | str, **overrides):
+    """The settings the run of retry-in-progress.json was started with."""
+    settings = tiny_run_settings(
+        Path(assets), Path("/out"), num_rounds=1, num_layers_to_remove=0, heal_steps=4, learning_rate=1e-3,
+        nan_lr_factor=0.5, report_to="wandb",
+    ) | overrides  # fmt: skip
+    return load_config(None, [item for k, v in settings.items() for item in (f"--{k}", str(v))])
+
+
+def test_settings_added_since_a_run_was_written_count_as_their_defaults():
+    saved = _earlier("retry-in-progress.json")["config"]
+    assert "budget_shares" not in saved["pruning"]  # a setting this file predates
+    assert changed_settings(saved, _retry_config("/assets")) == []
+    assert changed_settings(
+        saved, _retry_config("/assets", target_fraction=0.25, mlp_pruning_percentage=0)
+    ) == [
+        "mlp_pruning_percentage: 30.0 -> 0.0",
+        "target_fraction: 0.0 -> 0.25",
+    ]
+    assert changed_settings(saved, _retry_config("/assets", lora_r=8)) == ["lora_r: 16 -> 8"]
+    assert changed_settings(saved, _retry_config("/assets", seed=1, report_to="none")) == ["seed: 0 -> 1"]
+    gone = saved | {"heal": saved["heal"] | {"old_setting": 1}}
+    assert changed_settings(gone, _retry_config("/assets")) == ["old_setting: 1 -> (no such setting)"]
 
 
 def test_a_run_stopped_in_a_retry_resumes_from_a_state_file_of_the_earlier_layout(tmp_path):

@@ -58,7 +58,7 @@ from .healing import NonFiniteLossError, heal, training_args
 from .lock import OutputGuard
 from .report import write_report
 from .rounds import round_requests
-from .run_state import STATE_NAME, Retry, RunState
+from .run_state import STATE_NAME, Retry, RunState, changed_settings, comparable_settings
 from .state import (
     COMPLETE_NAME,
     EVENTS_NAME,
@@ -114,18 +114,14 @@ class PruneThenHeal:
             self.state.save(self._state_path())
         self.distributed.wait_for_everyone()
 
-    def _comparable(self) -> dict:
-        settings = self.config.to_dict()
-        settings["run"] = {k: v for k, v in settings["run"].items() if k in ("seed",)}
-        return settings
-
     def _read_state(self) -> RunState | None:
         """The state of an earlier run in ``output_dir`` (``None`` if there is none); reads only."""
         state = RunState.load(self._state_path())
-        if state is not None and state.config != self._comparable():
+        changes = changed_settings(state.config, self.config) if state is not None else []
+        if changes:
             raise ValueError(
-                f"{self.out} holds a run with different settings; use a new output_dir "
-                "(or delete it) to start over."
+                f"{self.out} holds a run with different settings ({'; '.join(changes)}); use a new "
+                "output_dir (or delete it) to start over."
             )
         return state
 
@@ -144,7 +140,7 @@ class PruneThenHeal:
         self.distributed.wait_for_everyone()
         if existing is not None:
             logger.info("Resuming the run in %s", self.out)
-        self.state = existing or RunState(config=self._comparable())
+        self.state = existing or RunState(config=comparable_settings(self.config))
         self._save_state()
 
     def _load_saved(self, folder: Path) -> torch.nn.Module:

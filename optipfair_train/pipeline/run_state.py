@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import PipelineConfig
 from .state import atomic_write_json, read_json
 
-__all__ = ["RunState", "Retry", "STATE_NAME"]
+__all__ = ["RunState", "Retry", "STATE_NAME", "comparable_settings", "changed_settings"]
 
 STATE_NAME = "state.json"
 
@@ -176,6 +177,40 @@ class RunState:
             >>> RunState(config={}).save(Path("out/state.json"))  # doctest: +SKIP
         """
         atomic_write_json(Path(path), self.to_dict())
+
+
+def comparable_settings(config: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """The settings a resumed run must share with the run that wrote the folder (``RunState.config``):
+    all of them except the run section's, of which only the seed counts.
+
+    Example:
+        >>> comparable_settings(PipelineConfig())["run"]
+        {'seed': 0}
+    """
+    settings = config.to_dict()
+    settings["run"] = {k: v for k, v in settings["run"].items() if k == "seed"}
+    return settings
+
+
+def changed_settings(saved: Mapping[str, Any], config: PipelineConfig) -> list[str]:
+    """The settings of ``config`` that differ from ``saved`` (an earlier run's ``RunState.config``), as
+    ``name: then -> now``. A setting ``saved`` lacks, because it was added after that run was written,
+    counts as its default, so such a folder still resumes when the new setting is left at it.
+
+    Example:
+        >>> changed_settings(comparable_settings(PipelineConfig()), PipelineConfig())
+        []
+    """
+    current, defaults = comparable_settings(config), comparable_settings(PipelineConfig())
+    changes = []
+    for section, values in current.items():
+        then = saved.get(section, {}) if isinstance(saved.get(section), Mapping) else {}
+        for name, value in values.items():
+            before = then.get(name, defaults[section][name])
+            if before != value:
+                changes.append(f"{name}: {before!r} -> {value!r}")
+        changes += [f"{name}: {then[name]!r} -> (no such setting)" for name in then if name not in values]
+    return changes
 
 
 def _retry(value: dict[str, Any], source: str) -> Retry:

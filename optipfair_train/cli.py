@@ -1,4 +1,4 @@
-"""Command line: ``optipfair-train {demo,prune,analyze,run,probe,eval}`` (flags: :mod:`.cli_parser`).
+"""Command line: ``optipfair-train {demo,prune,analyze,run,probe,eval,search}`` (flags: :mod:`.cli_parser`).
 
 Every command imports torch and transformers only once its arguments are checked, so ``--help`` and a
 mistyped flag or value answer at once, before any model is loaded.
@@ -263,6 +263,12 @@ def run_verdict(pipeline) -> list[str]:
     return verdict_lines(card, run_files(pipeline.out))
 
 
+def _run_search(args) -> int:
+    from .pruning.search_cli import run_search
+
+    return run_search(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``optipfair-train`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -282,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .zeroshot.cli import run_eval
 
         return run_eval(args)
-    runners = {"demo": _run_demo, "prune": _run_prune, "analyze": _run_analyze}
+    runners = {"demo": _run_demo, "prune": _run_prune, "analyze": _run_analyze, "search": _run_search}
     try:
         if args.command == "run":
             return _run_pipeline(args.config, extra)

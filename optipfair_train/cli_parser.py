@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .names import (
     ALL_COMPONENTS,
+    BUDGET_AXES,
     BUILTIN_SCORERS,
     DEFAULT_DAMPING,
     DEFAULT_FIGURE_COMPONENTS,
@@ -29,10 +30,11 @@ from .names import (
     PRUNING_TYPES,
     SCORE_METHODS,
     VISUALIZATION_TYPES,
+    parse_shares,
 )
 from .zeroshot.tasks import DEFAULT_TASKS, EVAL_SAMPLE_SIZE, TASKS
 
-__all__ = ["add_eval_arguments", "add_probe_arguments", "build_parser", "percentage"]
+__all__ = ["add_eval_arguments", "add_probe_arguments", "add_search_arguments", "build_parser", "percentage"]
 
 DEFAULT_METHOD = DEFAULT_METHODS["calibrated"]["mlp"]  # prune_model's default with calibration data
 
@@ -43,6 +45,7 @@ COMMANDS = {
     "run": "the prune-then-heal pipeline from a YAML config (flags after --config override its keys)",
     "probe": "bias probes: activation differences and behavioural scores",
     "eval": "perplexity, zero-shot accuracy and StereoSet of any model",
+    "search": "compare allocations of one parameter budget across axes; write the table and the chosen plan",
 }
 DESCRIPTION = """Structured pruning and bias probing of LLMs in the Hugging Face training loop.
 
@@ -295,6 +298,72 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _shares(value: str) -> dict[str, float]:
+    try:
+        return parse_shares(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0 < number < 1:
+        raise argparse.ArgumentTypeError(f"expected a share of the parameters in (0, 1), got {value!r}")
+    return number
+
+
+def _count(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    """``optipfair-train search``: the budget, the candidates, the data of the proxy and the output."""
+    parser.add_argument("model", nargs="?", default="demo", help=MODEL_HELP + " (default: demo)")
+    budget = parser.add_argument_group("budget (give one)").add_mutually_exclusive_group(required=True)
+    budget.add_argument("--target-parameters", type=_positive_int, help="at most this many parameters stay")
+    budget.add_argument("--fraction", type=_fraction, help="share of the parameters to remove, e.g. 0.25")
+    parser.add_argument(
+        "--candidates",
+        nargs="+",
+        type=_shares,
+        metavar="SHARES",
+        help=f"allocations to compare, each 'axis=share,...' over {', '.join(BUDGET_AXES)} (default: each axis "
+        "alone, and MLP width mixed with each other axis)",
+    )
+    _add_device_arguments(parser)
+    _add_data_arguments(parser)
+    parser.add_argument("--eval-data", default="demo", help="held-out text of the proxy perplexity")
+    parser.add_argument("--eval-tokens", type=_positive_int, default=4096, help="tokens scored per candidate")
+    parser.add_argument("--eval-seq-len", type=_positive_int, default=512, help="tokens per perplexity block")
+    parser.add_argument(
+        "--no-reconstruct",
+        dest="reconstruct",
+        action="store_false",
+        help="skip the refit (faster, cruder proxy)",
+    )
+    parser.add_argument(
+        "--distill-steps",
+        type=_count,
+        default=0,
+        help="then distil the best candidates this many steps (4 blocks of the calibration text each) from the "
+        "unpruned model and rank by perplexity after it; 0 = one-shot only",
+    )
+    parser.add_argument(
+        "--distill-top", type=_positive_int, default=2, help="candidates distilled (+ best single axis)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of scorers, refits and distillation")
+    parser.add_argument(
+        "--output-dir",
+        default="outputs/search",
+        help="search.json, search.md, the chosen plan (plan/) and search-state.json (a rerun resumes from it)",
+    )
+
+
 def _run_epilog() -> str:
     """Every config key ``run`` accepts, with its help (imports the pipeline's config module)."""
     import dataclasses
@@ -336,6 +405,8 @@ def _build(name: str, parser: argparse.ArgumentParser) -> None:
         add_probe_arguments(parser)
     elif name == "eval":
         add_eval_arguments(parser)
+    elif name == "search":
+        add_search_arguments(parser)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -12,7 +12,13 @@ Example:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from typing import Any
+
 __all__ = [
+    "BUDGET_AXES",
+    "parse_shares",
     "DTYPES",
     "PRUNING_TYPES",
     "LAYER_SELECTION_METHODS",
@@ -65,3 +71,44 @@ SCORE_METHODS = ("full", "shared")
 VISUALIZATION_TYPES = ("mean_diff", "heatmap", "pca")
 DEFAULT_FIGURE_COMPONENTS = ("attention_output", "mlp_output")
 FIGURE_FORMATS = ("png", "pdf", "svg", "jpg")
+
+
+#: The axes one parameter budget is spent across (``pruning.budget``), as ``budget_shares`` names them.
+BUDGET_AXES = ("hidden", "mlp", "heads", "depth")
+
+
+def parse_shares(shares: Mapping[str, float] | str) -> dict[str, float]:
+    """Check the shares of the removed parameters per axis; a string is ``"hidden=0.5,mlp=0.5"``.
+
+    Keys among ``hidden``, ``mlp``, ``heads``, ``depth``; values >= 0 summing to 1 (within 1e-6).
+    Axes with share 0 are dropped.
+
+    Example:
+        >>> parse_shares("hidden=0.25, mlp=0.75")
+        {'hidden': 0.25, 'mlp': 0.75}
+    """
+    if isinstance(shares, str):
+        parsed: dict[str, Any] = {}
+        for item in filter(None, (s.strip() for s in shares.split(","))):
+            key, sep, value = item.partition("=")
+            try:
+                parsed[key.strip()] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise ValueError(
+                    f"budget shares must read like 'hidden=0.5,mlp=0.5'; could not read {item!r}."
+                ) from None
+        shares = parsed
+    if not isinstance(shares, Mapping) or not shares:
+        raise ValueError(f"shares must map axes to shares, e.g. {{'mlp': 1.0}}; got {shares!r}.")
+    unknown = [k for k in shares if k not in BUDGET_AXES]
+    if unknown:
+        raise ValueError(f"Unknown budget axis {unknown[0]!r}; accepted: {', '.join(BUDGET_AXES)}.")
+    for k, v in shares.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"The share of {k!r} must be a number >= 0, got {v!r}.")
+    total = sum(shares.values())
+    if abs(total - 1) > 1e-6:
+        raise ValueError(f"The shares must sum to 1, got {total:g} ({dict(shares)}).")
+    return {k: float(v) for k, v in shares.items() if v > 0}

@@ -34,7 +34,7 @@ def test_top_level_help_and_prune_mistakes_import_no_torch():
     top = _no_torch("--help")
     assert top.returncode == 0 and "IMPORTED []" in top.stdout
     assert "``" not in top.stdout and "optipfair-train demo" in top.stdout  # plain text, a first command
-    for command in ("demo", "prune", "analyze", "run", "probe", "eval"):
+    for command in ("demo", "prune", "analyze", "run", "probe", "eval", "search"):
         assert command in top.stdout
     bad = _no_torch("prune", "--pruning-percentage", "120", "--output-dir", "x")
     assert bad.returncode == 2 and "between 0 and 100" in bad.stderr
@@ -58,6 +58,9 @@ COMMAND_HELP = {
               "unknown component(s) ['mlp_out']"),
     "eval": (["(default: arc_easy,hellaswag,piqa,winogrande)", "(default: 200)", "arc_challenge"],
              ["demo", "--tasks", "arc_easy,nope"], "unknown task(s) ['nope']"),
+    "search": (["(default: outputs/search)", "over hidden, mlp, heads, depth", "(default: 0)"],
+               ["demo", "--fraction", "0.25", "--candidates", "mlp=0.5,width=0.5"],
+               "Unknown budget axis 'width'; accepted: hidden, mlp, heads, depth"),
 }  # fmt: skip
 
 

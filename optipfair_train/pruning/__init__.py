@@ -12,6 +12,7 @@ from .io import MANIFEST_NAME, load_pruned_model, pruning_manifest, save_pruned_
 from .plan import PruningPlan, model_fingerprint, plan
 from .requests import DepthRequest, HeadRequest, MLPWidthRequest, Request, default_method
 from .scorers import ScoringContext, available_scorers, get_scorer, register_scorer
+from .search import SearchResult, search
 from .streamed import prune_checkpoint
 from .surgery import ParamSlice, prune_mlp_neurons, remove_layers, slice_linear
 from .width import apply_width_plan, neuron_scores, plan_mlp_width
@@ -25,6 +26,8 @@ __all__ = [
     "BUDGET_AXES",
     "budget_requests",
     "parse_shares",
+    "search",
+    "SearchResult",
     "PruningPlan",
     "model_fingerprint",
     "Request",

@@ -41,6 +41,7 @@ import torch
 
 from ..analysis import count_parameters
 from ..arch import get_adapter, unwrap_model
+from ..names import BUDGET_AXES, parse_shares
 from .apply import apply
 from .axes import AXIS_ORDER
 from .hidden_axis import HiddenRequest
@@ -51,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BUDGET_AXES", "budget_requests", "budget_target", "parse_shares"]
 
-BUDGET_AXES = ("hidden", "mlp", "heads", "depth")
 _TYPES = {"mlp": MLPWidthRequest, "heads": HeadRequest, "depth": DepthRequest, "hidden": HiddenRequest}
 # request fields the budget sets itself (or that would make the per-layer counts uneven)
 _OWN = {
@@ -59,43 +59,6 @@ _OWN = {
     "target_parameters", "depth_pruning_percentage", "layer_indices", "layer_allocation", "method",
     "calibrated", "reconstruct", "granularity", "divisor",
 }  # fmt: skip
-
-
-def parse_shares(shares: Mapping[str, float] | str) -> dict[str, float]:
-    """Check the shares of the removed parameters per axis; a string is ``"hidden=0.5,mlp=0.5"``.
-
-    Keys among ``hidden``, ``mlp``, ``heads``, ``depth``; values >= 0 summing to 1 (within 1e-6).
-    Axes with share 0 are dropped.
-
-    Example:
-        >>> parse_shares("hidden=0.25, mlp=0.75")
-        {'hidden': 0.25, 'mlp': 0.75}
-    """
-    if isinstance(shares, str):
-        parsed: dict[str, Any] = {}
-        for item in filter(None, (s.strip() for s in shares.split(","))):
-            key, sep, value = item.partition("=")
-            try:
-                parsed[key.strip()] = float(value)
-            except ValueError:
-                sep = ""
-            if not sep:
-                raise ValueError(
-                    f"budget shares must read like 'hidden=0.5,mlp=0.5'; could not read {item!r}."
-                ) from None
-        shares = parsed
-    if not isinstance(shares, Mapping) or not shares:
-        raise ValueError(f"shares must map axes to shares, e.g. {{'mlp': 1.0}}; got {shares!r}.")
-    unknown = [k for k in shares if k not in BUDGET_AXES]
-    if unknown:
-        raise ValueError(f"Unknown budget axis {unknown[0]!r}; accepted: {', '.join(BUDGET_AXES)}.")
-    for k, v in shares.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"The share of {k!r} must be a number >= 0, got {v!r}.")
-    total = sum(shares.values())
-    if abs(total - 1) > 1e-6:
-        raise ValueError(f"The shares must sum to 1, got {total:g} ({dict(shares)}).")
-    return {k: float(v) for k, v in shares.items() if v > 0}
 
 
 def budget_target(

@@ -72,7 +72,8 @@ BAD_SETTINGS = {
     # 1 x 64 calibration tokens for up to 128 kept neurons: the undamped refit is singular
     "damping=0 on too few tokens": (
         {"reconstruct": True, "damping": 0, "num_calibration_samples": 1},
-        "reconstruct with damping: 0 needs at least as many calibration tokens as kept neurons (up to 128)",
+        "reconstruct with damping: 0 needs at least as many calibration tokens (num_calibration_samples x "
+        "calibration_seq_len) as kept inputs (up to 128); got 64",
     ),
     "budget_shares=width=1": (
         {

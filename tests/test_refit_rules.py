@@ -60,7 +60,12 @@ def test_every_refit_refuses_a_bad_damping_with_the_same_message(damping):
 
 def test_each_rule_message_is_written_once_in_the_package():
     sources = {p: p.read_text() for p in PACKAGE.rglob("*.py")}
-    for fragment in ("applies to the refit", "nothing to refit", "damping must be a number >= 0"):
+    for fragment in (
+        "applies to the refit",
+        "nothing to refit",
+        "damping must be a number >= 0",
+        "as kept inputs",
+    ):
         holders = [p.name for p, text in sources.items() if re.search(re.escape(fragment), text)]
         # the message itself, plus the doctest that shows it in the one module that raises it
         assert len(holders) == 1, (fragment, holders)

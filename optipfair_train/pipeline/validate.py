@@ -21,6 +21,8 @@ from ..analysis import count_parameters
 from ..arch import unwrap_model
 from ..pruning import apply, plan
 from ..pruning.plan import meta_twin
+from ..pruning.reconstruction import check_undamped_tokens
+from ..pruning.refit_options import CONFIG_KEYS
 from .config import LORA_METHODS, PipelineConfig
 from .rounds import is_budget, round_requests
 
@@ -51,12 +53,14 @@ def preflight(model: torch.nn.Module, base: dict[str, int], config: PipelineConf
             f"has {base['parameters']:,} parameters."
         )
     _check_lora_targets(model, config)
-    tokens = config.data.num_calibration_samples * config.data.calibration_seq_len
-    if p.reconstruct and p.damping == 0 and tokens < base["width"]:
-        raise ValueError(
-            f"reconstruct with damping: 0 needs at least as many calibration tokens as kept neurons (up to "
-            f"{base['width']}); num_calibration_samples x calibration_seq_len = {tokens}. Give more "
-            "calibration data or damping > 0."
+    if p.reconstruct:  # the engine's rule, on the tokens the run will read (padding not known yet)
+        check_undamped_tokens(
+            config.data.num_calibration_samples * config.data.calibration_seq_len,
+            base["width"],
+            p.damping,
+            setting=CONFIG_KEYS.setting("damping", 0),
+            counted="calibration tokens (num_calibration_samples x calibration_seq_len)",
+            at_most=True,
         )
     twin = meta_twin(unwrap_model(model))
     planned = []

@@ -56,6 +56,7 @@ __all__ = [
     "effective_weight",
     "check_calibration_size",
     "check_damping",
+    "check_undamped_tokens",
 ]
 
 RECONSTRUCT_KINDS = ("mlp", "attention")
@@ -239,6 +240,32 @@ def check_damping(damping: Any) -> None:
         raise ValueError(f"damping must be a number >= 0 (default {DEFAULT_DAMPING}), got {damping!r}.")
 
 
+def check_undamped_tokens(
+    tokens: int,
+    kept_inputs: int,
+    damping: float,
+    *,
+    setting: str = "damping=0",
+    counted: str = "real calibration tokens",
+    at_most: bool = False,
+) -> None:
+    """Refuse an undamped refit on fewer tokens than kept inputs (its Gram is then singular). The
+    pipeline's pre-flight applies the same rule to the tokens it will read, worded with its keys
+    (``at_most``: ``kept_inputs`` is an upper bound, the unpruned width).
+
+    Example:
+        >>> check_undamped_tokens(64, 128, 0.0)
+        Traceback (most recent call last):
+        ValueError: reconstruct with damping=0 needs at least as many real calibration tokens as kept inputs (128); got 64. Give more calibration data or damping > 0 (e.g. 0.01).
+    """
+    if damping == 0 and tokens < kept_inputs:
+        raise ValueError(
+            f"reconstruct with {setting} needs at least as many {counted} as kept inputs "
+            f"({'up to ' if at_most else ''}{kept_inputs}); got {tokens}. Give more calibration data or "
+            f"damping > 0 (e.g. {DEFAULT_DAMPING})."
+        )
+
+
 def check_calibration_size(batches: list[CalibrationBatch], system_size: int, damping: float) -> int:
     """Number of real calibration tokens; raise/warn when they are too few for ``system_size`` unknowns.
 
@@ -247,11 +274,7 @@ def check_calibration_size(batches: list[CalibrationBatch], system_size: int, da
     ~1.6 tokens per input raised the demo's perplexity from 48 to 74): a warning.
     """
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    if damping == 0 and tokens < system_size:
-        raise ValueError(
-            f"reconstruct with damping=0 needs at least as many real calibration tokens as kept inputs "
-            f"({system_size}); got {tokens}. Give more calibration data or damping > 0 (e.g. 0.01)."
-        )
+    check_undamped_tokens(tokens, system_size, damping)
     if tokens < 4 * system_size:
         logger.warning(
             "Refitting %d kept inputs per layer on only %d calibration tokens may overfit the "

@@ -46,8 +46,8 @@ from optipfair_worker import (
     default_venv,
     ensure_optipfair,
     kept_neurons,
-    parent_site_packages,
 )
+from peer_venv import parent_site_packages
 
 from optipfair_train import count_parameters, prune_model
 from optipfair_train.bias import DEFAULT_PROMPT_PAIRS, visualize_bias

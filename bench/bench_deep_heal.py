@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_heal_generalisation import StepTimer
 from common import Progress, Report, base_parser, fmt_ppl, load_workload, setup
 from transformers import TrainerCallback
 
@@ -56,20 +57,17 @@ CHECKPOINTS = [2**i * 1024 for i in range(4, 11)]  # 16k, 32k, ... 1M tokens
 
 
 class Curve(TrainerCallback):
-    """Measures the student at the chosen optimizer steps, and keeps the time spent measuring apart."""
+    """Measures the student at the chosen optimizer steps (after the step timer has stopped)."""
 
     def __init__(self, steps: set[int], measure):
         self.steps, self.measure = steps, measure
         self.points: list[tuple[int, dict[str, float]]] = []
-        self.measuring_seconds = 0.0
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps:
-            start = time.perf_counter()
             model.eval()
             self.points.append((state.global_step, self.measure(model)))
             model.train()
-            self.measuring_seconds += time.perf_counter() - start
         return control
 
 
@@ -152,8 +150,8 @@ def main() -> None:
     run = RunConfig(seed=args.seed, report_to="none", save_steps=steps + 1, show_progress=False)
     torch.manual_seed(args.seed)
     student.requires_grad_(True)
+    timer = StepTimer()  # optimizer steps only: not the measurements, not heal's final checkpoint
     with tempfile.TemporaryDirectory(prefix="bench-deep-heal-") as folder:
-        start = time.perf_counter()
         healed, tokens = heal(
             student,
             tokenizer,
@@ -163,9 +161,9 @@ def main() -> None:
             dataset,
             run=run,
             teacher_cache=cache,
-            callbacks=[curve],
+            callbacks=[timer, curve],
         )
-        healing = time.perf_counter() - start - curve.measuring_seconds
+    healing = timer.seconds
     for step, scores in curve.points:
         row(step * per_step, scores)
     throughput = tokens / healing
@@ -179,7 +177,7 @@ def main() -> None:
         f"({tokens:,} tokens), peak learning rate {args.lr:g}, warmup {max(1, steps // 10)} steps then cosine, "
         f"top-{TOP_K} cached logits, temperature {TEMPERATURE:g}, alpha {ALPHA:g}. The teacher wrote "
         f"{written.numel() + blocks.numel():,} tokens in {writing:.0f} s (0 when reused from the cache). "
-        f"Healing {healing:.0f} s without the measurements: {throughput:.0f} tokens/s, so 1,048,576 tokens "
+        f"Healing {healing:.0f} s in optimizer steps: {throughput:.0f} tokens/s, so 1,048,576 tokens "
         f"would take about {1048576 / throughput / 3600:.1f} h of training here."
     )
     report.table(["healing tokens", "WikiText-2 test", "x base", "demo held-out", "x base"], rows)

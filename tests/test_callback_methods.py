@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from optipfair_train.bias import StereoSetItem
 from optipfair_train.callbacks import GradientImportanceCallback, PruningCallback
 
 _DATA = [{"input_ids": torch.ones(1, 4, dtype=torch.long)}]  # never run at construction
@@ -50,6 +51,11 @@ def test_defaults(pruning_type, gradients, calibration, expected):
         ("ATTENTION", "activation", "Head importance 'activation' needs calibration data"),
         ("MLP_GLU", "taylor", "importance=GradientImportanceCallback()"),
         ("ATTENTION", "hybrid", "Unknown head importance method 'hybrid'"),
+        (
+            "ATTENTION",
+            "fairness",
+            "Head importance 'fairness' scores heads on StereoSet items: pass bias_items",
+        ),
         ("MLP_GLU", "bogus", "Unknown neuron selection method 'bogus'"),
         ("DEPTH", "importance", "measures blocks on calibration data"),
     ],
@@ -67,3 +73,14 @@ def test_weight_only_and_fairness_scorers_need_no_calibration():
     assert fairness.method == "fairness"
     with pytest.raises(ValueError, match="needs bias_pairs"):
         _callback("MLP_GLU", "fairness", gradients=False, calibration=False)
+    items = {"bias_items": [StereoSetItem("intersentence", "t", "gender", "He is.", "a", "b", "c")]}
+    heads = _callback("ATTENTION", "fairness", gradients=False, calibration=False, prune_kwargs=items)
+    assert heads.method == "fairness"
+    with pytest.raises(ValueError, match="fairness_lambda must be a finite number >= 0"):
+        _callback(
+            "ATTENTION",
+            "fairness",
+            gradients=False,
+            calibration=False,
+            prune_kwargs=items | {"fairness_lambda": -1},
+        )

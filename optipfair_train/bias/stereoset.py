@@ -51,7 +51,15 @@ from .capture import eval_mode, model_device
 from .stereoset_data import OPTIONS, StereoSetItem, sample_items
 from .tokens import pad_token_id
 
-__all__ = ["SCORES", "option_log_probs", "stereoset_change", "stereoset_metrics", "stereoset_scores"]
+__all__ = [
+    "SCORES",
+    "item_sequences",
+    "padded_options",
+    "option_log_probs",
+    "stereoset_change",
+    "stereoset_metrics",
+    "stereoset_scores",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +72,9 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _sequences(tokenizer, item: StereoSetItem, prefix: int | None) -> list[tuple[list[int], int]]:
+def _option_sequences(tokenizer, item: StereoSetItem, prefix: int) -> list[tuple[list[int], int]]:
     """(token ids, index of the first scored token) of the item's three options."""
-    head = [] if prefix is None else [prefix]
+    head = [prefix]
     if item.task == "intrasentence":
         return [(head + _encode(tokenizer, s), len(head)) for s in item.options()]
     context = item.context.rstrip()
@@ -74,6 +82,57 @@ def _sequences(tokenizer, item: StereoSetItem, prefix: int | None) -> list[tuple
         context += "."
     ctx = head + _encode(tokenizer, context)
     return [(ctx + _encode(tokenizer, " " + s.strip()), len(ctx)) for s in item.options()]
+
+
+def item_sequences(tokenizer, items: Sequence[StereoSetItem]) -> list[list[tuple[list[int], int]]]:
+    """Per item, its three options as (token ids, index of the first scored token), in
+    :data:`~optipfair_train.bias.stereoset_data.OPTIONS` order (how they are built: the module docstring).
+
+    Raises:
+        ValueError: for no items, an option with no scored token, or a tokenizer without BOS/EOS.
+
+    Example:
+        >>> from optipfair_train.bias.stereoset_data import StereoSetItem
+        >>> class Chars:  # one id per character, BOS 1
+        ...     bos_token_id, eos_token_id = 1, 2
+        ...     def __call__(self, text, add_special_tokens=False):
+        ...         return {"input_ids": [ord(c) for c in text]}
+        >>> item = StereoSetItem("intersentence", "t", "gender", "Hi", "a", "b", "c")
+        >>> item_sequences(Chars(), [item])[0][0]
+        ([1, 72, 105, 46, 32, 97], 4)
+    """
+    if len(items) == 0:
+        raise ValueError("no StereoSet items given")
+    prefix = prefix_token_id(tokenizer)
+    if prefix is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to condition a first token on")
+    seqs = [_option_sequences(tokenizer, item, prefix) for item in items]
+    for item, options in zip(items, seqs, strict=True):
+        if any(len(ids) <= start for ids, start in options):
+            raise ValueError(f"an option of the item for {item.target!r} tokenizes to no tokens")
+    return seqs
+
+
+def padded_options(
+    flat: Sequence[tuple[list[int], int]], pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``scored`` (the positions whose token is scored)
+    of (token ids, first scored index) sequences.
+
+    Example:
+        >>> ids, mask, scored = padded_options([([1, 5, 6], 1), ([1, 7], 1)], pad=0)
+        >>> ids.tolist(), scored.tolist()
+        ([[1, 5, 6], [1, 7, 0]], [[False, True, True], [False, True, False]])
+    """
+    width = max(len(ids) for ids, _ in flat)
+    input_ids = torch.full((len(flat), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    scored = torch.zeros((len(flat), width), dtype=torch.bool)
+    for r, (ids, start) in enumerate(flat):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention[r, : len(ids)] = 1
+        scored[r, start : len(ids)] = True
+    return input_ids, attention, scored
 
 
 def option_log_probs(
@@ -98,15 +157,7 @@ def option_log_probs(
         >>> (total / count).shape  # doctest: +SKIP
         (4, 3)
     """
-    if len(items) == 0:
-        raise ValueError("no StereoSet items given")
-    prefix = prefix_token_id(tokenizer)
-    if prefix is None:
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token to condition a first token on")
-    seqs = [_sequences(tokenizer, item, prefix) for item in items]
-    for item, options in zip(items, seqs, strict=True):
-        if any(len(ids) <= start for ids, start in options):
-            raise ValueError(f"an option of the item for {item.target!r} tokenizes to no tokens")
+    seqs = item_sequences(tokenizer, items)
     total, count = np.zeros((len(items), 3)), np.zeros((len(items), 3))
     order = sorted(range(len(items)), key=lambda i: max(len(ids) for ids, _ in seqs[i]))
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
@@ -114,14 +165,7 @@ def option_log_probs(
     with eval_mode(model):
         for idx in tqdm(batches, desc="StereoSet", disable=not show_progress):
             flat = [seq for i in idx for seq in seqs[i]]
-            width = max(len(ids) for ids, _ in flat)
-            input_ids = torch.full((len(flat), width), pad, dtype=torch.long)
-            attention = torch.zeros_like(input_ids)
-            scored = torch.zeros((len(flat), width), dtype=torch.bool)  # positions whose token is scored
-            for r, (ids, start) in enumerate(flat):
-                input_ids[r, : len(ids)] = torch.tensor(ids)
-                attention[r, : len(ids)] = 1
-                scored[r, start : len(ids)] = True
+            input_ids, attention, scored = padded_options(flat, pad)
             logits = model(
                 input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
             )

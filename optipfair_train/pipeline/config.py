@@ -33,6 +33,7 @@ __all__ = [
     "PipelineConfig",
     "load_config",
     "config_keys",
+    "fairness_heads",
 ]
 
 
@@ -129,6 +130,19 @@ class PruningConfig:
         "",
     )
     fairness_weight: float = _help("weight of the bias gap with neuron_selection_method=fairness", 0.2)
+    fairness_lambda: float = _help(
+        "with neuron_selection_method=fairness and attention_pruning_percentage: weight of the LM cost "
+        "against the bias reduction of each head's removal (>= 0)",
+        1.0,
+    )
+    fairness_items: int = _help(
+        "StereoSet build items each head's removal is scored on (fairness heads; the stage probes then "
+        "sample the held-out half)",
+        48,
+    )
+    fairness_shortlist: int = _help(
+        "fairness heads: ablate exactly only the heads a first-order estimate ranks first (0 = every head)", 0
+    )
     reconstruct: bool = _help(
         "after width / head pruning, refit the kept down_proj / o_proj columns by ridge least squares so "
         "each layer reproduces its unpruned output on the calibration tokens",
@@ -275,6 +289,20 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return values
 
 
+def fairness_heads(config: PipelineConfig) -> bool:
+    """Whether heads are removed by the ``fairness`` head scorer (on StereoSet build items): the
+    neuron scorer is ``fairness`` and heads are cut (``attention_pruning_percentage`` or a heads share).
+
+    Example:
+        >>> fairness_heads(load_config(None, ["--attention_pruning_percentage", "34"]))
+        False
+    """
+    p = config.pruning
+    shares = [item.partition("=")[0].strip() for item in p.budget_shares.split(",")]
+    heads = p.attention_pruning_percentage > 0 or "heads" in shares
+    return p.neuron_selection_method == "fairness" and heads
+
+
 def load_config(path: str | Path | None = None, args: list[str] | None = None) -> PipelineConfig:
     """Read a YAML file (flat keys) and apply command-line flags on top; validate everything.
 
@@ -399,6 +427,15 @@ def validate(config: PipelineConfig) -> None:
         )
     if not 0 <= p.fairness_weight <= 1:
         raise ValueError(f"fairness_weight must be in [0, 1], got {p.fairness_weight}.")
+    if p.fairness_lambda < 0:
+        raise ValueError(f"fairness_lambda must be >= 0, got {p.fairness_lambda}.")
+    _check_positive(p, ("fairness_items",))
+    _check_positive(p, ("fairness_shortlist",), minimum=0)
+    if fairness_heads(config) and not d.stereoset_data:
+        raise ValueError(
+            "neuron_selection_method=fairness with attention_pruning_percentage scores heads on StereoSet "
+            "build items: set stereoset_data (e.g. 'default'), or use another method for the heads."
+        )
     _check_refit(p)
     methods = HEAL_METHODS
     if h.heal_method not in methods:

@@ -41,7 +41,7 @@ import torch
 from ..analysis import count_parameters
 from ..data import load_texts, tokenize_for_lm
 from ..evaluation import perplexity
-from .config import PipelineConfig
+from .config import PipelineConfig, fairness_heads
 from .zeroshot_stage import ZeroShotStage, parse_task_data
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class StageEvaluator:
     """
 
     def __init__(self, config: PipelineConfig, tokenizer, is_main: bool = True):
-        from ..bias import load_pairs, load_stereoset, sample_items
+        from ..bias import load_pairs, load_stereoset, sample_items, split_items
 
         self.config, self.is_main = config, is_main
         d = config.data
@@ -110,8 +110,12 @@ class StageEvaluator:
         self.stereoset_items = []
         # the base model's per-item StereoSet scores: every later stage's change is paired against them
         self.stereoset_base: dict | None = None
+        self.fairness_items = []  # StereoSet build items the fairness head scorer reads (never probed)
         if d.stereoset_data:
             items = load_stereoset(d.stereoset_data)
+            if fairness_heads(config):  # heads chosen on the build half: the probes judge the held-out half
+                build, items = split_items(items, seed=config.run.seed)
+                self.fairness_items = sample_items(build, config.pruning.fairness_items, seed=config.run.seed)
             self.stereoset_items = sample_items(items, d.stereoset_sample_size, seed=config.run.seed)
         self.zeroshot = None  # zero-shot accuracy (.zeroshot_stage); its base answers are kept for pairing
         if d.zeroshot_tasks:

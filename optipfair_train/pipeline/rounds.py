@@ -72,17 +72,19 @@ def round_requests(
     *,
     bias_pairs: Sequence[Sequence[str]] | None = None,
     tokenizer: Any = None,
+    bias_items: Sequence[Any] | None = None,
 ) -> list[Request]:
     """The requests of round ``round_idx`` (applied depth first, then heads, then width).
 
     ``base`` holds the unpruned model's ``width``, ``kv_heads``, ``parameters``. Widths and head counts
     are uniform in the pipeline, so every round's cut is a share of the original target. Every request
-    is scored on the calibration data; ``bias_pairs`` and ``tokenizer`` feed the ``fairness`` scorer.
+    is scored on the calibration data; ``bias_pairs`` and ``tokenizer`` feed the ``fairness`` neuron
+    scorer, ``bias_items`` (StereoSet build items) and ``tokenizer`` the ``fairness`` head scorer.
     """
     p, rounds = config.pruning, config.pruning.num_rounds
     adapter = get_adapter(model)
     if is_budget(p):
-        return _budget_round(model, base, config, round_idx, bias_pairs, tokenizer)
+        return _budget_round(model, base, config, round_idx, bias_pairs, tokenizer, bias_items)
     requests: list[Request] = []
     blocks = round_share(p.num_layers_to_remove, round_idx, rounds)
     if blocks:
@@ -101,7 +103,14 @@ def round_requests(
     method = _head_method(p)
     if groups:
         requests.append(
-            HeadRequest(remove=groups, method=method, calibrated=True, seed=config.run.seed, **refit)
+            HeadRequest(
+                remove=groups,
+                method=method,
+                calibrated=True,
+                seed=config.run.seed,
+                **refit,
+                **_fairness_heads(p, bias_items, tokenizer),
+            )
         )
     mlp = dict(
         method=p.neuron_selection_method,
@@ -126,11 +135,25 @@ def round_requests(
 
 
 def _head_method(p: PruningConfig) -> str | None:
-    """A neuron scorer heads do not have (hybrid, fairness, ...) leaves the heads' default."""
+    """A neuron scorer heads do not have (hybrid, ...) leaves the heads' default; ``fairness`` names a
+    scorer of both."""
     return p.neuron_selection_method if p.neuron_selection_method in HEAD_METHODS else None
 
 
-def _budget_round(model, base, config, round_idx, bias_pairs, tokenizer) -> list[Request]:
+def _fairness_heads(p: PruningConfig, bias_items, tokenizer) -> dict[str, Any]:
+    """The ``fairness`` head scorer's inputs (StereoSet build items; none for any other head method)."""
+    if _head_method(p) != "fairness":
+        return {}
+    shortlist = p.fairness_shortlist or None
+    return dict(
+        bias_items=bias_items,
+        tokenizer=tokenizer,
+        fairness_lambda=p.fairness_lambda,
+        fairness_shortlist=shortlist,
+    )
+
+
+def _budget_round(model, base, config, round_idx, bias_pairs, tokenizer, bias_items) -> list[Request]:
     p = config.pruning
     target = budget_target(base["parameters"], p.target_parameters or None, p.target_fraction or None)
     goal = base["parameters"] - (base["parameters"] - target) * round_idx // p.num_rounds
@@ -155,4 +178,5 @@ def _budget_round(model, base, config, round_idx, bias_pairs, tokenizer) -> list
         bias_pairs=bias_pairs,
         tokenizer=tokenizer,
         glu_only=get_adapter(model).family.is_glu,
+        **{k: v for k, v in _fairness_heads(p, bias_items, tokenizer).items() if k != "tokenizer"},
     )

@@ -357,7 +357,13 @@ class PruneThenHeal:
             # one plan per request, each applied before the next is planned: a plan of several axes
             # would plan the later ones on a full copy of the model
             for request in round_requests(
-                model, base, config, k, bias_pairs=self.bias_pairs, tokenizer=tokenizer
+                model,
+                base,
+                config,
+                k,
+                bias_pairs=self.bias_pairs,
+                tokenizer=tokenizer,
+                bias_items=self.evaluator.fairness_items,
             ):
                 planned = plan(model, request, self.calibration, show_progress=config.run.show_progress)
                 events += apply(model, planned)

@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..analysis import count_parameters
 from ..arch import unwrap_model
+from ..bias.stereoset_data import StereoSetItem
 from ..pruning import apply, plan
 from ..pruning.plan import meta_twin
 from ..pruning.reconstruction import check_undamped_tokens
@@ -32,6 +33,7 @@ __all__ = ["preflight"]
 _SETTING = {"depth": "num_layers_to_remove", "heads": "attention_pruning_percentage"}
 # the fairness scorer's inputs arrive with the tokenizer; the shapes do not depend on them
 _STAND_IN = "(shapes only)"
+_STAND_IN_ITEM = StereoSetItem("intersentence", _STAND_IN, _STAND_IN, _STAND_IN, "a", "b", "c")
 
 
 def preflight(model: torch.nn.Module, base: dict[str, int], config: PipelineConfig) -> list[int]:
@@ -67,8 +69,9 @@ def preflight(model: torch.nn.Module, base: dict[str, int], config: PipelineConf
     width_setting = "target_parameters" if p.target_parameters else "mlp_pruning_percentage"
     budget = "target_fraction" if p.target_fraction else "target_parameters"
     for k in range(1, p.num_rounds + 1):
+        stand_ins = dict(bias_pairs=[_STAND_IN], tokenizer=_STAND_IN, bias_items=[_STAND_IN_ITEM])
         try:
-            requests = round_requests(twin, base, config, k, bias_pairs=[_STAND_IN], tokenizer=_STAND_IN)
+            requests = round_requests(twin, base, config, k, **stand_ins)
         except ValueError as err:
             if not is_budget(p):
                 raise

@@ -17,6 +17,7 @@ from ..analysis import count_parameters
 from ..names import DEFAULT_DAMPING, PRUNING_TYPES
 from .apply import apply
 from .axes import is_meta
+from .fair_heads import DEFAULT_FAIRNESS_LAMBDA, HeadAblation
 from .hidden_axis import HiddenRequest
 from .plan import plan
 from .refit_options import check_refit_target
@@ -72,6 +73,10 @@ def pruning_request(
     bias_pairs: Sequence[Sequence[str]] | None = None,
     tokenizer=None,
     fairness_weight: float = 0.2,
+    bias_items: Sequence[Any] | None = None,
+    fairness_lambda: float = DEFAULT_FAIRNESS_LAMBDA,
+    head_ablation: HeadAblation | None = None,
+    fairness_shortlist: int | None = None,
     seed: int = 0,
     reconstruct: bool = False,
     damping: float = DEFAULT_DAMPING,
@@ -138,6 +143,12 @@ def pruning_request(
             method=neuron_selection_method,
             granularity=head_granularity,
             layer_indices=layer_indices,
+            layer_allocation=layer_allocation,
+            bias_items=bias_items,
+            tokenizer=tokenizer,
+            fairness_lambda=fairness_lambda,
+            head_ablation=head_ablation,
+            fairness_shortlist=fairness_shortlist,
             seed=seed,
             **refit,
             **common,
@@ -186,6 +197,10 @@ def prune_model(
     bias_pairs: Sequence[Sequence[str]] | None = None,
     tokenizer=None,
     fairness_weight: float = 0.2,
+    bias_items: Sequence[Any] | None = None,
+    fairness_lambda: float = DEFAULT_FAIRNESS_LAMBDA,
+    head_ablation: HeadAblation | None = None,
+    fairness_shortlist: int | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     seed: int = 0,
     reconstruct: bool = False,
@@ -202,7 +217,7 @@ def prune_model(
             rounds the kept width, default the head count; see :mod:`~optipfair_train.pruning.hidden`).
         neuron_selection_method: scorer name (``MAW``/``PPM``, ``VOW``, ``PON``, ``L2``, ``random``,
             ``activation``, ``hybrid``, ``fluctuation``, ``reconstruction``, ``taylor``, ``fairness``;
-            for ``ATTENTION``: ``L2``, ``activation``, ``taylor``, ``random``).
+            for ``ATTENTION``: ``L2``, ``activation``, ``taylor``, ``random``, ``fairness``).
             Default (:func:`~optipfair_train.pruning.requests.default_method`): ``taylor`` with
             ``gradient_importance``, else ``hybrid`` when a ``dataloader`` is given (``activation`` with
             ``sequential``; ``activation`` for heads), else ``MAW`` (``L2`` for heads; weight-only scores
@@ -219,7 +234,9 @@ def prune_model(
         layer_allocation: ``"uniform"`` (same width everywhere), ``"global"`` (per-layer widths from a
             global ranking of normalised scores) or ``"sensitivity"`` (per-layer widths from each layer's
             measured output error at the uniform cut; needs a ``dataloader``). Non-uniform widths
-            reload with :func:`load_pruned_model`.
+            reload with :func:`load_pruned_model`. For ``ATTENTION``: ``"uniform"`` or ``"global"``
+            (``pruning_percentage`` of all the chosen layers' units, or ``remove`` x layers, removed where
+            the scores are lowest; one unit stays per layer).
         head_granularity: ``"group"`` (remove whole KV groups) or ``"query"`` (query heads inside groups).
         layer_indices: for ``MLP_GLU``/``MLP`` and ``ATTENTION``, the layers to prune (default all); for ``DEPTH`` with
             ``layer_selection_method="custom"``, the blocks to remove.
@@ -239,6 +256,15 @@ def prune_model(
         bias_pairs / tokenizer / fairness_weight: for ``neuron_selection_method="fairness"``: prompt pairs
             that differ in a demographic term, the tokenizer, and the weight of the bias gap against
             quality (0 = quality only, 1 = bias only; see :mod:`optipfair_train.pruning.fairness`).
+        bias_items / fairness_lambda: for ``ATTENTION`` with ``neuron_selection_method="fairness"``:
+            StereoSet items to score each head's removal on (the build half of
+            :func:`~optipfair_train.bias.split_items`, never the items you evaluate on) and the weight of
+            the LM cost against the bias reduction (>= 0; see :mod:`optipfair_train.pruning.fair_heads`).
+        head_ablation: for that method, effects already measured with
+            :func:`~optipfair_train.pruning.fair_heads.head_ablation_effects` on this model (instead of
+            ``bias_items``), so several cuts share one measurement.
+        fairness_shortlist: for that method, ablate exactly only this many heads, those a first-order
+            estimate (one backward pass per batch) ranks first; the others keep the estimate. None: all.
         optimizer: an optimizer (or Accelerate's wrapper) holding the model's parameters, e.g.
             ``trainer.optimizer`` during training: its state is cut exactly like the weights (and the
             parameters of removed blocks leave it), then every state tensor's shape is checked.
@@ -287,6 +313,10 @@ def prune_model(
         bias_pairs=bias_pairs,
         tokenizer=tokenizer,
         fairness_weight=fairness_weight,
+        bias_items=bias_items,
+        fairness_lambda=fairness_lambda,
+        head_ablation=head_ablation,
+        fairness_shortlist=fairness_shortlist,
         seed=seed,
         reconstruct=reconstruct,
         damping=damping,

@@ -24,7 +24,16 @@ import torch
 from ..arch import get_adapter
 from .depth import select_layers_to_remove
 from .depth_replace import LinearReplacement, fit_linear_replacement, fold_linear_replacement
-from .heads import HeadPlan, apply_head_plan, choose_heads, head_columns, head_keep_counts, select_heads
+from .head_allocation import head_remove_total
+from .heads import (
+    HeadPlan,
+    apply_head_plan,
+    choose_heads,
+    head_columns,
+    head_keep_counts,
+    head_units,
+    select_heads,
+)
 from .reconstruction import apply_refits, check_calibration_size, collect_grams, plan_refits
 from .requests import DepthRequest, HeadRequest, MLPWidthRequest
 from .sequential import sequential_head_plan, sequential_mlp_plan
@@ -199,13 +208,27 @@ def _cut_mlp(model, step: Step) -> tuple[list[ParamSlice], list, dict[str, Any]]
 # ---- attention heads ---------------------------------------------------------------------------------
 def _plan_heads(model, request: HeadRequest, batches: list | None, show_progress: bool) -> Step:
     adapter = get_adapter(model)
-    counts = head_keep_counts(
-        model, request.pruning_percentage, request.granularity, request.layer_indices, remove=request.remove
-    )
     step = Step("heads", request.settings())
-    units = {k + (request.remove or 0) for k in counts.values()}
-    if request.remove is not None and len(units) == 1:  # OptiPFair's name for the share this count is
-        step.settings["pruning_percentage"] = 100.0 * request.remove / units.pop()
+    remove_total = None
+    if request.layer_allocation == "global":  # counts: every unit; remove_total of them go
+        counts = head_units(model, request.granularity, request.layer_indices)
+        remove_total = head_remove_total(counts, request.pruning_percentage, request.remove)
+        if is_meta(model):
+            raise ValueError(
+                "layer_allocation='global' for heads decides which layers lose heads from scores: it needs "
+                "real weights, not a shape-only (meta) model."
+            )
+    else:
+        counts = head_keep_counts(
+            model,
+            request.pruning_percentage,
+            request.granularity,
+            request.layer_indices,
+            remove=request.remove,
+        )
+        units = {k + (request.remove or 0) for k in counts.values()}
+        if request.remove is not None and len(units) == 1:  # OptiPFair's name for the share this count is
+            step.settings["pruning_percentage"] = 100.0 * request.remove / units.pop()
     if is_meta(model):
         step.shape_only = True
         for i, k in counts.items():  # the first units stand in for the ones scores would choose
@@ -243,7 +266,13 @@ def _plan_heads(model, request: HeadRequest, batches: list | None, show_progress
             batches=batches,
             seed=request.seed,
             gradient_importance=request.gradient_importance,
+            remove_total=remove_total,
             show_progress=show_progress,
+            bias_items=request.bias_items,
+            tokenizer=request.tokenizer,
+            fairness_lambda=request.fairness_lambda,
+            head_ablation=request.head_ablation,
+            fairness_shortlist=request.fairness_shortlist,
         )
         check_finite_scores(scores, f"{request.method} head")
         refits = {}

@@ -12,9 +12,12 @@ Query head ``h`` reads key/value head ``h // g`` (``g = num_heads / num_kv_heads
 - ``activation``: ``sqrt(sum over tokens of ||a_h||^2) * ||W_o[:, h]||_F``, ``a_h`` the head's output
   (the ``o_proj`` input slice), padding excluded;
 - ``taylor``: first-order Taylor over the head's q rows and o_proj columns (:mod:`.taylor`);
-- ``random``: seeded baseline.
+- ``random``: seeded baseline;
+- ``fairness``: ablation on StereoSet build items, bias reduction against LM cost (:mod:`.fair_heads`).
 
-A group's score is the sum of its query heads' scores.
+A group's score is the sum of its query heads' scores. ``layer_allocation="uniform"`` removes the same
+number of units from every chosen layer; ``"global"`` ranks the units of all chosen layers together
+(:mod:`.head_allocation`) and removes the lowest, at least one unit staying in each layer.
 
 Example:
     >>> plan = plan_attention_heads(model, pruning_percentage=34, method="L2")  # doctest: +SKIP
@@ -25,18 +28,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..arch import AttentionParts, get_adapter, weight_out_in
 from .calibration import CalibrationBatch, input_sumsq
+from .head_allocation import global_head_counts
 from .surgery import ParamSlice, record_attention_sizes, slice_linear
 from .targets import check_percentage
 from .taylor import TaylorImportance, taylor_importance
 
+if TYPE_CHECKING:
+    from .fair_heads import HeadAblation
+
 __all__ = [
     "HEAD_METHODS",
     "HEAD_GRANULARITIES",
+    "HEAD_ALLOCATIONS",
     "check_head_method",
     "HeadPlan",
     "head_scores",
@@ -45,13 +54,15 @@ __all__ = [
     "apply_head_plan",
     "head_columns",
     "head_keep_counts",
+    "head_units",
     "layer_head_scores",
     "select_heads",
     "prune_heads",
 ]
 
-HEAD_METHODS = ("L2", "activation", "taylor", "random")
+HEAD_METHODS = ("L2", "activation", "taylor", "random", "fairness")
 HEAD_GRANULARITIES = ("group", "query")
+HEAD_ALLOCATIONS = ("uniform", "global")
 
 
 @dataclass
@@ -69,8 +80,9 @@ def _blocks(weight: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return w.flatten(1).norm(dim=1)
 
 
-def check_head_method(method: str, *, calibrated: bool, gradients: bool = False) -> None:
-    """Refuse an unknown head method, or a data-driven one without its data (the one copy of this rule).
+def check_head_method(method: str, *, calibrated: bool, gradients: bool = False, items: bool = False) -> None:
+    """Refuse an unknown head method, or a data-driven one without its data (the one copy of this rule);
+    ``items``: StereoSet items and a tokenizer are given (``fairness``).
 
     Example:
         >>> check_head_method("L2", calibrated=False)
@@ -84,6 +96,11 @@ def check_head_method(method: str, *, calibrated: bool, gradients: bool = False)
         raise ValueError(
             f"Head importance {method!r} needs calibration data: pass dataloader=..., or use L2."
         )
+    if method == "fairness" and not items:
+        raise ValueError(
+            "Head importance 'fairness' scores heads on StereoSet items: pass bias_items=... (the build "
+            "half of split_items) and tokenizer=..."
+        )
 
 
 def layer_head_scores(
@@ -95,7 +112,8 @@ def layer_head_scores(
     seed: int,
     layer_idx: int,
 ) -> torch.Tensor:
-    """One layer's head scores; ``stat``: o_proj input sum of squares (``activation``) or Taylor scores.
+    """One layer's head scores; ``stat``: o_proj input sum of squares (``activation``), or the per-head
+    scores themselves (``taylor``, ``fairness``).
 
     Example:
         >>> parts, counts = adapter.attention(0), adapter.head_counts(0)  # doctest: +SKIP
@@ -107,7 +125,7 @@ def layer_head_scores(
         per_head = _blocks(weight_out_in(parts.q), n_q, dim=0) + o_norm
     elif method == "activation":
         per_head = stat.reshape(n_q, head_dim).sum(dim=1).sqrt() * o_norm
-    elif method == "taylor":
+    elif method in ("taylor", "fairness"):
         per_head = stat
     else:
         per_head = torch.rand(n_q, generator=torch.Generator().manual_seed(seed * 100_003 + layer_idx))
@@ -129,16 +147,30 @@ def head_scores(
     granularity: str = "group",
     seed: int = 0,
     gradient_importance: TaylorImportance | None = None,
+    bias_items: Sequence | None = None,
+    tokenizer=None,
+    fairness_lambda: float = 1.0,
+    head_ablation: HeadAblation | None = None,
+    fairness_shortlist: int | None = None,
     show_progress: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Importance per KV group (``granularity="group"``) or per query head (``"query"``), per layer.
+
+    ``fairness`` reads ``bias_items`` (tokenized with ``tokenizer``), ``batches`` when given, and
+    ``fairness_lambda`` and ``fairness_shortlist`` (:mod:`.fair_heads`), or effects measured before
+    (``head_ablation``).
 
     Example:
         >>> head_scores(model, "L2")[0].shape  # (num_kv_heads,)  # doctest: +SKIP
     """
     adapter = get_adapter(model)
     layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
-    check_head_method(method, calibrated=batches is not None, gradients=gradient_importance is not None)
+    check_head_method(
+        method,
+        calibrated=batches is not None,
+        gradients=gradient_importance is not None,
+        items=bool(bias_items) and tokenizer is not None or head_ablation is not None,
+    )
     stats: dict[int, torch.Tensor] = {}
     if method == "activation":
         modules = {i: adapter.attention(i).o for i in layers}
@@ -146,12 +178,68 @@ def head_scores(
     elif method == "taylor":
         taylor = gradient_importance or taylor_importance(model, batches, show_progress=show_progress)
         stats = taylor.head_scores()
+    elif method == "fairness":
+        from .fair_heads import head_ablation_effects  # it runs blocks with .sequential, which imports this
+
+        effects = head_ablation or head_ablation_effects(
+            model,
+            tokenizer,
+            bias_items,
+            batches=batches,
+            layer_indices=layers,
+            shortlist=fairness_shortlist,
+            fairness_lambda=fairness_lambda,
+            show_progress=show_progress,
+        )
+        stats = effects.importance(fairness_lambda)
+        missing = [i for i in layers if i not in stats or len(stats[i]) != adapter.head_counts(i)[0]]
+        if missing:
+            raise ValueError(
+                f"head_ablation holds no scores for the current heads of layers {missing}: measure it on "
+                "this model as it is now."
+            )
     scores = {}
     for i in layers:
         scores[i] = layer_head_scores(
             adapter.attention(i), adapter.head_counts(i), method, granularity, stats.get(i), seed, i
         )
     return scores
+
+
+def head_units(
+    model: torch.nn.Module, granularity: str, layer_indices: Sequence[int] | None
+) -> dict[int, int]:
+    """Validate the model and layers for head pruning; return each layer's units (KV groups, or query
+    heads per group).
+
+    Example:
+        >>> head_units(model, "query", None)  # doctest: +SKIP
+        {0: 2, 1: 2, 2: 2, 3: 2}
+    """
+    adapter = get_adapter(model)
+    if not adapter.family.separate_qkv:
+        raise ValueError(f"Head pruning needs separate q/k/v projections; {adapter.family.name} fuses them.")
+    if granularity not in HEAD_GRANULARITIES:
+        raise ValueError(
+            f"granularity must be 'group' (whole KV groups) or 'query' (query heads inside groups), "
+            f"got {granularity!r}."
+        )
+    layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
+    bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < adapter.num_layers]
+    if bad or not layers:
+        raise ValueError(
+            f"layer indices {bad or layer_indices} invalid: the model has layers 0..{adapter.num_layers - 1}."
+        )
+    units = {}
+    for i in layers:
+        n_q, n_kv, _ = adapter.head_counts(i)
+        if n_q % n_kv:
+            raise ValueError(
+                f"Layer {i} has {n_q} query heads for {n_kv} key/value heads, which do not divide "
+                "into equal groups; head pruning needs num_heads % num_kv_heads == 0."
+            )
+        units[i] = n_kv if granularity == "group" else n_q // n_kv
+    return units
 
 
 def head_keep_counts(
@@ -169,31 +257,10 @@ def head_keep_counts(
     Example:
         >>> head_keep_counts(model, 50, "group", None)  # doctest: +SKIP
     """
-    adapter = get_adapter(model)
-    if not adapter.family.separate_qkv:
-        raise ValueError(f"Head pruning needs separate q/k/v projections; {adapter.family.name} fuses them.")
-    if granularity not in HEAD_GRANULARITIES:
-        raise ValueError(
-            f"granularity must be 'group' (whole KV groups) or 'query' (query heads inside groups), "
-            f"got {granularity!r}."
-        )
     if remove is None:
         check_percentage("pruning_percentage", pruning_percentage)
-    layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
-    bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < adapter.num_layers]
-    if bad or not layers:
-        raise ValueError(
-            f"layer indices {bad or layer_indices} invalid: the model has layers 0..{adapter.num_layers - 1}."
-        )
     counts = {}
-    for i in layers:
-        n_q, n_kv, _ = adapter.head_counts(i)
-        if n_q % n_kv:
-            raise ValueError(
-                f"Layer {i} has {n_q} query heads for {n_kv} key/value heads, which do not divide "
-                "into equal groups; head pruning needs num_heads % num_kv_heads == 0."
-            )
-        units = n_kv if granularity == "group" else n_q // n_kv
+    for i, units in head_units(model, granularity, layer_indices).items():
         asked = f"pruning_percentage {pruning_percentage}%" if remove is None else f"remove={remove}"
         removed = int(pruning_percentage / 100 * units + 1e-9) if remove is None else remove
         if removed == 0:
@@ -229,9 +296,15 @@ def choose_heads(
     batches: list[CalibrationBatch] | None = None,
     seed: int = 0,
     gradient_importance: TaylorImportance | None = None,
+    remove_total: int | None = None,
     show_progress: bool = False,
+    **fairness,
 ) -> tuple[dict[int, HeadPlan], dict[int, torch.Tensor]]:
     """The heads each layer of ``counts`` keeps (``counts[i]`` units) and the scores that decided it.
+
+    With ``remove_total`` (global allocation), ``counts`` holds each layer's units and the
+    ``remove_total`` lowest units of all layers go (:mod:`.head_allocation`); layers that lose none
+    are left out of the plans. ``fairness``: ``bias_items``, ``tokenizer``, ``fairness_lambda``.
 
     Example:
         >>> plans, scores = choose_heads(model, {0: 1, 1: 1}, "L2", "group")  # doctest: +SKIP
@@ -246,7 +319,12 @@ def choose_heads(
         seed=seed,
         gradient_importance=gradient_importance,
         show_progress=show_progress,
+        **fairness,
     )
+    if remove_total is not None:
+        units = counts
+        kept = global_head_counts(scores, units, remove_total, normalise=method != "fairness")
+        counts = {i: k for i, k in kept.items() if k < units[i]}
     plans = {
         i: select_heads(scores[i], *adapter.head_counts(i)[:2], k, granularity) for i, k in counts.items()
     }

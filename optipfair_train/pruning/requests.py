@@ -32,7 +32,8 @@ import torch
 from ..arch import get_adapter
 from ..names import DEFAULT_METHODS
 from .depth import check_layer_selection
-from .heads import HEAD_GRANULARITIES, check_head_method
+from .fair_heads import DEFAULT_FAIRNESS_LAMBDA, HeadAblation, check_bias_items, check_fairness_lambda
+from .heads import HEAD_ALLOCATIONS, HEAD_GRANULARITIES, check_head_method
 from .refit_options import RefitOptions
 from .scorers import Scorer, get_scorer
 from .sequential import check_sequential_scorer
@@ -240,7 +241,13 @@ class HeadRequest(RefitOptions):
     inside every group (``"query"``).
 
     ``remove`` counts the units per layer (groups, or query heads per group); ``pruning_percentage``
-    is OptiPFair's share of them (floored; default 25 when neither is given).
+    is OptiPFair's share of them (floored; default 25 when neither is given). ``layer_allocation``:
+    ``"uniform"`` (the same count in every layer) or ``"global"`` (the same total, ``remove`` x layers or
+    the percentage of all units, taken where the scores are lowest; :mod:`.head_allocation`).
+    ``method="fairness"`` scores heads by ablation on ``bias_items`` (StereoSet build items, with
+    ``tokenizer``), the LM cost weighted by ``fairness_lambda``, ablating exactly every head or only the
+    ``fairness_shortlist`` a first-order estimate ranks first (:mod:`.fair_heads`); ``head_ablation``
+    gives effects measured before instead (one measurement for several cuts).
 
     Example:
         >>> HeadRequest(remove=1, method="L2", granularity="query").settings()["head_granularity"]
@@ -254,8 +261,14 @@ class HeadRequest(RefitOptions):
     method: str | None = None
     granularity: str = "group"
     layer_indices: Sequence[int] | None = None
+    layer_allocation: str = "uniform"
     calibrated: bool = False
     gradient_importance: TaylorImportance | None = None
+    bias_items: Sequence[Any] | None = None
+    tokenizer: Any = None
+    fairness_lambda: float = DEFAULT_FAIRNESS_LAMBDA
+    head_ablation: HeadAblation | None = None
+    fairness_shortlist: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -270,23 +283,45 @@ class HeadRequest(RefitOptions):
                 f"head_granularity must be 'group' (whole KV groups) or 'query' (query heads inside groups), "
                 f"got {self.granularity!r}."
             )
+        if self.layer_allocation not in HEAD_ALLOCATIONS:
+            raise ValueError(
+                f"layer_allocation for attention heads must be one of {', '.join(HEAD_ALLOCATIONS)}, "
+                f"got {self.layer_allocation!r}."
+            )
         self.check_refit(self.calibrated)
         if self.method is None:
             gradients = self.gradient_importance is not None
             self.method = default_method("heads", calibrated=self.calibrated, gradients=gradients)
         check_head_method(
-            self.method, calibrated=self.calibrated, gradients=self.gradient_importance is not None
+            self.method,
+            calibrated=self.calibrated,
+            gradients=self.gradient_importance is not None,
+            items=bool(self.bias_items) and self.tokenizer is not None or self.head_ablation is not None,
         )
+        if self.method == "fairness":
+            if self.head_ablation is None:
+                check_bias_items(self.bias_items)
+            check_fairness_lambda(self.fairness_lambda)
+            check_positive("fairness_shortlist", self.fairness_shortlist, integer=True)
         if self.sequential:
             check_sequential_scorer(self.method, "attention")
+            if self.layer_allocation == "global":
+                raise ValueError(
+                    "layer_allocation='global' ranks all layers at once; it cannot be sequential."
+                )
 
     def check(self, model: torch.nn.Module) -> None:
         """Refuse fused q/k/v, bad layers, uneven groups and counts that remove nothing or everything."""
-        from .heads import head_keep_counts
+        from .head_allocation import head_remove_total
+        from .heads import head_keep_counts, head_units
 
-        head_keep_counts(
-            model, self.pruning_percentage, self.granularity, self.layer_indices, remove=self.remove
-        )
+        if self.layer_allocation == "global":
+            units = head_units(model, self.granularity, self.layer_indices)
+            head_remove_total(units, self.pruning_percentage, self.remove)
+        else:
+            head_keep_counts(
+                model, self.pruning_percentage, self.granularity, self.layer_indices, remove=self.remove
+            )
 
     def settings(self) -> dict[str, Any]:
         out = dict(
@@ -295,6 +330,13 @@ class HeadRequest(RefitOptions):
             pruning_percentage=self.pruning_percentage,
             head_granularity=self.granularity,
         )
+        if self.layer_allocation != "uniform":
+            out["layer_allocation"] = self.layer_allocation
+        if self.method == "fairness":
+            items = self.head_ablation.num_items if self.head_ablation else len(self.bias_items)
+            out |= dict(fairness_lambda=self.fairness_lambda, bias_items=items)
+            if self.fairness_shortlist is not None and self.head_ablation is None:
+                out["fairness_shortlist"] = self.fairness_shortlist
         return out | _refit_settings(self)
 
 

@@ -19,6 +19,7 @@ from optipfair_train.bias import StereoSetItem, option_log_probs, split_items
 from optipfair_train.data import calibration_dataloader, load_texts
 from optipfair_train.models import load_model_and_tokenizer
 from optipfair_train.pipeline import PruneThenHeal, load_config
+from optipfair_train.pipeline.rounds import round_requests
 from optipfair_train.pruning.fair_heads import head_ablation_effects
 from optipfair_train.pruning.head_allocation import global_head_counts
 
@@ -335,3 +336,20 @@ def test_a_pipeline_round_with_fairness_heads_equals_the_one_shot_cut(tmp_path):
     pruned = load_pruned_model(tmp_path / "run" / "round-1" / "pruned").state_dict()
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(pruned[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--mlp_pruning_percentage", "0", "--attention_pruning_percentage", "50"],
+        ["--mlp_pruning_percentage", "0", "--target_fraction", "0.05", "--budget_shares", "heads=1"],
+    ],
+)
+def test_pipeline_rounds_hand_the_build_items_to_fairness_heads(tokenizer, flags):
+    config = load_config(None, [*flags, "--neuron_selection_method", "fairness", "--fairness_lambda", "2"])
+    model = make_tiny_model("llama")
+    base = dict(width=128, kv_heads=2, parameters=sum(p.numel() for p in model.parameters()))
+    items = _items(4)
+    (request,) = round_requests(model, base, config, 1, bias_items=items, tokenizer=tokenizer)
+    assert (request.kind, request.method, request.fairness_lambda) == ("heads", "fairness", 2.0)
+    assert request.bias_items == items and request.tokenizer is tokenizer

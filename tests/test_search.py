@@ -74,6 +74,18 @@ def test_search_is_deterministic_under_a_seed(data):
     assert _table(first) == _table(second) and first.plan.to_json() == second.plan.to_json()
 
 
+def test_a_candidate_with_the_same_units_as_an_earlier_one_is_not_measured_again(data, counted):
+    """30% of tiny LLaMA: a quarter for heads is less than half a KV group, so no head goes."""
+    candidates = [{"mlp": 1.0}, {"mlp": 0.75, "heads": 0.25}]
+    result = search(
+        make_tiny_model("llama"), fraction=0.3, candidates=candidates, show_progress=False, **data
+    )
+    assert len(counted) == 1
+    first, second = result.rows
+    assert second["note"] == "the same units as mlp=1" and second["counts"] == first["counts"] == {"mlp": 64}
+    assert second["proxy_perplexity"] == first["proxy_perplexity"] and result.chosen == 0
+
+
 def test_a_rerun_skips_finished_candidates(data, tmp_path, counted, monkeypatch):
     model = make_tiny_model("llama")
     state = tmp_path / "state.json"

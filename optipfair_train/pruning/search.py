@@ -158,19 +158,13 @@ def _blocks(
     return blocks
 
 
-def _settings(target, candidates, model, reconstruct, distill_steps, distill_top, seed, options) -> dict:
-    """What a state file must match to be resumed (JSON values; options by their repr)."""
+def _settings(target: int, candidates: list, model: torch.nn.Module, settings: dict, options: dict) -> dict:
+    """What a state file must match to be resumed (JSON values; request options by their repr)."""
     return {
         "model": model_fingerprint(model) | {"parameters": count_parameters(model)},
         "target": target,
         "candidates": candidates,
-        "settings": {
-            "reconstruct": reconstruct,
-            "distill_steps": distill_steps,
-            "distill_top": distill_top,
-            "seed": seed,
-            "options": {k: repr(v) for k, v in sorted(options.items())},
-        },
+        "settings": settings | {"options": {k: repr(v) for k, v in sorted(options.items())}},
     }
 
 
@@ -213,6 +207,7 @@ def search(
     distill_top: int | None = None,
     distill_data: torch.Tensor | None = None,
     distill_lr: float = 5e-5,
+    distill_batch_size: int = 4,
     seed: int = 0,
     state_path: str | Path | None = None,
     show_progress: bool = True,
@@ -226,8 +221,8 @@ def search(
     kept in the table with the reason. ``calibration``: batches for the scorers and refits.
     ``eval_batches``: held-out ``[N, S]`` token blocks (or unpadded batches) for the perplexities.
     ``distill_steps`` > 0 distils the ``distill_top`` best one-shot candidates (default all) and the best
-    single-axis one from ``model`` (``heal_method="kd"``, batches of 4 blocks of ``distill_data``,
-    default the calibration tokens, at ``distill_lr``). ``seed``: scorers, refits and distillation.
+    single-axis one from ``model`` (``heal_method="kd"``, ``distill_batch_size`` blocks of ``distill_data``
+    a step, default the calibration tokens, at ``distill_lr``). ``seed``: scorers, refits and distillation.
     ``state_path``: a JSON file each finished candidate is written to; a rerun skips those.
 
     Example:
@@ -249,7 +244,10 @@ def search(
     vocab = get_adapter(model).model.get_input_embeddings().num_embeddings
     batches = as_batches(calibration, vocab)
     options = dict(request_options, seed=seed)
-    expected = _settings(target, candidates, model, reconstruct, distill_steps, distill_top, seed, options)
+    settings = dict(reconstruct=reconstruct, distill_steps=distill_steps, distill_top=distill_top, seed=seed)
+    if distill_steps:
+        settings.update(distill_lr=distill_lr, distill_batch_size=distill_batch_size)
+    expected = _settings(target, candidates, model, settings, options)
     path = Path(state_path) if state_path is not None else None
     rows = _read_state(path, expected) if path is not None else {}
     if rows:
@@ -267,11 +265,17 @@ def search(
         except ValueError as err:  # this allocation cannot meet the budget: say why in the table
             row["note"] = f"not possible: {err}"
             return None, None, row
+        counts = {r.kind: r.remove for r in requests}
+        same = [j for j, r in sorted(rows.items()) if r["counts"] == counts and not r["note"] and j != i]
+        if same and measure:  # e.g. a share too small for one unit of its axis: nothing new to measure
+            row.update({k: rows[same[0]][k] for k in ("counts", "parameters", "proxy_perplexity")})
+            row["note"] = f"the same units as {shares_text(candidates[same[0]])}"
+            return None, None, row
         work = copy.deepcopy(model)
         torch.manual_seed(seed)
         p = plan(work, requests, batches, show_progress=False)
         apply(work, p)
-        row["counts"] = {r.kind: r.remove for r in requests}
+        row["counts"] = counts
         row["parameters"] = count_parameters(work)
         if measure:
             row["proxy_perplexity"] = perplexity(work, input_ids=blocks, seq_len=blocks.shape[1])
@@ -310,7 +314,7 @@ def search(
             if i not in models:  # measured by an earlier run: prune it again (the same, for the same seed)
                 models[i], plans[i], _ = pruned(i, measure=False)
             start = time.perf_counter()
-            work = _distill(models.pop(i), model, data, distill_steps, distill_lr, seed)
+            work = _distill(models.pop(i), model, data, distill_steps, distill_lr, distill_batch_size, seed)
             rows[i]["distilled_perplexity"] = perplexity(work, input_ids=blocks, seq_len=blocks.shape[1])
             rows[i]["seconds"] += time.perf_counter() - start
             if path is not None:
@@ -329,20 +333,32 @@ def search(
 
 def _best(rows: dict[int, dict], candidates: list[dict], top: int) -> set[int]:
     """The ``top`` best one-shot candidates so far, and the best single-axis one."""
-    done = sorted((r["proxy_perplexity"], i) for i, r in rows.items() if r["proxy_perplexity"] is not None)
+    done = sorted(
+        (r["proxy_perplexity"], i)
+        for i, r in rows.items()
+        if r["proxy_perplexity"] is not None and not r["note"]
+    )
     single = [i for _, i in done if len(candidates[i]) == 1]
     return {i for _, i in done[:top]} | set(single[:1])
 
 
 def _distill(
-    student: torch.nn.Module, teacher: torch.nn.Module, data: torch.Tensor, steps: int, lr: float, seed: int
-):
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    data: torch.Tensor,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> torch.nn.Module:
     """A short full-parameter distillation from ``teacher`` with the pipeline's healing (``kd``)."""
     from ..heal.text import lm_dataset
     from ..pipeline.config import HealConfig, RunConfig
     from ..pipeline.healing import heal
 
-    config = HealConfig(heal_method="kd", heal_steps=steps, learning_rate=lr, per_device_batch_size=4)
+    config = HealConfig(
+        heal_method="kd", heal_steps=steps, learning_rate=lr, per_device_batch_size=batch_size
+    )
     run = RunConfig(seed=seed, save_steps=steps + 1, report_to="none", show_progress=False)
     teacher.eval()
     with tempfile.TemporaryDirectory(prefix="optipfair-search-") as folder:

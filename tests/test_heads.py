@@ -162,7 +162,7 @@ def test_per_layer_heads_and_widths_reload_with_package_loader(tmp_path, calibra
         (dict(neuron_selection_method="MAW"), "MLP neurons only"),
         (dict(neuron_selection_method="activation"), "needs calibration data"),
         (dict(pruning_percentage=50, head_granularity="kv"), "granularity must be"),
-        (dict(pruning_percentage=50, layer_indices=[4]), "invalid"),
+        (dict(pruning_percentage=50, layer_indices=[4]), "layer index 4 out of range"),
         (dict(expansion_rate=100), "does not apply|do\\(es\\) not apply"),
     ],
 )

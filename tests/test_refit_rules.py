@@ -65,6 +65,8 @@ def test_each_rule_message_is_written_once_in_the_package():
         "nothing to refit",
         "damping must be a number >= 0",
         "as kept inputs",
+        "whole KV groups) or 'query'",
+        "must be distinct and non-empty",
     ):
         holders = [p.name for p, text in sources.items() if re.search(re.escape(fragment), text)]
         # the message itself, plus the doctest that shows it in the one module that raises it
@@ -77,6 +79,29 @@ def test_each_rule_message_is_written_once_in_the_package():
     ):
         holders = [p.name for p, text in sources.items() if re.search(rf"^{constant}", text, re.M)]
         assert holders == ["names.py"], (constant, holders)
+
+
+def test_every_head_and_layer_choice_is_refused_with_one_message():
+    from optipfair_train.callbacks import PruningCallback
+    from optipfair_train.pruning import HeadRequest, select_layers_to_remove
+    from optipfair_train.pruning.heads import head_keep_counts
+
+    granularity = (
+        "head_granularity must be 'group' (whole KV groups) or 'query' (query heads inside groups), got 'kv'."
+    )
+    assert _refused(HeadRequest, remove=1, method="L2", granularity="kv") == granularity
+    assert (
+        _refused(PruningCallback, target=50, step=2, pruning_type="ATTENTION", head_granularity="kv")
+        == granularity
+    )
+    model = make_tiny_model("llama")  # 4 layers
+    assert _refused(head_keep_counts, model, 50, "kv", None) == granularity
+    out_of_range = "layer index 7 out of range: the model has layers 0..3."
+    assert _refused(head_keep_counts, model, 50, "group", [0, 7]) == out_of_range
+    assert _refused(select_layers_to_remove, model, None, "custom", layer_indices=[7]) == out_of_range
+    repeated = "layer_indices must be distinct and non-empty, got [1, 1]."
+    assert _refused(head_keep_counts, model, 50, "group", [1, 1]) == repeated
+    assert _refused(select_layers_to_remove, model, None, "custom", layer_indices=[1, 1]) == repeated
 
 
 def test_defaults_come_from_one_table():

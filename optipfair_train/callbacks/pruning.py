@@ -43,8 +43,9 @@ from ..data import check_token_ids
 from ..pruning import PRUNING_TYPES, apply, default_method, plan, pruning_request
 from ..pruning.api import pruning_stats
 from ..pruning.calibration import as_batches
+from ..pruning.heads import check_head_granularity
 from ..pruning.requests import Request
-from ..pruning.targets import units_to_remove
+from ..pruning.targets import check_layer_indices, units_to_remove
 from ..pruning.taylor import TaylorImportance
 from .base import ReportingCallback
 from .importance import GradientImportanceCallback
@@ -194,8 +195,7 @@ class PruningCallback(ReportingCallback):
                 f"importance must be a GradientImportanceCallback or a TaylorImportance, got {type(importance).__name__}."
             )
         self.importance = importance
-        if head_granularity not in ("group", "query"):
-            raise ValueError(f"head_granularity must be 'group' or 'query', got {head_granularity!r}.")
+        check_head_granularity(head_granularity)
         self.head_granularity = head_granularity
         self.layer_indices = list(layer_indices) if layer_indices is not None else None
         self.prune_kwargs = dict(prune_kwargs or {})
@@ -270,12 +270,7 @@ class PruningCallback(ReportingCallback):
         adapter = get_adapter(model)
         if self.pruning_type == "DEPTH":
             return adapter.num_layers
-        layers = self.layer_indices if self.layer_indices is not None else list(range(adapter.num_layers))
-        bad = [i for i in layers if not 0 <= i < adapter.num_layers]
-        if bad:
-            raise ValueError(
-                f"layer_indices {bad} out of range: the model has layers 0..{adapter.num_layers - 1}."
-            )
+        layers = check_layer_indices(self.layer_indices, adapter.num_layers)
         if self.pruning_type == "ATTENTION":
             counts = [adapter.head_counts(i) for i in layers]
             sizes = {kv if self.head_granularity == "group" else q // kv for q, kv, _ in counts}

@@ -21,6 +21,7 @@ import torch
 from ..arch import get_adapter
 from ..names import LAYER_SELECTION_METHODS
 from .calibration import CalibrationBatch, block_influence
+from .targets import check_layer_indices
 from .taylor import TaylorImportance, taylor_importance
 
 __all__ = ["LAYER_SELECTION_METHODS", "select_layers_to_remove", "check_layer_selection"]
@@ -83,10 +84,7 @@ def select_layers_to_remove(
         layer_indices=layer_indices,
     )
     if method == "custom":
-        bad = [i for i in layer_indices if not isinstance(i, int) or not 0 <= i < n]
-        if bad:
-            raise ValueError(f"layer indices {bad} out of range: the model has layers 0..{n - 1}.")
-        drop = sorted(set(layer_indices))
+        drop = sorted(check_layer_indices(layer_indices, n))
         if len(drop) >= n:
             raise ValueError(f"Cannot remove all {n} layers: at least one must stay.")
         return drop

@@ -36,7 +36,7 @@ from ..arch import AttentionParts, get_adapter, weight_out_in
 from .calibration import CalibrationBatch, input_sumsq
 from .head_allocation import global_head_counts
 from .surgery import ParamSlice, record_attention_sizes, slice_linear
-from .targets import check_percentage
+from .targets import check_layer_indices, check_percentage
 from .taylor import TaylorImportance, taylor_importance
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ __all__ = [
     "HEAD_METHODS",
     "HEAD_GRANULARITIES",
     "HEAD_ALLOCATIONS",
+    "check_head_granularity",
     "check_head_method",
     "HeadPlan",
     "head_scores",
@@ -206,6 +207,20 @@ def head_scores(
     return scores
 
 
+def check_head_granularity(granularity: str) -> None:
+    """Refuse a head granularity other than ``group`` / ``query`` (the requests, the low-level planner
+    and the pruning callback all check it here).
+
+    Example:
+        >>> check_head_granularity("query")
+    """
+    if granularity not in HEAD_GRANULARITIES:
+        raise ValueError(
+            "head_granularity must be 'group' (whole KV groups) or 'query' (query heads inside groups), "
+            f"got {granularity!r}."
+        )
+
+
 def head_units(
     model: torch.nn.Module, granularity: str, layer_indices: Sequence[int] | None
 ) -> dict[int, int]:
@@ -219,17 +234,8 @@ def head_units(
     adapter = get_adapter(model)
     if not adapter.family.separate_qkv:
         raise ValueError(f"Head pruning needs separate q/k/v projections; {adapter.family.name} fuses them.")
-    if granularity not in HEAD_GRANULARITIES:
-        raise ValueError(
-            f"granularity must be 'group' (whole KV groups) or 'query' (query heads inside groups), "
-            f"got {granularity!r}."
-        )
-    layers = list(range(adapter.num_layers)) if layer_indices is None else list(layer_indices)
-    bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < adapter.num_layers]
-    if bad or not layers:
-        raise ValueError(
-            f"layer indices {bad or layer_indices} invalid: the model has layers 0..{adapter.num_layers - 1}."
-        )
+    check_head_granularity(granularity)
+    layers = check_layer_indices(layer_indices, adapter.num_layers)
     units = {}
     for i in layers:
         n_q, n_kv, _ = adapter.head_counts(i)

@@ -33,11 +33,11 @@ from ..arch import get_adapter
 from ..names import DEFAULT_METHODS
 from .depth import check_layer_selection
 from .fair_heads import DEFAULT_FAIRNESS_LAMBDA, HeadAblation, check_bias_items, check_fairness_lambda
-from .heads import HEAD_ALLOCATIONS, HEAD_GRANULARITIES, check_head_method
+from .heads import HEAD_ALLOCATIONS, check_head_granularity, check_head_method
 from .refit_options import RefitOptions
 from .scorers import Scorer, get_scorer
 from .sequential import check_sequential_scorer
-from .targets import check_percentage
+from .targets import check_layer_indices, check_percentage
 from .taylor import TaylorImportance
 from .width import check_layer_allocation
 
@@ -92,17 +92,6 @@ def default_method(kind: str, *, calibrated: bool, gradients: bool = False, sequ
         weight_only,
     )
     return weight_only
-
-
-def check_layer_indices(layer_indices: Sequence[int] | None, num_layers: int) -> list[int]:
-    """The chosen layers (default all), refused unless distinct, non-empty and in range."""
-    layers = list(range(num_layers)) if layer_indices is None else list(layer_indices)
-    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"layer index {bad[0]!r} out of range: the model has layers 0..{num_layers - 1}.")
-    if len(set(layers)) != len(layers) or not layers:
-        raise ValueError(f"layer_indices must be distinct and non-empty, got {layer_indices!r}.")
-    return layers
 
 
 def check_positive(name: str, value: Any, *, integer: bool = False) -> None:
@@ -278,11 +267,7 @@ class HeadRequest(RefitOptions):
         check_positive("remove", self.remove, integer=True)
         if self.pruning_percentage is not None:
             check_percentage("pruning_percentage", self.pruning_percentage)
-        if self.granularity not in HEAD_GRANULARITIES:
-            raise ValueError(
-                f"head_granularity must be 'group' (whole KV groups) or 'query' (query heads inside groups), "
-                f"got {self.granularity!r}."
-            )
+        check_head_granularity(self.granularity)
         if self.layer_allocation not in HEAD_ALLOCATIONS:
             raise ValueError(
                 f"layer_allocation for attention heads must be one of {', '.join(HEAD_ALLOCATIONS)}, "

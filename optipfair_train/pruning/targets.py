@@ -12,8 +12,10 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 __all__ = [
+    "check_layer_indices",
     "check_percentage",
     "kept_width",
     "width_for_parameter_budget",
@@ -31,6 +33,23 @@ def check_percentage(name: str, value: float) -> None:
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 100:
         raise ValueError(f"{name} must be a number strictly between 0 and 100, got {value!r}.")
+
+
+def check_layer_indices(layer_indices: Sequence[int] | None, num_layers: int) -> list[int]:
+    """The chosen layers (default all), refused unless distinct, non-empty and in range (every axis and
+    the pruning callback check ``layer_indices`` with this).
+
+    Example:
+        >>> check_layer_indices(None, 3), check_layer_indices([2, 0], 3)
+        ([0, 1, 2], [2, 0])
+    """
+    layers = list(range(num_layers)) if layer_indices is None else list(layer_indices)
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"layer index {bad[0]!r} out of range: the model has layers 0..{num_layers - 1}.")
+    if len(set(layers)) != len(layers) or not layers:
+        raise ValueError(f"layer_indices must be distinct and non-empty, got {layer_indices!r}.")
+    return layers
 
 
 def _apply_divisor(k: int, width: int, divisor: int | None) -> int:

@@ -22,7 +22,7 @@ from .fairness import neuron_bias_gap
 from .reconstruction import collect_grams
 from .scorers import ScoringContext, get_scorer
 from .surgery import ParamSlice, prune_mlp_neurons, record_mlp_sizes
-from .targets import kept_width, width_for_parameter_budget
+from .targets import check_layer_indices, kept_width, width_for_parameter_budget
 from .taylor import TaylorImportance, taylor_importance
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,6 @@ def mlp_width_targets(
     Example:
         >>> mlp_width_targets(model, pruning_percentage=20)  # {layer: kept width}  # doctest: +SKIP
     """
-    from .requests import check_layer_indices  # requests imports this module
 
     adapter = get_adapter(model)
     layers = check_layer_indices(layer_indices, adapter.num_layers)

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterator
 
-from common import Report, base_parser, crows_cell, load_workload, measure, setup
+import torch
+from common import Report, Workload, base_parser, crows_cell, load_workload, measure, setup
 
 from optipfair_train import prune_model
 from optipfair_train.arch import get_adapter
@@ -35,30 +37,25 @@ def _cell(result: dict, name: str) -> str:
     return f"{result[name]:.1f} [{result[name + '_ci_low']:.1f}, {result[name + '_ci_high']:.1f}]"
 
 
-def main() -> None:
-    parser = base_parser(__doc__)
-    parser.add_argument("--items", type=int, default=600, help="StereoSet dev items scored per model")
-    parser.add_argument("--crows-sample", type=int, default=300)
-    args = parser.parse_args()
-    setup(args)
-    report = Report("targets", "One-shot pruning targets with bias scores (demo model, no healing)", args.out)
-    big = 8 if args.quick else 64  # x 512 tokens
-    work = load_workload(
+def target_workload(args, crows_sample: int | None = None) -> Workload:
+    """The model and text of the targets: 16 x 512 WikiText-2 test tokens (4 x 512 with ``--quick``) and
+    64 x 512 calibration tokens (8 x 512)."""
+    return load_workload(
         args,
         eval_tokens=(4 if args.quick else 16) * 512,
-        calibration_samples=big,
+        calibration_samples=8 if args.quick else 64,
         calibration_seq_len=512,
-        crows_sample=20 if args.quick else args.crows_sample,
+        crows_sample=crows_sample,
     )
+
+
+def target_settings(work: Workload, quick: bool) -> list[tuple[str, str, dict, list]]:
+    """``(size, method, prune_model keyword arguments, calibration batches)`` of every target."""
     small = work.calibration[: max(1, len(work.calibration) // 4)]  # the first quarter: 8,192 tokens
-    local = args.data / "stereoset" / "stereoset_dev.jsonl"
-    items = sample_items(
-        load_stereoset(local if local.is_file() else "default"), 30 if args.quick else args.items, 0
-    )
     refit = dict(reconstruct=True, damping=0.01)
     groups = get_adapter(work.model).head_counts(0)[1]  # the demo has three; a tiny test model may have two
-    blocks = 2 if args.quick else 4  # the quick mode's tiny model has only 4 blocks
-    settings = [
+    blocks = 2 if quick else 4  # the quick mode's tiny model has only 4 blocks
+    return [
         (
             "MLP -20%",
             "`hybrid` + refit",
@@ -97,6 +94,32 @@ def main() -> None:
         ),
     ]
 
+
+def pruned_targets(work: Workload, quick: bool) -> Iterator[tuple[str, str, str, float, torch.nn.Module]]:
+    """Each target pruned from a copy of the model, one at a time: ``(size, method, calibration tokens,
+    prune_model seconds, model)``."""
+    for size, method, kwargs, batches in target_settings(work, quick):
+        model = copy.deepcopy(work.model)
+        start = time.perf_counter()
+        prune_model(model, dataloader=batches, show_progress=False, **kwargs)
+        seconds = time.perf_counter() - start
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        yield size, method, f"{tokens:,}", seconds, model
+
+
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.add_argument("--items", type=int, default=600, help="StereoSet dev items scored per model")
+    parser.add_argument("--crows-sample", type=int, default=300)
+    args = parser.parse_args()
+    setup(args)
+    report = Report("targets", "One-shot pruning targets with bias scores (demo model, no healing)", args.out)
+    work = target_workload(args, crows_sample=20 if args.quick else args.crows_sample)
+    local = args.data / "stereoset" / "stereoset_dev.jsonl"
+    items = sample_items(
+        load_stereoset(local if local.is_file() else "default"), 30 if args.quick else args.items, 0
+    )
+
     def evaluate(model) -> dict:
         result = measure(model, work)
         result["stereoset"] = stereoset_scores(model, work.tokenizer, items, seed=0)
@@ -130,13 +153,8 @@ def main() -> None:
             target_rows.append([size, f"<= {limit:.2f}", f"{ratio:.2f}", status])
 
     add("base", "unpruned", "-", base, "-")
-    for size, method, kwargs, batches in settings:
-        model = copy.deepcopy(work.model)
-        start = time.perf_counter()
-        prune_model(model, dataloader=batches, show_progress=False, **kwargs)
-        seconds = time.perf_counter() - start
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        add(size, method, f"{tokens:,}", evaluate(model), f"{seconds:.0f}")
+    for size, method, tokens, seconds, model in pruned_targets(work, args.quick):
+        add(size, method, tokens, evaluate(model), f"{seconds:.0f}")
         del model
     report.text(
         f"StereoSet: {len(items)} seeded items of the dev set (both tasks), mean per-token log-probability; "

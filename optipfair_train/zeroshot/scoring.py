@@ -114,9 +114,10 @@ def zeroshot_scores(
     (all when None).
 
     Returns ``{"tasks": {name: {"acc", "acc_ci_low", "acc_ci_high", "acc_norm", ..., "num_items",
-    "metrics", "acc_items", "acc_norm_items", "item_keys"}}, "mean": {"acc", "acc_ci_low", "acc_ci_high",
-    "num_tasks"}, "seconds", "sample_size", "seed", "confidence"}``; accuracies in percent, ``None`` for
-    a metric the task does not report. The per-item lists let :func:`zeroshot_change` pair two models.
+    "metrics", "acc_items", "acc_norm_items", "item_keys", "seconds"}}, "mean": {"acc", "acc_ci_low",
+    "acc_ci_high", "num_tasks"}, "seconds", "sample_size", "seed", "confidence"}``; accuracies in percent,
+    ``None`` for a metric the task does not report. The per-item lists let :func:`zeroshot_change` pair
+    two models.
 
     Example:
         >>> r = zeroshot_scores(model, tokenizer, {"piqa": load_task("piqa")}, sample_size=200)  # doctest: +SKIP
@@ -127,11 +128,13 @@ def zeroshot_scores(
     start = time.perf_counter()
     results = {}
     for name, all_items in tasks.items():
+        task_start = time.perf_counter()
         items = sample_task_items(all_items, sample_size, seed)
         requests = [r for item in items for r in item.requests]
         sizes = [item.num_choices for item in items]
         lls = loglikelihoods(model, tokenizer, requests, batch_size, show_progress, name, group_sizes=sizes)
         results[name] = _task_result(name, items, lls, confidence, n_bootstrap, seed)
+        results[name]["seconds"] = time.perf_counter() - task_start
         logger.info("%s over %d items: acc %.1f", name, len(items), results[name]["acc"])
     return {
         "tasks": results,

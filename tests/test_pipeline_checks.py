@@ -88,6 +88,15 @@ BAD_SETTINGS = {
         {"target_fraction": 0.3},
         "A parameter budget sets every axis's count itself: set mlp_pruning_percentage, num_layers_to_remove to 0",
     ),
+    "budget_shares=search": (
+        {
+            "mlp_pruning_percentage": 0,
+            "num_layers_to_remove": 0,
+            "target_fraction": 0.3,
+            "budget_shares": "search",
+        },
+        "budget_shares: search is not run inside the pipeline; run `optipfair-train search MODEL --fraction F`",
+    ),
     "budget_shares without a target": (
         {"mlp_pruning_percentage": 0, "num_layers_to_remove": 0, "budget_shares": "mlp=1"},
         "budget_shares spends a budget: set target_parameters or target_fraction as well",

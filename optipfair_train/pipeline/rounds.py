@@ -58,6 +58,11 @@ def check_budget(p: PruningConfig) -> None:
             f"A parameter budget sets every axis's count itself: set {', '.join(per_axis)} to 0 "
             "(mlp_pruning_percentage defaults to 20)."
         )
+    if p.budget_shares.strip() == "search":  # each candidate costs minutes and needs held-out text of its own
+        raise ValueError(
+            "budget_shares: search is not run inside the pipeline; run `optipfair-train search MODEL "
+            "--fraction F` once and put the budget_shares it prints here (e.g. 'hidden=0.25,mlp=0.75')."
+        )
     try:
         parse_shares(p.budget_shares or "mlp=1")
     except ValueError as err:

@@ -17,7 +17,6 @@ Usage:
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from pathlib import Path
@@ -31,6 +30,7 @@ from optipfair_train.data import load_texts, tokenize_for_lm
 from optipfair_train.models import load_model_and_tokenizer
 from optipfair_train.pipeline import PruneThenHeal, load_config
 from optipfair_train.pipeline.evaluate import resolve_general_text
+from optipfair_train.pipeline.run_state import STATE_NAME, RunState
 from optipfair_train.speed import compare_speed, speed_line
 
 CARD_METRICS = ("perplexity", "perplexity/general", "stereoset/ss", "stereoset/lms", "stereoset/icat")
@@ -87,10 +87,12 @@ def remeasure(model, tokenizer, config: dict, seed: int) -> dict[str, float]:
 
 
 def card_check(report: Report, run_dir: Path, final: Path) -> None:
-    state = json.loads((run_dir / "state.json").read_text())
-    config, seed = state["config"], state["config"]["run"]["seed"]
+    state = RunState.load(run_dir / STATE_NAME)
+    if state is None:
+        raise SystemExit(f"{run_dir} holds no {STATE_NAME}: pass the output folder of a finished run.")
+    config, seed = state.config, state.config["run"]["seed"]
     base, tokenizer = load_model_and_tokenizer(config["model"]["model_path"])
-    card = {"base": state["baseline"], "final": state["rounds"][-1]["healed"]}
+    card = {"base": state.baseline, "final": state.rounds[-1]["healed"]}
     models = {"base": base, "final": AutoModelForCausalLM.from_pretrained(final)}
     rows = []
     for stage, model in models.items():
@@ -102,7 +104,7 @@ def card_check(report: Report, run_dir: Path, final: Path) -> None:
                     [stage, metric, f"{on_card:.4f}", f"{measured:.4f}", f"{abs(measured - on_card) / abs(on_card):.2e}"]
                 )
     report.text(
-        f"Card check: `{run_dir}/state.json` (the card's numbers) against a re-measurement of `{final}` "
+        f"Card check: `{run_dir}/{STATE_NAME}` (the card's numbers) against a re-measurement of `{final}` "
         "reloaded with plain `from_pretrained` (perplexity by this script's own loss loop)."
     )
     report.table(["stage", "metric", "card", "re-measured", "relative difference"], rows)

@@ -69,7 +69,12 @@ def default_candidates(model: torch.nn.Module) -> list[dict[str, float]]:
 
 
 def shares_text(shares: Mapping[str, float]) -> str:
-    """Shares as the pipeline's ``budget_shares`` value: ``{"mlp": 0.75, "hidden": 0.25}`` -> ``"mlp=0.75,hidden=0.25"``."""
+    """Shares as the pipeline's ``budget_shares`` value.
+
+    Example:
+        >>> shares_text({"mlp": 0.75, "hidden": 0.25})
+        'mlp=0.75,hidden=0.25'
+    """
     return ",".join(f"{a}={s:g}" for a, s in shares.items())
 
 
@@ -82,6 +87,11 @@ class SearchResult:
     ``seconds``, ``note`` (why a candidate could not be planned). ``ranked_by`` names the column the
     choice is made on: ``distilled_perplexity`` when any candidate was distilled, else
     ``proxy_perplexity``.
+
+    Example:
+        >>> result = search(model, fraction=0.25, calibration=batches, eval_batches=blocks)  # doctest: +SKIP
+        >>> result.save("out")  # out/search.json, out/search.md, out/plan/plan.json  # doctest: +SKIP
+        >>> apply(model, result.plan)  # doctest: +SKIP
     """
 
     parameters_before: int

@@ -94,3 +94,20 @@ def test_refit_time_compares_the_engine_with_the_pre_engine_commit(tiny_model_di
     assert text.startswith("## Earlier section\n\nkept\n\n## plan + apply against the pre-engine prune_model")
     rows = [line for line in text.splitlines() if line.startswith("| ") and "setting" not in line]
     assert len(rows) == 3 and all(row.endswith("| yes |") for row in rows)
+
+
+def test_a_section_report_replaces_its_own_section_and_keeps_the_others(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from common import Report
+
+    (tmp_path / "shared.md").write_text(
+        "## Parity\n\nkept\n\n## Targets\n\nold table\n\n## Later\n\nalso kept\n"
+    )
+    report = Report("shared", "Targets", tmp_path, section=True)
+    report.table(["a"], [[1]])
+    report.write()
+    text = (tmp_path / "shared.md").read_text()
+    assert text.startswith("## Parity\n\nkept\n\n## Targets\n")
+    assert "old table" not in text and "| 1 |" in text and text.endswith("\n\n## Later\n\nalso kept\n")
+    Report("shared", "New", tmp_path, section=True).write()  # a new title is appended
+    assert (tmp_path / "shared.md").read_text().startswith(text.rstrip() + "\n\n## New\n")

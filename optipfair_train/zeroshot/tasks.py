@@ -180,8 +180,9 @@ TASKS: dict[str, TaskSpec] = {
 #: commonsense completion (HellaSwag), physical commonsense (PIQA) and coreference (WinoGrande).
 DEFAULT_TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande")
 #: Items per task at every pipeline stage and in ZeroShotCallback: chosen so that one measurement of the
-#: four default tasks costs no more than the stage's 300-item StereoSet probe (timed in one run: one item
-#: of each task costs as much as 14.5 StereoSet items; by tokens scored, 12). It buys a wide interval per
+#: four default tasks costs no more than the stage's 300-item StereoSet probe (timed in one run, reading
+#: every choice whole: one item of each task costs as much as 14.5 StereoSet items; by tokens scored, 12;
+#: reading each item's shared prefix once is cheaper, so 20 stays within it). It buys a wide interval per
 #: task (about +-22 points) and about +-11 on the mean; the paired change is narrower.
 #: docs/benchmarks/zeroshot.md.
 DEFAULT_SAMPLE_SIZE = 20

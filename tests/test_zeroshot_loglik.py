@@ -116,3 +116,21 @@ def test_models_without_a_cache_are_read_whole(tokenizer):
     expected = float(lp[ids[1], ids[2]] + lp[ids[2], ids[3]] + lp[ids[3], ids[4]])
     got = loglikelihoods(model, tokenizer, [("Q:", " ab"), ("Q:", " b")])
     assert got[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_cache_that_cannot_be_copied_per_request_falls_back_to_whole_sequences(tokenizer):
+    inner = make_tiny_model("llama")
+
+    class TupleCache(torch.nn.Module):  # takes a cache argument but returns a legacy tuple cache
+        config = inner.config
+
+        def forward(
+            self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False
+        ):
+            assert past_key_values is None, "a tuple cache must never be passed back"
+            logits = inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return type("Out", (), {"logits": logits, "past_key_values": ((logits, logits),)})()
+
+    expected = loglikelihoods(inner, tokenizer, REQUESTS, group_sizes=GROUPS, share_prefix=False)
+    got = loglikelihoods(TupleCache(), tokenizer, REQUESTS, group_sizes=GROUPS)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)

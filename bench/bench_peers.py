@@ -6,8 +6,8 @@ parameters) Torch-Pruning prunes the hidden dimension and the MLP width by one r
 ``--criteria`` (its ``activation`` and ``taylor`` importance); its pruned model's parameter count is the
 target of every other row of that size:
 
-* ours, MLP width only (``budget_requests(model, target, shares={"mlp": 1})``, ``hybrid`` scores) with
-  the refit of the kept ``down_proj`` columns;
+* ours, MLP width only (``budget_requests(model, target, shares={"mlp": 1})``, ``hybrid`` scores), without
+  and with the refit of the kept ``down_proj`` columns;
 * ours, each ``--mixtures`` split of the removed parameters between the hidden dimension and the MLP
   width (default ``hidden=0.25,mlp=0.75`` and ``hidden=0.5,mlp=0.5``), both refit;
 * OptiPFair 0.4.2 where it has the axis: MLP width only, its data-driven mode (``MAW`` scores with a
@@ -22,7 +22,7 @@ The peers run in their own venvs, created on first use (``--torch-pruning-venv``
 ``~/.cache/optipfair_train/bench-torch-pruning-1.6.1``; ``--optipfair-venv``; both share this
 interpreter's torch and transformers and need PyPI once).
 
-    python bench/bench_peers.py --threads 2          # ~20 min on 2 quiet CPU cores (estimated)
+    python bench/bench_peers.py --threads 2          # ~20-25 min on 2 quiet CPU cores (estimated)
     python bench/bench_peers.py --quick              # 25% only, 8 x 256 calibration tokens, 2 x 512 scored,
                                                      # Torch-Pruning `activation` only: 9 min at load 5
 
@@ -212,16 +212,17 @@ def main() -> None:
                     )
                 if target is None:  # no Torch-Pruning criterion asked for: the predicted size
                     target = torch_pruning_parameters(base.config, ratio, heads)
-                for shares in [{"mlp": 1.0}, *mixtures]:
+                ours = [({"mlp": 1.0}, False), ({"mlp": 1.0}, True), *((m, True) for m in mixtures)]
+                for shares, refit in ours:
                     model = copy.deepcopy(base)
                     start = time.perf_counter()
                     requests = budget_requests(
-                        model, target, shares=shares, calibrated=True, reconstruct=True
+                        model, target, shares=shares, calibrated=True, reconstruct=refit
                     )
                     apply(model, plan(model, requests, calib))
                     seconds = time.perf_counter() - start
                     name = " + ".join(f"{axis} {share:g}" for axis, share in shares.items())
-                    add("ours", f"budget {name}, refit", model, seconds)
+                    add("ours", f"budget {name}, {'refit' if refit else 'no refit'}", model, seconds)
                     del model
                 percentage, remove = optipfair_percentage(base, target)
                 save = tmp / "optipfair"
@@ -248,7 +249,8 @@ def main() -> None:
         f"dependency graph never finishes building on rotary models, VainF/Torch-Pruning#527), kept widths "
         f"rounded down to a multiple of the {heads} heads (`round_to`), the tied head tied again after the cut. "
         f"Ours: `budget_requests(model, target_parameters=<Torch-Pruning's count>, shares=..., calibrated=True, "
-        f"reconstruct=True)`, then `plan` and `apply`. OptiPFair: MLP width only (it has no hidden axis)."
+        f"reconstruct=<refit>)`, then `plan` and `apply`. OptiPFair: MLP width only (it has no hidden axis), "
+        f"its data-driven mode, the fewest neurons per layer that reach the same count."
     )
     report.table(HEADER, rows)
     report.write()

@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     quick = args.quick
     setup(args)
-    eval_tokens = args.eval_tokens or (1024 if quick else 8192)
+    eval_tokens = 1024 if quick else args.eval_tokens
     work = load_workload(args, eval_tokens=eval_tokens, calibration_samples=8 if quick else 32)
     model, tokenizer = work.model, work.tokenizer
     halves = stereoset_halves(args)

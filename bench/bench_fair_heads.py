@@ -9,13 +9,15 @@ multiple of the KV heads per layer, since a unit is one query head in every grou
 models are cut through ``prune_model(pruning_type="ATTENTION", head_granularity="query",
 layer_allocation="global")``: by the ``fairness`` score (``--lam`` weighs the LM cost) and by the plain
 ``activation`` score (the control: is a bias change the mode's, or any head removal's?). The base and
-every cut model are evaluated on the **held-out** half only (bench/heldout.py): SS / LMS / ICAT per bias
-type with paired changes vs base and fairness vs control, WinoBias rates, WikiText-2 test perplexity.
-Asserts nothing.
+every cut model are evaluated on the **held-out** half only (bench/heldout.py; by default all 249 held-out
+gender items plus 51 of the others, 200 WinoBias items, 4096 WikiText-2 test tokens): SS / LMS / ICAT per
+bias type with paired changes vs base and fairness vs control, WinoBias rates, perplexity. ``--zeroed``
+adds, per count, the model whose k first-ranked heads are zeroed one by one (no GQA unit: the score's
+own reference, not a cut). Asserts nothing.
 
 Usage:
     python bench/bench_fair_heads.py --quick --threads 1   # a smoke run on tiny samples
-    python bench/bench_fair_heads.py --threads 2 --all-gender --items 400 --wino 300 --eval-tokens 4096
+    python bench/bench_fair_heads.py --threads 2           # -3 and -9 heads, held-out sample as above
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from __future__ import annotations
 import copy
 import time
 
+import numpy as np
+import torch
 from common import Report, base_parser, load_workload, setup
 from heldout import add_heldout_flags, change_tables, evaluate, scores_table, stereoset_halves
 
-from optipfair_train.arch import get_adapter
+from optipfair_train.arch import get_adapter, weight_out_in
 from optipfair_train.bias import sample_items
 from optipfair_train.data import calibration_dataloader, load_texts
 from optipfair_train.pruning import as_batches, prune_model
@@ -56,15 +60,57 @@ def _cut(model, method: str, heads: int, **kwargs) -> tuple[object, list[tuple[i
     return cut, removed
 
 
+def _zeroed(model, heads: list[tuple[int, int]]):
+    """A copy of ``model`` whose ``heads`` write nothing (their o_proj columns zeroed; shapes unchanged)."""
+    out = copy.deepcopy(model)
+    adapter = get_adapter(out)
+    with torch.no_grad():
+        for i, h in heads:
+            head_dim = adapter.head_counts(i)[2]
+            weight_out_in(adapter.attention(i).o)[:, h * head_dim : (h + 1) * head_dim] = 0
+    return out
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    return x.argsort().argsort().astype(float)
+
+
+def _screen_table(effects, lam: float) -> tuple[list[str], list[list[str]]]:
+    """How the first-order estimates of the shortlisted heads compare with their exact ablation."""
+    est, rows = effects.first_order, []
+    for name, exact, guess in (
+        ("bias reduction", effects.bias_reduction, est.bias_reduction),
+        ("LM cost", effects.lm_cost, est.lm_cost),
+        ("keep-importance", effects.importance(lam), est.importance(lam)),
+    ):
+        a = np.array([float(exact[i][h]) for i in exact for h in range(len(exact[i])) if effects.exact[i][h]])
+        b = np.array([float(guess[i][h]) for i in exact for h in range(len(exact[i])) if effects.exact[i][h]])
+        spearman = np.corrcoef(_ranks(a), _ranks(b))[0, 1] if len(a) > 2 else float("nan")
+        rows.append(
+            [name, str(len(a)), f"{np.abs(a - b).mean():.4f}", f"{np.abs(a).mean():.4f}", f"{spearman:.2f}"]
+        )
+    return [
+        "quantity",
+        "heads",
+        "mean abs error of the estimate",
+        "mean abs exact value",
+        "rank correlation",
+    ], rows
+
+
 def _heads_cell(removed: list[tuple[int, int]]) -> str:
     return " ".join(f"{i}.{h}" for i, h in removed)
 
 
 def main() -> None:
     parser = base_parser(__doc__)
-    add_heldout_flags(parser)
+    add_heldout_flags(parser, items=300, all_gender=True, wino=200, eval_tokens=4096)
     parser.add_argument(
-        "--heads", type=int, nargs="+", default=None, help="query heads removed (default 3 9)"
+        "--heads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="query heads removed (default 3 9; quick: one unit)",
     )
     parser.add_argument(
         "--build-items", type=int, default=None, help="build items scored (default 48; quick 4)"
@@ -77,7 +123,12 @@ def main() -> None:
         "--shortlist",
         type=int,
         default=None,
-        help="heads ablated exactly, those a first-order estimate ranks first (default 24; 0 = all)",
+        help="heads ablated exactly, those a first-order estimate ranks first (default 16; 0 = all)",
+    )
+    parser.add_argument(
+        "--zeroed",
+        action="store_true",
+        help="also zero the k heads ranked first one by one (no GQA unit: the method's reference, not a cut)",
     )
     parser.add_argument(
         "--text-seqs",
@@ -88,7 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     quick = args.quick
     setup(args)
-    eval_tokens = args.eval_tokens or (1024 if quick else 8192)
+    eval_tokens = 1024 if quick else args.eval_tokens
     work = load_workload(args, eval_tokens=eval_tokens, calibration_samples=4 if quick else 16)
     model, tokenizer = work.model, work.tokenizer
     adapter = get_adapter(model)
@@ -134,7 +185,7 @@ def main() -> None:
     )
 
     start = time.perf_counter()
-    shortlist = args.shortlist if args.shortlist is not None else (2 if quick else 24)
+    shortlist = args.shortlist if args.shortlist is not None else (2 if quick else 16)
     effects = head_ablation_effects(
         model,
         tokenizer,
@@ -161,6 +212,11 @@ def main() -> None:
     )
     importance = effects.importance(args.lam)
     ranked = sorted((float(importance[i][h]), i, h) for i in importance for h in range(len(importance[i])))
+    if effects.first_order is not None:
+        report.table(
+            *_screen_table(effects, args.lam),
+            title="First-order estimates vs exact ablation (shortlisted heads)",
+        )
     report.table(
         ["head (layer.head)", "bias reduction (nats)", "LM cost (nats)", "keep-importance", "measured"],
         [
@@ -173,6 +229,7 @@ def main() -> None:
 
     models = {"base": model}
     removed_rows = []
+    start = time.perf_counter()
     for k in counts:
         fair, fair_heads = _cut(
             model, "fairness", k, head_ablation=effects, fairness_lambda=args.lam, tokenizer=tokenizer
@@ -187,6 +244,15 @@ def main() -> None:
             f"-{k} heads: fairness {_heads_cell(fair_heads)}; activation {_heads_cell(control_heads)}",
             flush=True,
         )
+        if args.zeroed:
+            zeroed_heads = [(i, h) for _, i, h in ranked[:k]]
+            models[f"fairness {k} heads zeroed"] = _zeroed(model, zeroed_heads)
+            reduction = sum(float(effects.bias_reduction[i][h]) for i, h in zeroed_heads)
+            cost = sum(float(effects.lm_cost[i][h]) for i, h in zeroed_heads)
+            removed_rows.append(
+                [f"zeroed {k}", _heads_cell(zeroed_heads), f"{reduction:+.4f}", f"{cost:+.4f}"]
+            )
+    cut_seconds = time.perf_counter() - start
     report.table(
         ["cut", "removed heads (layer.head)", "sum of bias reductions (build)", "sum of LM costs (build)"],
         removed_rows,
@@ -206,8 +272,11 @@ def main() -> None:
     for k in counts:
         fair, control = f"fairness -{k} heads", f"activation -{k} heads"
         pairs += [("base", fair), ("base", control), (control, fair)]
+        if args.zeroed:
+            pairs += [("base", f"fairness {k} heads zeroed")]
     change_tables(report, results, pairs, types, args.seed)
     report.text(
+        f"Time: head effects {ablation_seconds:.0f} s, cuts (activation scores included) {cut_seconds:.0f} s. "
         "Evaluation time per model (StereoSet + perplexity + WinoBias): "
         + ", ".join(f"{n} {r['seconds']:.0f} s" for n, r in results.items())
         + "."

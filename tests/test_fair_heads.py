@@ -120,6 +120,10 @@ def test_a_shortlist_ablates_exactly_the_heads_the_first_order_estimate_ranks_fi
     )
     # the others hold first-order estimates: exactly 0 for the silent head (no gradient reaches it)
     assert one.bias_reduction[SILENT[0]][SILENT[1]] == 0 and one.lm_cost[SILENT[0]][SILENT[1]] == 0
+    assert full.first_order is None and one.first_order.first_order is None
+    for i in one.exact:  # the heads left out keep their first-order estimate
+        kept = ~one.exact[i]
+        assert torch.equal(one.bias_reduction[i][kept], one.first_order.bias_reduction[i][kept])
     estimated = torch.cat([one.bias_reduction[i] for i in sorted(one.bias_reduction)])
     assert not torch.allclose(
         estimated, torch.cat([full.bias_reduction[i] for i in sorted(full.bias_reduction)])

@@ -110,6 +110,7 @@ class HeadAblation:
     base_nll: float | None
     num_items: int
     exact: dict[int, torch.Tensor] | None = None  # heads ablated exactly (the rest: first-order estimates)
+    first_order: HeadAblation | None = None  # every head's first-order estimate, when a shortlist was used
 
     def importance(self, fairness_lambda: float = DEFAULT_FAIRNESS_LAMBDA) -> dict[int, torch.Tensor]:
         """Keep-importance per query head: ``fairness_lambda * lm_cost - bias_reduction``.
@@ -332,7 +333,8 @@ def head_ablation_effects(
                 base += totals
                 for i in ablated:
                     ablated[i] += totals + change[i]
-            estimate = _effects(base, ablated, exact, len(items), tokens).importance(fairness_lambda)
+            first_order = _effects(base, {i: a.clone() for i, a in ablated.items()}, {}, len(items), tokens)
+            estimate = first_order.importance(fairness_lambda)
             chosen = sorted(heads, key=lambda ih: (float(estimate[ih[0]][ih[1]]), ih))[:shortlist]
             for i, h in chosen:
                 ablated[i][h] = 0
@@ -348,4 +350,7 @@ def head_ablation_effects(
                     ablated[i][h] += passes.without(i, h, geometry[i][2])
                     exact[i][h] = True
                     bar.update()
-    return _effects(measured, ablated, exact, len(items), tokens)
+    effects = _effects(measured, ablated, exact, len(items), tokens)
+    if shortlist is not None:
+        effects.first_order = first_order
+    return effects

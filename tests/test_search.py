@@ -191,3 +191,23 @@ def test_cli_writes_the_table_and_the_chosen_plan(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse refuses shares that do not sum to 1, before any model loads
         main(["search", str(source), "--fraction", "0.3", "--candidates", "mlp=2"])
     assert "The shares must sum to 1, got 2" in capsys.readouterr().err
+
+
+def test_distillation_leaves_the_callers_model_trainable_and_a_second_search_distils(data):
+    """The unpruned model is the teacher: after a search its weights still train and it is in the mode it
+    was in, so a second search (another budget) on it distils again."""
+    model = make_tiny_model("llama").train()
+    model.model.embed_tokens.weight.requires_grad_(False)  # a caller's own frozen part stays frozen
+    flags = [p.requires_grad for p in model.parameters()]
+    for fraction in (0.2, 0.3):
+        result = search(
+            model,
+            fraction=fraction,
+            candidates=[{"mlp": 1.0}],
+            distill_steps=1,
+            show_progress=False,
+            **data,
+        )
+        assert result.rows[0]["distilled_perplexity"] is not None
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert model.training

@@ -370,7 +370,19 @@ def _distill(
         heal_method="kd", heal_steps=steps, learning_rate=lr, per_device_batch_size=batch_size
     )
     run = RunConfig(seed=seed, save_steps=steps + 1, report_to="none", show_progress=False)
+    # the teacher is the caller's model: distillation freezes it, so its flags and mode are put back
+    # (else the caller's model, and every copy made of it later, would no longer train)
+    flags = [p.requires_grad for p in teacher.parameters()]
+    training = teacher.training
+    student.requires_grad_(True)  # full-parameter distillation trains every weight of the copy
     teacher.eval()
-    with tempfile.TemporaryDirectory(prefix="optipfair-search-") as folder:
-        student, _ = heal(student, None, config, Path(folder), lr, lm_dataset(data), run=run, teacher=teacher)
+    try:
+        with tempfile.TemporaryDirectory(prefix="optipfair-search-") as folder:
+            student, _ = heal(
+                student, None, config, Path(folder), lr, lm_dataset(data), run=run, teacher=teacher
+            )
+    finally:
+        for param, flag in zip(teacher.parameters(), flags, strict=True):
+            param.requires_grad_(flag)
+        teacher.train(training)
     return unwrap_model(student).eval()

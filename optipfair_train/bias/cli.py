@@ -1,8 +1,8 @@
 """``optipfair-train probe``: activation-difference metrics, behavioural score and figures for a model.
 
 The main command line (``optipfair_train.cli``) builds the sub-parser with
-:func:`optipfair_train.cli_parser.add_probe_arguments` (no torch, so ``--help`` answers at once) and calls
-:func:`run_probe`. Outputs in ``--output-dir``: the figures of the first ``--figure-pairs``
+:func:`optipfair_train.cli_parser_measure.add_probe_arguments` (no torch, so ``--help`` answers at once)
+and calls :func:`run_probe`. Outputs in ``--output-dir``: the figures of the first ``--figure-pairs``
 pairs, ``bias_metrics.json`` and ``summary.txt`` (also printed).
 
 Example:

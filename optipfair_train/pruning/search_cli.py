@@ -1,6 +1,6 @@
 """``optipfair-train search``: load the model and the texts, run :func:`~optipfair_train.pruning.search.search`,
 write the table (``search.json``, ``search.md``) and the chosen plan (``plan/``), print the table and the
-choice. Its flags are built in :mod:`optipfair_train.cli_parser` (no torch there).
+choice. Its flags are built in :mod:`optipfair_train.cli_parser_measure` (no torch there).
 
 The search state (``search-state.json``) lives in the output folder, so a rerun of the same command
 resumes after the last finished candidate.

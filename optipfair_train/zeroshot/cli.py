@@ -1,8 +1,8 @@
 """``optipfair-train eval MODEL``: one yardstick for any model: perplexity, zero-shot accuracy, StereoSet.
 
 The main command line (``optipfair_train.cli``) builds the sub-parser with
-:func:`optipfair_train.cli_parser.add_eval_arguments` (no torch, so ``--help`` answers at once) and calls
-:func:`run_eval`. A model folder made elsewhere (or ``demo``) is measured the way the pipeline
+:func:`optipfair_train.cli_parser_measure.add_eval_arguments` (no torch, so ``--help`` answers at once)
+and calls :func:`run_eval`. A model folder made elsewhere (or ``demo``) is measured the way the pipeline
 measures every stage: WikiText-2 test perplexity (when the file is found, as the pipeline finds it),
 accuracy on lm-eval tasks with 95% intervals, and StereoSet SS / LMS / ICAT.
 

@@ -16,11 +16,10 @@ KV groups or query heads per group, or blocks); each event asks the engine to re
 units that brings the model to the scheduled target, so the last event lands exactly on the final
 target (:mod:`.schedule`).
 
-Multi-process training (DDP) is refused with :class:`DistributedPruningError` before the first step:
-DDP's gradient buckets have fixed shapes, and the Trainer keeps its DDP wrapper in a local variable
-of the training loop, so a model cut in the loop either crashes or lets ranks drift. Prune between
-Trainers instead: :class:`optipfair_train.pipeline.PruneThenHeal` (one Trainer per round, every
-rank prunes identically), or ``prune_model`` before building the Trainer.
+Multi-process training (DDP) is refused with :class:`DistributedPruningError` before the first step
+(:mod:`.ddp_guard` says why). Prune between Trainers instead:
+:class:`optipfair_train.pipeline.PruneThenHeal` (one Trainer per round, every rank prunes identically),
+or ``prune_model`` before building the Trainer.
 
 Example:
     >>> cb = PruningCallback(trainer, pruning_type="MLP_GLU", target=30, schedule="cubic",
@@ -48,6 +47,7 @@ from ..pruning.requests import Request
 from ..pruning.targets import check_layer_indices, units_to_remove
 from ..pruning.taylor import TaylorImportance
 from .base import ReportingCallback
+from .ddp_guard import DistributedPruningError, check_single_process
 from .importance import GradientImportanceCallback
 from .resume import install_resume_hook, resumed_at, save_progress
 from .schedule import PruningSchedule, make_schedule
@@ -77,28 +77,6 @@ _RESERVED = {
     "layer_indices",
     "show_progress",
 }
-
-
-class DistributedPruningError(RuntimeError):
-    """In-loop structural pruning was asked for under multi-process (DDP) training."""
-
-
-def _world_size(args: Any) -> int:
-    size = int(getattr(args, "world_size", 1) or 1)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        size = max(size, torch.distributed.get_world_size())
-    return size
-
-
-def _distributed_error(world_size: int) -> DistributedPruningError:
-    return DistributedPruningError(
-        f"PruningCallback cannot prune inside a multi-process training run (world size {world_size}): "
-        "DDP's gradient buckets have fixed shapes and the Trainer keeps its DDP wrapper for the whole "
-        "loop, so cutting the model here would crash or let the ranks drift apart. Prune between "
-        "Trainers instead: use optipfair_train.pipeline.PruneThenHeal (a fresh Trainer per round, "
-        "every rank prunes identically), or call optipfair_train.prune_model(...) before creating the "
-        "Trainer. Nothing was pruned."
-    )
 
 
 class PruningCallback(ReportingCallback):
@@ -234,9 +212,7 @@ class PruningCallback(ReportingCallback):
         self.original_parameters: int | None = None
         self.events_done: list[dict[str, Any]] = []
         if trainer is not None:
-            world = _world_size(trainer.args)
-            if world > 1:
-                raise _distributed_error(world)
+            check_single_process(trainer.args)
             self._check_target(trainer.model)
             install_resume_hook(trainer, self)  # resume_from_checkpoint cuts the model first (.resume)
 
@@ -296,9 +272,7 @@ class PruningCallback(ReportingCallback):
 
     # ---- events --------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model=None, **kwargs):
-        world = _world_size(args)
-        if world > 1:
-            raise _distributed_error(world)
+        check_single_process(args)
         resumed = resumed_at(self, state.global_step)  # progress restored with the checkpoint
         if (
             not resumed

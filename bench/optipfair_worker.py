@@ -55,10 +55,6 @@ WORKER_BODY = textwrap.dedent(
     import copy, importlib.metadata, json, os, sys, time, traceback
     from pathlib import Path
 
-    protocol = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,16 +150,6 @@ WORKER_BODY = textwrap.dedent(
 
 
     OPS = {"load": op_load, "warmup": op_warmup, "prune": op_prune, "visualize": op_visualize}
-    for line in sys.stdin:
-        command = json.loads(line)
-        op = command.pop("op")
-        if op == "quit":
-            break
-        try:
-            answer = OPS[op](**command)
-        except Exception:
-            answer = {"error": traceback.format_exc()}
-        protocol.write(json.dumps(answer) + "\\n")
     """
 )
 

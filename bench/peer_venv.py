@@ -111,17 +111,42 @@ def _run_or_exit(command: list[str], venv: Path, requirement: str, what: str, cl
         )
 
 
+# The worker side of the protocol, around each worker's source: the answers go to the original stdout,
+# everything the peer library prints to stderr (the log); the source defines OPS = {name: function}.
+WORKER_PRELUDE = """import json, os, sys, traceback
+
+protocol = os.fdopen(os.dup(1), "w", buffering=1)
+os.dup2(2, 1)
+sys.stdout = sys.stderr
+
+"""
+WORKER_LOOP = """
+
+for line in sys.stdin:
+    command = json.loads(line)
+    op = command.pop("op")
+    if op == "quit":
+        break
+    try:
+        answer = OPS[op](**command)
+    except Exception:
+        answer = {"error": traceback.format_exc()}
+    protocol.write(json.dumps(answer) + "\\n")
+"""
+
+
 class JsonWorker:
     """A worker process with a peer venv's python running ``source``, answering JSON commands.
 
-    The script reads one ``{"op": ..., **fields}`` line per command and writes one JSON answer line
+    ``source`` defines ``OPS`` (op name -> function of the command's fields); :data:`WORKER_PRELUDE` and
+    :data:`WORKER_LOOP` around it make the script, which reads one ``{"op": ..., **fields}`` line per command and writes one JSON answer line
     (``{"error": traceback}`` on failure); what the peer library prints goes to ``<name>_worker.log``.
     """
 
     def __init__(self, python: Path, tmp: Path, source: str, name: str):
         self.name = name
         script = tmp / f"{name}_worker.py"
-        script.write_text(source)
+        script.write_text(WORKER_PRELUDE + source + WORKER_LOOP)
         self.log_path = tmp / f"{name}_worker.log"
         self._log = open(self.log_path, "w")
         env = {**os.environ, "MPLBACKEND": "Agg", "TOKENIZERS_PARALLELISM": "false"}

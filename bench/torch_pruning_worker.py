@@ -45,10 +45,6 @@ WORKER_SOURCE = textwrap.dedent(
     """
     import copy, importlib.metadata, json, os, sys, time, traceback
 
-    protocol = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-
     import torch
     import torch_pruning as tp
     from transformers import AutoModelForCausalLM
@@ -146,16 +142,6 @@ WORKER_SOURCE = textwrap.dedent(
 
 
     OPS = {"load": op_load, "prune": op_prune}
-    for line in sys.stdin:
-        command = json.loads(line)
-        op = command.pop("op")
-        if op == "quit":
-            break
-        try:
-            answer = OPS[op](**command)
-        except Exception:
-            answer = {"error": traceback.format_exc()}
-        protocol.write(json.dumps(answer) + "\\n")
     """
 )
 

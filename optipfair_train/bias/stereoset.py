@@ -55,6 +55,7 @@ __all__ = [
     "SCORES",
     "item_sequences",
     "padded_options",
+    "scored_log_probs",
     "option_log_probs",
     "stereoset_change",
     "stereoset_metrics",
@@ -135,6 +136,29 @@ def padded_options(
     return input_ids, attention, scored
 
 
+def scored_log_probs(
+    model: nn.Module, input_ids: torch.Tensor, attention: torch.Tensor, scored: torch.Tensor
+) -> torch.Tensor:
+    """Summed log-probability of each row's scored tokens (float64, [rows]), from one forward pass of
+    :func:`padded_options`' tensors. Differentiable: gradients flow when called outside ``no_grad``
+    (the healing-time fairness loss, :mod:`optipfair_train.heal.fair_loss`, trains through it).
+
+    Example:
+        >>> ids, mask, scored = padded_options([([1, 5, 6], 1)], pad=0)  # doctest: +SKIP
+        >>> scored_log_probs(model, ids, mask, scored).shape  # doctest: +SKIP
+        torch.Size([1])
+    """
+    device = model_device(model)
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)
+    logits = logits.logits[:, :-1]
+    where = scored[:, 1:].to(device)  # the logit at t predicts the token at t + 1
+    picked = logits[where].float()  # [scored tokens, vocab]; only these rows get a log-softmax
+    target = input_ids[:, 1:].to(device)[where]
+    lp = picked.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+    rows = where.nonzero()[:, 0]
+    return torch.zeros(len(input_ids), dtype=torch.float64, device=device).index_add(0, rows, lp.double())
+
+
 def option_log_probs(
     model: nn.Module,
     tokenizer,
@@ -161,21 +185,12 @@ def option_log_probs(
     total, count = np.zeros((len(items), 3)), np.zeros((len(items), 3))
     order = sorted(range(len(items)), key=lambda i: max(len(ids) for ids, _ in seqs[i]))
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    device, pad = model_device(model), pad_token_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     with eval_mode(model):
         for idx in tqdm(batches, desc="StereoSet", disable=not show_progress):
             flat = [seq for i in idx for seq in seqs[i]]
             input_ids, attention, scored = padded_options(flat, pad)
-            logits = model(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
-            )
-            logits = logits.logits[:, :-1]
-            where = scored[:, 1:].to(device)  # the logit at t predicts the token at t + 1
-            picked = logits[where].float()  # [scored tokens, vocab]
-            target = input_ids[:, 1:].to(device)[where]
-            lp = picked.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
-            rows = where.nonzero()[:, 0]
-            sums = torch.zeros(len(flat), dtype=torch.float64, device=device).index_add_(0, rows, lp.double())
+            sums = scored_log_probs(model, input_ids, attention, scored)
             sums, n = sums.cpu().view(-1, 3).numpy(), scored[:, 1:].sum(1).view(-1, 3).numpy()
             total[idx], count[idx] = sums, n
     return total, count

@@ -1,4 +1,5 @@
-"""Trainer callbacks: pruning on a schedule, bias probes, gradient importance, a fairness guard.
+"""Trainer callbacks: pruning on a schedule, bias probes, gradient importance, a fairness guard,
+a fairness loss added to healing.
 
 They decide *when*; the engine (:func:`optipfair_train.prune_model`, :mod:`optipfair_train.bias`) decides
 *what*. Scalars go through ``trainer.log`` so every ``report_to`` backend receives them on the Trainer's
@@ -14,6 +15,7 @@ Example:
 from .base import ReportingCallback, report_to, wandb_active
 from .bias_probe import PROBES, BiasProbeCallback
 from .fairness_guard import GUARD_FILE, FairnessGuardCallback
+from .fairness_loss import FairnessLossCallback
 from .importance import GradientImportanceCallback
 from .pruning import DistributedPruningError, PruningCallback
 from .schedule import (
@@ -32,6 +34,7 @@ __all__ = [
     "BiasProbeCallback",
     "GradientImportanceCallback",
     "FairnessGuardCallback",
+    "FairnessLossCallback",
     "DistributedPruningError",
     "ReportingCallback",
     "PROBES",

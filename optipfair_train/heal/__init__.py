@@ -5,6 +5,13 @@ Example:
 """
 
 from .distill import DistillationTrainer, distillation_loss, topk_distillation_loss
+from .fair_loss import (
+    ItemCycle,
+    check_fairness_loss_settings,
+    fairness_gradients,
+    fairness_loss,
+    preference_gaps,
+)
 from .lora import add_lora, lora_target_modules
 from .sft import SFT_FORMATS, sft_dataset
 from .teacher_cache import (
@@ -22,6 +29,11 @@ __all__ = [
     "DistillationTrainer",
     "distillation_loss",
     "topk_distillation_loss",
+    "ItemCycle",
+    "check_fairness_loss_settings",
+    "fairness_gradients",
+    "fairness_loss",
+    "preference_gaps",
     "TeacherCache",
     "TeacherCacheMismatch",
     "add_example_ids",

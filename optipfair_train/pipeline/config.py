@@ -190,6 +190,19 @@ class HealConfig:
         "once and reused by every round and resume; 0 = run the teacher at every step instead",
         64,
     )
+    fairness_loss_weight: float = _help(
+        "weight of the fairness loss added to healing (mean squared stereotype-minus-anti-stereotype "
+        "log-prob gap on StereoSet build items; needs stereoset_data; the stage probes then judge the "
+        "held-out half); 0 = off",
+        0.0,
+    )
+    fairness_loss_items: int = _help("StereoSet build items the fairness loss cycles through", 1000)
+    fairness_loss_batch: int = _help("StereoSet build items scored per healing step by the fairness loss", 8)
+    counterfactual_augmentation: bool = _help(
+        "add the gender swap of every healing text that names a gender (he <-> she, names, ...), at the "
+        "same number of healing sequences; plain-text heal_data with lora/kd/kd_lora only",
+        False,
+    )
     nan_retries: int = _help("times a round whose healing loss became NaN/inf is retried", 2)
     nan_lr_factor: float = _help("learning-rate multiplier for each retry", 0.5)
 

@@ -49,6 +49,30 @@ def _check_refit(p: PruningConfig) -> None:
         check_sequential_scorer(p.neuron_selection_method)  # the rule the width request applies
 
 
+def _check_fairness_loss(config: PipelineConfig) -> None:
+    """The healing-time fairness settings: the loss on StereoSet build items and counterfactual text."""
+    h, d = config.heal, config.data
+    if h.fairness_loss_weight < 0:
+        raise ValueError(f"fairness_loss_weight must be >= 0 (0 = off), got {h.fairness_loss_weight}.")
+    _check_positive(h, ("fairness_loss_items", "fairness_loss_batch"))
+    if h.fairness_loss_weight > 0 and not d.stereoset_data:
+        raise ValueError(
+            "fairness_loss_weight > 0 trains on StereoSet build items: set stereoset_data (e.g. 'default')."
+        )
+    if h.fairness_loss_weight > 0 and h.heal_method == "none":
+        raise ValueError(
+            "fairness_loss_weight > 0 acts during healing: choose a heal_method other than none."
+        )
+    if h.counterfactual_augmentation and (
+        h.heal_method in ("none", "sft", "sft_lora") or d.heal_data == TEACHER_TEXT
+    ):
+        raise ValueError(
+            "counterfactual_augmentation: true swaps genders in plain healing text: it needs heal_method "
+            f"lora, kd or kd_lora and a heal_data other than {TEACHER_TEXT!r} (got heal_method "
+            f"{h.heal_method!r}, heal_data {d.heal_data!r})."
+        )
+
+
 def validate(config: PipelineConfig) -> None:
     """Refuse settings that cannot work, before any model is loaded (names, ranges, combinations).
 
@@ -145,6 +169,7 @@ def validate(config: PipelineConfig) -> None:
             f"heal_data: {TEACHER_TEXT!r} is plain text for lora/kd/kd_lora; sft/sft_lora need instruction "
             "data (a .jsonl/.json file or a datasets name with 'messages' or 'prompt'/'completion')."
         )
+    _check_fairness_loss(config)
     if not 0 < h.nan_lr_factor <= 1:
         raise ValueError(f"nan_lr_factor must be in (0, 1], got {h.nan_lr_factor}.")
     if config.run.report_to not in ("wandb", "tensorboard", "none"):

@@ -23,7 +23,7 @@ from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from transformers.integrations import TensorBoardCallback
 
-from ..callbacks import BiasProbeCallback
+from ..callbacks import BiasProbeCallback, FairnessLossCallback
 from ..heal import DistillationTrainer, TeacherCache, add_lora
 from ..pruning import load_pruned_model
 from .config import LORA_METHODS, DataConfig, HealConfig, RunConfig
@@ -32,7 +32,14 @@ from .state import CheckpointCompletion, last_complete_checkpoint, remove_checkp
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "HealConfig", "training_args", "tensorboard_dir", "heal"]
+__all__ = [
+    "NonFiniteLossError",
+    "HealConfig",
+    "training_args",
+    "tensorboard_dir",
+    "heal",
+    "fairness_build_items",
+]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -137,6 +144,19 @@ def tensorboard_dir(round_dir: Path) -> Path:
     return (Path(root).expanduser() if root else round_dir.parent / "runs") / round_dir.name
 
 
+def fairness_build_items(source: str, seed: int, count: int) -> list:
+    """The StereoSet items the fairness loss trains on: ``count`` of the **build** half of
+    ``split_items(load_stereoset(source), seed)`` (a seeded sample); the held-out half is never among them.
+
+    Example:
+        >>> items = fairness_build_items("default", seed=0, count=1000)  # doctest: +SKIP
+    """
+    from ..bias import load_stereoset, sample_items, split_items
+
+    build, _ = split_items(load_stereoset(source), seed=seed)
+    return sample_items(build, count, seed=seed)
+
+
 def heal(
     model: torch.nn.Module,
     tokenizer,
@@ -152,6 +172,7 @@ def heal(
     teacher_cache: TeacherCache | None = None,
     behaviour_pairs: list | None = None,
     callbacks: list[TrainerCallback] | None = None,
+    fairness_items: list | None = None,
 ) -> tuple[torch.nn.Module, int]:
     """Heal ``model`` with the configured method; returns the healed (LoRA-merged) model and the number
     of (non-padding) tokens healing trained on.
@@ -159,11 +180,14 @@ def heal(
     ``h``: the healing settings (the config file's ``heal`` section); ``run``: seed, checkpoint interval
     and reporting (default ``RunConfig()``); ``seq_len``: the SFT methods' maximum length;
     ``behaviour_sample_size``: pairs the bias probe reads during healing (with ``behaviour_pairs``);
-    unset, these two are the config file's defaults.
+    unset, these two are the config file's defaults. With ``h.fairness_loss_weight > 0`` a
+    :class:`~optipfair_train.callbacks.FairnessLossCallback` trains on ``fairness_items`` (StereoSet
+    build items, :func:`fairness_build_items`).
     Checkpoints go to ``round_dir/heal`` and a rerun resumes from the last complete one.
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf (the caller rolls back and retries).
+        ValueError: ``h.fairness_loss_weight > 0`` without ``fairness_items`` (before any training).
 
     Example:
         >>> healed, tokens = heal(model, tokenizer, HealConfig(heal_steps=20), Path("out"), 2e-4, data)  # doctest: +SKIP
@@ -171,6 +195,10 @@ def heal(
     run = run or RunConfig()
     if h.heal_method == "none":
         return model, 0
+    if h.fairness_loss_weight > 0 and not fairness_items:
+        raise ValueError(
+            "fairness_loss_weight > 0 needs fairness_items: StereoSet build items (fairness_build_items)."
+        )
     if h.heal_method in LORA_METHODS:
         model = add_lora(model, r=h.lora_r, alpha=h.lora_alpha, target_modules=h.lora_target_modules)
     guard = _NonFiniteLossGuard()
@@ -214,6 +242,14 @@ def heal(
                 at_train_end=False,
             )
         )
+    if h.fairness_loss_weight > 0:  # its items at step s depend on s and the seed only: resumes alike
+        FairnessLossCallback(
+            fairness_items,
+            tokenizer,
+            weight=h.fairness_loss_weight,
+            batch_size=h.fairness_loss_batch,
+            seed=run.seed,
+        ).attach(trainer)
     checkpoint = last_complete_checkpoint(round_dir / "heal")
     distributed = PartialState()
     distributed.wait_for_everyone()  # every rank has chosen before the others are deleted

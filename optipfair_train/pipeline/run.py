@@ -44,6 +44,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from ..analysis import count_parameters
 from ..arch import get_adapter, unwrap_model
+from ..bias.counterfactual import augment_counterfactual
 from ..data import block_dataloader, calibration_dataloader, load_texts
 from ..heal import lm_dataset, sft_dataset, text_dataset
 from ..models import load_model_and_tokenizer
@@ -54,7 +55,7 @@ from .config import TEACHER_TEXT, PipelineConfig
 from .evaluate import StageEvaluator
 from .faults import crash_point
 from .figures import report_figures
-from .healing import NonFiniteLossError, heal, training_args
+from .healing import NonFiniteLossError, fairness_build_items, heal, training_args
 from .lock import OutputGuard
 from .report import write_report
 from .rounds import round_requests
@@ -186,11 +187,16 @@ class PruneThenHeal:
         if h.heal_method in ("sft", "sft_lora"):  # the user's own examples, formatted by TRL
             self.heal_dataset = sft_dataset(d.heal_data, num_examples=sequences)
         elif h.heal_method != "none" and d.heal_data != TEACHER_TEXT:  # teacher text: _prepare_teacher_data
+            texts = load_texts(d.heal_data, split="calibration")
+            if h.counterfactual_augmentation:  # the same number of sequences, half of them swapped
+                texts = augment_counterfactual(texts)
             self.heal_dataset = text_dataset(
-                tokenizer,
-                load_texts(d.heal_data, split="calibration"),
-                seq_len=d.heal_seq_len,
-                num_sequences=sequences,
+                tokenizer, texts, seq_len=d.heal_seq_len, num_sequences=sequences
+            )
+        self.fairness_items = None
+        if h.fairness_loss_weight > 0:  # build-half items only; the stage probes judge the held-out half
+            self.fairness_items = fairness_build_items(
+                d.stereoset_data, self.config.run.seed, h.fairness_loss_items
             )
 
     # -- evaluation ----------------------------------------------------------------------------------
@@ -221,6 +227,7 @@ class PruneThenHeal:
             teacher_cache=self.teacher_cache,
             behaviour_pairs=self.behaviour_pairs,
             callbacks=[*self.callbacks, curve],
+            fairness_items=self.fairness_items,
         )
 
     # -- the run -------------------------------------------------------------------------------------

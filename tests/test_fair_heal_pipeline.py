@@ -1,0 +1,143 @@
+"""The healing-time fairness settings of the pipeline: fairness_loss_* and counterfactual_augmentation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pipeline_helpers import assert_same_model, run_cli, tiny_run_settings, write_assets, write_config
+from transformers import TrainerCallback
+
+from optipfair_train import load_pruned_model
+from optipfair_train.bias import StereoSetItem, read_stereoset_jsonl, split_items
+from optipfair_train.cli import main
+from optipfair_train.models import load_model_and_tokenizer
+from optipfair_train.pipeline import PruneThenHeal, load_config
+from optipfair_train.pipeline.healing import fairness_build_items
+
+TYPES = ("gender", "race", "profession", "religion")
+
+
+def _items(n: int) -> list[dict]:
+    return [
+        {
+            "type": "intrasentence",
+            "target": f"t{i}",
+            "bias_type": TYPES[i % 4],
+            "context": f"Person {i} is BLANK.",
+            "stereotype": f"Person {i} is she.",
+            "anti-stereotype": f"Person {i} is he.",
+            "unrelated": f"Person {i} is blue.",
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = write_assets(tmp_path_factory.mktemp("fair-heal-assets"))
+    (root / "stereoset.jsonl").write_text("\n".join(json.dumps(r) for r in _items(24)) + "\n")
+    (root / "gendered.txt").write_text(("He met his sister.\n\nThe river is long.\n\n" * 40).strip() + "\n")
+    return root
+
+
+def _fair(assets: Path, **overrides) -> dict:
+    """One round, LoRA, 4 steps, the fairness loss on the tiny StereoSet file."""
+    return dict(
+        num_rounds=1, num_layers_to_remove=0, stereoset_data=str(assets / "stereoset.jsonl"),
+        stereoset_sample_size=6, fairness_loss_weight=5.0, fairness_loss_items=8, fairness_loss_batch=3,
+    ) | overrides  # fmt: skip
+
+
+BAD = {
+    "fairness_loss_weight=-1": ({"fairness_loss_weight": -1.0}, "fairness_loss_weight must be >= 0"),
+    "fairness_loss_weight=nan": ({"fairness_loss_weight": float("nan")}, "fairness_loss_weight must be a finite"),
+    "fairness_loss_items=0": ({"fairness_loss_items": 0}, "fairness_loss_items must be at least 1, got 0"),
+    "fairness_loss_batch=0": ({"fairness_loss_batch": 0}, "fairness_loss_batch must be at least 1, got 0"),
+    "no stereoset_data": ({"stereoset_data": ""}, "fairness_loss_weight > 0 trains on StereoSet build items: set stereoset_data"),
+    "heal_method none": ({"heal_method": "none"}, "fairness_loss_weight > 0 acts during healing"),
+    "CDA on teacher text": (
+        {"fairness_loss_weight": 0.0, "counterfactual_augmentation": True, "heal_data": "teacher"},
+        "counterfactual_augmentation: true swaps genders in plain healing text",
+    ),
+    "CDA with sft": (
+        {"fairness_loss_weight": 0.0, "counterfactual_augmentation": True, "heal_method": "sft"},
+        "counterfactual_augmentation: true swaps genders in plain healing text",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_fairness_settings_are_refused_before_any_folder(name, assets, tmp_path, capsys):
+    overrides, message = BAD[name]
+    out = tmp_path / "run"
+    config = write_config(assets, out, **_fair(assets, **overrides))
+    assert main(["run", "--config", str(config)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_fairness_items_come_from_the_build_half_only(assets):
+    source = str(assets / "stereoset.jsonl")
+    build, held_out = split_items(read_stereoset_jsonl(source), seed=3)
+    items = fairness_build_items(source, seed=3, count=8)
+    assert len(items) == 8 and set(items) <= set(build) and not set(items) & set(held_out)
+    assert fairness_build_items(source, seed=3, count=8) == items  # stable under the seed
+    assert set(fairness_build_items(source, seed=3, count=100)) == set(
+        build
+    )  # never more than the build half
+
+
+class _LogSpy(TrainerCallback):
+    def __init__(self):
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+def test_a_pipeline_round_trains_with_the_fairness_loss_on_build_items(assets, tmp_path):
+    settings = tiny_run_settings(assets, tmp_path / "run", **_fair(assets))
+    config = load_config(None, [x for k, v in settings.items() for x in (f"--{k}", str(v))])
+    spy = _LogSpy()
+    run = PruneThenHeal(config, callbacks=[spy])
+    run.run()
+    logged = [entry for entry in spy.logs if "fairness_loss" in entry]
+    assert len(logged) == config.heal.heal_steps  # every step logs (logging_steps=1)
+    assert all(entry["fairness_loss"] > 0 and entry["fairness_gap"] > 0 for entry in logged)
+    build, held_out = split_items(read_stereoset_jsonl(assets / "stereoset.jsonl"), seed=config.run.seed)
+    assert len(run.fairness_items) == 8 and set(run.fairness_items) <= set(build)
+    assert all(isinstance(item, StereoSetItem) for item in run.fairness_items)
+
+
+def test_counterfactual_augmentation_adds_the_swapped_text(assets, tmp_path):
+    texts = {}
+    for flag in (False, True):
+        settings = tiny_run_settings(
+            assets, tmp_path / "run", heal_data=str(assets / "gendered.txt"), counterfactual_augmentation=flag
+        )
+        config = load_config(None, [x for k, v in settings.items() for x in (f"--{k}", str(v))])
+        run = PruneThenHeal(config)
+        _, tokenizer = load_model_and_tokenizer(str(assets / "model"))
+        run._load_data(tokenizer)
+        texts[flag] = tokenizer.decode(run.heal_dataset[0]["input_ids"])
+        assert len(run.heal_dataset) == config.heal.sequences_per_round()  # the same budget either way
+    assert "She met her brother." not in texts[False] and "He met his sister." in texts[False]
+    assert "She met her brother." in texts[True] and "He met his sister." in texts[True]
+
+
+@pytest.mark.slow
+def test_a_killed_fairness_run_resumes_to_the_uninterrupted_model(assets, tmp_path):
+    """SIGKILL after healing step 3 (checkpoint-2 complete), rerun: the same final model."""
+    reference_out = tmp_path / "reference"
+    PruneThenHeal(load_config(write_config(assets, reference_out, **_fair(assets)))).run()
+    reference = {n: t.clone() for n, t in load_pruned_model(reference_out / "final").state_dict().items()}
+    out = tmp_path / "run"
+    config = write_config(assets, out, **_fair(assets))
+    killed = run_cli(config, crash_at="heal-step:3")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (out / "round-1" / "heal" / "checkpoint-2").is_dir()
+    resumed = run_cli(config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_model(out / "final", reference)

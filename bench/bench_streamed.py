@@ -1,12 +1,16 @@
-"""Streamed (one block resident) vs in-memory sequential pruning of a saved model: peak memory and time.
+"""Streamed (one block resident) vs in-memory pruning of a saved model: peak memory and time.
 
-Both prune the same safetensors folder (the demo model, float32) into a new folder with MLP width
--``--percentage``% (``activation`` scores, ``down_proj`` refit at damping 0.01, layer by layer) on the same
-``--samples`` x 256 calibration tokens of WikiText-2 valid:
+Both prune the same safetensors folder (the demo model, float32) into a new folder on the same
+``--samples`` x 256 calibration tokens of WikiText-2 valid, with ``--pruning-type``:
 
-- ``in-memory``: ``from_pretrained`` + ``prune_model(..., reconstruct=True, sequential=True)`` +
-  ``save_pruned_model``;
-- ``streamed``: ``prune_checkpoint`` (:mod:`optipfair_train.pruning.streamed`).
+- ``MLP`` (default): MLP width -``--percentage``% (``activation`` scores, ``down_proj`` refit at
+  damping 0.01, layer by layer); ``in-memory`` is ``from_pretrained`` + ``prune_model(...,
+  reconstruct=True, sequential=True)`` + ``save_pruned_model``; report ``streamed.md``.
+- ``HIDDEN``: hidden size -``--percentage``% (``activation`` scores after the norms, refit of the
+  stream's readers at damping 0.01); ``in-memory`` is ``prune_model(model, "HIDDEN", reconstruct=True)``;
+  report ``streamed-hidden.md``.
+
+``streamed`` is ``prune_checkpoint`` (:mod:`optipfair_train.pruning.streamed`) with the same settings.
 
 Each runs in its own fresh process (peak RSS = the child's ``ru_maxrss``, which includes the Python
 runtime and torch; "before" = its RSS after imports, tokenizer and calibration text, before loading any
@@ -14,6 +18,7 @@ weight), alternating, ``--repeats`` times. The two outputs are then compared ten
 and WikiText-2 test perplexity is measured on each. Asserts nothing.
 
     python bench/bench_streamed.py --threads 2        # ~5 min on 2 cores
+    python bench/bench_streamed.py --threads 1 --pruning-type HIDDEN --percentage 10
 """
 
 from __future__ import annotations
@@ -37,7 +42,14 @@ MODES = ("in-memory", "streamed")
 
 
 def _child(
-    mode: str, source: str, out: str, data: Path, samples: int, percentage: float, threads: int
+    mode: str,
+    source: str,
+    out: str,
+    data: Path,
+    samples: int,
+    percentage: float,
+    threads: int,
+    pruning_type: str,
 ) -> None:
     """One pruning run; prints a JSON line with its wall time and peak RSS."""
     if threads:
@@ -53,10 +65,13 @@ def _child(
         before_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     options = dict(pruning_percentage=percentage, neuron_selection_method="activation", show_progress=False)
     if mode == "streamed":
-        prune_checkpoint(source, out, batches, pruning_type="MLP", dtype=torch.float32, **options)
+        prune_checkpoint(source, out, batches, pruning_type=pruning_type, dtype=torch.float32, **options)
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-        prune_model(model, "MLP", dataloader=batches, reconstruct=True, sequential=True, **options)
+        sequential = pruning_type == "MLP"  # the hidden refit is one-shot (reads the unpruned model)
+        prune_model(
+            model, pruning_type, dataloader=batches, reconstruct=True, sequential=sequential, **options
+        )
         save_pruned_model(model, out, tokenizer=tokenizer)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(
@@ -71,18 +86,26 @@ def main() -> None:
     parser.add_argument("--percentage", type=float, default=20.0)
     parser.add_argument("--samples", type=int, default=32, help="256-token calibration blocks (default 32)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--pruning-type", choices=("MLP", "HIDDEN"), default="MLP")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "SOURCE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(*args.child, args.data, args.samples, args.percentage, args.threads)
+        _child(*args.child, args.data, args.samples, args.percentage, args.threads, args.pruning_type)
         return
+    if args.quick:  # a smoke run: a few tokens, one run of each mode
+        args.samples, args.repeats = 2, 1
+    max_tokens = 1024 if args.quick else 8192
     setup(args)
     from optipfair_train.data import load_texts
     from optipfair_train.evaluation import perplexity
     from optipfair_train.models import demo_model_dir
 
     source = demo_model_dir() if args.model_path == "demo" else Path(args.model_path)
-    report = Report("streamed", "Streamed vs in-memory sequential pruning", args.out)
+    hidden = args.pruning_type == "HIDDEN"
+    title = (
+        "Streamed vs in-memory hidden-axis pruning" if hidden else "Streamed vs in-memory sequential pruning"
+    )
+    report = Report("streamed-hidden" if hidden else "streamed", title, args.out)
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
@@ -103,6 +126,8 @@ def main() -> None:
                     str(args.percentage),
                     "--threads",
                     str(args.threads),
+                    "--pruning-type",
+                    args.pruning_type,
                 ]
                 done = subprocess.run(command, capture_output=True, text=True, check=True)
                 runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -115,13 +140,18 @@ def main() -> None:
         equal = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         test = load_texts(str(args.data / "wikitext-2" / "test.txt"))
         tokenizer = AutoTokenizer.from_pretrained(source)
-        ppl = {m: perplexity(models[m], tokenizer, test, seq_len=512, max_tokens=8192) for m in MODES}
+        ppl = {m: perplexity(models[m], tokenizer, test, seq_len=512, max_tokens=max_tokens) for m in MODES}
         base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
         params = {m: sum(p.numel() for p in models[m].parameters()) for m in MODES}
-        base_ppl = perplexity(base, tokenizer, test, seq_len=512, max_tokens=8192)
+        base_ppl = perplexity(base, tokenizer, test, seq_len=512, max_tokens=max_tokens)
+    setting = (
+        f"hidden size -{args.percentage:g}% `activation` + refit of the stream's readers"
+        if hidden
+        else f"MLP -{args.percentage:g}% `activation` + sequential refit"
+    )
     report.text(
         f"Source `{source}` ({sum(p.numel() for p in base.parameters()):,} parameters, float32, "
-        f"{base.config.num_hidden_layers} blocks); MLP -{args.percentage:g}% `activation` + sequential refit on "
+        f"{base.config.num_hidden_layers} blocks); {setting} on "
         f"{args.samples} x 256 tokens of WikiText-2 valid; {args.repeats} runs of each mode, alternating, one "
         f"fresh process each, torch threads {args.threads or 'default'}."
     )
@@ -134,7 +164,7 @@ def main() -> None:
             "wall time (s, median)",
             "runs (peak MB / s)",
             "parameters",
-            "WikiText-2 test perplexity (8,192 tokens)",
+            f"WikiText-2 test perplexity ({max_tokens:,} tokens)",
         ],
         [
             [

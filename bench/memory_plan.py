@@ -26,6 +26,24 @@ Pruning statistics (exact sizes of what is stored; float64 = 8 bytes):
   weights are the whole model in bf16 (``prune_model``), or only the outer weights (embeddings, lm_head,
   final norm) and one decoder layer (``prune_checkpoint``, one block resident).
 
+Hidden-axis pruning with the refit of the stream's readers (``HIDDEN``, ``reconstruct=True``; H' kept
+channels, the hidden size minus the percentage rounded down to a multiple of n; R = 2*L readers' norms,
++ 1 for an untied lm_head's final norm; all float64):
+- refit statistics per norm: C = sum x x'^T and G = sum x' x'^T, 8*(H*H' + H'^2).
+- refit result of one layer (q, k, v, gate, up at H' columns): 8*H'*(H + 2*K + 2*I) in float64 (in
+  memory), 2*H'*(H + 2*K + 2*I) in bf16 (streamed: stored in the weights' dtype as solved); an untied
+  lm_head's 8*V*H' or 2*V*H'.
+- solving a projection (APPROXIMATE, the temporaries of ``W C + lam W_S``), 4096 rows at a time: the
+  rows' float64 weight, W C, W_S and lam*W_S, 8*min(out, 4096)*(H + 3*H').
+- channel scores: 8*(R + 1)*H, negligible.
+- in memory (``prune_model``): the weights + every norm's statistics at once (one forward pass collects
+  them) + every layer's refit result (they are all solved before the first weight is cut) + the last
+  solve's temporaries (the lm_head's when untied).
+- streamed (``prune_checkpoint``): the larger of the block phase (outer weights + one block + the
+  sequential buffer + one block's two norms' statistics + its refit result + the solve of gate/up) and,
+  untied, the head phase (outer weights + the buffer + the final norm's statistics + the lm_head's solve
+  and result). The scoring pass holds less (one block, the buffer, the scores).
+
 Healing memory per GPU (LoRA r on q, k, v, o, gate, up, down of every layer; base weights frozen bf16;
 LoRA weights, gradients and both Adam moments fp32 = 16 bytes per LoRA parameter; LoRA parameters per
 layer r * (in + out) summed over the 7 projections; lm_head and embeddings get no adapter):
@@ -78,6 +96,8 @@ GIB = 2**30
 WORLD_SIZES = (1, 2, 4, 8, 16, 32, 64)
 GPU_SIZES = (24, 40, 80)
 BUDGET = 0.9  # share of a GPU's memory the plan may fill
+HIDDEN_PERCENTAGES = (10, 25)
+REFIT_ROWS = 4096  # optipfair_train.pruning.hidden_refit.REFIT_ROWS
 PEAK_FLOPS, MFU = 312e12, 0.4
 LM_LOGIT_BYTES, KD_LOGIT_BYTES, TOPK_LOGIT_BYTES = 14, 44, 18
 METHODS = {
@@ -177,6 +197,52 @@ def sequential_pruning_peak(m: Shape, tokens: int, streamed: bool) -> float:
     return (weights + 8 * i * i + 2 * 8 * h * i + 2 * tokens * h * 2 + 2 * layer_weights(m)) / GIB
 
 
+def hidden_kept(m: Shape, percentage: float) -> int:
+    """Channels the hidden axis keeps at ``percentage``: rounded down to a multiple of the head count."""
+    return (m.hidden - int(percentage / 100 * m.hidden + 1e-9)) // m.heads * m.heads
+
+
+def _hidden_terms(m: Shape, percentage: float, result_bytes: int) -> tuple[int, int, int, int]:
+    """Bytes of one norm's refit statistics, one layer's refit result, the lm_head's, and H'."""
+    kept = hidden_kept(m, percentage)
+    stats = 8 * (m.hidden * kept + kept * kept)
+    layer_refit = result_bytes * kept * (m.hidden + 2 * m.kv_width + 2 * m.intermediate)
+    return stats, layer_refit, 0 if m.tied else result_bytes * m.vocab * kept, kept
+
+
+def _solve(m: Shape, out: int, kept: int) -> int:
+    """Float64 temporaries of solving ``out`` rows, REFIT_ROWS at a time."""
+    return 8 * min(out, REFIT_ROWS) * (m.hidden + 3 * kept)
+
+
+def hidden_streamed_phases(m: Shape, tokens: int, percentage: float) -> dict[str, float]:
+    """GiB of the two peaks of streamed hidden-axis pruning: the blocks' phase and the lm_head's (0 if tied)."""
+    h = m.hidden
+    stats, layer_refit, head_refit, kept = _hidden_terms(m, percentage, result_bytes=2)
+    outer = 2 * (m.vocab * h * (1 if m.tied else 2) + h)
+    buffer = 2 * tokens * h * 2
+    block = (
+        outer
+        + 2 * (layer_weights(m) + 2 * h)
+        + buffer
+        + 2 * stats
+        + layer_refit
+        + _solve(m, m.intermediate, kept)
+    )
+    head = 0 if m.tied else outer + buffer + stats + _solve(m, m.vocab, kept) + head_refit
+    return {"blocks": block / GIB, "lm_head": head / GIB}
+
+
+def hidden_pruning_peak(m: Shape, tokens: int, percentage: float, streamed: bool) -> float:
+    """GiB resident at the peak of hidden-axis pruning with the refit (bf16 weights; see the docstring)."""
+    if streamed:
+        return max(hidden_streamed_phases(m, tokens, percentage).values())
+    stats, layer_refit, head_refit, kept = _hidden_terms(m, percentage, result_bytes=8)
+    readers = 2 * m.layers + (0 if m.tied else 1)
+    last = _solve(m, m.intermediate if m.tied else m.vocab, kept)
+    return (2 * parameters(m) + readers * stats + m.layers * layer_refit + head_refit + last) / GIB
+
+
 def activations(m: Shape, batch: int, seq: int, logit_bytes: int, checkpointing: bool = True) -> float:
     """Bytes of activations, with gradient checkpointing or without (every layer's saved tensors at
     once); approximate, see the module docstring."""
@@ -202,7 +268,13 @@ def healing_memory(
         states += 2 * p
     elif method == "kd_lora_sharded":
         states += 2 * p if strategy == "ddp" else 2 * p / world + working_set
-    logit_bytes = LM_LOGIT_BYTES if method == "lora" else TOPK_LOGIT_BYTES if method == "kd_lora_topk" else KD_LOGIT_BYTES
+    logit_bytes = (
+        LM_LOGIT_BYTES
+        if method == "lora"
+        else TOPK_LOGIT_BYTES
+        if method == "kd_lora_topk"
+        else KD_LOGIT_BYTES
+    )
     return (states + activations(m, batch, seq, logit_bytes, checkpointing)) / GIB
 
 
@@ -240,7 +312,9 @@ def presets_section() -> list[str]:
         ]
         fits = [smallest_set(m, method, b, s, r, g) for g in GPU_SIZES]
         rows.append([f"`{name}` ({m.name}, {method}, {b} x {s}, r={r})", *cells, *fits])
-    header = ["preset", "DDP, no checkpointing", "DDP, checkpointing"] + [f"{g} GB (checkpointing)" for g in GPU_SIZES]
+    header = ["preset", "DDP, no checkpointing", "DDP, checkpointing"] + [
+        f"{g} GB (checkpointing)" for g in GPU_SIZES
+    ]
     return [
         "## The shipped presets at their own settings (GiB per GPU)",
         "",
@@ -296,6 +370,28 @@ def report(batch: int, seq: int, r: int, tokens: int) -> str:
         "Streamed, the embeddings and the statistics dominate: a 70B model prunes in 18 GiB of host RAM"
         " (`prune_checkpoint` computes on the CPU). Measured on the demo model: docs/benchmarks/streamed.md.",
         "",
+        f"## Peak memory of hidden-axis pruning with refit ({tokens // 1024}k calibration tokens, GiB)",
+        "",
+    ]
+    rows = []
+    for p in HIDDEN_PERCENTAGES:
+        kept = ", ".join(f"{hidden_kept(MODELS[k], p)}" for k in names)
+        for streamed, label in (
+            (False, "whole model resident (`prune_model`)"),
+            (True, "one block (`prune_checkpoint`)"),
+        ):
+            cells = [f"{hidden_pruning_peak(MODELS[k], tokens, p, streamed):.1f}" for k in names]
+            rows.append([f"-{p:g}% (kept {kept})", label, *cells])
+    out += _table(["hidden size", "mode", *names], rows)
+    phases = {k: hidden_streamed_phases(MODELS[k], tokens, HIDDEN_PERCENTAGES[0]) for k in names}
+    head_phase = ", ".join(f"{k} {phases[k]['lm_head']:.1f}" for k in names if not MODELS[k].tied)
+    out += [
+        "",
+        "In memory, the refit's statistics of every norm and the refit weights of every layer (float64) are"
+        " resident together with the model, and outweigh it from 8B on. Streamed, one block's statistics and"
+        f" refit are resident; the lm_head's phase needs {head_phase} GiB at -{HIDDEN_PERCENTAGES[0]:g}%."
+        " Measured on the demo model: docs/benchmarks/streamed-hidden.md.",
+        "",
         f"## Healing memory per GPU (GiB), micro-batch {batch} x {seq} tokens, LoRA r={r}, gradient checkpointing",
         "",
     ]
@@ -326,7 +422,8 @@ def report(batch: int, seq: int, r: int, tokens: int) -> str:
         "",
     ]
     rows = [
-        [k, f"{2 * parameters(MODELS[k]) / GIB:.0f}", f"{8 * 2 * parameters(MODELS[k]) / GIB:.0f}"] for k in names
+        [k, f"{2 * parameters(MODELS[k]) / GIB:.0f}", f"{8 * 2 * parameters(MODELS[k]) / GIB:.0f}"]
+        for k in names
     ]
     out += _table(["model", "one copy (GiB)", "8 ranks on a node (GiB)"], rows)
     out += [

@@ -108,3 +108,18 @@ def test_refit_refuses_bad_damping_before_any_change(calibration_batches):
     with pytest.raises(ValueError, match="needs calibration data"):
         prune_model(model, pruning_type="HIDDEN", reconstruct=True)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_refit_solved_a_few_rows_at_a_time_equals_solving_all_rows(monkeypatch, calibration_batches):
+    from optipfair_train.pruning import hidden_refit
+
+    model = make_tiny_model("llama")  # untied: the head (104 rows) is refit too
+    plan = HiddenPlan(KEEP, 64)
+    whole = plan_hidden_refit(model, plan, calibration_batches, 0.01)
+    monkeypatch.setattr(hidden_refit, "REFIT_ROWS", 7)  # 104 head rows in 15 blocks, the last of 6
+    blocks = plan_hidden_refit(model, plan, calibration_batches, 0.01)
+    assert whole.keys() == blocks.keys() and "head" in whole
+    for name in whole:
+        for a, b in zip(whole[name], blocks[name], strict=True):
+            assert a.shape == b.shape and a.dtype == torch.float64
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)

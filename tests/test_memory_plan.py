@@ -52,9 +52,11 @@ def test_sharding_shrinks_fsdp_memory_not_ddp():
     assert fsdp == sorted(fsdp, reverse=True) and fsdp[0] - fsdp[-1] > 100
     ddp = {plan.healing_memory(m, "lora", "ddp", w, 1, 1024, 16) for w in (1, 8)}
     assert len(ddp) == 1
-    assert plan.healing_memory(m, "kd_lora", "ddp", 1, 1, 1024, 16) - plan.healing_memory(
-        m, "kd_lora_topk", "ddp", 1, 1, 1024, 16
-    ) > 2 * plan.parameters(m) / 2**30  # the resident teacher's weights, plus its logit temporaries
+    assert (
+        plan.healing_memory(m, "kd_lora", "ddp", 1, 1, 1024, 16)
+        - plan.healing_memory(m, "kd_lora_topk", "ddp", 1, 1, 1024, 16)
+        > 2 * plan.parameters(m) / 2**30
+    )  # the resident teacher's weights, plus its logit temporaries
     assert plan.smallest_set(plan.MODELS["1B"], "lora", 1, 1024, 16, 80) == "1 (DDP)"
     assert plan.smallest_set(m, "kd_lora", 1, 1024, 16, 80) == "> 64"  # an unsharded 131 GiB teacher
     with pytest.raises(ValueError, match="Unknown method"):
@@ -78,3 +80,23 @@ def test_hand_computed_sequential_pruning_peak():
     assert plan.sequential_pruning_peak(m8, 32768, streamed=True) == streamed / 2**30
     assert plan.sequential_pruning_peak(m8, 32768, streamed=False) == (2 * 8_030_261_248 + stats) / 2**30
     assert plan.sequential_pruning_peak(m8, 32768, streamed=True) < 6  # ~5.7 GiB against ~19 GiB
+
+
+def test_hand_computed_hidden_pruning_peak():
+    m8 = plan.MODELS["8B"]
+    assert plan.hidden_kept(m8, 10) == 3680  # 4096 - 409 = 3687, down to a multiple of 32 heads
+    assert plan.hidden_kept(m8, 25) == 3072
+    kept, layer = 3680, 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336
+    stats = 8 * (4096 * kept + kept * kept)  # one norm's C and G
+    outputs = 4096 + 2 * 1024 + 2 * 14336  # q, k, v, gate, up rows
+    solve = 8 * 4096 * (4096 + 3 * kept)  # 4096 rows at a time
+    memory = 2 * 8_030_261_248 + 65 * stats + 32 * 8 * kept * outputs + 8 * 128256 * kept + solve
+    assert plan.hidden_pruning_peak(m8, 32768, 10, streamed=False) == memory / 2**30
+    outer = 2 * (2 * 128256 * 4096 + 4096)
+    buffer = 2 * 32768 * 4096 * 2
+    blocks = outer + 2 * (layer + 2 * 4096) + buffer + 2 * stats + 2 * kept * outputs + solve
+    head = outer + buffer + stats + solve + 2 * 128256 * kept
+    phases = plan.hidden_streamed_phases(m8, 32768, 10)
+    assert phases == {"blocks": blocks / 2**30, "lm_head": head / 2**30}
+    assert plan.hidden_pruning_peak(m8, 32768, 10, streamed=True) == max(blocks, head) / 2**30
+    assert plan.hidden_streamed_phases(plan.MODELS["1B"], 32768, 10)["lm_head"] == 0  # tied: no head refit

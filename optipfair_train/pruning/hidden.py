@@ -66,7 +66,12 @@ __all__ = [
     "hidden_channel_scores",
     "hidden_keep_count",
     "plan_hidden",
+    "plan_from_scores",
     "apply_hidden",
+    "cut_hidden_block",
+    "cut_hidden_outside_blocks",
+    "channel_statistics_hook",
+    "combine_channel_statistics",
 ]
 
 HIDDEN_METHODS = ("activation", "activation_l2", "L2", "pca")
@@ -141,20 +146,37 @@ def hidden_channel_scores(
     sums = torch.zeros(len(norms), adapter.hidden_size, dtype=torch.float64)
     tokens = torch.zeros(1, dtype=torch.float64)
     current: dict = {}
-
-    def hook_for(k: int):
-        def hook(module, args, output):
-            mask = current["mask"].reshape(-1).bool()
-            y = output.reshape(-1, output.shape[-1])[mask].float()
-            sums[k] += (y.abs() if method == "activation" else y * y).sum(dim=0).double().cpu()
-            if k == 0:
-                tokens[0] += int(mask.sum())
-
-        return hook
-
-    handles = [norm.register_forward_hook(hook_for(k)) for k, norm in enumerate(norms)]
+    handles = [
+        norm.register_forward_hook(channel_statistics_hook(k, method, sums, tokens, current))
+        for k, norm in enumerate(norms)
+    ]
     with _hooks(handles):
         _run(model, batches, show_progress, "hidden channel statistics", current)
+    return combine_channel_statistics(sums, tokens, method)
+
+
+def channel_statistics_hook(k: int, method: str, sums: torch.Tensor, tokens: torch.Tensor, current: dict):
+    """Forward hook adding norm ``k``'s output statistic to ``sums[k]`` (and, for ``k == 0``, the real
+    token count to ``tokens``); the batch's mask is read from ``current["mask"]``. Shared by
+    :func:`hidden_channel_scores` and the streamed planner (:mod:`.streamed_hidden`)."""
+
+    def hook(module, args, output):
+        mask = current["mask"].reshape(-1).bool()
+        y = output.reshape(-1, output.shape[-1])[mask].float()
+        sums[k] += (y.abs() if method == "activation" else y * y).sum(dim=0).double().cpu()
+        if k == 0:
+            tokens[0] += int(mask.sum())
+
+    return hook
+
+
+def combine_channel_statistics(sums: torch.Tensor, tokens: torch.Tensor, method: str) -> torch.Tensor:
+    """Per-channel score from the per-norm sums of :func:`channel_statistics_hook` (all-reduced first).
+
+    Example:
+        >>> combine_channel_statistics(torch.ones(2, 3), torch.tensor([2.0]), "activation")
+        tensor([1., 1., 1.])
+    """
     _all_reduce_([sums, tokens])
     return (sums / tokens).sum(dim=0) if method == "activation" else sums.sqrt().sum(dim=0)
 
@@ -254,6 +276,16 @@ def plan_hidden(
         rotation, energy = rotation_basis(model, adapter, batches, show_progress=show_progress)
         return HiddenPlan(torch.arange(kept), adapter.hidden_size, method, energy, rotation)
     scores = hidden_channel_scores(model, batches, method, show_progress=show_progress)
+    return plan_from_scores(scores, kept, method)
+
+
+def plan_from_scores(scores: torch.Tensor, kept: int, method: str = "custom") -> HiddenPlan:
+    """Keep the ``kept`` highest-scoring channels (ties: the lower index first).
+
+    Example:
+        >>> plan_from_scores(torch.tensor([0.5, 2.0, 1.0, 2.0]), 2).keep
+        tensor([1, 3])
+    """
     order = torch.sort(scores, descending=True, stable=True).indices
     return HiddenPlan(order[:kept].sort().values, len(scores), method, scores)
 
@@ -318,15 +350,57 @@ def apply_hidden(
     """
     adapter = _supported_adapter(model)
     keep = _check_plan(adapter, plan, optimizer)
+    if plan.rotation is not None:  # the same function in the rotated basis; then its first d_new coordinates
+        rotate_stream(adapter, plan.rotation)
+    slices = [s for i in range(adapter.num_layers) for s in cut_hidden_block(adapter, i, keep)]
+    slices += cut_hidden_outside_blocks(adapter, keep)
+    if optimizer is not None:
+        slice_optimizer_state(optimizer, slices)
+    logger.info("Hidden size %d -> %d (%s)", plan.hidden_size, len(keep), plan.method)
+    return slices
+
+
+def cut_hidden_block(adapter: ModelAdapter, i: int, keep: torch.Tensor) -> list[ParamSlice]:
+    """Cut block ``i`` to the residual channels ``keep`` (sorted; checked by the caller): the input
+    columns of q/k/v/gate/up, the output rows of o_proj/down_proj, its norms rescaled. The config still
+    gives the old hidden size, so blocks can be cut one at a time (:mod:`.streamed_hidden`) before
+    :func:`cut_hidden_outside_blocks` finishes.
+
+    Example:
+        >>> cut_hidden_block(get_adapter(model), 0, torch.arange(56))  # doctest: +SKIP
+    """
+    family = adapter.family
+    factor = math.sqrt(adapter.hidden_size / len(keep))
+    attention, mlp = adapter.attention(i), adapter.mlp(i)
+    slices = []
+    for linear in (attention.q, attention.k, attention.v, mlp.gate, mlp.up):
+        if linear is not None:
+            slices += slice_linear(linear, keep, dim=1)
+    for linear in (attention.o, mlp.down):
+        slices += slice_linear(linear, keep, dim=0)
+    if family.qk_norm:  # their per-head norms get eps * d / d_new from the shared config value
+        for linear in (attention.q, attention.k):
+            _scale_outputs(linear, factor)
+    residual, output = adapter.block_norms(i)
+    for norm in residual + output:
+        slices += _rescale_norm(norm, keep, factor, family.norm_plus_one)
+    return slices
+
+
+def cut_hidden_outside_blocks(adapter: ModelAdapter, keep: torch.Tensor) -> list[ParamSlice]:
+    """Cut the embedding, the LM head (tied or not) and the final norm to ``keep``, then set the norms'
+    epsilon, ``head_dim`` and ``hidden_size`` in the config: the last step of :func:`apply_hidden`.
+
+    Example:
+        >>> cut_hidden_outside_blocks(get_adapter(model), torch.arange(56))  # doctest: +SKIP
+    """
     inner, family = adapter.model, adapter.family
     d, d_new = adapter.hidden_size, len(keep)
     factor = math.sqrt(d / d_new)
     embedding, head = inner.get_input_embeddings(), inner.get_output_embeddings()
     tied = head is not None and getattr(head, "base_layer", head).weight is embedding.weight
     head_dims = {adapter.head_counts(i)[2] for i in range(adapter.num_layers)}
-    eps = rms_norm_eps(model)
-    if plan.rotation is not None:  # the same function in the rotated basis; then its first d_new coordinates
-        rotate_stream(adapter, plan.rotation)
+    eps = rms_norm_eps(inner)
 
     slices = [_slice_param(embedding.weight, 1, keep)]
     embedding.embedding_dim = d_new
@@ -340,31 +414,15 @@ def apply_hidden(
         slices += slice_linear(head, keep, dim=1)
     elif tied:
         getattr(head, "base_layer", head).in_features = d_new
-    for i in range(adapter.num_layers):
-        attention, mlp = adapter.attention(i), adapter.mlp(i)
-        for linear in (attention.q, attention.k, attention.v, mlp.gate, mlp.up):
-            if linear is not None:
-                slices += slice_linear(linear, keep, dim=1)
-        for linear in (attention.o, mlp.down):
-            slices += slice_linear(linear, keep, dim=0)
-        if family.qk_norm:  # their per-head norms get eps * d / d_new from the shared config value
-            for linear in (attention.q, attention.k):
-                _scale_outputs(linear, factor)
-        residual, output = adapter.block_norms(i)
-        for norm in residual + output:
-            slices += _rescale_norm(norm, keep, factor, family.norm_plus_one)
     # a tied head was scaled with Gemma's embedding: the final norm takes that factor back
     final_factor = factor / embedding_factor if tied else factor
     slices += _rescale_norm(adapter.final_norm(), keep, final_factor, family.norm_plus_one)
 
-    set_rms_norm_eps(model, eps * d / d_new)
+    set_rms_norm_eps(inner, eps * d / d_new)
     config = adapter.config
     (config.head_dim,) = head_dims  # explicit: hidden_size / num_heads no longer gives it
     config.hidden_size = d_new
     for module in inner.modules():  # e.g. LlamaMLP.hidden_size, kept in step with the config
         if getattr(module, "hidden_size", None) == d and not isinstance(module, nn.Embedding):
             module.hidden_size = d_new
-    if optimizer is not None:
-        slice_optimizer_state(optimizer, slices)
-    logger.info("Hidden size %d -> %d (%s)", d, d_new, plan.method)
     return slices

@@ -34,7 +34,7 @@ import math
 import torch
 from torch import nn
 
-from ..arch import get_adapter, is_conv1d, weight_out_in
+from ..arch import ModelAdapter, get_adapter, is_conv1d, weight_out_in
 from .calibration import CalibrationBatch, _all_reduce_, _hooks, _run
 from .hidden import HiddenPlan, apply_hidden, plan_hidden
 from .hidden_rotation import stream_readers
@@ -43,15 +43,21 @@ from .reconstruction import (
     _lora_delta,
     check_calibration_size,
     check_damping,
-    effective_weight,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plan_hidden_refit", "apply_hidden_refit", "prune_hidden"]
+__all__ = [
+    "plan_hidden_refit",
+    "apply_hidden_refit",
+    "prune_hidden",
+    "refit_statistics_hook",
+    "solve_hidden_refit",
+]
 
 # relative pivot below which G + lam I counts as singular (float64 has ~1e-16 resolution)
 _MIN_PIVOT = 1e-12
+REFIT_ROWS = 4096  # output rows solved at once (bounds the float64 temporaries of a 128k-row LM head)
 
 
 def _norm_eps(norm: nn.Module) -> float:
@@ -76,54 +82,92 @@ def plan_hidden_refit(
     """
     check_damping(damping)
     adapter = get_adapter(model)
-    d = adapter.hidden_size
     keep = torch.as_tensor(plan.keep, dtype=torch.long)
     targets = stream_readers(adapter)
-    cross: dict[str, torch.Tensor] = {}
-    gram: dict[str, torch.Tensor] = {}
+    sums: dict[str, dict[str, torch.Tensor]] = {}
     current: dict = {}
-
-    def hook_for(name: str, eps: float):
-        def hook(module, args, output):
-            mask = current["mask"].reshape(-1).bool()
-            h = args[0].reshape(-1, d)[mask].double()
-            x = output.reshape(-1, d)[mask].double()
-            squares = h * h
-            kept_sum = squares[:, keep.to(h.device)].sum(-1)
-            ratio = ((squares.sum(-1) / d + eps) / (kept_sum / d + eps)).sqrt()
-            x_new = x[:, keep.to(x.device)] * ratio[:, None]
-            cross[name] = cross.get(name, 0) + (x.t() @ x_new).cpu()
-            gram[name] = gram.get(name, 0) + (x_new.t() @ x_new).cpu()
-
-        return hook
-
-    handles = [norm.register_forward_hook(hook_for(n, _norm_eps(norm))) for n, (norm, _) in targets.items()]
+    handles = [
+        norm.register_forward_hook(refit_statistics_hook(name, norm, keep, sums, current))
+        for name, (norm, _) in targets.items()
+    ]
     with _hooks(handles):
         _run(model, batches, show_progress, "hidden refit statistics", current)
-    _all_reduce_([*cross.values(), *gram.values()])
+    return {
+        name: solve_hidden_refit(adapter, name, projections, keep, sums[name], damping)
+        for name, (_, projections) in targets.items()
+    }
+
+
+def refit_statistics_hook(
+    name: str, norm: nn.Module, keep: torch.Tensor, sums: dict[str, dict[str, torch.Tensor]], current: dict
+):
+    """Forward hook on a norm reading the stream: adds ``C = sum_t x_t x'_t^T`` and ``G = sum_t x'_t
+    x'_t^T`` of this batch's real tokens (mask from ``current["mask"]``) to ``sums[name]``. Shared by
+    :func:`plan_hidden_refit` and the streamed planner (:mod:`.streamed_hidden`)."""
+    eps = _norm_eps(norm)
+
+    def hook(module, args, output):
+        d = output.shape[-1]
+        mask = current["mask"].reshape(-1).bool()
+        h = args[0].reshape(-1, d)[mask].double()
+        x = output.reshape(-1, d)[mask].double()
+        squares = h * h
+        kept_sum = squares[:, keep.to(h.device)].sum(-1)
+        ratio = ((squares.sum(-1) / d + eps) / (kept_sum / d + eps)).sqrt()
+        x_new = x[:, keep.to(x.device)] * ratio[:, None]
+        acc = sums.setdefault(name, {})
+        acc["cross"] = acc.get("cross", 0) + (x.t() @ x_new).cpu()
+        acc["gram"] = acc.get("gram", 0) + (x_new.t() @ x_new).cpu()
+
+    return hook
+
+
+def solve_hidden_refit(
+    adapter: ModelAdapter,
+    name: str,
+    projections: list[nn.Module],
+    keep: torch.Tensor,
+    sums: dict[str, torch.Tensor],
+    damping: float,
+    dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """The refit ``[out, kept]`` float64 weights of the (unpruned) ``projections`` reading norm ``name``
+    from its :func:`refit_statistics_hook` sums (all-reduced here).
+
+    Rows are solved :data:`REFIT_ROWS` at a time, so a large LM head never has more than that many rows
+    in float64 temporaries; with ``dtype`` (plain projections only: a LoRA delta is subtracted later in
+    float64) each block of rows is stored in that dtype at once, as it will be written.
+    Raises ``ValueError`` naming the norm when its system is singular.
+
+    Example:
+        >>> solve_hidden_refit(adapter, "head", [model.lm_head], keep, sums["head"], 0.01)  # doctest: +SKIP
+    """
+    _all_reduce_([sums["cross"], sums["gram"]])
+    g = sums["gram"]
+    lam = damping * float(g.diagonal().mean())
+    system = g + lam * torch.eye(len(keep), dtype=torch.float64)
+    chol, info = torch.linalg.cholesky_ex(system)
+    scale = float(system.diagonal().max())
+    if info.item() != 0 or not scale > 0 or float(chol.diagonal().min()) ** 2 < _MIN_PIVOT * scale:
+        raise ValueError(
+            f"{name}: the calibration Gram of the pruned norm output is singular (damping={damping}); "
+            "pass a larger damping (e.g. 0.01) or more calibration tokens."
+        )
     # Qwen3: apply_hidden multiplies q/k outputs by sqrt(d / d') for their per-head norms
-    qk_factor = math.sqrt(d / len(keep)) if adapter.family.qk_norm else 1.0
-    refits: dict[str, list[torch.Tensor]] = {}
-    for name, (_, projections) in targets.items():
-        g = gram[name]
-        lam = damping * float(g.diagonal().mean())
-        system = g + lam * torch.eye(len(keep), dtype=torch.float64)
-        chol, info = torch.linalg.cholesky_ex(system)
-        scale = float(system.diagonal().max())
-        if info.item() != 0 or not scale > 0 or float(chol.diagonal().min()) ** 2 < _MIN_PIVOT * scale:
-            raise ValueError(
-                f"{name}: the calibration Gram of the pruned norm output is singular (damping={damping}); "
-                "pass a larger damping (e.g. 0.01) or more calibration tokens."
-            )
-        new = []
-        for k, projection in enumerate(projections):
-            w = effective_weight(projection).cpu()
-            rhs = w @ cross[name] + lam * w[:, keep]  # W' (G + lam I) = W C + lam W_S
-            solved = torch.cholesky_solve(rhs.t(), chol).t()
-            is_qk = name.endswith("attention") and k < 2
-            new.append(solved * (qk_factor if is_qk else 1.0))
-        refits[name] = new
-    return refits
+    qk_factor = math.sqrt(adapter.hidden_size / len(keep)) if adapter.family.qk_norm else 1.0
+    new = []
+    for k, projection in enumerate(projections):
+        weight, delta = weight_out_in(getattr(projection, "base_layer", projection)), _lora_delta(projection)
+        factor = qk_factor if name.endswith("attention") and k < 2 else 1.0
+        result = torch.empty(weight.shape[0], len(keep), dtype=dtype or torch.float64)
+        for start in range(0, weight.shape[0], REFIT_ROWS):
+            rows = slice(start, start + REFIT_ROWS)
+            w = weight[rows].detach().double()
+            w = (w if delta is None else w + delta[rows].to(w.device)).cpu()
+            rhs = w @ sums["cross"] + lam * w[:, keep]  # W' (G + lam I) = W C + lam W_S
+            result[rows] = torch.cholesky_solve(rhs.t(), chol).t() * factor
+        new.append(result)
+    return new
 
 
 def apply_hidden_refit(model: nn.Module, refits: dict[str, list[torch.Tensor]]) -> None:

@@ -21,7 +21,8 @@ same model, weight for weight (tests/test_streamed.py). Resident at once: one bl
 the calibration hidden states (tokens x hidden size, in and out), one Gram matrix (intermediate size
 squared, float64) and the refit's float64 copy of ``down_proj``: for an 8B LLaMA in bf16 with 32k
 calibration tokens about 5.7 GiB, against 18.3 GiB with the whole model resident (docs/memory-plan.md).
-Computation runs on the CPU.
+Computation runs on the CPU. The hidden axis (``pruning_type="HIDDEN"``) streams in two passes over
+the checkpoint instead (:mod:`.streamed_hidden`).
 
 Example:
     >>> prune_checkpoint("Llama-3.1-8B", "Llama-3.1-8B-mlp20", batches,
@@ -53,6 +54,7 @@ from .heads import head_keep_counts
 from .io import MANIFEST_NAME, pruning_manifest, record_pruning_event
 from .reconstruction import DEFAULT_DAMPING, check_calibration_size
 from .sequential import check_same_layer_types, sequential_head_plan, sequential_mlp_plan
+from .streamed_hidden import check_streamed_hidden_method, stream_hidden
 from .surgery import record_attention_sizes, record_mlp_sizes
 from .width import mlp_width_targets
 
@@ -60,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["prune_checkpoint", "STREAMED_PRUNING_TYPES"]
 
-STREAMED_PRUNING_TYPES = ("MLP", "MLP_GLU", "ATTENTION")
+STREAMED_PRUNING_TYPES = ("MLP", "MLP_GLU", "ATTENTION", "HIDDEN")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
@@ -203,13 +205,17 @@ def prune_checkpoint(
             first, e.g. ``huggingface_hub.snapshot_download``).
         output_dir: a new (or empty) folder; a failed run leaves nothing there.
         dataloader: calibration batches (dicts with ``input_ids`` and ``attention_mask``).
-        pruning_type: ``MLP`` / ``MLP_GLU`` (width, ``down_proj`` refit) or ``ATTENTION`` (heads,
-            ``o_proj`` refit).
+        pruning_type: ``MLP`` / ``MLP_GLU`` (width, ``down_proj`` refit), ``ATTENTION`` (heads,
+            ``o_proj`` refit) or ``HIDDEN`` (residual channels of the whole model, RMSNorm families,
+            refit of the stream's readers: the same model as ``prune_model(model, "HIDDEN",
+            reconstruct=True)``, in two passes over the checkpoint; :mod:`.streamed_hidden`).
         neuron_selection_method: a weight-only scorer or ``activation`` for MLP; ``L2``, ``activation``
-            or ``random`` for ATTENTION (they need only the layer's own statistics). Default: the
-            requests' default with sequential statistics (``activation``).
+            or ``random`` for ATTENTION (they need only the layer's own statistics); ``activation``,
+            ``activation_l2`` or ``L2`` for HIDDEN. Default: the requests' default with sequential
+            statistics (``activation``).
         pruning_percentage / expansion_rate / expansion_divisor: the width (or head) target, as in
-            ``prune_model``; default 10% for MLP, 25% for ATTENTION.
+            ``prune_model``; default 10% for MLP and HIDDEN (kept width rounded down to a multiple of
+            ``expansion_divisor``, default the head count), 25% for ATTENTION.
         head_granularity / layer_indices / damping / seed: as in ``prune_model``.
         dtype: compute and save dtype (default: the checkpoint's ``dtype`` in its config, else float32).
 
@@ -222,6 +228,8 @@ def prune_checkpoint(
             f"Streamed pruning supports pruning_type {', '.join(STREAMED_PRUNING_TYPES)}, got {pruning_type!r} "
             "(DEPTH on a checkpoint: load it with device_map and use prune_model)."
         )
+    if pruning_type == "HIDDEN":
+        check_streamed_hidden_method(neuron_selection_method)
     if not (source / "config.json").is_file():
         raise ValueError(f"{source} is not a saved model folder (no config.json).")
     _check_output(source, output)
@@ -245,7 +253,7 @@ def prune_checkpoint(
         layer_indices=layer_indices,
         reconstruct=True,
         damping=damping,
-        sequential=True,
+        sequential=pruning_type != "HIDDEN",  # the hidden refit reads the unpruned model's activations
         seed=seed,
     )
 
@@ -260,7 +268,9 @@ def prune_checkpoint(
         **request.settings(),
         "streamed": True,
     }
-    if pruning_type == "ATTENTION":
+    if pruning_type == "HIDDEN":
+        check_calibration_size(batches, request.kept(model), damping)
+    elif pruning_type == "ATTENTION":
         counts = head_keep_counts(model, request.pruning_percentage, head_granularity, layer_indices)
         n_q, _, head_dim = adapter.head_counts(0)
         check_calibration_size(batches, n_q * head_dim, damping)
@@ -275,8 +285,11 @@ def prune_checkpoint(
     try:
         stream = _BlockStream(model, checkpoint, partial, dtype)
         _outer_weights(model, checkpoint, stream.prefix, dtype)
-        blocks = dict(load_block=stream.load, block_done=stream.done, show_progress=show_progress)
-        if pruning_type == "ATTENTION":
+        progress = dict(show_progress=show_progress)
+        blocks = dict(load_block=stream.load, block_done=stream.done, **progress)
+        if pruning_type == "HIDDEN":
+            event.update(stream_hidden(model, stream.load, stream.done, batches, request, **progress))
+        elif pruning_type == "ATTENTION":
             plan, _ = sequential_head_plan(
                 model,
                 batches,

@@ -12,7 +12,7 @@ LM head); blocks are read from the checkpoint one at a time:
 2. **Cut and refit**: the batches go through the embeddings again; block by block, read block ``i``
    (unpruned), run it with the hooks of :func:`~optipfair_train.pruning.hidden_refit.plan_hidden_refit`
    on its two norms, hand its (unpruned) outputs on, solve the refits of q/k/v and gate/up, cut the
-   block (:func:`~optipfair_train.pruning.hidden.cut_hidden_block`), write the refits and the block's
+   block (:func:`~optipfair_train.pruning.hidden_cut.cut_hidden_block`), write the refits and the block's
    shard. Last, the final norm's statistics (the refit of an untied LM head), then the embedding, head
    and final norm are cut and the config gets the new ``hidden_size``.
 
@@ -50,12 +50,11 @@ from .hidden import (
     _norm_modules,
     channel_statistics_hook,
     combine_channel_statistics,
-    cut_hidden_block,
-    cut_hidden_outside_blocks,
     hidden_channel_scores,
     plan_from_scores,
 )
 from .hidden_axis import HiddenRequest
+from .hidden_cut import cut_hidden_block, cut_hidden_outside_blocks
 from .hidden_refit import apply_hidden_refit, refit_statistics_hook, solve_hidden_refit
 from .hidden_rotation import stream_readers
 from .sequential import capture_block_inputs, run_block

@@ -206,7 +206,8 @@ def _add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
         "--streamed",
         action="store_true",
         help="prune a local safetensors folder one block at a time and save it shard by shard (models larger "
-        "than memory; implies --reconstruct --sequential; MLP/MLP_GLU/ATTENTION)",
+        "than memory; implies --reconstruct, and --sequential for MLP/MLP_GLU/ATTENTION; HIDDEN reads the "
+        "checkpoint twice)",
     )
 
 

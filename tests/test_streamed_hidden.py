@@ -117,3 +117,37 @@ def test_bad_hidden_input_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="calibration"):
         prune_checkpoint(folder, tmp_path / "out", few, pruning_type="HIDDEN", damping=0, show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["opt", "source"]
+
+
+def test_cli_streamed_hidden_prune_equals_the_cli_in_memory_hidden_prune(tmp_path, tokenizer, capsys):
+    from optipfair_train.cli import main
+
+    folder = _source(tmp_path, "llama")
+    tokenizer.save_pretrained(folder)
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(40)))
+    common = [
+        "prune",
+        "--model-path",
+        str(folder),
+        "--calibration-data",
+        str(text),
+        "--num-calibration-samples",
+        "8",
+        "--calibration-seq-len",
+        "32",
+        "--pruning-type",
+        "HIDDEN",
+        "--pruning-percentage",
+        "25",
+        "--no-progress",
+        "--method",
+        "activation",
+    ]
+    assert main([*common, "--streamed", "--output-path", str(tmp_path / "streamed")]) == 0
+    assert "one block in memory at a time" in capsys.readouterr().out
+    assert main([*common, "--reconstruct", "--output-path", str(tmp_path / "memory")]) == 0
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", dtype=torch.float32).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "memory", dtype=torch.float32).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["model.embed_tokens.weight"].shape == (104, 48)

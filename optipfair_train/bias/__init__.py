@@ -55,12 +55,14 @@ from .pairs import (
     pairs_from_records,
     sample_pairs,
 )
-from .report import format_summary, summary_scalars, write_json
+from .report import format_summary, stereoset_change_scalars, summary_scalars, write_json
 from .stereoset import SCORES as STEREOSET_SCORES
 from .stereoset import option_log_probs, stereoset_change, stereoset_metrics, stereoset_scores
 from .stereoset_data import (
     StereoSetItem,
     download_stereoset_wheel,
+    held_out_sample,
+    item_id,
     items_from_hub_records,
     load_stereoset,
     read_stereoset_jsonl,
@@ -128,9 +130,12 @@ __all__ = [
     "stereoset_wheel_path",
     "sample_items",
     "split_items",
+    "held_out_sample",
+    "item_id",
     "STEREOSET_SCORES",
     "option_log_probs",
     "stereoset_change",
+    "stereoset_change_scalars",
     "stereoset_metrics",
     "stereoset_scores",
     # debiasing

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["summary_scalars", "format_summary", "write_json", "to_jsonable"]
+__all__ = ["summary_scalars", "stereoset_change_scalars", "format_summary", "write_json", "to_jsonable"]
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -44,6 +44,32 @@ def write_json(path: str | Path, obj: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return path
+
+
+def stereoset_change_scalars(
+    change: Mapping[str, Any],
+    prefix: str = "stereoset/",
+    names: tuple[str, ...] = ("ss", "icat"),
+    by: str = "/",
+) -> dict[str, float]:
+    """The flat scalars of a :func:`~optipfair_train.bias.stereoset_change`: ``<prefix><name>_change``
+    with ``_ci_low`` / ``_ci_high`` for each of ``names``, and per bias type
+    ``<prefix><name>_change<by><type>`` (``by="/"``: the pipeline's stage metrics; ``"_by/"``: the
+    callbacks' logged names).
+
+    Example:
+        >>> c = {"ss_change": 2.0, "ss_change_ci_low": -1.0, "ss_change_ci_high": 4.0, "by_bias_type": {}}
+        >>> stereoset_change_scalars(c, names=("ss",))
+        {'stereoset/ss_change': 2.0, 'stereoset/ss_change_ci_low': -1.0, 'stereoset/ss_change_ci_high': 4.0}
+    """
+    out = {}
+    for name in names:
+        for suffix in ("", "_ci_low", "_ci_high"):
+            key = f"{name}_change{suffix}"
+            out[f"{prefix}{key}"] = change[key]
+            for bias_type, entry in change["by_bias_type"].items():
+                out[f"{prefix}{key}{by}{bias_type}"] = entry[key]
+    return out
 
 
 def summary_scalars(

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -50,6 +51,8 @@ __all__ = [
     "load_stereoset",
     "sample_items",
     "split_items",
+    "held_out_sample",
+    "item_id",
 ]
 
 logger = logging.getLogger(__name__)
@@ -305,11 +308,26 @@ def sample_items(
     return [items[i] for i in keep]
 
 
+def item_id(item: StereoSetItem) -> str:
+    """A short fingerprint of an item's texts (task, target, bias type, context, options): two runs'
+    per-item results pair only when their items' ids agree, whatever file the items were read from.
+
+    Example:
+        >>> item_id(StereoSetItem("intersentence", "t", "gender", "c.", "s", "a", "u"))
+        '4e5fe8cacd'
+    """
+    text = "\x1f".join((item.task, item.target, item.bias_type, item.context, *item.options()))
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
+
+
 def split_items(
     items: Sequence[StereoSetItem], seed: int = 0
 ) -> tuple[list[StereoSetItem], list[StereoSetItem]]:
     """Split items into two disjoint halves, stratified by task and bias type: one to select or score
     neurons with, the other to evaluate on (so the evaluation never sees the items it was tuned on).
+    The pipeline judges every stage on a sample of the held-out half, with or without a fairness mode
+    (so two runs of the same seed judge the same items); the build half is reserved for the fairness
+    modes that choose or train on StereoSet.
 
     Example:
         >>> fit, held_out = split_items(items)  # doctest: +SKIP
@@ -327,3 +345,18 @@ def split_items(
     return [items[i] for i in range(len(items)) if i in first], [
         items[i] for i in range(len(items)) if i not in first
     ]
+
+
+def held_out_sample(
+    items: Sequence[StereoSetItem], sample_size: int | None, seed: int = 0
+) -> list[StereoSetItem]:
+    """The items the pipeline judges every stage on: a seeded sample of ``sample_size`` items of the
+    held-out half of :func:`split_items` (both seeded by ``seed``, the run's seed). Give a
+    ``BiasProbeCallback`` these to pair its probes with a pipeline run's per-item results.
+
+    Example:
+        >>> judged = held_out_sample(load_stereoset("default"), 300, seed=0)  # doctest: +SKIP
+        >>> set(judged) <= set(split_items(load_stereoset("default"), seed=0)[1])  # doctest: +SKIP
+        True
+    """
+    return sample_items(split_items(items, seed=seed)[1], sample_size, seed=seed)

@@ -17,6 +17,15 @@ the guard fires: a warning, a ``fairness_guard/fired`` scalar with the regressio
 ``control.should_training_stop`` and/or ``control.should_save`` (the saved checkpoint then gets a
 ``fairness_guard.json`` describing the regression).
 
+With ``reference`` (the per-item StereoSet results of a reference model: a pipeline run's
+``stage-items/<stage>.json``, or a :func:`~optipfair_train.bias.stereoset_scores` result) and ``probe``
+(the :class:`~optipfair_train.callbacks.BiasProbeCallback` that probes the same items, e.g.
+:func:`~optipfair_train.bias.held_out_sample` of the run's seed), every StereoSet probe is also paired
+with the reference, item by item (:func:`~optipfair_train.bias.stereoset_change`), and logged with the
+pipeline's names: ``reference/stereoset/ss_change`` / ``lms_change`` / ``icat_change`` with
+``_ci_low`` / ``_ci_high``, per bias type ``reference/stereoset/ss_change_by/<type>``..., and
+``reference/stereoset/num_items``; the last one is kept in ``last_reference_change``.
+
 Example:
     >>> guard = FairnessGuardCallback(threshold=5.0, stop_training=True)
     >>> guard.badness(60.0), guard.badness(45.0), guard.badness(70.0, "stereoset/icat")
@@ -29,6 +38,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .base import ReportingCallback
@@ -73,12 +83,17 @@ class FairnessGuardCallback(ReportingCallback):
         stop_training: set ``control.should_training_stop`` when firing.
         save_checkpoint: set ``control.should_save`` when firing and mark that checkpoint with
             ``fairness_guard.json``.
+        reference: per-item StereoSet results of a reference model to pair every probe with (a path
+            to a pipeline run's ``stage-items/<stage>.json``, or a mapping with ``items``); needs ``probe``.
+        probe: the ``BiasProbeCallback`` whose StereoSet results are paired; it must probe the
+            reference's items.
 
     Attributes:
         metrics: the watched keys; baselines: ``{metric: (value, interval)}`` in use.
         baseline, baseline_ci: the first metric's reference.
         events: one record per firing: ``step``, ``metric``, ``value``, ``ci``, ``baseline``, ``regression``.
         fired: True once the guard fired.
+        last_reference_change: the last probe's :func:`~optipfair_train.bias.stereoset_change` vs ``reference``.
 
     Example:
         >>> FairnessGuardCallback(metric="bias/activation_normalized_difference").ideal
@@ -98,8 +113,13 @@ class FairnessGuardCallback(ReportingCallback):
         patience: int = 1,
         stop_training: bool = False,
         save_checkpoint: bool = False,
+        reference: str | os.PathLike | Mapping[str, Any] | None = None,
+        probe: Any | None = None,
     ):
         super().__init__(trainer)
+        self.reference = _reference_items(reference, probe) if reference is not None else None
+        self.probe, self.last_reference_change = probe, None
+        self._paired: Any = None
         metrics = (metric,) if isinstance(metric, str) else tuple(metric)
         if not metrics or not all(isinstance(m, str) and m for m in metrics):
             raise ValueError(
@@ -191,6 +211,9 @@ class FairnessGuardCallback(ReportingCallback):
         return (float(low), float(high)) if low is not None and high is not None else None
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs):
+        latest = self.probe.last_stereoset if self.reference is not None else None
+        if latest is not None and latest is not self._paired:  # a new probe: pair it once
+            self._log_reference_change(args, state)
         if not logs or not any(m in logs for m in self.metrics):
             return
         if state is not self._state:
@@ -268,6 +291,17 @@ class FairnessGuardCallback(ReportingCallback):
             self._pending_mark = event
         self.log_scalars(args, state, {"fairness_guard/fired": 1.0, "fairness_guard/regression": regression})
 
+    def _log_reference_change(self, args: Any, state: Any) -> None:
+        """Pair the probe's new StereoSet result with the reference and log the change (once per probe)."""
+        from ..bias import STEREOSET_SCORES, stereoset_change, stereoset_change_scalars
+
+        self._paired = result = self.probe.last_stereoset
+        p = self.probe
+        change = stereoset_change(self.reference, result, p.confidence, p.n_bootstrap, seed=p.seed)
+        self.last_reference_change = change
+        scalars = stereoset_change_scalars(change, "reference/stereoset/", STEREOSET_SCORES, by="_by/")
+        self.log_scalars(args, state, scalars | {"reference/stereoset/num_items": change["num_items"]})
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs):
         if self._pending_mark is None or not state.is_world_process_zero:
             return
@@ -277,3 +311,38 @@ class FairnessGuardCallback(ReportingCallback):
                 json.dump(self._pending_mark, f, indent=2)
             logger.warning("fairness guard: marked %s", folder)
             self._pending_mark = None
+
+
+def _reference_items(reference: str | os.PathLike | Mapping[str, Any], probe: Any) -> dict[str, Any]:
+    """The reference's StereoSet per-item records (``{"items": [...], "ids": [...]?}``), checked to be the
+    probe's items."""
+    from ..bias import item_id
+
+    where = "reference"
+    if not isinstance(reference, Mapping):
+        where = str(reference)
+        try:
+            reference = json.loads(Path(reference).read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"reference: cannot read {where} ({err}); give a stage-items/<stage>.json file."
+            ) from err
+    part = reference.get("stereoset", reference) if isinstance(reference, Mapping) else None
+    if not isinstance(part, Mapping) or not part.get("items"):
+        raise ValueError(
+            f"reference: {where} holds no StereoSet per-item results (a pipeline run's "
+            "stage-items/<stage>.json, or a stereoset_scores result)."
+        )
+    items = getattr(probe, "stereoset_items", None)
+    if not items:
+        raise ValueError("reference needs probe=: the BiasProbeCallback (with its StereoSet probe) to pair.")
+    ids = part.get("ids")
+    if ids is not None and list(ids) != [item_id(item) for item in items]:
+        raise ValueError(
+            f"reference: {where} holds other StereoSet items ({len(ids)}) than the probe's ({len(items)}): give "
+            "the probe the run's judged items, held_out_sample(items, stereoset_sample_size, seed), and "
+            "stereoset_sample_size=None."
+        )
+    if ids is None and len(part["items"]) != len(items):
+        raise ValueError(f"reference: {where} holds {len(part['items'])} items, the probe {len(items)}.")
+    return dict(part)

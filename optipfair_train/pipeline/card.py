@@ -11,6 +11,7 @@ The card is rendered from one plain dict (what the pipeline logged; JSON-seriali
       "baseline": {metrics},               # metrics: see STAGE_KEYS
       "rounds": [{"round": 1, "events": [...], "heal_tokens": 15360, "pruned": {metrics}, "healed": {metrics}}],
       "speed": {...} or None,              # optipfair_train.speed.compare_speed(...)
+      "reference_run": "outputs/demo",     # the run each stage is paired with ('': none; .reference)
     }
 
 A stage's metrics: ``parameters``, ``perplexity`` (healing domain), ``perplexity/general``, StereoSet
@@ -34,6 +35,7 @@ import yaml
 from ..models import DEMO_MODEL_ID
 from ..speed import speed_line
 from .config import LORA_METHODS, TEACHER_TEXT
+from .reference import reference_card_lines
 from .run_state import RunState
 from .verdict import named_file, short_text_name
 from .zeroshot_stage import zeroshot_card_lines
@@ -270,6 +272,7 @@ def card_inputs(config, state: RunState | Mapping[str, Any], speed: dict | None)
         "baseline": state.baseline,
         "rounds": state.rounds,
         "speed": speed if speed and "decode" in speed else None,
+        "reference_run": config.data.reference_run,
     }
 
 
@@ -333,6 +336,8 @@ def render_model_card(card: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
     zeroshot = zeroshot_card_lines(card)
     lines += ["", *zeroshot] if zeroshot else []
+    reference = reference_card_lines(card)
+    lines += ["", *reference] if reference else []
     lines += ["", "## What was pruned", ""]
     for r in rounds:
         for e in r["events"]:

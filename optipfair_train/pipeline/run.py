@@ -4,6 +4,7 @@ Layout of ``output_dir``::
 
     state.json                 the config, the baseline (and its StereoSet item scores), finished rounds,
                                the W&B run id, ``finished``
+    stage-items/<stage>.json   each stage's per-item probe results (:mod:`.stage_items`), for pairing runs
     round-K/pruned/            the model right after round K's pruning, with its events.json
     round-K/heal/checkpoint-N  Trainer checkpoints while healing (resume continues from the last complete)
     round-K/model/             the healed model, LoRA merged, with round.json; round K is finished once
@@ -60,6 +61,7 @@ from .lock import OutputGuard
 from .report import write_report
 from .rounds import round_requests
 from .run_state import STATE_NAME, Retry, RunState, changed_settings, comparable_settings
+from .stage_items import ITEMS_DIR
 from .state import (
     COMPLETE_NAME,
     EVENTS_NAME,
@@ -136,7 +138,7 @@ class PruneThenHeal:
             ) from err
         self.guard.lock()  # before anything else is written; a run started alongside this one is refused
         if self.distributed.is_main_process:
-            for folder in [self.out, *self.out.glob("round-*")]:
+            for folder in [self.out, self.out / ITEMS_DIR, *self.out.glob("round-*")]:
                 remove_leftovers(folder)
         self.distributed.wait_for_everyone()
         if existing is not None:
@@ -170,7 +172,7 @@ class PruneThenHeal:
     # -- data ----------------------------------------------------------------------------------------
     def _load_data(self, tokenizer) -> None:
         d = self.config.data
-        self.evaluator = StageEvaluator(self.config, tokenizer, self.distributed.is_main_process)
+        self.evaluator = StageEvaluator(self.config, tokenizer, self.distributed.is_main_process, self.out)
         self.bias_pairs = self.evaluator.bias_pairs
         self.behaviour_pairs = self.evaluator.behaviour_pairs
         if d.calibration_data != TEACHER_TEXT:  # teacher text: _prepare_teacher_data
@@ -200,9 +202,10 @@ class PruneThenHeal:
             )
 
     # -- evaluation ----------------------------------------------------------------------------------
-    def evaluate(self, model, tokenizer, is_base: bool = False) -> dict[str, Any]:
-        """Every stage metric (:mod:`.evaluate`); only the main process measures, the others get ``{}``."""
-        return self.evaluator.measure(model, tokenizer, is_base=is_base)
+    def evaluate(self, model, tokenizer, stage: str = "base") -> dict[str, Any]:
+        """Every stage metric (:mod:`.evaluate`) of ``stage`` (``base``, ``round-K-pruned``...), its
+        per-item results saved in the run folder; only the main process measures, the others get ``{}``."""
+        return self.evaluator.measure(model, tokenizer, is_base=stage == "base", stage=stage)
 
     # -- healing -------------------------------------------------------------------------------------
     def _training_args(self, round_dir: Path, learning_rate: float) -> TrainingArguments:
@@ -274,7 +277,7 @@ class PruneThenHeal:
             self.state.general_note = f"no general held-out text ({self.evaluator.general_text})"
         self.tracker = RoundTracker(config, self.state, self.out, self.distributed.is_main_process)
         if self.state.baseline is None:
-            self.state.baseline = self.evaluate(model, tokenizer, is_base=True)
+            self.state.baseline = self.evaluate(model, tokenizer, stage="base")
             if self.evaluator.stereoset_base is not None:  # kept so a resumed run pairs against the same
                 self.state.stereoset_base_items = self.evaluator.stereoset_base["items"]
             if self.evaluator.zeroshot is not None and self.evaluator.zeroshot.base is not None:
@@ -375,7 +378,7 @@ class PruneThenHeal:
                 planned = plan(model, request, self.calibration, show_progress=config.run.show_progress)
                 events += apply(model, planned)
             self._save_model(model, tokenizer, pruned_dir, {EVENTS_NAME: events})
-        pruned_metrics = self.evaluate(model, tokenizer)
+        pruned_metrics = self.evaluate(model, tokenizer, stage=f"round-{k}-pruned")
 
         learning_rate, first = config.heal.learning_rate, 0
         retry = self.state.retry
@@ -403,7 +406,7 @@ class PruneThenHeal:
                 self._save_state()
                 model = self._load_saved(pruned_dir)
 
-        healed = self.evaluate(model, tokenizer)
+        healed = self.evaluate(model, tokenizer, stage=f"round-{k}-healed")
         record = {
             "round": k,
             "events": events,

@@ -11,6 +11,9 @@ The key vocabulary (sections are the first part of a key; no key is both a value
   ``stereoset/ss`` / ``stereoset/lms`` / ``stereoset/icat`` (``_ci_low`` / ``_ci_high``), the paired
   ``stereoset/ss_change`` / ``stereoset/icat_change`` vs the base, ``stereoset/num_items``,
   ``bias/activation_normalized_difference`` (and ``_ci_*``), CrowS-Pairs ``bias/score`` when measured;
+  with ``reference_run``, the paired changes vs that run's same stage, ``reference/stereoset/ss_change``
+  (lms, icat, ``_ci_*``, ``ss_change_by/<type>``), ``reference/zeroshot/accuracy_change``,
+  ``reference/perplexity_ratio`` (:mod:`.reference`);
 - a breakdown of a value ``X`` is ``X_by/<part>``: StereoSet per bias type ``<stage>/stereoset/ss_by/race``
   (and ``lms_by``, ``icat_by``, ``num_items_by``, ``ss_ci_low_by``...), ``bias/score_by/gender``,
   ``bias/activation_mean_difference_by/mlp_output``; the callbacks use the same metric names;

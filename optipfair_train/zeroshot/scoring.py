@@ -33,6 +33,7 @@ __all__ = [
     "METRICS",
     "item_key",
     "zeroshot_change",
+    "zeroshot_change_scalars",
     "zeroshot_scalars",
     "zeroshot_scores",
 ]
@@ -220,8 +221,23 @@ def zeroshot_scalars(result: dict, change: dict | None = None) -> dict[str, floa
                 out[f"zeroshot/{name}/{key}"] = entry[key]
     out["zeroshot/seconds"] = result["seconds"]
     if change is not None:
-        for b in bounds:
-            out[f"zeroshot/accuracy_change{b}"] = change["mean"][f"acc_change{b}"]
-            for name, entry in change["tasks"].items():
-                out[f"zeroshot/{name}/acc_change{b}"] = entry[f"acc_change{b}"]
+        out |= zeroshot_change_scalars(change)
+    return out
+
+
+def zeroshot_change_scalars(change: dict, prefix: str = "zeroshot/") -> dict[str, float]:
+    """The flat scalars of a :func:`zeroshot_change`: ``<prefix>accuracy_change`` (the mean over tasks)
+    and ``<prefix><task>/acc_change``, each with ``_ci_low`` / ``_ci_high``.
+
+    Example:
+        >>> change = {"mean": {"acc_change": 2.0, "acc_change_ci_low": -1.0, "acc_change_ci_high": 5.0},
+        ...           "tasks": {}}
+        >>> zeroshot_change_scalars(change, "reference/zeroshot/")["reference/zeroshot/accuracy_change"]
+        2.0
+    """
+    out = {}
+    for b in ("", "_ci_low", "_ci_high"):
+        out[f"{prefix}accuracy_change{b}"] = change["mean"][f"acc_change{b}"]
+        for name, entry in change["tasks"].items():
+            out[f"{prefix}{name}/acc_change{b}"] = entry[f"acc_change{b}"]
     return out

@@ -13,7 +13,7 @@ import pytest
 import wandb
 from conftest import make_char_tokenizer
 from pipeline_helpers import write_assets, write_config
-from wandb_offline import history, run_files, value_and_prefix
+from wandb_offline import history, run_files, summary, value_and_prefix
 
 from optipfair_train.bias import StereoSetItem, item_id, load_stereoset, split_items, stereoset_change
 from optipfair_train.callbacks import BiasProbeCallback, FairnessGuardCallback
@@ -265,6 +265,7 @@ def test_a_run_paired_with_a_reference_run_on_the_card_report_and_wandb(assets, 
     assert "gender (n=" in section and f"{gender:+.1f} [" in by_type
     report = (out / "report.html").read_text()
     assert "vs the run without the mode" in report and f"{healed['reference/perplexity_ratio']:.3f}" in report
+    assert f"StereoSet SS change vs the reference run ({reference}): {ss:+.1f} [" in report  # the verdict
     (path,) = run_files(out)
     logged = {h["round"]: h for h in history(path) if "healed/stereoset/ss" in h}
     assert logged[1]["healed/reference/stereoset/ss_change"] == ss
@@ -277,3 +278,4 @@ def test_a_run_paired_with_a_reference_run_on_the_card_report_and_wandb(assets, 
         == state["rounds"][0]["pruned"]["reference/zeroshot/accuracy_change"]
     )
     assert not value_and_prefix(set(logged[1]))
+    assert summary(path)["verdict/reference_ss_change"] == ss

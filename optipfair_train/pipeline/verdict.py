@@ -10,7 +10,9 @@ print the same numbers, computed here from the card dict (:mod:`.card`):
 - the StereoSet SS change vs the base with its paired 95% interval and the number of items (an interval
   that holds 0 is "no measurable change");
 - zero-shot accuracy: the slot :func:`zeroshot_line` fills when the stages carry ``zeroshot/accuracy``
-  (mean accuracy over the tasks, %) and ``zeroshot/accuracy_change`` with ``_ci_low`` / ``_ci_high``.
+  (mean accuracy over the tasks, %) and ``zeroshot/accuracy_change`` with ``_ci_low`` / ``_ci_high``;
+- with ``reference_run``: the final model's SS change vs that run's final model, paired
+  (``reference/stereoset/ss_change``, :mod:`.reference`).
 
 Example:
     >>> card = {"baseline": {"parameters": 100, "perplexity/general": 20.0},
@@ -102,7 +104,8 @@ def _change(final: dict, key: str) -> dict | None:
 def verdict(card: dict[str, Any]) -> dict[str, Any]:
     """The verdict's numbers: ``parameters`` (base, final, percent change), ``general`` and
     ``heal_domain`` perplexity (base, final, ratio; None when not measured), ``stereoset_ss`` change
-    (change, interval, ``measurable``, ``n``), ``zeroshot`` (change, interval, or None) and ``final_stage``.
+    (change, interval, ``measurable``, ``n``), ``zeroshot`` (change, interval, or None), ``reference_ss``
+    (the SS change vs ``reference_run``'s same stage, or None) and ``final_stage``.
 
     Example:
         >>> verdict({"baseline": {"parameters": 10}, "rounds": []})["parameters"]["percent_change"]
@@ -116,6 +119,9 @@ def verdict(card: dict[str, Any]) -> dict[str, Any]:
     ss = _change(final, "stereoset/ss_change")
     if ss is not None:
         ss["n"] = final.get("stereoset/num_items")
+    reference = _change(final, "reference/stereoset/ss_change")
+    if reference is not None:
+        reference["n"] = final.get("reference/stereoset/num_items")
     zeroshot = _change(final, "zeroshot/accuracy_change")
     if zeroshot is not None:  # items over every task (zeroshot/<task>/num_items)
         zeroshot["n"] = sum(
@@ -128,6 +134,7 @@ def verdict(card: dict[str, Any]) -> dict[str, Any]:
         "heal_domain": _ratio(base, final, "perplexity"),
         "stereoset_ss": ss,
         "zeroshot": zeroshot,
+        "reference_ss": reference,
         "final_has_ss": final.get("stereoset/ss") is not None,
     }
 
@@ -197,6 +204,11 @@ def verdict_lines(card: dict[str, Any], files: dict[str, str] | None = None) -> 
         ),
         zeroshot_line(v),
     ]  # fmt: skip
+    if card.get("reference_run"):
+        lines.append(_change_line(
+            f"StereoSet SS change vs the reference run ({card['reference_run']})", v["reference_ss"], "",
+            "more stereotyped choices", "fewer stereotyped choices", "not paired (the run's log says why)",
+        ))  # fmt: skip
     for label, path in (files or {}).items():
         lines.append(f"{label}: {path}")
     return lines
@@ -214,7 +226,7 @@ def wandb_summary(card: dict[str, Any]) -> dict[str, float]:
     for name in ("general", "heal_domain"):
         if v[name] is not None:
             out[f"verdict/perplexity_ratio/{name}"] = v[name]["ratio"]
-    for name in ("stereoset_ss", "zeroshot"):
+    for name in ("stereoset_ss", "zeroshot", "reference_ss"):
         if v[name] is not None:
             for key in ("change", "ci_low", "ci_high"):
                 out[f"verdict/{name}_{key}"] = v[name][key]

@@ -11,6 +11,8 @@ Both prune the same safetensors folder (the demo model, float32) into a new fold
   report ``streamed-hidden.md``.
 
 ``streamed`` is ``prune_checkpoint`` (:mod:`optipfair_train.pruning.streamed`) with the same settings.
+``--untie`` first saves a copy of the model whose LM head is a separate copy of its embedding (the same
+logits; the demo model's head is tied), so the hidden axis also refits the head (its own section).
 
 Each runs in its own fresh process (peak RSS = the child's ``ru_maxrss``, which includes the Python
 runtime and torch; "before" = its RSS after imports, tokenizer and calibration text, before loading any
@@ -18,7 +20,7 @@ weight), alternating, ``--repeats`` times. The two outputs are then compared ten
 and WikiText-2 test perplexity is measured on each. Asserts nothing.
 
     python bench/bench_streamed.py --threads 2        # ~5 min on 2 cores
-    python bench/bench_streamed.py --threads 1 --pruning-type HIDDEN --percentage 10
+    python bench/bench_streamed.py --threads 1 --pruning-type HIDDEN --percentage 10 [--untie]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,12 +84,53 @@ def _child(
     )
 
 
+def _untied_copy(source: Path, folder: Path) -> Path:
+    """``source`` saved with its LM head as a separate copy of the embedding (tokenizer files copied)."""
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    config = model.config
+    config.tie_word_embeddings = False
+    untied = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    untied.load_state_dict(model.state_dict())  # a tied state dict names lm_head.weight too: copied
+    assert untied.lm_head.weight.data_ptr() != untied.get_input_embeddings().weight.data_ptr()
+    untied.save_pretrained(folder)
+    weights = ("config.json", "model.safetensors.index.json")
+    for item in source.iterdir():  # tokenizer and generation files
+        if item.is_file() and item.name not in weights and item.suffix != ".safetensors":
+            if not (folder / item.name).exists():
+                shutil.copy2(item, folder / item.name)
+    return folder
+
+
+def _plan_line(config, tokens: int, percentage: float) -> str:
+    """What bench/memory_plan.py's arithmetic gives for this shape in float32, to set beside the measures."""
+    from memory_plan import Shape, hidden_pruning_peak
+
+    shape = Shape(
+        config.model_type,
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.vocab_size,
+        tied=bool(config.tie_word_embeddings),
+    )
+    mib = {s: 1024 * hidden_pruning_peak(shape, tokens, percentage, s, dtype_bytes=4) for s in (False, True)}
+    return (
+        f"The memory plan's arithmetic (bench/memory_plan.py, float32, {tokens:,} tokens) for this shape: "
+        f'{mib[False]:.0f} MB in memory, {mib[True]:.0f} MB streamed; it leaves out what "peak - before" '
+        "also holds: one calibration batch's forward (in memory with its logits, 4 x 256 x vocabulary "
+        "floats), the allocator's free lists and the checkpoint reader's buffers."
+    )
+
+
 def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--percentage", type=float, default=20.0)
     parser.add_argument("--samples", type=int, default=32, help="256-token calibration blocks (default 32)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--pruning-type", choices=("MLP", "HIDDEN"), default="MLP")
+    parser.add_argument("--untie", action="store_true", help="prune a copy with an untied LM head")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "SOURCE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -100,14 +144,18 @@ def main() -> None:
     from optipfair_train.evaluation import perplexity
     from optipfair_train.models import demo_model_dir
 
-    source = demo_model_dir() if args.model_path == "demo" else Path(args.model_path)
+    source = origin = demo_model_dir() if args.model_path == "demo" else Path(args.model_path)
     hidden = args.pruning_type == "HIDDEN"
     title = (
         "Streamed vs in-memory hidden-axis pruning" if hidden else "Streamed vs in-memory sequential pruning"
     )
-    report = Report("streamed-hidden" if hidden else "streamed", title, args.out)
+    if hidden:
+        title += f", {'untied' if args.untie else 'the model as saved (demo: tied)'} LM head"
+    report = Report("streamed-hidden" if hidden else "streamed", title, args.out, section=hidden)
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.untie:
+            source = _untied_copy(source, Path(tmp) / "untied-source")
         for r in range(args.repeats):
             for mode in MODES if r % 2 == 0 else MODES[::-1]:
                 out = Path(tmp) / f"{mode}-{r}"
@@ -150,7 +198,7 @@ def main() -> None:
         else f"MLP -{args.percentage:g}% `activation` + sequential refit"
     )
     report.text(
-        f"Source `{source}` ({sum(p.numel() for p in base.parameters()):,} parameters, float32, "
+        f"Source `{origin}`{' (an untied copy)' if args.untie else ''} ({sum(p.numel() for p in base.parameters()):,} parameters, float32, "
         f"{base.config.num_hidden_layers} blocks); {setting} on "
         f"{args.samples} x 256 tokens of WikiText-2 valid; {args.repeats} runs of each mode, alternating, one "
         f"fresh process each, torch threads {args.threads or 'default'}."
@@ -180,6 +228,8 @@ def main() -> None:
             for m in MODES
         ],
     )
+    if hidden:
+        report.text(_plan_line(base.config, args.samples * 256, args.percentage))
     report.text(
         f"Unpruned: {base_ppl:.2f}. The two outputs are {'identical, tensor for tensor' if equal else 'DIFFERENT'}."
     )

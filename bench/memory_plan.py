@@ -215,15 +215,18 @@ def _solve(m: Shape, out: int, kept: int) -> int:
     return 8 * min(out, REFIT_ROWS) * (m.hidden + 3 * kept)
 
 
-def hidden_streamed_phases(m: Shape, tokens: int, percentage: float) -> dict[str, float]:
-    """GiB of the two peaks of streamed hidden-axis pruning: the blocks' phase and the lm_head's (0 if tied)."""
+def hidden_streamed_phases(
+    m: Shape, tokens: int, percentage: float, dtype_bytes: int = 2
+) -> dict[str, float]:
+    """GiB of the two peaks of streamed hidden-axis pruning: the blocks' phase and the lm_head's (0 if
+    tied); weights, refit results and hidden states in ``dtype_bytes`` (2: bf16, 4: float32)."""
     h = m.hidden
-    stats, layer_refit, head_refit, kept = _hidden_terms(m, percentage, result_bytes=2)
-    outer = 2 * (m.vocab * h * (1 if m.tied else 2) + h)
-    buffer = 2 * tokens * h * 2
+    stats, layer_refit, head_refit, kept = _hidden_terms(m, percentage, result_bytes=dtype_bytes)
+    outer = dtype_bytes * (m.vocab * h * (1 if m.tied else 2) + h)
+    buffer = 2 * tokens * h * dtype_bytes
     block = (
         outer
-        + 2 * (layer_weights(m) + 2 * h)
+        + dtype_bytes * (layer_weights(m) + 2 * h)
         + buffer
         + 2 * stats
         + layer_refit
@@ -233,14 +236,18 @@ def hidden_streamed_phases(m: Shape, tokens: int, percentage: float) -> dict[str
     return {"blocks": block / GIB, "lm_head": head / GIB}
 
 
-def hidden_pruning_peak(m: Shape, tokens: int, percentage: float, streamed: bool) -> float:
-    """GiB resident at the peak of hidden-axis pruning with the refit (bf16 weights; see the docstring)."""
+def hidden_pruning_peak(
+    m: Shape, tokens: int, percentage: float, streamed: bool, dtype_bytes: int = 2
+) -> float:
+    """GiB resident at the peak of hidden-axis pruning with the refit (weights in ``dtype_bytes``, 2 = bf16;
+    see the docstring)."""
     if streamed:
-        return max(hidden_streamed_phases(m, tokens, percentage).values())
+        return max(hidden_streamed_phases(m, tokens, percentage, dtype_bytes).values())
     stats, layer_refit, head_refit, kept = _hidden_terms(m, percentage, result_bytes=8)
     readers = 2 * m.layers + (0 if m.tied else 1)
     last = _solve(m, m.intermediate if m.tied else m.vocab, kept)
-    return (2 * parameters(m) + readers * stats + m.layers * layer_refit + head_refit + last) / GIB
+    weights = dtype_bytes * parameters(m)
+    return (weights + readers * stats + m.layers * layer_refit + head_refit + last) / GIB
 
 
 def activations(m: Shape, batch: int, seq: int, logit_bytes: int, checkpointing: bool = True) -> float:

@@ -136,7 +136,8 @@ def stream_hidden(
     *,
     show_progress: bool = False,
 ) -> dict[str, Any]:
-    """Plan and apply ``request`` block by block; returns the event fields (as the in-memory apply records).
+    """Plan and apply ``request`` (with ``reconstruct=True``) block by block; returns the event fields
+    (as the in-memory apply records them).
 
     ``model`` holds its outer weights, its blocks on ``meta``; ``load(i)`` reads block ``i`` into it and
     ``done(i, block)`` writes the cut block and frees it (``prune_checkpoint``'s block stream). The
@@ -147,6 +148,8 @@ def stream_hidden(
         ...               HiddenRequest(pruning_percentage=10, calibrated=True, reconstruct=True))
     """
     check_streamed_hidden_method(request.method)
+    if not request.reconstruct:
+        raise ValueError("Streamed hidden pruning refits the stream's readers: pass reconstruct=True.")
     adapter = get_adapter(model)
     kept = request.kept(model)
     if request.method == "L2":  # the embedding's column norms: the embedding is resident
@@ -163,36 +166,30 @@ def stream_hidden(
     current: dict = {}
 
     def statistics(names: list[str]) -> list:
-        if not request.reconstruct:
-            return []
         return [
             readers[n][0].register_forward_hook(refit_statistics_hook(n, readers[n][0], keep, sums, current))
             for n in names
         ]
 
     def refits(names: list[str]) -> dict[str, list[torch.Tensor]]:
-        if not request.reconstruct:
-            return {}
         return {  # on the unpruned projections, before the cut; stored in the weights' dtype at once
             n: solve_hidden_refit(adapter, n, readers[n][1], keep, sums.pop(n), request.damping, dtype)
             for n in names
         }
 
-    inputs = capture_block_inputs(model, batches) if request.reconstruct else []
-    n = adapter.num_layers
-    for i in tqdm(range(n), desc="hidden cut and refit", disable=not show_progress):
+    inputs = capture_block_inputs(model, batches)
+    for i in tqdm(range(adapter.num_layers), desc="hidden cut and refit", disable=not show_progress):
         block = load(i)
         names = [f"layer {i} attention", f"layer {i} mlp"]
         with _hooks(statistics(names)):
-            if inputs:
-                inputs = _forward(block, inputs, current)
+            inputs = _forward(block, inputs, current)
         weights = refits(names)
         cut_hidden_block(adapter, i, keep)
         apply_hidden_refit(model, weights)
         done(i, block)
     head = ["head"] if "head" in readers else []  # an untied LM head reads the final norm
-    with _hooks(statistics(head)):
-        if head and inputs:
+    if head:
+        with _hooks(statistics(head)):
             _final_norm(adapter, inputs, current)
     weights = refits(head)
     d = adapter.hidden_size

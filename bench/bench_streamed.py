@@ -118,9 +118,10 @@ def _plan_line(config, tokens: int, percentage: float) -> str:
     mib = {s: 1024 * hidden_pruning_peak(shape, tokens, percentage, s, dtype_bytes=4) for s in (False, True)}
     return (
         f"The memory plan's arithmetic (bench/memory_plan.py, float32, {tokens:,} tokens) for this shape: "
-        f'{mib[False]:.0f} MB in memory, {mib[True]:.0f} MB streamed; it leaves out what "peak - before" '
-        "also holds: one calibration batch's forward (in memory with its logits, 4 x 256 x vocabulary "
-        "floats), the allocator's free lists and the checkpoint reader's buffers."
+        f'{mib[False]:.0f} MB in memory, {mib[True]:.0f} MB streamed. It counts live tensors; "peak - before" '
+        "also holds one calibration batch's forward (in memory with its logits, 4 x 256 x vocabulary floats) "
+        "and what the C allocator keeps after tensors are freed (RSS is the allocator's high-water mark; "
+        "streamed, every block is allocated and freed again)."
     )
 
 

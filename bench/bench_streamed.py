@@ -21,6 +21,7 @@ and WikiText-2 test perplexity is measured on each. Asserts nothing.
 
     python bench/bench_streamed.py --threads 2        # ~5 min on 2 cores
     python bench/bench_streamed.py --threads 1 --pruning-type HIDDEN --percentage 10 [--untie]
+        [--malloc-mmap-threshold 131072]  # RSS closer to live memory (glibc keeps freed blocks otherwise)
 """
 
 from __future__ import annotations
@@ -132,6 +133,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--pruning-type", choices=("MLP", "HIDDEN"), default="MLP")
     parser.add_argument("--untie", action="store_true", help="prune a copy with an untied LM head")
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        help="run the pruning processes with glibc's MALLOC_MMAP_THRESHOLD_ set to this many bytes",
+    )
     parser.add_argument("--child", nargs=3, metavar=("MODE", "SOURCE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -152,6 +158,10 @@ def main() -> None:
     )
     if hidden:
         title += f", {'untied' if args.untie else 'the model as saved (demo: tied)'} LM head"
+    allocator = os.environ.copy()
+    if args.malloc_mmap_threshold:
+        title += f", glibc mmap threshold {args.malloc_mmap_threshold:,} bytes"
+        allocator["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     report = Report("streamed-hidden" if hidden else "streamed", title, args.out, section=hidden)
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,7 +188,7 @@ def main() -> None:
                     "--pruning-type",
                     args.pruning_type,
                 ]
-                done = subprocess.run(command, capture_output=True, text=True, check=True)
+                done = subprocess.run(command, capture_output=True, text=True, check=True, env=allocator)
                 runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(mode, runs[mode][-1], flush=True)
         models = {
@@ -202,7 +212,13 @@ def main() -> None:
         f"Source `{origin}`{' (an untied copy)' if args.untie else ''} ({sum(p.numel() for p in base.parameters()):,} parameters, float32, "
         f"{base.config.num_hidden_layers} blocks); {setting} on "
         f"{args.samples} x 256 tokens of WikiText-2 valid; {args.repeats} runs of each mode, alternating, one "
-        f"fresh process each, torch threads {args.threads or 'default'}."
+        f"fresh process each, torch threads {args.threads or 'default'}"
+        + (
+            f"; children run with MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold} (larger allocations get "
+            "their own mapping and go back to the system when freed, so RSS follows live memory)."
+            if args.malloc_mmap_threshold
+            else "; glibc's default allocator."
+        )
     )
     report.table(
         [

@@ -215,25 +215,48 @@ def _solve(m: Shape, out: int, kept: int) -> int:
     return 8 * min(out, REFIT_ROWS) * (m.hidden + 3 * kept)
 
 
+HIDDEN_PHASES = ("in memory", "streamed, blocks", "streamed, lm_head")
+
+
+def hidden_memory_terms(
+    m: Shape, tokens: int, percentage: float, phase: str, dtype_bytes: int = 2
+) -> dict[str, int]:
+    """Bytes resident at once in one phase of hidden-axis pruning with the refit (``HIDDEN_PHASES``):
+    weights, hidden states, refit statistics, refit results and the solve's temporaries. Weights, results
+    kept in the weights' dtype and hidden states take ``dtype_bytes`` (2: bf16, 4: float32)."""
+    h = m.hidden
+    streamed = phase != "in memory"
+    stats, layer_refit, head_refit, kept = _hidden_terms(m, percentage, dtype_bytes if streamed else 8)
+    outer = dtype_bytes * (m.vocab * h * (1 if m.tied else 2) + h)
+    if phase == "in memory":
+        readers = 2 * m.layers + (0 if m.tied else 1)
+        return {
+            "weights": dtype_bytes * parameters(m),
+            "hidden states": 0,  # one batch at a time
+            "refit statistics": readers * stats,
+            "refit results": m.layers * layer_refit + head_refit,
+            "solve temporaries": _solve(m, m.intermediate if m.tied else m.vocab, kept),
+        }
+    if phase == "streamed, lm_head" and m.tied:
+        return {}
+    head = phase == "streamed, lm_head"
+    return {
+        "weights": outer + (0 if head else dtype_bytes * (layer_weights(m) + 2 * h)),
+        "hidden states": 2 * tokens * h * dtype_bytes,
+        "refit statistics": stats if head else 2 * stats,
+        "refit results": head_refit if head else layer_refit,
+        "solve temporaries": _solve(m, m.vocab if head else m.intermediate, kept),
+    }
+
+
 def hidden_streamed_phases(
     m: Shape, tokens: int, percentage: float, dtype_bytes: int = 2
 ) -> dict[str, float]:
-    """GiB of the two peaks of streamed hidden-axis pruning: the blocks' phase and the lm_head's (0 if
-    tied); weights, refit results and hidden states in ``dtype_bytes`` (2: bf16, 4: float32)."""
-    h = m.hidden
-    stats, layer_refit, head_refit, kept = _hidden_terms(m, percentage, result_bytes=dtype_bytes)
-    outer = dtype_bytes * (m.vocab * h * (1 if m.tied else 2) + h)
-    buffer = 2 * tokens * h * dtype_bytes
-    block = (
-        outer
-        + dtype_bytes * (layer_weights(m) + 2 * h)
-        + buffer
-        + 2 * stats
-        + layer_refit
-        + _solve(m, m.intermediate, kept)
-    )
-    head = 0 if m.tied else outer + buffer + stats + _solve(m, m.vocab, kept) + head_refit
-    return {"blocks": block / GIB, "lm_head": head / GIB}
+    """GiB of the two peaks of streamed hidden-axis pruning: the blocks' phase and the lm_head's (0 if tied)."""
+    return {
+        key: sum(hidden_memory_terms(m, tokens, percentage, f"streamed, {key}", dtype_bytes).values()) / GIB
+        for key in ("blocks", "lm_head")
+    }
 
 
 def hidden_pruning_peak(
@@ -243,11 +266,7 @@ def hidden_pruning_peak(
     see the docstring)."""
     if streamed:
         return max(hidden_streamed_phases(m, tokens, percentage, dtype_bytes).values())
-    stats, layer_refit, head_refit, kept = _hidden_terms(m, percentage, result_bytes=8)
-    readers = 2 * m.layers + (0 if m.tied else 1)
-    last = _solve(m, m.intermediate if m.tied else m.vocab, kept)
-    weights = dtype_bytes * parameters(m)
-    return (weights + readers * stats + m.layers * layer_refit + head_refit + last) / GIB
+    return sum(hidden_memory_terms(m, tokens, percentage, "in memory", dtype_bytes).values()) / GIB
 
 
 def activations(m: Shape, batch: int, seq: int, logit_bytes: int, checkpointing: bool = True) -> float:
@@ -391,11 +410,26 @@ def report(batch: int, seq: int, r: int, tokens: int) -> str:
             rows.append([f"-{p:g}% (kept {kept})", label, *cells])
     out += _table(["hidden size", "mode", *names], rows)
     phases = {k: hidden_streamed_phases(MODELS[k], tokens, HIDDEN_PERCENTAGES[0]) for k in names}
+    terms = {
+        phase: hidden_memory_terms(MODELS["8B"], tokens, HIDDEN_PERCENTAGES[0], phase)
+        for phase in HIDDEN_PHASES
+    }
+    out += [
+        "",
+        f"What is resident at once for 8B at -{HIDDEN_PERCENTAGES[0]:g}% (GiB, bf16 weights):",
+        "",
+    ]
+    labels = list(terms["in memory"])
+    rows = [[label] + [f"{terms[p][label] / GIB:.2f}" for p in HIDDEN_PHASES] for label in labels]
+    rows.append(["total"] + [f"{sum(terms[p].values()) / GIB:.1f}" for p in HIDDEN_PHASES])
+    out += _table(["", *HIDDEN_PHASES], rows)
+    weights_line = ", ".join(f"{k} {2 * parameters(MODELS[k]) / GIB:.1f}" for k in names)
     head_phase = ", ".join(f"{k} {phases[k]['lm_head']:.1f}" for k in names if not MODELS[k].tied)
     out += [
         "",
         "In memory, the refit's statistics of every norm and the refit weights of every layer (float64) are"
-        " resident together with the model, and outweigh it from 8B on. Streamed, one block's statistics and"
+        f" resident together with the model and outweigh its weights ({weights_line} GiB in bf16)."
+        " Streamed, one block's statistics and"
         f" refit are resident; the lm_head's phase needs {head_phase} GiB at -{HIDDEN_PERCENTAGES[0]:g}%."
         " Measured on the demo model: docs/benchmarks/streamed-hidden.md.",
         "",

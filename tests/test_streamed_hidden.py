@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from test_streamed import IDS, _batches, _source
 from transformers import AutoModelForCausalLM
 
@@ -151,3 +152,20 @@ def test_cli_streamed_hidden_prune_equals_the_cli_in_memory_hidden_prune(tmp_pat
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "memory", dtype=torch.float32).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert a["model.embed_tokens.weight"].shape == (104, 48)
+
+
+def test_a_bfloat16_checkpoint_streams_to_the_same_model_as_in_memory(tmp_path):
+    # the streamed refit is stored in bfloat16 as it is solved; in memory it is cast when written
+    folder = tmp_path / "source"
+    make_tiny_model("llama").to(torch.bfloat16).save_pretrained(folder)
+    options = dict(pruning_percentage=25, neuron_selection_method="activation")
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    prune_model(reference, "HIDDEN", dataloader=_batches(), reconstruct=True, show_progress=False, **options)
+    out = prune_checkpoint(
+        folder, tmp_path / "streamed", _batches(), pruning_type="HIDDEN", show_progress=False, **options
+    )
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    expected, got = reference.state_dict(), reloaded.state_dict()
+    assert got["lm_head.weight"].dtype == torch.bfloat16 and got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -249,3 +255,22 @@ def test_lora_model_gets_the_fairness_gradient_on_its_adapters_only(tmp_path, to
     assert len(added) == len([p for p in model.parameters() if p.requires_grad])
     assert any(g.abs().max() > 0 for g in added)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+@pytest.mark.slow
+def test_under_ddp_every_rank_adds_the_whole_batch_gradient(tmp_path):
+    """Two processes (torchrun, gloo): each scores its share of the batch, the all-reduced sum equals the
+    whole batch's gradient on every rank, and the ranks' weights stay identical."""
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(port), str(root / "tests" / "ddp_fair_loss_entry.py"), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert all(r["world"] == 2 and r["steps"] == 2 for r in ranks)
+    assert all(r["max_error"] < 1e-5 for r in ranks), ranks
+    assert ranks[0]["digest"] == ranks[1]["digest"]

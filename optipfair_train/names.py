@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "FAIRNESS_LOSS_OBJECTIVES",
     "BUDGET_AXES",
     "parse_shares",
     "DTYPES",
@@ -112,3 +113,8 @@ def parse_shares(shares: Mapping[str, float] | str) -> dict[str, float]:
     if abs(total - 1) > 1e-6:
         raise ValueError(f"The shares must sum to 1, got {total:g} ({dict(shares)}).")
     return {k: float(v) for k, v in shares.items() if v > 0}
+
+
+#: What the healing-time fairness loss pushes to zero (:mod:`optipfair_train.heal.fair_loss`): each item's
+#: stereotype-minus-anti-stereotype gap, or the step batch's mean gap.
+FAIRNESS_LOSS_OBJECTIVES = ("items", "mean")

@@ -54,6 +54,10 @@ BAD = {
     "fairness_loss_weight=-1": ({"fairness_loss_weight": -1.0}, "fairness_loss_weight must be >= 0"),
     "fairness_loss_weight=nan": ({"fairness_loss_weight": float("nan")}, "fairness_loss_weight must be a finite"),
     "fairness_loss_items=0": ({"fairness_loss_items": 0}, "fairness_loss_items must be at least 1, got 0"),
+    "fairness_loss_objective=sum": (
+        {"fairness_loss_objective": "sum"},
+        "fairness_loss_objective must be one of items, mean, got 'sum'",
+    ),
     "fairness_loss_batch=0": ({"fairness_loss_batch": 0}, "fairness_loss_batch must be at least 1, got 0"),
     "no stereoset_data": ({"stereoset_data": ""}, "fairness_loss_weight > 0 trains on StereoSet build items: set stereoset_data"),
     "heal_method none": ({"heal_method": "none"}, "fairness_loss_weight > 0 acts during healing"),

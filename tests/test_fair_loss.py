@@ -95,6 +95,8 @@ def test_loss_equals_a_hand_computed_value(tokenizer):
     d = preference_gaps(model, tokenizer, ITEMS)
     assert d.tolist() == pytest.approx(gaps, abs=1e-6)  # the model computes in float32
     assert fairness_loss(model, tokenizer, ITEMS).item() == pytest.approx(expected, rel=1e-4)
+    mean = sum(gaps) / len(gaps)
+    assert fairness_loss(model, tokenizer, ITEMS, objective="mean").item() == pytest.approx(mean**2, rel=1e-4)
     assert min(abs(g) for g in gaps) > 1e-3  # the items are not trivially indifferent
 
 
@@ -102,14 +104,21 @@ def test_shards_of_a_batch_add_up_to_the_batch_gradient(tokenizer):
     """What each DDP rank computes on its share (items rank::world) sums to the whole batch's gradient."""
     model = make_tiny_model("llama")
     params = [p for p in model.parameters() if p.requires_grad]
-    full, squares, gaps = fairness_gradients(model, tokenizer, ITEMS, params, len(ITEMS))
-    shards = [fairness_gradients(model, tokenizer, ITEMS[r::2], params, len(ITEMS)) for r in range(2)]
-    for g, a, b in zip(full, shards[0][0], shards[1][0], strict=True):
-        torch.testing.assert_close(a + b, g, rtol=1e-5, atol=1e-7)
-    assert shards[0][1] + shards[1][1] == pytest.approx(squares)
+    for objective in ("items", "mean"):
+        full, (squares, gaps, signed) = fairness_gradients(
+            model, tokenizer, ITEMS, params, len(ITEMS), objective
+        )
+        shards = [
+            fairness_gradients(model, tokenizer, ITEMS[r::2], params, len(ITEMS), objective) for r in range(2)
+        ]
+        for g, a, b in zip(full, shards[0][0], shards[1][0], strict=True):
+            torch.testing.assert_close(a + b, g, rtol=1e-5, atol=1e-7)
+        summed = [x + y for x, y in zip(shards[0][1], shards[1][1], strict=True)]
+        assert summed == pytest.approx([squares, gaps, signed])
     with torch.no_grad():
         d = preference_gaps(model.eval(), tokenizer, ITEMS)
     assert squares == pytest.approx(float(d.pow(2).sum())) and gaps == pytest.approx(float(d.abs().sum()))
+    assert signed == pytest.approx(float(d.sum()))
 
 
 def test_item_cycle_is_a_function_of_the_step_and_covers_every_item_each_pass():
@@ -131,16 +140,15 @@ def test_item_cycle_is_a_function_of_the_step_and_covers_every_item_each_pass():
         (dict(batch_size=0), "batch_size must be an integer >= 1"),
         (dict(items=[]), "needs StereoSet items"),
         (dict(items=["The nurse is she."]), "must be StereoSetItem objects"),
+        (dict(objective="sum"), "objective must be one of items, mean, got 'sum'"),
     ],
 )
 def test_bad_settings_are_refused_before_training(tokenizer, kwargs, message):
-    settings = dict(items=ITEMS, weight=1.0, batch_size=2) | kwargs
+    settings = dict(items=ITEMS, weight=1.0, batch_size=2, objective="items") | kwargs
     with pytest.raises(ValueError, match=message):
-        FairnessLossCallback(
-            settings["items"], tokenizer, weight=settings["weight"], batch_size=settings["batch_size"]
-        )
+        FairnessLossCallback(settings.pop("items"), tokenizer, **settings)
     with pytest.raises(ValueError, match=message):
-        check_fairness_loss_settings(settings["weight"], settings["items"], settings["batch_size"])
+        check_fairness_loss_settings(**(settings | {"items": kwargs.get("items", ITEMS)}))
 
 
 class _GradSpy(TrainerCallback):
@@ -167,11 +175,16 @@ def _trainer(tmp_path, tokenizer, model, callbacks, **args):
     )
 
 
-def test_callback_adds_weight_times_the_loss_gradient_and_the_optimizer_uses_it(tmp_path, tokenizer):
+@pytest.mark.parametrize("objective", ["items", "mean"])
+def test_callback_adds_weight_times_the_loss_gradient_and_the_optimizer_uses_it(
+    tmp_path, tokenizer, objective
+):
     weight, lr = 2.5, 0.05
     model = make_tiny_model("llama")
     before, after = _GradSpy(), _GradSpy()
-    callback = FairnessLossCallback(ITEMS, tokenizer, weight=weight, batch_size=4, seed=1)
+    callback = FairnessLossCallback(
+        ITEMS, tokenizer, weight=weight, batch_size=4, seed=1, objective=objective
+    )
     trainer = _trainer(
         tmp_path, tokenizer, model, [before, callback, after],
         optim="sgd", learning_rate=lr, lr_scheduler_type="constant", max_grad_norm=0.0,
@@ -183,7 +196,7 @@ def test_callback_adds_weight_times_the_loss_gradient_and_the_optimizer_uses_it(
         for p, value in zip(reference.parameters(), before.params[0], strict=True):
             p.copy_(value)
     reference.eval()
-    fairness_loss(reference, tokenizer, ItemCycle(ITEMS, 4, 1).batch(0)).backward()
+    fairness_loss(reference, tokenizer, ItemCycle(ITEMS, 4, 1).batch(0), objective).backward()
     manual = [p.grad for p in reference.parameters()]
     for g0, g1, m in zip(before.grads[0], after.grads[0], manual, strict=True):
         torch.testing.assert_close(g1 - g0, weight * m, rtol=1e-4, atol=1e-6)
@@ -193,8 +206,10 @@ def test_callback_adds_weight_times_the_loss_gradient_and_the_optimizer_uses_it(
     logged = [entry for entry in trainer.state.log_history if "fairness_loss" in entry]
     with torch.no_grad():
         d = preference_gaps(reference, tokenizer, ItemCycle(ITEMS, 4, 1).batch(0))
-    assert logged and logged[0]["fairness_loss"] == pytest.approx(float(d.pow(2).mean()), rel=1e-4)
+    loss = d.pow(2).mean() if objective == "items" else d.mean().pow(2)
+    assert logged and logged[0]["fairness_loss"] == pytest.approx(float(loss), rel=1e-4)
     assert logged[0]["fairness_gap"] == pytest.approx(float(d.abs().mean()), rel=1e-4)
+    assert logged[0]["fairness_mean_gap"] == pytest.approx(float(d.mean()), rel=1e-4)
 
 
 def _mean_gap(model, tokenizer) -> float:

@@ -2,7 +2,7 @@
 
 At every optimizer step it scores a batch of StereoSet **build** items
 (:mod:`optipfair_train.heal.fair_loss`: ``d`` = stereotype minus anti-stereotype mean token log-prob,
-loss ``mean(d ** 2)``) and adds ``weight`` times that loss's gradient to the ``.grad`` of every
+loss ``mean(d ** 2)``, or ``mean(d) ** 2`` with ``objective="mean"``) and adds ``weight`` times that loss's gradient to the ``.grad`` of every
 trainable parameter in ``on_pre_optimizer_step``. Transformers calls that hook after gradient clipping
 and right before ``optimizer.step()``, so the optimizer minimises ``training loss + weight * fairness
 loss`` for any Trainer or TRL trainer, LoRA or full-parameter, distillation included; the fairness term
@@ -17,8 +17,9 @@ gradients are summed over ranks with ``all_reduce`` (each share is already divid
 size) and every rank adds the same batch-mean gradient. FSDP and DeepSpeed, which shard parameters or
 own their gradients, are refused at train begin.
 
-Logged through the Trainer whenever it logs its loss: ``fairness_loss`` (mean ``d ** 2`` since the last
-log) and ``fairness_gap`` (mean ``|d|``, nats).
+Logged through the Trainer whenever it logs its loss: ``fairness_loss`` (the loss, averaged over the
+steps since the last log), ``fairness_gap`` (mean ``|d|``, nats) and ``fairness_mean_gap`` (mean ``d``:
+positive while the stereotype is preferred on average).
 
 Example:
     >>> build, held_out = split_items(load_stereoset("default"), seed=0)  # doctest: +SKIP
@@ -66,6 +67,8 @@ class FairnessLossCallback(ReportingCallback):
         weight: the loss's weight (>= 0; 0 adds nothing and scores nothing).
         batch_size: items per optimizer step (>= 1), cycled deterministically under ``seed``.
         seed: the order in which items are cycled.
+        objective: ``"items"`` (``mean(d ** 2)``) or ``"mean"`` (``mean(d) ** 2`` over the step's batch; see
+            :data:`~optipfair_train.heal.fair_loss.OBJECTIVES`).
         trainer: for logging through every ``report_to`` backend (see :mod:`.base`).
 
     Raises:
@@ -84,12 +87,14 @@ class FairnessLossCallback(ReportingCallback):
         batch_size: int = 8,
         seed: int = 0,
         trainer: Any | None = None,
+        objective: str = "items",
     ):
         super().__init__(trainer)
-        check_fairness_loss_settings(weight, items, batch_size)
+        check_fairness_loss_settings(weight, items, batch_size, objective)
         self.tokenizer, self.weight, self.batch_size, self.seed = tokenizer, float(weight), batch_size, seed
+        self.objective = objective
         self.cycle = ItemCycle(items, batch_size, seed)
-        self._sums = [0.0, 0.0, 0]  # d^2, |d|, items since the last log
+        self._sums = [0.0, 0.0, 0.0, 0, 0]  # loss (per step), |d|, d, items, steps since the last log
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model=None, **kwargs):
         if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
@@ -98,7 +103,7 @@ class FairnessLossCallback(ReportingCallback):
                 "the parameters or own their gradients. Train with DDP or on one process."
             )
         _process_group(args)  # refuse an unsynchronisable multi-process run before the first step
-        self._sums = [0.0, 0.0, 0]
+        self._sums = [0.0, 0.0, 0.0, 0, 0]
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model=None, **kwargs):
         if self.weight == 0 or model is None:
@@ -106,26 +111,37 @@ class FairnessLossCallback(ReportingCallback):
         rank, world = _process_group(args)
         batch = self.cycle.batch(state.global_step)
         params = [p for p in model.parameters() if p.requires_grad]
-        grads, squares, gaps = fairness_gradients(
-            model, self.tokenizer, batch[rank::world], params, batch_items=len(batch)
+        n = len(batch)
+        grads, sums = fairness_gradients(
+            model, self.tokenizer, batch[rank::world], params, batch_items=n, objective=self.objective
         )
-        if world > 1:  # each rank holds its share of the batch mean: their sum is the batch mean
+        if world > 1:  # each rank holds its share of the batch's sums: their sum is the batch's
             for g in grads:
                 torch.distributed.all_reduce(g)
-            totals = torch.tensor([squares, gaps], dtype=torch.float64, device=grads[0].device)
+            totals = torch.tensor(sums, dtype=torch.float64, device=grads[0].device)
             torch.distributed.all_reduce(totals)
-            squares, gaps = totals.tolist()
+            sums = totals.tolist()
+        squares, gaps, signed = sums
+        # "mean": grads hold d/dθ mean(d); the gradient of mean(d) ** 2 is 2 mean(d) times it
+        scale = self.weight * (1.0 if self.objective == "items" else 2 * signed / n)
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
                 if p.grad is None:
-                    p.grad = g.mul_(self.weight)
+                    p.grad = g.mul_(scale)
                 else:
-                    p.grad.add_(g, alpha=self.weight)
-        self._sums = [self._sums[0] + squares, self._sums[1] + gaps, self._sums[2] + len(batch)]
+                    p.grad.add_(g, alpha=scale)
+        loss = squares / n if self.objective == "items" else (signed / n) ** 2
+        s = self._sums
+        self._sums = [s[0] + loss, s[1] + gaps, s[2] + signed, s[3] + n, s[4] + 1]
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs):
         # DefaultFlowCallback (first in the list) has decided whether the Trainer logs at this step
-        if getattr(control, "should_log", False) and self._sums[2]:
-            squares, gaps, n = self._sums
-            self.log_scalars(args, state, {"fairness_loss": squares / n, "fairness_gap": gaps / n})
-            self._sums = [0.0, 0.0, 0]
+        if getattr(control, "should_log", False) and self._sums[4]:
+            loss, gaps, signed, n, steps = self._sums
+            scalars = {
+                "fairness_loss": loss / steps,
+                "fairness_gap": gaps / n,
+                "fairness_mean_gap": signed / n,
+            }
+            self.log_scalars(args, state, scalars)
+            self._sums = [0.0, 0.0, 0.0, 0, 0]

@@ -34,8 +34,10 @@ from torch import nn
 from ..bias.stereoset import item_sequences, padded_options, scored_log_probs
 from ..bias.stereoset_data import StereoSetItem
 from ..bias.tokens import pad_token_id
+from ..names import FAIRNESS_LOSS_OBJECTIVES
 
 __all__ = [
+    "OBJECTIVES",
     "check_fairness_loss_settings",
     "preference_gaps",
     "fairness_loss",
@@ -46,7 +48,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def check_fairness_loss_settings(weight: float, items: Sequence[StereoSetItem], batch_size: int) -> None:
+#: What the loss pushes toward zero. ``items``: every item's gap (``mean(d ** 2)``), which is mostly
+#: item-specific variance; ``mean``: the batch's mean gap (``mean(d) ** 2``), the systematic preference
+#: that SS counts, the part a held-out item shares with the build items.
+OBJECTIVES = FAIRNESS_LOSS_OBJECTIVES
+
+
+def check_fairness_loss_settings(
+    weight: float, items: Sequence[StereoSetItem], batch_size: int, objective: str = "items"
+) -> None:
     """Refuse settings the fairness loss cannot use, naming the setting and what is accepted.
 
     Raises:
@@ -66,6 +76,10 @@ def check_fairness_loss_settings(weight: float, items: Sequence[StereoSetItem], 
         or weight < 0
     ):
         raise ValueError(f"fairness loss weight must be a finite number >= 0 (0 = off), got {weight!r}.")
+    if objective not in OBJECTIVES:
+        raise ValueError(
+            f"fairness loss objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}."
+        )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"fairness loss batch_size must be an integer >= 1, got {batch_size!r}.")
     if len(items) == 0:
@@ -97,14 +111,18 @@ def preference_gaps(model: nn.Module, tokenizer, items: Sequence[StereoSetItem])
     return mean[:, 0] - mean[:, 1]
 
 
-def fairness_loss(model: nn.Module, tokenizer, items: Sequence[StereoSetItem]) -> torch.Tensor:
-    """``mean(d ** 2)`` over ``items`` (:func:`preference_gaps`): zero when the model is indifferent
-    between every item's stereotype and anti-stereotype sentence.
+def fairness_loss(
+    model: nn.Module, tokenizer, items: Sequence[StereoSetItem], objective: str = "items"
+) -> torch.Tensor:
+    """The fairness loss over ``items`` (:func:`preference_gaps`): ``objective="items"``, ``mean(d ** 2)``,
+    zero when the model is indifferent on every item; ``"mean"``, ``mean(d) ** 2``, zero when the
+    stereotype and anti-stereotype preferences cancel over the batch (see :data:`OBJECTIVES`).
 
     Example:
         >>> fairness_loss(model, tokenizer, build[:8]).backward()  # doctest: +SKIP
     """
-    return preference_gaps(model, tokenizer, items).pow(2).mean()
+    d = preference_gaps(model, tokenizer, items)
+    return d.pow(2).mean() if objective == "items" else d.mean().pow(2)
 
 
 def fairness_gradients(
@@ -113,32 +131,35 @@ def fairness_gradients(
     items: Sequence[StereoSetItem],
     params: Sequence[nn.Parameter],
     batch_items: int,
-) -> tuple[list[torch.Tensor], float, float]:
-    """Gradients of ``sum(d ** 2) / batch_items`` over ``items`` with respect to ``params`` (zeros when
-    ``items`` is empty), with the sums of ``d ** 2`` and ``|d|``. The model runs in eval mode (no
-    dropout: the probe's scores) and its mode is restored; nothing is written to ``.grad``.
+    objective: str = "items",
+) -> tuple[list[torch.Tensor], list[float]]:
+    """Gradients with respect to ``params`` of ``sum(d ** 2) / batch_items`` (``objective="items"``) or
+    of ``sum(d) / batch_items`` (``"mean"``: the caller multiplies by ``2 * mean(d)`` once every share's
+    sum is known, which makes it the gradient of ``mean(d) ** 2``), over ``items`` (zeros when empty),
+    with the sums of ``d ** 2``, ``|d|`` and ``d``. The model runs in eval mode (no dropout: the probe's
+    scores) and its mode is restored; nothing is written to ``.grad``.
 
     Dividing by the whole batch's size, not this share's, lets processes that each score a shard of
-    one batch add their results into the batch's mean (the callback all-reduces them).
+    one batch add their results into the batch's (the callback all-reduces them).
 
     Example:
         >>> params = [p for p in model.parameters() if p.requires_grad]  # doctest: +SKIP
-        >>> grads, sq, ab = fairness_gradients(model, tokenizer, build[:8], params, 8)  # doctest: +SKIP
+        >>> grads, (sq, ab, sd) = fairness_gradients(model, tokenizer, build[:8], params, 8)  # doctest: +SKIP
     """
     if not items:
-        return [torch.zeros_like(p) for p in params], 0.0, 0.0
+        return [torch.zeros_like(p) for p in params], [0.0, 0.0, 0.0]
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
             d = preference_gaps(model, tokenizer, items)
-            loss = d.pow(2).sum() / batch_items
+            loss = (d.pow(2) if objective == "items" else d).sum() / batch_items
             grads = torch.autograd.grad(loss, list(params), allow_unused=True)
     finally:
         model.train(was_training)
     out = [torch.zeros_like(p) if g is None else g.to(p.dtype) for p, g in zip(params, grads, strict=True)]
     d = d.detach()
-    return out, float(d.pow(2).sum()), float(d.abs().sum())
+    return out, [float(d.pow(2).sum()), float(d.abs().sum()), float(d.sum())]
 
 
 class ItemCycle:

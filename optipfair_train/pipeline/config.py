@@ -207,6 +207,11 @@ class HealConfig:
     )
     fairness_loss_items: int = _help("StereoSet build items the fairness loss cycles through", 1000)
     fairness_loss_batch: int = _help("StereoSet build items scored per healing step by the fairness loss", 8)
+    fairness_loss_objective: str = _help(
+        "what the fairness loss pushes to zero: 'items' (each item's gap, mean(d^2)) or 'mean' (the step "
+        "batch's mean gap, mean(d)^2: the systematic preference SS counts)",
+        "items",
+    )
     counterfactual_augmentation: bool = _help(
         "add the gender swap of every healing text that names a gender (he <-> she, names, ...), at the "
         "same number of healing sequences; plain-text heal_data with lora/kd/kd_lora only",

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from typing import Any
 
-from ..names import DTYPES, LAYER_SELECTION_METHODS
+from ..names import DTYPES, FAIRNESS_LOSS_OBJECTIVES, LAYER_SELECTION_METHODS
 from .config import HEAL_METHODS, LORA_METHODS, TEACHER_TEXT, PipelineConfig, PruningConfig, fairness_heads
 
 __all__ = ["validate"]
@@ -55,6 +55,11 @@ def _check_fairness_loss(config: PipelineConfig) -> None:
     if h.fairness_loss_weight < 0:
         raise ValueError(f"fairness_loss_weight must be >= 0 (0 = off), got {h.fairness_loss_weight}.")
     _check_positive(h, ("fairness_loss_items", "fairness_loss_batch"))
+    if h.fairness_loss_objective not in FAIRNESS_LOSS_OBJECTIVES:
+        raise ValueError(
+            f"fairness_loss_objective must be one of {', '.join(FAIRNESS_LOSS_OBJECTIVES)}, got "
+            f"{h.fairness_loss_objective!r}."
+        )
     if h.fairness_loss_weight > 0 and not d.stereoset_data:
         raise ValueError(
             "fairness_loss_weight > 0 trains on StereoSet build items: set stereoset_data (e.g. 'default')."

@@ -249,6 +249,7 @@ def heal(
             weight=h.fairness_loss_weight,
             batch_size=h.fairness_loss_batch,
             seed=run.seed,
+            objective=h.fairness_loss_objective,
         ).attach(trainer)
     checkpoint = last_complete_checkpoint(round_dir / "heal")
     distributed = PartialState()

@@ -1,6 +1,6 @@
 """A Trainer with FairnessLossCallback under DDP (torchrun, gloo, CPU): what each rank's callback adds.
 
-Usage: ``python -m torch.distributed.run --nproc_per_node 2 ddp_fair_loss_entry.py OUT``. Each rank
+Usage: ``python -m torch.distributed.run --nproc_per_node 2 ddp_fair_loss_entry.py OUT OBJECTIVE``. Each rank
 records, at every step, the gradient the callback added and the gradient of the whole step batch's
 fairness loss computed locally on the step's starting weights (they must be equal: the ranks' shares
 were all-reduced), and at the end a digest of its weights (equal on every rank). Writes OUT/rank-R.json.
@@ -39,11 +39,13 @@ class Spy(TrainerCallback):
         self.weights.append([p.detach().clone() for p in model.parameters()])
 
 
-def main(out: Path) -> None:
+def main(out: Path, objective: str) -> None:
     tokenizer = make_char_tokenizer()
     model = make_tiny_model("llama")
     before, after = Spy(), Spy()
-    callback = FairnessLossCallback(ITEMS, tokenizer, weight=WEIGHT, batch_size=BATCH, seed=SEED)
+    callback = FairnessLossCallback(
+        ITEMS, tokenizer, weight=WEIGHT, batch_size=BATCH, seed=SEED, objective=objective
+    )
     trainer = Trainer(
         model=model,
         args=training_args(out / "run", max_steps=2, per_device_train_batch_size=1),
@@ -58,7 +60,7 @@ def main(out: Path) -> None:
         with torch.no_grad():
             for p, w in zip(reference.parameters(), weights, strict=True):
                 p.copy_(w)
-        fairness_loss(reference, tokenizer, ItemCycle(ITEMS, BATCH, SEED).batch(step)).backward()
+        fairness_loss(reference, tokenizer, ItemCycle(ITEMS, BATCH, SEED).batch(step), objective).backward()
         for g0, g1, p in zip(g0s, g1s, reference.parameters(), strict=True):
             errors.append(float((g1 - g0 - WEIGHT * p.grad).abs().max()))
     digest = hashlib.sha256()
@@ -70,4 +72,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -273,7 +273,8 @@ def test_lora_model_gets_the_fairness_gradient_on_its_adapters_only(tmp_path, to
 
 
 @pytest.mark.slow
-def test_under_ddp_every_rank_adds_the_whole_batch_gradient(tmp_path):
+@pytest.mark.parametrize("objective", ["items", "mean"])
+def test_under_ddp_every_rank_adds_the_whole_batch_gradient(tmp_path, objective):
     """Two processes (torchrun, gloo): each scores its share of the batch, the all-reduced sum equals the
     whole batch's gradient on every rank, and the ranks' weights stay identical."""
     root = Path(__file__).resolve().parents[1]
@@ -281,7 +282,7 @@ def test_under_ddp_every_rank_adds_the_whole_batch_gradient(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(port), str(root / "tests" / "ddp_fair_loss_entry.py"), str(tmp_path)]  # fmt: skip
+               str(port), str(root / "tests" / "ddp_fair_loss_entry.py"), str(tmp_path), objective]  # fmt: skip
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

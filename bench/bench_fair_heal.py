@@ -23,8 +23,13 @@ gender SS toward 50 by >= 5; no bias type away from 50 beyond its interval; LMS 
 within 3%; zero-shot change inside its paired interval (the interval contains 0).
 
 Usage:
-    python bench/bench_fair_heal.py --quick --threads 1     # smoke run (tiny budgets), ~2 min
-    python bench/bench_fair_heal.py --threads 2             # the full comparison (estimate in the report)
+    python bench/bench_fair_heal.py --quick --threads 1     # smoke run (tiny budgets), ~4 min
+    python bench/bench_fair_heal.py --threads 2             # 7 models, whole held-out half: ~60 min (estimate)
+    python bench/bench_fair_heal.py --threads 2 --weights --items 1000   # 6 models, ~35 min (estimate)
+
+Time: each model's evaluation (2,116 StereoSet items, 200 zero-shot items, 200 WinoBias items, 4,096
+tokens) is the bulk; the fairness loss adds one forward and backward pass of ``--fair-batch`` items'
+two sentences to every healing step.
 
 Writes ``<out>/fair-heal.md`` and ``<out>/fair-heal.json`` (scores without per-item records).
 """

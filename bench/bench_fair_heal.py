@@ -153,13 +153,13 @@ def main() -> None:
         "--mean-weights",
         type=float,
         nargs="*",
-        default=[20.0],
+        default=[100.0],
         help="fairness_loss_weight values, objective mean",
     )
     parser.add_argument(
         "--unpruned",
-        default="mean:20",
-        help="the unpruned model's mode, OBJECTIVE:WEIGHT (default mean:20)",
+        default="mean:100",
+        help="the unpruned model's mode, OBJECTIVE:WEIGHT (default mean:100)",
     )
     parser.add_argument("--steps", type=int, default=None, help="LoRA steps per model (60; quick 2)")
     parser.add_argument("--batch", type=int, default=4, help="healing sequences of 128 tokens per step")
@@ -175,6 +175,13 @@ def main() -> None:
     parser.add_argument("--no-cda", action="store_true", help="skip counterfactual augmentation (C)")
     parser.add_argument("--no-unpruned", action="store_true", help="skip the unpruned models (D)")
     args = parser.parse_args()
+    objective, _, weight = args.unpruned.partition(":")
+    try:
+        float(weight)
+    except ValueError:
+        parser.error(f"--unpruned must be OBJECTIVE:WEIGHT, e.g. mean:100, got {args.unpruned!r}")
+    if objective not in ("items", "mean"):
+        parser.error(f"--unpruned objective must be items or mean, got {objective!r}")
     quick = args.quick
     args.steps = args.steps or (2 if quick else 60)
     args.batch = 2 if quick else args.batch
@@ -217,7 +224,6 @@ def main() -> None:
         heals += [(f"pruned + heal + {objective} loss w={w:g}", pruned, plain, w, objective) for w in weights]
     if not args.no_cda:
         heals.append(("pruned + heal on CDA text", pruned, cda, 0.0, "items"))
-    objective, weight = args.unpruned.split(":")
     if not args.no_unpruned:
         heals += [
             ("base + LoRA", teacher, plain, 0.0, "items"),

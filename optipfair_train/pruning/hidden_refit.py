@@ -43,6 +43,7 @@ from .reconstruction import (
     _lora_delta,
     check_calibration_size,
     check_damping,
+    damped_cholesky,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,6 @@ __all__ = [
     "solve_hidden_refit",
 ]
 
-# relative pivot below which G + lam I counts as singular (float64 has ~1e-16 resolution)
-_MIN_PIVOT = 1e-12
 REFIT_ROWS = 4096  # output rows solved at once (bounds the float64 temporaries of a 128k-row LM head)
 
 
@@ -143,16 +142,13 @@ def solve_hidden_refit(
         >>> solve_hidden_refit(adapter, "head", [model.lm_head], keep, sums["head"], 0.01)  # doctest: +SKIP
     """
     _all_reduce_([sums["cross"], sums["gram"]])
-    g = sums["gram"]
-    lam = damping * float(g.diagonal().mean())
-    system = g + lam * torch.eye(len(keep), dtype=torch.float64)
-    chol, info = torch.linalg.cholesky_ex(system)
-    scale = float(system.diagonal().max())
-    if info.item() != 0 or not scale > 0 or float(chol.diagonal().min()) ** 2 < _MIN_PIVOT * scale:
+    factor = damped_cholesky(sums["gram"], damping)
+    if factor is None:
         raise ValueError(
             f"{name}: the calibration Gram of the pruned norm output is singular (damping={damping}); "
             "pass a larger damping (e.g. 0.01) or more calibration tokens."
         )
+    chol, lam = factor
     # Qwen3: apply_hidden multiplies q/k outputs by sqrt(d / d') for their per-head norms
     qk_factor = math.sqrt(adapter.hidden_size / len(keep)) if adapter.family.qk_norm else 1.0
     new = []

@@ -117,6 +117,25 @@ def collect_grams(
     return grams
 
 
+def damped_cholesky(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, float] | None:
+    """Cholesky factor of ``gram + lam I`` with ``lam = damping * mean(diag(gram))``, and ``lam``; None when
+    the system is singular or too ill-conditioned to solve (a pivot below 1e-12 of the largest diagonal).
+    The refits of the MLP/attention axes and of the hidden axis share it.
+
+    Example:
+        >>> chol, lam = damped_cholesky(torch.eye(2, dtype=torch.float64), 0.01)
+        >>> round(lam, 3), chol.shape
+        (0.01, torch.Size([2, 2]))
+    """
+    lam = damping * float(gram.diagonal().mean())
+    system = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype)
+    chol, info = torch.linalg.cholesky_ex(system)
+    scale = float(system.diagonal().max())
+    if info.item() != 0 or not scale > 0 or float(chol.diagonal().min()) ** 2 < _MIN_PIVOT * scale:
+        return None
+    return chol, lam
+
+
 def refit_columns(
     weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float, name: str = "layer"
 ) -> torch.Tensor:
@@ -136,16 +155,13 @@ def refit_columns(
     removed[keep] = False
     if not removed.any():
         return w.clone()
-    g_ss = gram[keep][:, keep]
-    lam = damping * float(g_ss.diagonal().mean())
-    system = g_ss + lam * torch.eye(len(keep), dtype=torch.float64)
-    chol, info = torch.linalg.cholesky_ex(system)
-    scale = float(system.diagonal().max())
-    if info.item() != 0 or not scale > 0 or float(chol.diagonal().min()) ** 2 < _MIN_PIVOT * scale:
+    factor = damped_cholesky(gram[keep][:, keep], damping)
+    if factor is None:
         raise ValueError(
             f"{name}: the calibration Gram of the kept inputs is singular or ill-conditioned "
             f"(damping={damping}); pass a larger damping (e.g. 0.01) or more calibration tokens."
         )
+    chol, _ = factor
     g_sr = gram[keep][:, removed]  # = G_RS^T
     # W' ^T = W_S^T + (G_SS + lam I)^-1 G_SR W_R^T
     correction = torch.cholesky_solve(g_sr @ w[:, removed].t(), chol)

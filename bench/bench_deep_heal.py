@@ -4,12 +4,20 @@ On the demo model: ``budget_requests(model, fraction=--fewer, shares=--shares, c
 reconstruct=True)`` (default MLP width only), scored and refit on 32 x 256 tokens the unpruned model
 writes itself (the demo's ``calibration_data: teacher``), then one healing run of the pipeline's own
 ``heal`` with ``heal_method="kd"``: every parameter of the student trains on the unpruned model's cached
-top-64 logits (temperature 2, alpha 0.9), on blocks of 128 tokens the unpruned model writes (its logits
-are recorded while it writes, so the teacher never runs during training), 4 blocks per step, AdamW at
-``--lr`` with the pipeline's schedule (warmup a tenth of the steps, cosine decay to ``--max-tokens``).
+top-64 logits (temperature 2, alpha 0.9), on blocks of 128 tokens, ``--batch`` blocks per step, AdamW at
+``--lr`` with the pipeline's schedule (warmup a tenth of the steps, cosine decay to ``--max-tokens``),
+under bfloat16 autocast with ``--bf16`` (the config's ``bf16: true``). The healing text (``--text``):
+
+* ``teacher`` (default): blocks the unpruned model writes (its logits are recorded while it writes, so
+  the teacher never runs during training), as many as the run needs;
+* ``mix``: every block of WikiText-2 valid (about 2,000 of 128 tokens) plus ``--teacher-blocks`` blocks the
+  unpruned model writes, shuffled together; the teacher's logits on the WikiText blocks are cached once
+  before training; a run longer than the text goes through it several times (epochs).
 
 Perplexity on WikiText-2 test (16 x 512 tokens, text healing never sees) and on the demo's held-out
-split (8 x 512) at 0, 16k, 32k, 64k, ... healing tokens and at the end. The points come from one run,
+split (8 x 512) at 0, 16k, 32k, 64k, ... healing tokens and at the end; zero-shot accuracy
+(``--zeroshot-items`` a task of ARC-Easy, HellaSwag, PIQA, WinoGrande, 0 = skip) of the unpruned, the
+pruned and the healed model, with paired changes. The points come from one run,
 so an early point is a model in mid-schedule (learning rate still high), not one healed with that budget.
 Healing throughput (tokens per second, measurements excluded) and the teacher's writing time are reported,
 so the cost of a longer run can be read off.
@@ -19,6 +27,7 @@ rerun with the same sizes and seed reuses it.
 
     python bench/bench_deep_heal.py --threads 2                        # 98,304 tokens: ~30 min on 2 cores
     python bench/bench_deep_heal.py --threads 2 --max-tokens 1048576   # the issue's ~1M tokens: ~3.5 h
+    python bench/bench_deep_heal.py --threads 2 --max-tokens 1048576 --text mix --bf16 --batch 8 --lr 1e-4
     python bench/bench_deep_heal.py --quick                            # 2,048 tokens, a few minutes
 
 Cost measured on 2 cores at load ~3 (``--quick --max-tokens 4096``): 153 training tokens/s (one step of
@@ -51,8 +60,9 @@ from optipfair_train.pipeline.config import HealConfig, RunConfig
 from optipfair_train.pipeline.healing import heal
 from optipfair_train.pruning import apply, plan
 from optipfair_train.pruning.budget import budget_requests, parse_shares
+from optipfair_train.zeroshot import load_tasks, zeroshot_change, zeroshot_scores
 
-SEQ_LEN, BATCH, TOP_K, TEMPERATURE, ALPHA = 128, 4, 64, 2.0, 0.9
+SEQ_LEN, TOP_K, TEMPERATURE, ALPHA = 128, 64, 2.0, 0.9
 CHECKPOINTS = [2**i * 1024 for i in range(4, 11)]  # 16k, 32k, ... 1M tokens
 
 
@@ -78,12 +88,20 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="healing tokens (98304; quick 2048)")
     parser.add_argument("--lr", type=float, default=5e-5, help="peak learning rate of the full-student KD")
     parser.add_argument("--text-cache", type=Path, default=default_cache_dir() / "bench-deep-heal")
+    parser.add_argument(
+        "--text", choices=["teacher", "mix"], default="teacher", help="healing text (teacher)"
+    )
+    parser.add_argument("--teacher-blocks", type=int, default=768, help="--text mix: teacher-written blocks")
+    parser.add_argument("--batch", type=int, default=4, help="blocks of 128 tokens per optimizer step (4)")
+    parser.add_argument("--bf16", action="store_true", help="heal under bfloat16 autocast (HealConfig.bf16)")
+    parser.add_argument("--zeroshot-items", type=int, default=0, help="items per zero-shot task (0 = skip)")
     args = parser.parse_args()
     shares = parse_shares(args.shares)
     max_tokens = args.max_tokens or (2048 if args.quick else 98304)
-    steps = max_tokens // (BATCH * SEQ_LEN)
-    if steps < 1 or not 0 < args.fewer < 1:
-        parser.error(f"--max-tokens must be >= {BATCH * SEQ_LEN} and --fewer in (0, 1)")
+    batch = args.batch
+    steps = max_tokens // (batch * SEQ_LEN)
+    if steps < 1 or not 0 < args.fewer < 1 or batch < 1 or args.teacher_blocks < 0:
+        parser.error(f"--max-tokens must be >= {batch * SEQ_LEN}, --fewer in (0, 1), --batch >= 1")
     setup(args)
     report = Report(
         "deep-heal", f"Healing a deep cut ({args.fewer:.0%} fewer parameters) by distillation", args.out
@@ -106,11 +124,30 @@ def main() -> None:
     start = time.perf_counter()
     written = sample_teacher_text(teacher, args.text_cache, 4 if args.quick else 32, 256, **text)
     calibration = list(block_dataloader(written))
-    blocks = sample_teacher_text(teacher, args.text_cache, steps * BATCH, SEQ_LEN, **text)
+    own = (
+        steps * batch
+        if args.text == "teacher"
+        else (min(4, args.teacher_blocks) if args.quick else args.teacher_blocks)
+    )
+    blocks = sample_teacher_text(teacher, args.text_cache, own, SEQ_LEN, **text) if own else None
     writing = time.perf_counter() - start
-    log(f"teacher text: {written.numel():,} calibration + {blocks.numel():,} healing tokens, {writing:.0f} s")
+    log(f"teacher text: {written.numel():,} calibration + {own * SEQ_LEN:,} healing tokens, {writing:.0f} s")
+    if args.text == "mix":  # real text beside the teacher's, shuffled once with the seed
+        wiki = tokenize_for_lm(tokenizer, work.valid_texts(args.data), seq_len=SEQ_LEN)
+        if args.quick:
+            wiki = wiki[:16]
+        blocks = wiki if blocks is None else torch.cat([blocks, wiki])
+        blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed))]
+        log(f"healing text: {len(wiki):,} WikiText-2 valid + {own:,} teacher blocks of {SEQ_LEN}")
+    zs_tasks = load_tasks(["arc_easy", "hellaswag", "piqa", "winogrande"]) if args.zeroshot_items else None
+
+    def zeroshot(model) -> dict | None:
+        if zs_tasks is None:
+            return None
+        return zeroshot_scores(model, tokenizer, zs_tasks, sample_size=args.zeroshot_items, seed=args.seed)
 
     base = measure(teacher)
+    zs = {"unpruned": zeroshot(teacher)}
     student = copy.deepcopy(teacher)
     total = count_parameters(teacher)
     start = time.perf_counter()
@@ -136,16 +173,19 @@ def main() -> None:
         partial.write_text("\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n")
 
     row(0, measure(student))
-    per_step = BATCH * SEQ_LEN
+    zs["pruned"] = zeroshot(student)
+    per_step = batch * SEQ_LEN
     at = {c // per_step for c in CHECKPOINTS if c < max_tokens} | {steps}
     curve = Curve(at, measure)
     dataset = add_example_ids(lm_dataset(blocks))
-    cache = build_teacher_cache(  # recorded while the teacher wrote: read, not recomputed
-        teacher, dataset, args.text_cache, k=TOP_K, temperature=TEMPERATURE, show_progress=False
+    start = time.perf_counter()
+    cache = build_teacher_cache(  # teacher text: recorded while the teacher wrote, read, not recomputed
+        teacher, dataset, args.text_cache, k=TOP_K, temperature=TEMPERATURE, show_progress=args.text == "mix"
     )
+    caching = time.perf_counter() - start
     config = HealConfig(
-        heal_method="kd", heal_steps=steps, learning_rate=args.lr, per_device_batch_size=BATCH,
-        kd_top_k=TOP_K, kd_temperature=TEMPERATURE, kd_alpha=ALPHA,
+        heal_method="kd", heal_steps=steps, learning_rate=args.lr, per_device_batch_size=batch,
+        kd_top_k=TOP_K, kd_temperature=TEMPERATURE, kd_alpha=ALPHA, bf16=args.bf16,
     )  # fmt: skip
     run = RunConfig(seed=args.seed, report_to="none", save_steps=steps + 1, show_progress=False)
     torch.manual_seed(args.seed)
@@ -166,25 +206,56 @@ def main() -> None:
     healing = timer.seconds
     for step, scores in curve.points:
         row(step * per_step, scores)
+    zs["healed"] = zeroshot(healed)
     throughput = tokens / healing
+    text_line = (
+        f"{batch} x {SEQ_LEN} teacher-written tokens"
+        if args.text == "teacher"
+        else f"{batch} x {SEQ_LEN} tokens drawn from {len(blocks):,} blocks ({own:,} teacher-written, the rest "
+        f"every block of WikiText-2 valid; {tokens / blocks.numel():.1f} passes), the teacher's logits on "
+        f"them cached in {caching:.0f} s"
+    )
     report.text(
         f"Model `{args.model_path}`: {total:,} parameters, perplexity {base['wikitext']:.2f} on {work.eval_tokens:,} "
         f"WikiText-2 test tokens and {base['demo']:.2f} on {demo_eval.numel():,} demo held-out tokens. Pruned by "
         f"`budget_requests(fraction={args.fewer:g}, shares={shares})` with the refit, on "
         f"{written.numel():,} tokens the unpruned model wrote: {params:,} parameters "
         f"({100 * (1 - params / total):.1f}% fewer; {widths}), in {prune_seconds:.0f} s. Healing: `heal` with "
-        f"`heal_method='kd'` (every parameter trains), {steps} steps of {BATCH} x {SEQ_LEN} teacher-written tokens "
-        f"({tokens:,} tokens), peak learning rate {args.lr:g}, warmup {max(1, steps // 10)} steps then cosine, "
+        f"`heal_method='kd'` (every parameter trains{', bf16 autocast' if args.bf16 else ''}), {steps} steps of "
+        f"{text_line} ({tokens:,} tokens), peak learning rate {args.lr:g}, warmup {max(1, steps // 10)} steps then cosine, "
         f"top-{TOP_K} cached logits, temperature {TEMPERATURE:g}, alpha {ALPHA:g}. The teacher wrote "
-        f"{written.numel() + blocks.numel():,} tokens in {writing:.0f} s (0 when reused from the cache). "
+        f"{written.numel() + own * SEQ_LEN:,} tokens in {writing:.0f} s (0 when reused from the cache). "
         f"Healing {healing:.0f} s in optimizer steps: {throughput:.0f} tokens/s, so 1,048,576 tokens "
         f"would take about {1048576 / throughput / 3600:.1f} h of training here."
     )
     report.table(["healing tokens", "WikiText-2 test", "x base", "demo held-out", "x base"], rows)
+    if zs_tasks is not None:
+        zeroshot_table(report, zs, args.zeroshot_items, args.seed)
     figure(report, points, args.fewer)
     report.write()
     (args.out / "deep-heal.partial.md").unlink(missing_ok=True)
     del healed
+
+
+def zeroshot_table(report: Report, zs: dict[str, dict], items: int, seed: int) -> None:
+    """Zero-shot accuracy of the unpruned, pruned and healed models, with the paired change vs unpruned."""
+    rows = []
+    for name, scores in zs.items():
+        mean = scores["mean"]
+        change = "-"
+        if name != "unpruned":
+            c = zeroshot_change(zs["unpruned"], scores, seed=seed)["mean"]
+            change = f"{c['acc_change']:+.1f} [{c['acc_change_ci_low']:+.1f}, {c['acc_change_ci_high']:+.1f}]"
+        tasks = " / ".join(f"{t['acc']:.1f}" for t in scores["tasks"].values())
+        rows.append(
+            [name, f"{mean['acc']:.1f} [{mean['acc_ci_low']:.1f}, {mean['acc_ci_high']:.1f}]", tasks, change]
+        )
+    report.text(
+        f"Zero-shot accuracy, {items} seeded items a task (the same items for every model), 95% bootstrap "
+        "intervals; the change is paired (same items) against the unpruned model."
+    )
+    names = " / ".join(next(iter(zs.values()))["tasks"])
+    report.table(["model", "mean accuracy", names, "change vs unpruned (points)"], rows)
 
 
 def figure(report: Report, points: list[tuple[int, float, float]], fewer: float) -> None:

@@ -199,6 +199,12 @@ class HealConfig:
         "once and reused by every round and resume; 0 = run the teacher at every step instead",
         64,
     )
+    bf16: bool = _help(
+        "train under bfloat16 autocast (weights, gradients and optimizer state stay float32; the losses are "
+        "computed in float32): faster on CPUs with AVX512-BF16 or AMX and on GPUs with bfloat16 "
+        "(docs/benchmarks/deep-heal.md measures it), slow on CPUs without them",
+        False,
+    )
     fairness_loss_weight: float = _help(
         "weight of the fairness loss added to healing (mean squared stereotype-minus-anti-stereotype "
         "log-prob gap on StereoSet build items; needs stereoset_data; the stage probes then judge the "

@@ -97,7 +97,7 @@ def training_args(
             {
                 "max_length": seq_len or DataConfig().heal_seq_len,
                 "packing": False,
-                "bf16": False,
+                "bf16": h.bf16,
                 checkpointing: False,
             },
         )
@@ -127,6 +127,7 @@ def training_args(
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",  # the tokens healing really used (card, W&B)
         use_cpu=not torch.cuda.is_available(),
+        bf16=h.bf16,
     )
 
 

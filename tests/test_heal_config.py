@@ -70,3 +70,9 @@ def test_bf16_heals_under_autocast_with_float32_weights(tmp_path):
     assert states and states[-1]["exp_avg"].dtype == torch.float32
     unset = HealConfig(heal_method="kd", heal_steps=1)
     assert not training_args(unset, tmp_path, 1e-3).bf16
+
+
+def test_bf16_reaches_the_sft_arguments_too(tmp_path):
+    for flag in (True, False):
+        args = training_args(HealConfig(heal_method="sft_lora", heal_steps=1, bf16=flag), tmp_path, 1e-3)
+        assert type(args).__name__ == "SFTConfig" and args.bf16 is flag

@@ -57,7 +57,7 @@ from .pairs import (
 )
 from .report import format_summary, stereoset_change_scalars, summary_scalars, write_json
 from .stereoset import SCORES as STEREOSET_SCORES
-from .stereoset import option_log_probs, stereoset_change, stereoset_metrics, stereoset_scores
+from .stereoset import option_log_probs, stereoset_metrics, stereoset_scores
 from .stereoset_data import (
     StereoSetItem,
     download_stereoset_wheel,
@@ -70,6 +70,7 @@ from .stereoset_data import (
     split_items,
     stereoset_wheel_path,
 )
+from .stereoset_paired import stereoset_change
 from .tokens import TokenAlignment, align_tokens, encode_texts
 from .visualize import (
     VISUALIZATION_TYPES,

@@ -55,6 +55,7 @@ __all__ = [
     "probe_activation_bias",
     "aggregate_bias_metrics",
     "bootstrap_ci",
+    "paired_change_fields",
 ]
 
 logger = logging.getLogger(__name__)
@@ -246,6 +247,36 @@ def probe_activation_bias(
     ]
     aggregate = aggregate_bias_metrics([r["metrics"] for r in results], confidence, n_bootstrap, seed)
     return {"pairs": results, "aggregate": aggregate}
+
+
+def paired_change_fields(
+    point_before: Mapping[str, np.ndarray],
+    point_after: Mapping[str, np.ndarray],
+    boot_before: Mapping[str, np.ndarray],
+    boot_after: Mapping[str, np.ndarray],
+    names: Sequence[str],
+    confidence: float,
+) -> dict[str, float]:
+    """``<name>_change`` (after - before, from the ``[1]``-shaped point values) with the percentile interval
+    ``_ci_low`` / ``_ci_high`` of the paired bootstrap differences (the same resamples for both models;
+    resamples where a score is undefined, NaN, are left out).
+
+    Example:
+        >>> one = {"ss": np.array([50.0])}
+        >>> paired_change_fields(one, {"ss": np.array([47.0])}, {"ss": np.array([50.0, 52.0])},
+        ...                      {"ss": np.array([46.0, 49.0])}, ["ss"], 0.95)["ss_change"]
+        -3.0
+    """
+    alpha = (1 - confidence) / 2
+    out: dict[str, float] = {}
+    for name in names:
+        low, high = np.nanquantile(boot_after[name] - boot_before[name], [alpha, 1 - alpha])
+        out |= {
+            f"{name}_change": float(point_after[name][0] - point_before[name][0]),
+            f"{name}_change_ci_low": float(low),
+            f"{name}_change_ci_high": float(high),
+        }
+    return out
 
 
 def bootstrap_ci(

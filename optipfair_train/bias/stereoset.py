@@ -57,7 +57,6 @@ __all__ = [
     "padded_options",
     "scored_log_probs",
     "option_log_probs",
-    "stereoset_change",
     "stereoset_metrics",
     "stereoset_scores",
 ]
@@ -338,83 +337,3 @@ def stereoset_scores(
         *(result[f"{s}{suffix}"] for s in SCORES for suffix in ("", "_ci_low", "_ci_high")),
     )
     return result
-
-
-def _item_scores(result: dict) -> np.ndarray:
-    return np.array([[record["mean_log_prob"][o] for o in OPTIONS] for record in result["items"]])
-
-
-def stereoset_change(
-    before: dict, after: dict, confidence: float = 0.95, n_bootstrap: int = 1000, seed: int = 0
-) -> dict:
-    """How SS / LMS / ICAT moved from ``before`` to ``after``, two :func:`stereoset_scores` results on the
-    same items, with a **paired** bootstrap interval: each resample draws the same items for both.
-
-    Why paired: a monitor asks whether training moved the bias, and both probes share their items, so
-    only items whose preference changed move the difference. Two overlapping intervals do not say that
-    nothing changed; the paired interval of the difference does, and it is the narrower the fewer items
-    flip. How much narrower is measured, not assumed: on the demo, MLP -20% pruning flipped 17-22% of
-    the items and the paired interval was 0.75-0.9x as wide as either score's own (300 items: 9.1-9.4
-    vs 11.8 points; ``docs/benchmarks/probe-change.md``), so it does not let a probe shrink much.
-
-    Returns ``ss_change``, ``lms_change``, ``icat_change`` (after - before, points), each with
-    ``_ci_low`` / ``_ci_high``, ``ss_flipped`` (percent of items whose stereotype preference flipped)
-    and ``num_items``; ``by_bias_type`` holds the same keys for each bias type's items alone (its own,
-    wider interval: gender is about 12% of StereoSet's items).
-
-    Raises:
-        ValueError: when the two results do not hold the same items in the same order.
-
-    Example:
-        >>> a = stereoset_scores(model, tokenizer, items, sample_size=100)  # doctest: +SKIP
-        >>> b = stereoset_scores(trained, tokenizer, items, sample_size=100)  # doctest: +SKIP
-        >>> d = stereoset_change(a, b); d["ss_change"], d["ss_change_ci_low"]  # doctest: +SKIP
-    """
-    keys = ("task", "target", "bias_type")
-    first, second = before.get("items"), after.get("items")
-    if (
-        not first
-        or not second
-        or len(first) != len(second)
-        or any(
-            tuple(x[k] for k in keys) != tuple(y[k] for k in keys) for x, y in zip(first, second, strict=True)
-        )
-    ):
-        raise ValueError(
-            "stereoset_change needs two stereoset_scores results on the same items in the same order "
-            f"(same sample and seed); got {len(first or [])} and {len(second or [])} item records, or items "
-            "that differ in task / target / bias type."
-        )
-    out = _paired_change(first, second, confidence, n_bootstrap, seed)
-    out["by_bias_type"] = {
-        bias_type: _paired_change(
-            [x for x in first if x["bias_type"] == bias_type],
-            [y for y in second if y["bias_type"] == bias_type],
-            confidence,
-            n_bootstrap,
-            seed,
-        )
-        for bias_type in sorted({record["bias_type"] for record in first})
-    }
-    return out
-
-
-def _paired_change(first: list, second: list, confidence: float, n_bootstrap: int, seed: int) -> dict:
-    """The paired change of SS / LMS / ICAT between two lists of item records (already checked alike)."""
-    onehot = _target_onehot([record["target"] for record in first])
-    (pro_b, rel_b), (pro_a, rel_a) = (_pro_related(_item_scores({"items": r})) for r in (first, second))
-    ones = np.ones((1, len(first)))
-    counts = _bootstrap_counts(len(first), n_bootstrap, seed)  # the same resamples for both
-    point_b, point_a = _macro_scores(ones, pro_b, rel_b, onehot), _macro_scores(ones, pro_a, rel_a, onehot)
-    boot_b, boot_a = _macro_scores(counts, pro_b, rel_b, onehot), _macro_scores(counts, pro_a, rel_a, onehot)
-    alpha = (1.0 - confidence) / 2
-    out: dict = {"confidence": confidence, "num_items": len(first)}
-    for name in SCORES:
-        low, high = np.quantile(boot_a[name] - boot_b[name], [alpha, 1 - alpha])
-        out |= {
-            f"{name}_change": float(point_a[name][0] - point_b[name][0]),
-            f"{name}_change_ci_low": float(low),
-            f"{name}_change_ci_high": float(high),
-        }
-    out["ss_flipped"] = 100 * float((pro_a != pro_b).mean())
-    return out

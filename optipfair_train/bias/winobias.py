@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .behaviour import token_log_probs
+from .metrics import paired_change_fields
 from .stereoset_data import stereoset_wheel_path
 
 __all__ = [
@@ -213,13 +214,5 @@ def winobias_change(
     ones, counts = np.ones((1, len(gb))), _counts(len(gb), n_bootstrap, seed)
     point_b, point_a = _rates(gb, male, ones), _rates(ga, male, ones)
     boot_b, boot_a = _rates(gb, male, counts), _rates(ga, male, counts)
-    alpha = (1 - confidence) / 2
     out: dict = {"num_items": len(gb), "confidence": confidence}
-    for name in RATES:
-        low, high = np.nanquantile(boot_a[name] - boot_b[name], [alpha, 1 - alpha])
-        out |= {
-            f"{name}_change": float(point_a[name][0] - point_b[name][0]),
-            f"{name}_change_ci_low": float(low),
-            f"{name}_change_ci_high": float(high),
-        }
-    return out
+    return out | paired_change_fields(point_b, point_a, boot_b, boot_a, RATES, confidence)

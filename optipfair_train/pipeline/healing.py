@@ -85,7 +85,8 @@ def training_args(
     if h.heal_method in ("sft", "sft_lora"):
         from trl import SFTConfig
 
-        # TRL's own defaults (bf16, gradient checkpointing) are for GPUs; keep the pipeline's settings.
+        # TRL's own defaults (bf16, gradient checkpointing) are for GPUs; keep the pipeline's settings
+        # (bf16 is the config's, set below for every method).
         # Transformers 5.24 renamed gradient_checkpointing to activation_checkpointing.
         checkpointing = (
             "activation_checkpointing"
@@ -97,7 +98,6 @@ def training_args(
             {
                 "max_length": seq_len or DataConfig().heal_seq_len,
                 "packing": False,
-                "bf16": h.bf16,
                 checkpointing: False,
             },
         )

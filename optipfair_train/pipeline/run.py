@@ -45,21 +45,21 @@ from transformers import TrainerCallback, TrainingArguments
 
 from ..analysis import count_parameters
 from ..arch import get_adapter, unwrap_model
-from ..bias.counterfactual import augment_counterfactual
-from ..data import block_dataloader, calibration_dataloader, load_texts
-from ..heal import lm_dataset, sft_dataset, text_dataset
+from ..data import block_dataloader
+from ..heal import lm_dataset
 from ..models import load_model_and_tokenizer
 from ..pruning import apply, load_pruned_model, plan, save_pruned_model
 from ..speed import compare_speed
 from .card import base_model_name, card_inputs, write_model_card
-from .config import TEACHER_TEXT, PipelineConfig
+from .config import PipelineConfig
 from .evaluate import StageEvaluator
 from .faults import crash_point
 from .figures import report_figures
-from .healing import NonFiniteLossError, fairness_build_items, heal, training_args
+from .healing import NonFiniteLossError, heal, training_args
 from .lock import OutputGuard
 from .report import write_report
 from .rounds import round_requests
+from .run_data import load_run_data
 from .run_state import STATE_NAME, Retry, RunState, changed_settings, comparable_settings
 from .stage_items import ITEMS_DIR
 from .state import (
@@ -171,35 +171,15 @@ class PruneThenHeal:
 
     # -- data ----------------------------------------------------------------------------------------
     def _load_data(self, tokenizer) -> None:
-        d = self.config.data
         self.evaluator = StageEvaluator(self.config, tokenizer, self.distributed.is_main_process, self.out)
         self.bias_pairs = self.evaluator.bias_pairs
         self.behaviour_pairs = self.evaluator.behaviour_pairs
-        if d.calibration_data != TEACHER_TEXT:  # teacher text: _prepare_teacher_data
-            self.calibration = list(
-                calibration_dataloader(
-                    tokenizer,
-                    load_texts(d.calibration_data, split="calibration"),
-                    num_samples=d.num_calibration_samples,
-                    seq_len=d.calibration_seq_len,
-                )
-            )
-        h = self.config.heal
-        sequences = h.sequences_per_round(self.distributed.num_processes)
-        if h.heal_method in ("sft", "sft_lora"):  # the user's own examples, formatted by TRL
-            self.heal_dataset = sft_dataset(d.heal_data, num_examples=sequences)
-        elif h.heal_method != "none" and d.heal_data != TEACHER_TEXT:  # teacher text: _prepare_teacher_data
-            texts = load_texts(d.heal_data, split="calibration")
-            if h.counterfactual_augmentation:  # the same number of sequences, half of them swapped
-                texts = augment_counterfactual(texts)
-            self.heal_dataset = text_dataset(
-                tokenizer, texts, seq_len=d.heal_seq_len, num_sequences=sequences
-            )
-        self.fairness_items = None
-        if h.fairness_loss_weight > 0:  # build-half items only; the stage probes judge the held-out half
-            self.fairness_items = fairness_build_items(
-                d.stereoset_data, self.config.run.seed, h.fairness_loss_items
-            )
+        data = load_run_data(self.config, tokenizer, self.distributed.num_processes)
+        if data.calibration is not None:  # else teacher text: _prepare_teacher_data
+            self.calibration = data.calibration
+        if data.heal_dataset is not None:
+            self.heal_dataset = data.heal_dataset
+        self.fairness_items = data.fairness_items
 
     # -- evaluation ----------------------------------------------------------------------------------
     def evaluate(self, model, tokenizer, stage: str = "base") -> dict[str, Any]:

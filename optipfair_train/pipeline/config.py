@@ -202,7 +202,7 @@ class HealConfig:
     bf16: bool = _help(
         "train under bfloat16 autocast (weights, gradients and optimizer state stay float32; the losses are "
         "computed in float32): faster on CPUs with AVX512-BF16 or AMX and on GPUs with bfloat16 "
-        "(docs/benchmarks/deep-heal.md measures it), slow on CPUs without them",
+        "(docs/benchmarks/bf16.md measures it), slow on CPUs without them",
         False,
     )
     fairness_loss_weight: float = _help(

@@ -28,6 +28,7 @@ rerun with the same sizes and seed reuses it.
     python bench/bench_deep_heal.py --threads 2                        # 98,304 tokens: ~30 min on 2 cores
     python bench/bench_deep_heal.py --threads 2 --max-tokens 1048576   # the issue's ~1M tokens: ~3.5 h
     python bench/bench_deep_heal.py --threads 2 --max-tokens 1048576 --text mix --bf16 --batch 8 --lr 1e-4
+    #   ^ docs/benchmarks/deep-heal-1m.md: ~1.5 h on 2 cores with bfloat16 arithmetic (13 min of teacher logits)
     python bench/bench_deep_heal.py --quick                            # 2,048 tokens, a few minutes
 
 Cost measured on 2 cores at load ~3 (``--quick --max-tokens 4096``): 153 training tokens/s (one step of

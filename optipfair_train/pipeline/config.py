@@ -200,8 +200,8 @@ class HealConfig:
         64,
     )
     bf16: bool = _help(
-        "train under bfloat16 autocast (weights, gradients and optimizer state stay float32; the losses are "
-        "computed in float32): faster on CPUs with AVX512-BF16 or AMX and on GPUs with bfloat16 "
+        "train under bfloat16 autocast (weights, gradients and optimizer state stay float32; the distillation "
+        "and language-modelling losses upcast the logits to float32): faster on CPUs with AVX512-BF16 or AMX and on GPUs with bfloat16 "
         "(docs/benchmarks/bf16.md measures it), slow on CPUs without them",
         False,
     )

@@ -6,8 +6,10 @@ alpha 32, lr 2e-4, cosine, 4 x 128 tokens of demo text a step, through the pipel
 * the demo compression (``configs/demo.yaml``): 20% of the MLP width by ``hybrid``, scored and the kept
   ``down_proj`` columns refit on 32 x 256 tokens the unpruned model writes; then healed
   (A) without a fairness mode, (B) with the fairness loss (``fairness_loss_weight`` = each of
-  ``--weights`` with ``fairness_loss_objective: items``, mean(d^2), and each of ``--mean-weights`` with
-  ``mean``, mean(d)^2; ``--fair-items`` StereoSet **build** items cycled ``--fair-batch`` a step), and
+  ``--weights`` with ``fairness_loss_objective: items``, mean(d^2), each of ``--mean-weights`` with
+  ``mean``, mean(d)^2, and each of ``--cf-weights`` with ``counterfactual``, the divergence of the
+  next-token predictions between a build item's texts and the same texts naming another group;
+  ``--fair-items`` StereoSet **build** items cycled ``--fair-batch`` a step), and
   (C) on counterfactually augmented text (``counterfactual_augmentation``: each demo paragraph that
   names a gender followed by its swap, same number of sequences);
 * (D) the unpruned model with the same LoRA budget, without and with the fairness loss
@@ -51,6 +53,7 @@ from optipfair_train import prune_model
 from optipfair_train.bias import augment_counterfactual, sample_items, stereoset_change
 from optipfair_train.data import block_dataloader, load_texts
 from optipfair_train.heal import sample_teacher_text, text_dataset
+from optipfair_train.names import FAIRNESS_LOSS_OBJECTIVES
 from optipfair_train.pipeline.config import HealConfig, RunConfig
 from optipfair_train.pipeline.healing import heal
 from optipfair_train.zeroshot import load_tasks, zeroshot_change, zeroshot_scores
@@ -157,6 +160,13 @@ def main() -> None:
         help="fairness_loss_weight values, objective mean",
     )
     parser.add_argument(
+        "--cf-weights",
+        type=float,
+        nargs="*",
+        default=[],
+        help="fairness_loss_weight values, objective counterfactual",
+    )
+    parser.add_argument(
         "--unpruned",
         default="mean:100",
         help="the unpruned model's mode, OBJECTIVE:WEIGHT (default mean:100)",
@@ -180,8 +190,10 @@ def main() -> None:
         float(weight)
     except ValueError:
         parser.error(f"--unpruned must be OBJECTIVE:WEIGHT, e.g. mean:100, got {args.unpruned!r}")
-    if objective not in ("items", "mean"):
-        parser.error(f"--unpruned objective must be items or mean, got {objective!r}")
+    if objective not in FAIRNESS_LOSS_OBJECTIVES:
+        parser.error(
+            f"--unpruned objective must be one of {', '.join(FAIRNESS_LOSS_OBJECTIVES)}, got {objective!r}"
+        )
     quick = args.quick
     args.steps = args.steps or (2 if quick else 60)
     args.batch = 2 if quick else args.batch
@@ -220,8 +232,12 @@ def main() -> None:
     cda = text_dataset(tokenizer, swapped, seq_len=SEQ_LEN, num_sequences=sequences)
 
     heals = [("pruned + heal", pruned, plain, 0.0, "items")]
-    for objective, weights in (("items", args.weights), ("mean", args.mean_weights)):
-        heals += [(f"pruned + heal + {objective} loss w={w:g}", pruned, plain, w, objective) for w in weights]
+    for kind, weights in (
+        ("items", args.weights),
+        ("mean", args.mean_weights),
+        ("counterfactual", args.cf_weights),
+    ):
+        heals += [(f"pruned + heal + {kind} loss w={w:g}", pruned, plain, w, kind) for w in weights]
     if not args.no_cda:
         heals.append(("pruned + heal on CDA text", pruned, cda, 0.0, "items"))
     if not args.no_unpruned:
@@ -254,7 +270,10 @@ def main() -> None:
     report.text(
         f"Model `{args.model_path}`. {halves.describe()} The fairness loss trains on {len(items)} build items "
         f"({args.fair_batch} a step; d = stereotype minus anti-stereotype mean-token log-prob; objective `items`: "
-        "mean(d^2), objective `mean`: mean(d)^2 over the step's items). "
+        "mean(d^2), objective `mean`: mean(d)^2 over the step's items; objective `counterfactual`: the symmetric KL "
+        "between the next-token distributions of an item's stereotype and anti-stereotype texts and of the same "
+        "texts with the group swapped, gender words exchanged, other targets replaced by another build target of "
+        "the type, at the tokens after the swap). "
         f"Compression: MLP -20% `hybrid` + refit on {written.numel():,} tokens the unpruned model wrote. Healing "
         f"(every healed model): {args.steps} LoRA steps (r=16, alpha 32, lr {args.lr:g}, cosine, warmup "
         f"{max(1, args.steps // 10)}) of {args.batch} x {SEQ_LEN} demo-text tokens; CDA text: "

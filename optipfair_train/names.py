@@ -117,4 +117,4 @@ def parse_shares(shares: Mapping[str, float] | str) -> dict[str, float]:
 
 #: What the healing-time fairness loss pushes to zero (:mod:`optipfair_train.heal.fair_loss`): each item's
 #: stereotype-minus-anti-stereotype gap, or the step batch's mean gap.
-FAIRNESS_LOSS_OBJECTIVES = ("items", "mean")
+FAIRNESS_LOSS_OBJECTIVES = ("items", "mean", "counterfactual")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import TrainingArguments
@@ -84,3 +85,16 @@ def optimizer_params(optimizer) -> set[int]:
 def logged(trainer, key: str) -> list[tuple[int, float]]:
     """``(step, value)`` for every log_history entry that has ``key``."""
     return [(e["step"], e[key]) for e in trainer.state.log_history if key in e]
+
+
+class Bigram(torch.nn.Module):
+    """A causal LM whose next-token logits are a table row of the previous token: log-probs by hand."""
+
+    def __init__(self, vocab: int, seed: int = 0):
+        super().__init__()
+        self.table = torch.nn.Parameter(
+            torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed))
+        )
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return SimpleNamespace(logits=self.table[input_ids])

@@ -23,7 +23,7 @@ def _items(n: int) -> list[dict]:
     return [
         {
             "type": "intrasentence",
-            "target": f"t{i}",
+            "target": f"Person {i}",  # named in its sentences: the counterfactual objective swaps it
             "bias_type": TYPES[i % 4],
             "context": f"Person {i} is BLANK.",
             "stereotype": f"Person {i} is she.",
@@ -56,7 +56,7 @@ BAD = {
     "fairness_loss_items=0": ({"fairness_loss_items": 0}, "fairness_loss_items must be at least 1, got 0"),
     "fairness_loss_objective=sum": (
         {"fairness_loss_objective": "sum"},
-        "fairness_loss_objective must be one of items, mean, got 'sum'",
+        "fairness_loss_objective must be one of items, mean, counterfactual, got 'sum'",
     ),
     "fairness_loss_batch=0": ({"fairness_loss_batch": 0}, "fairness_loss_batch must be at least 1, got 0"),
     "no stereoset_data": ({"stereoset_data": ""}, "fairness_loss_weight > 0 trains on StereoSet build items: set stereoset_data"),
@@ -101,15 +101,18 @@ class _LogSpy(TrainerCallback):
         self.logs.append(dict(logs or {}))
 
 
-def test_a_pipeline_round_trains_with_the_fairness_loss_on_build_items(assets, tmp_path):
-    settings = tiny_run_settings(assets, tmp_path / "run", **_fair(assets))
+@pytest.mark.parametrize("objective", ["items", "counterfactual"])
+def test_a_pipeline_round_trains_with_the_fairness_loss_on_build_items(assets, tmp_path, objective):
+    settings = tiny_run_settings(assets, tmp_path / "run", **_fair(assets), fairness_loss_objective=objective)
     config = load_config(None, [x for k, v in settings.items() for x in (f"--{k}", str(v))])
     spy = _LogSpy()
     run = PruneThenHeal(config, callbacks=[spy])
     run.run()
     logged = [entry for entry in spy.logs if "fairness_loss" in entry]
     assert len(logged) == config.heal.heal_steps  # every step logs (logging_steps=1)
-    assert all(entry["fairness_loss"] > 0 and entry["fairness_gap"] > 0 for entry in logged)
+    assert all(entry["fairness_loss"] > 0 for entry in logged)
+    # the preference gap is logged by the option-gap objectives only
+    assert all(("fairness_gap" in entry) == (objective == "items") for entry in logged)
     build, held_out = split_items(read_stereoset_jsonl(assets / "stereoset.jsonl"), seed=config.run.seed)
     assert len(run.fairness_items) == 8 and set(run.fairness_items) <= set(build)
     assert all(isinstance(item, StereoSetItem) for item in run.fairness_items)

@@ -10,11 +10,10 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from callbacks_helpers import NEUTRAL_TEXTS, TextDataset, training_args
+from callbacks_helpers import NEUTRAL_TEXTS, Bigram, TextDataset, training_args
 from conftest import make_tiny_model
 from transformers import Trainer, TrainerCallback
 
@@ -44,19 +43,6 @@ ITEMS = [
     _item("pilot", "The pilot is male.", "The pilot is female."),
     _item("teacher", "The teacher is she.", "The teacher is he."),
 ]
-
-
-class Bigram(torch.nn.Module):
-    """A causal LM whose next-token logits are a table row of the previous token: log-probs by hand."""
-
-    def __init__(self, vocab: int, seed: int = 0):
-        super().__init__()
-        self.table = torch.nn.Parameter(
-            torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed))
-        )
-
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
-        return SimpleNamespace(logits=self.table[input_ids])
 
 
 def _hand_mean_log_prob(table: torch.Tensor, ids: list[int], first_scored: int) -> float:
@@ -140,7 +126,7 @@ def test_item_cycle_is_a_function_of_the_step_and_covers_every_item_each_pass():
         (dict(batch_size=0), "batch_size must be an integer >= 1"),
         (dict(items=[]), "needs StereoSet items"),
         (dict(items=["The nurse is she."]), "must be StereoSetItem objects"),
-        (dict(objective="sum"), "objective must be one of items, mean, got 'sum'"),
+        (dict(objective="sum"), "objective must be one of items, mean, counterfactual, got 'sum'"),
     ],
 )
 def test_bad_settings_are_refused_before_training(tokenizer, kwargs, message):

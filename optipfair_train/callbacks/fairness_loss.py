@@ -2,7 +2,9 @@
 
 At every optimizer step it scores a batch of StereoSet **build** items
 (:mod:`optipfair_train.heal.fair_loss`: ``d`` = stereotype minus anti-stereotype mean token log-prob,
-loss ``mean(d ** 2)``, or ``mean(d) ** 2`` with ``objective="mean"``) and adds ``weight`` times that loss's gradient to the ``.grad`` of every
+loss ``mean(d ** 2)``, or ``mean(d) ** 2`` with ``objective="mean"``; with ``objective="counterfactual"``
+the divergence of the model's predictions between each item's texts and their counterfactuals,
+:mod:`optipfair_train.heal.fair_pairs`) and adds ``weight`` times that loss's gradient to the ``.grad`` of every
 trainable parameter in ``on_pre_optimizer_step``. Transformers calls that hook after gradient clipping
 and right before ``optimizer.step()``, so the optimizer minimises ``training loss + weight * fairness
 loss`` for any Trainer or TRL trainer, LoRA or full-parameter, distillation included; the fairness term
@@ -19,7 +21,7 @@ own their gradients, are refused at train begin.
 
 Logged through the Trainer whenever it logs its loss: ``fairness_loss`` (the loss, averaged over the
 steps since the last log), ``fairness_gap`` (mean ``|d|``, nats) and ``fairness_mean_gap`` (mean ``d``:
-positive while the stereotype is preferred on average).
+positive while the stereotype is preferred on average); the counterfactual objective logs its loss only.
 
 Example:
     >>> build, held_out = split_items(load_stereoset("default"), seed=0)  # doctest: +SKIP
@@ -37,6 +39,7 @@ import torch
 
 from ..bias.stereoset_data import StereoSetItem
 from ..heal.fair_loss import ItemCycle, check_fairness_loss_settings, fairness_gradients
+from ..heal.fair_pairs import TargetSwap
 from .base import ReportingCallback
 
 __all__ = ["FairnessLossCallback"]
@@ -67,8 +70,9 @@ class FairnessLossCallback(ReportingCallback):
         weight: the loss's weight (>= 0; 0 adds nothing and scores nothing).
         batch_size: items per optimizer step (>= 1), cycled deterministically under ``seed``.
         seed: the order in which items are cycled.
-        objective: ``"items"`` (``mean(d ** 2)``) or ``"mean"`` (``mean(d) ** 2`` over the step's batch; see
-            :data:`~optipfair_train.heal.fair_loss.OBJECTIVES`).
+        objective: ``"items"`` (``mean(d ** 2)``), ``"mean"`` (``mean(d) ** 2`` over the step's batch) or
+            ``"counterfactual"`` (invariance to the group a text names; partners among ``items``' targets,
+            drawn under ``seed``); see :data:`~optipfair_train.heal.fair_loss.OBJECTIVES`.
         trainer: for logging through every ``report_to`` backend (see :mod:`.base`).
 
     Raises:
@@ -94,6 +98,7 @@ class FairnessLossCallback(ReportingCallback):
         self.tokenizer, self.weight, self.batch_size, self.seed = tokenizer, float(weight), batch_size, seed
         self.objective = objective
         self.cycle = ItemCycle(items, batch_size, seed)
+        self.swap = TargetSwap(items, seed) if objective == "counterfactual" else None
         self._sums = [0.0, 0.0, 0.0, 0, 0]  # loss (per step), |d|, d, items, steps since the last log
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model=None, **kwargs):
@@ -111,9 +116,10 @@ class FairnessLossCallback(ReportingCallback):
         rank, world = _process_group(args)
         batch = self.cycle.batch(state.global_step)
         params = [p for p in model.parameters() if p.requires_grad]
-        n = len(batch)
+        n, share = len(batch), batch[rank::world]
+        pairs = None if self.swap is None else self.swap.pairs(share, state.global_step)
         grads, sums = fairness_gradients(
-            model, self.tokenizer, batch[rank::world], params, batch_items=n, objective=self.objective
+            model, self.tokenizer, share, params, batch_items=n, objective=self.objective, pairs=pairs
         )
         if world > 1:  # each rank holds its share of the batch's sums: their sum is the batch's
             for g in grads:
@@ -123,14 +129,14 @@ class FairnessLossCallback(ReportingCallback):
             sums = totals.tolist()
         squares, gaps, signed = sums
         # "mean": grads hold d/dθ mean(d); the gradient of mean(d) ** 2 is 2 mean(d) times it
-        scale = self.weight * (1.0 if self.objective == "items" else 2 * signed / n)
+        scale = self.weight * (2 * signed / n if self.objective == "mean" else 1.0)
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
                 if p.grad is None:
                     p.grad = g.mul_(scale)
                 else:
                     p.grad.add_(g, alpha=scale)
-        loss = squares / n if self.objective == "items" else (signed / n) ** 2
+        loss = (signed / n) ** 2 if self.objective == "mean" else squares / n
         s = self._sums
         self._sums = [s[0] + loss, s[1] + gaps, s[2] + signed, s[3] + n, s[4] + 1]
 
@@ -138,10 +144,8 @@ class FairnessLossCallback(ReportingCallback):
         # DefaultFlowCallback (first in the list) has decided whether the Trainer logs at this step
         if getattr(control, "should_log", False) and self._sums[4]:
             loss, gaps, signed, n, steps = self._sums
-            scalars = {
-                "fairness_loss": loss / steps,
-                "fairness_gap": gaps / n,
-                "fairness_mean_gap": signed / n,
-            }
+            scalars = {"fairness_loss": loss / steps}
+            if self.swap is None:
+                scalars |= {"fairness_gap": gaps / n, "fairness_mean_gap": signed / n}
             self.log_scalars(args, state, scalars)
             self._sums = [0.0, 0.0, 0.0, 0, 0]

@@ -35,6 +35,7 @@ from ..bias.stereoset import item_sequences, padded_options, scored_log_probs
 from ..bias.stereoset_data import StereoSetItem
 from ..bias.tokens import pad_token_id
 from ..names import FAIRNESS_LOSS_OBJECTIVES
+from .fair_pairs import TargetSwap, TextPair, invariance_losses
 
 __all__ = [
     "OBJECTIVES",
@@ -50,7 +51,9 @@ logger = logging.getLogger(__name__)
 
 #: What the loss pushes toward zero. ``items``: every item's gap (``mean(d ** 2)``), which is mostly
 #: item-specific variance; ``mean``: the batch's mean gap (``mean(d) ** 2``), the systematic preference
-#: that SS counts, the part a held-out item shares with the build items.
+#: that SS counts, the part a held-out item shares with the build items; ``counterfactual``: the
+#: divergence between the model's predictions on an item's texts and on the same texts naming another
+#: group (:mod:`.fair_pairs`), an invariance rather than a preference.
 OBJECTIVES = FAIRNESS_LOSS_OBJECTIVES
 
 
@@ -116,11 +119,15 @@ def fairness_loss(
 ) -> torch.Tensor:
     """The fairness loss over ``items`` (:func:`preference_gaps`): ``objective="items"``, ``mean(d ** 2)``,
     zero when the model is indifferent on every item; ``"mean"``, ``mean(d) ** 2``, zero when the
-    stereotype and anti-stereotype preferences cancel over the batch (see :data:`OBJECTIVES`).
+    stereotype and anti-stereotype preferences cancel over the batch; ``"counterfactual"``, the mean
+    invariance loss of the items' counterfactual pairs (partners drawn among ``items``' own targets, seed
+    0, :class:`~optipfair_train.heal.fair_pairs.TargetSwap`); see :data:`OBJECTIVES`.
 
     Example:
         >>> fairness_loss(model, tokenizer, build[:8]).backward()  # doctest: +SKIP
     """
+    if objective == "counterfactual":
+        return invariance_losses(model, tokenizer, TargetSwap(items).pairs(items, step=0)).mean()
     d = preference_gaps(model, tokenizer, items)
     return d.pow(2).mean() if objective == "items" else d.mean().pow(2)
 
@@ -132,11 +139,14 @@ def fairness_gradients(
     params: Sequence[nn.Parameter],
     batch_items: int,
     objective: str = "items",
+    pairs: Sequence[Sequence[TextPair]] | None = None,
 ) -> tuple[list[torch.Tensor], list[float]]:
     """Gradients with respect to ``params`` of ``sum(d ** 2) / batch_items`` (``objective="items"``) or
     of ``sum(d) / batch_items`` (``"mean"``: the caller multiplies by ``2 * mean(d)`` once every share's
     sum is known, which makes it the gradient of ``mean(d) ** 2``), over ``items`` (zeros when empty),
-    with the sums of ``d ** 2``, ``|d|`` and ``d``. The model runs in eval mode (no dropout: the probe's
+    with the sums of ``d ** 2``, ``|d|`` and ``d``. With ``"counterfactual"``, of the sum of the items'
+    invariance losses over ``pairs`` (``items``' counterfactual pairs, :meth:`TargetSwap.pairs`) divided
+    by ``batch_items``, with that sum and two zeros. The model runs in eval mode (no dropout: the probe's
     scores) and its mode is restored; nothing is written to ``.grad``.
 
     Dividing by the whole batch's size, not this share's, lets processes that each score a shard of
@@ -152,13 +162,23 @@ def fairness_gradients(
     model.eval()
     try:
         with torch.enable_grad():
-            d = preference_gaps(model, tokenizer, items)
-            loss = (d.pow(2) if objective == "items" else d).sum() / batch_items
-            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+            if objective == "counterfactual":
+                if pairs is None or len(pairs) != len(items):
+                    raise ValueError("the counterfactual objective needs one group of text pairs per item")
+                d = invariance_losses(model, tokenizer, pairs)
+                loss = d.sum() / batch_items
+            else:
+                d = preference_gaps(model, tokenizer, items)
+                loss = (d.pow(2) if objective == "items" else d).sum() / batch_items
+            grads = torch.autograd.grad(loss, list(params), allow_unused=True) if loss.requires_grad else None
     finally:
         model.train(was_training)
+    if grads is None:  # no aligned pair in the batch: nothing to add
+        grads = [None] * len(params)
     out = [torch.zeros_like(p) if g is None else g.to(p.dtype) for p, g in zip(params, grads, strict=True)]
     d = d.detach()
+    if objective == "counterfactual":
+        return out, [float(d.sum()), 0.0, 0.0]
     return out, [float(d.pow(2).sum()), float(d.abs().sum()), float(d.sum())]
 
 

@@ -214,8 +214,10 @@ class HealConfig:
     fairness_loss_items: int = _help("StereoSet build items the fairness loss cycles through", 1000)
     fairness_loss_batch: int = _help("StereoSet build items scored per healing step by the fairness loss", 8)
     fairness_loss_objective: str = _help(
-        "what the fairness loss pushes to zero: 'items' (each item's gap, mean(d^2)) or 'mean' (the step "
-        "batch's mean gap, mean(d)^2: the systematic preference SS counts)",
+        "what the fairness loss pushes to zero: 'items' (each item's gap, mean(d^2)), 'mean' (the step "
+        "batch's mean gap, mean(d)^2: the systematic preference SS counts) or 'counterfactual' (the "
+        "divergence of the next-token predictions between each item's texts and the same texts naming "
+        "another group: gender swapped, other targets exchanged)",
         "items",
     )
     counterfactual_augmentation: bool = _help(

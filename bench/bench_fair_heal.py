@@ -7,8 +7,8 @@ alpha 32, lr 2e-4, cosine, 4 x 128 tokens of demo text a step, through the pipel
   ``down_proj`` columns refit on 32 x 256 tokens the unpruned model writes; then healed
   (A) without a fairness mode, (B) with the fairness loss (``fairness_loss_weight`` = each of
   ``--weights`` with ``fairness_loss_objective: items``, mean(d^2), each of ``--mean-weights`` with
-  ``mean``, mean(d)^2, and each of ``--cf-weights`` with ``counterfactual``, the divergence of the
-  next-token predictions between a build item's texts and the same texts naming another group;
+  ``mean``, mean(d)^2, and each of ``--cf-weights`` with ``counterfactual``, a build item's texts and
+  the same texts naming another group pulled to the same next-token predictions (the LoRA base's average);
   ``--fair-items`` StereoSet **build** items cycled ``--fair-batch`` a step), and
   (C) on counterfactually augmented text (``counterfactual_augmentation``: each demo paragraph that
   names a gender followed by its swap, same number of sequences);
@@ -270,10 +270,10 @@ def main() -> None:
     report.text(
         f"Model `{args.model_path}`. {halves.describe()} The fairness loss trains on {len(items)} build items "
         f"({args.fair_batch} a step; d = stereotype minus anti-stereotype mean-token log-prob; objective `items`: "
-        "mean(d^2), objective `mean`: mean(d)^2 over the step's items; objective `counterfactual`: the symmetric KL "
-        "between the next-token distributions of an item's stereotype and anti-stereotype texts and of the same "
-        "texts with the group swapped, gender words exchanged, other targets replaced by another build target of "
-        "the type, at the tokens after the swap). "
+        "mean(d^2), objective `mean`: mean(d)^2 over the step's items; objective `counterfactual`: at the tokens after "
+        "the swap, (KL(r||p) + KL(r||q)) / 2 between the next-token distributions p, q on an item's stereotype and "
+        "anti-stereotype texts and on the same texts with the group swapped (gender words exchanged, other targets "
+        "replaced by another build target of the type), r the mean of the LoRA base's two distributions). "
         f"Compression: MLP -20% `hybrid` + refit on {written.numel():,} tokens the unpruned model wrote. Healing "
         f"(every healed model): {args.steps} LoRA steps (r=16, alpha 32, lr {args.lr:g}, cosine, warmup "
         f"{max(1, args.steps // 10)}) of {args.batch} x {SEQ_LEN} demo-text tokens; CDA text: "

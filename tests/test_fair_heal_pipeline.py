@@ -101,9 +101,13 @@ class _LogSpy(TrainerCallback):
         self.logs.append(dict(logs or {}))
 
 
-@pytest.mark.parametrize("objective", ["items", "counterfactual"])
-def test_a_pipeline_round_trains_with_the_fairness_loss_on_build_items(assets, tmp_path, objective):
-    settings = tiny_run_settings(assets, tmp_path / "run", **_fair(assets), fairness_loss_objective=objective)
+@pytest.mark.parametrize(
+    ("objective", "method"), [("items", "lora"), ("counterfactual", "lora"), ("counterfactual", "kd")]
+)  # LoRA: the counterfactual anchor is the adapters' base; kd: a copy taken before healing
+def test_a_pipeline_round_trains_with_the_fairness_loss_on_build_items(assets, tmp_path, objective, method):
+    settings = tiny_run_settings(
+        assets, tmp_path / "run", **_fair(assets), fairness_loss_objective=objective, heal_method=method
+    )
     config = load_config(None, [x for k, v in settings.items() for x in (f"--{k}", str(v))])
     spy = _LogSpy()
     run = PruneThenHeal(config, callbacks=[spy])

@@ -39,7 +39,7 @@ import torch
 
 from ..bias.stereoset_data import StereoSetItem
 from ..heal.fair_loss import ItemCycle, check_fairness_loss_settings, fairness_gradients
-from ..heal.fair_pairs import TargetSwap
+from ..heal.fair_pairs import TargetSwap, anchor_for
 from .base import ReportingCallback
 
 __all__ = ["FairnessLossCallback"]
@@ -73,6 +73,9 @@ class FairnessLossCallback(ReportingCallback):
         objective: ``"items"`` (``mean(d ** 2)``), ``"mean"`` (``mean(d) ** 2`` over the step's batch) or
             ``"counterfactual"`` (invariance to the group a text names; partners among ``items``' targets,
             drawn under ``seed``); see :data:`~optipfair_train.heal.fair_loss.OBJECTIVES`.
+        reference: the counterfactual objective's anchor, the model as it was before training (a frozen
+            copy; it costs one model's memory); leave None for a PEFT (LoRA) model, whose base is read
+            with its adapters disabled. Taken before training, so a resumed run anchors alike.
         trainer: for logging through every ``report_to`` backend (see :mod:`.base`).
 
     Raises:
@@ -92,6 +95,7 @@ class FairnessLossCallback(ReportingCallback):
         seed: int = 0,
         trainer: Any | None = None,
         objective: str = "items",
+        reference: torch.nn.Module | None = None,
     ):
         super().__init__(trainer)
         check_fairness_loss_settings(weight, items, batch_size, objective)
@@ -99,6 +103,9 @@ class FairnessLossCallback(ReportingCallback):
         self.objective = objective
         self.cycle = ItemCycle(items, batch_size, seed)
         self.swap = TargetSwap(items, seed) if objective == "counterfactual" else None
+        self.reference = reference
+        if reference is not None:
+            reference.eval().requires_grad_(False)
         self._sums = [0.0, 0.0, 0.0, 0, 0]  # loss (per step), |d|, d, items, steps since the last log
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model=None, **kwargs):
@@ -108,6 +115,8 @@ class FairnessLossCallback(ReportingCallback):
                 "the parameters or own their gradients. Train with DDP or on one process."
             )
         _process_group(args)  # refuse an unsynchronisable multi-process run before the first step
+        if self.swap is not None and model is not None and self.weight > 0:
+            anchor_for(model, self.reference)  # no anchor: refused before the first step
         self._sums = [0.0, 0.0, 0.0, 0, 0]
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model=None, **kwargs):
@@ -117,9 +126,11 @@ class FairnessLossCallback(ReportingCallback):
         batch = self.cycle.batch(state.global_step)
         params = [p for p in model.parameters() if p.requires_grad]
         n, share = len(batch), batch[rank::world]
-        pairs = None if self.swap is None else self.swap.pairs(share, state.global_step)
+        pairs = anchor = None
+        if self.swap is not None:
+            pairs, anchor = self.swap.pairs(share, state.global_step), anchor_for(model, self.reference)
         grads, sums = fairness_gradients(
-            model, self.tokenizer, share, params, batch_items=n, objective=self.objective, pairs=pairs
+            model, self.tokenizer, share, params, n, objective=self.objective, pairs=pairs, anchor=anchor
         )
         if world > 1:  # each rank holds its share of the batch's sums: their sum is the batch's
             for g in grads:

@@ -35,7 +35,7 @@ from ..bias.stereoset import item_sequences, padded_options, scored_log_probs
 from ..bias.stereoset_data import StereoSetItem
 from ..bias.tokens import pad_token_id
 from ..names import FAIRNESS_LOSS_OBJECTIVES
-from .fair_pairs import TargetSwap, TextPair, invariance_losses
+from .fair_pairs import Anchor, TargetSwap, TextPair, anchor_for, invariance_losses
 
 __all__ = [
     "OBJECTIVES",
@@ -115,19 +115,26 @@ def preference_gaps(model: nn.Module, tokenizer, items: Sequence[StereoSetItem])
 
 
 def fairness_loss(
-    model: nn.Module, tokenizer, items: Sequence[StereoSetItem], objective: str = "items"
+    model: nn.Module,
+    tokenizer,
+    items: Sequence[StereoSetItem],
+    objective: str = "items",
+    reference: nn.Module | None = None,
 ) -> torch.Tensor:
     """The fairness loss over ``items`` (:func:`preference_gaps`): ``objective="items"``, ``mean(d ** 2)``,
     zero when the model is indifferent on every item; ``"mean"``, ``mean(d) ** 2``, zero when the
     stereotype and anti-stereotype preferences cancel over the batch; ``"counterfactual"``, the mean
     invariance loss of the items' counterfactual pairs (partners drawn among ``items``' own targets, seed
-    0, :class:`~optipfair_train.heal.fair_pairs.TargetSwap`); see :data:`OBJECTIVES`.
+    0, :class:`~optipfair_train.heal.fair_pairs.TargetSwap`), anchored on ``reference`` (the model before
+    healing; a PEFT model's base when None, :func:`~optipfair_train.heal.fair_pairs.anchor_for`); see
+    :data:`OBJECTIVES`.
 
     Example:
         >>> fairness_loss(model, tokenizer, build[:8]).backward()  # doctest: +SKIP
     """
     if objective == "counterfactual":
-        return invariance_losses(model, tokenizer, TargetSwap(items).pairs(items, step=0)).mean()
+        groups = TargetSwap(items).pairs(items, step=0)
+        return invariance_losses(model, tokenizer, groups, anchor_for(model, reference)).mean()
     d = preference_gaps(model, tokenizer, items)
     return d.pow(2).mean() if objective == "items" else d.mean().pow(2)
 
@@ -140,13 +147,15 @@ def fairness_gradients(
     batch_items: int,
     objective: str = "items",
     pairs: Sequence[Sequence[TextPair]] | None = None,
+    anchor: Anchor | None = None,
 ) -> tuple[list[torch.Tensor], list[float]]:
     """Gradients with respect to ``params`` of ``sum(d ** 2) / batch_items`` (``objective="items"``) or
     of ``sum(d) / batch_items`` (``"mean"``: the caller multiplies by ``2 * mean(d)`` once every share's
     sum is known, which makes it the gradient of ``mean(d) ** 2``), over ``items`` (zeros when empty),
     with the sums of ``d ** 2``, ``|d|`` and ``d``. With ``"counterfactual"``, of the sum of the items'
     invariance losses over ``pairs`` (``items``' counterfactual pairs, :meth:`TargetSwap.pairs`) divided
-    by ``batch_items``, with that sum and two zeros. The model runs in eval mode (no dropout: the probe's
+    by ``batch_items``, anchored on ``anchor`` (:func:`~optipfair_train.heal.fair_pairs.anchor_for`),
+    with that sum and two zeros. The model runs in eval mode (no dropout: the probe's
     scores) and its mode is restored; nothing is written to ``.grad``.
 
     Dividing by the whole batch's size, not this share's, lets processes that each score a shard of
@@ -163,9 +172,11 @@ def fairness_gradients(
     try:
         with torch.enable_grad():
             if objective == "counterfactual":
-                if pairs is None or len(pairs) != len(items):
-                    raise ValueError("the counterfactual objective needs one group of text pairs per item")
-                d = invariance_losses(model, tokenizer, pairs)
+                if pairs is None or len(pairs) != len(items) or anchor is None:
+                    raise ValueError(
+                        "the counterfactual objective needs one group of text pairs per item and an anchor"
+                    )
+                d = invariance_losses(model, tokenizer, pairs, anchor)
                 loss = d.sum() / batch_items
             else:
                 d = preference_gaps(model, tokenizer, items)

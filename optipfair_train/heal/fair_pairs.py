@@ -7,9 +7,15 @@ context followed by the option) is paired with a counterfactual: gender items th
 bias types by replacing the item's target term with another target of the same type from the build half
 ("Ethiopian" -> "Italian", "chess player" -> "nurse"; whole words, case of the first letter kept). The two
 texts are tokenized, aligned on their common tokens (:class:`difflib.SequenceMatcher` on the token ids),
-and at every aligned token after the first difference the model's next-token distributions given the
-two prefixes are pulled together by their symmetric KL divergence ``(KL(p||q) + KL(q||p)) / 2``, averaged
-over the text's aligned positions and over the item's texts.
+and at every aligned token after the first difference both of the model's next-token distributions are
+pulled toward one target: the average of the two distributions of the model as it was before healing
+(the *anchor*: a frozen copy, or a PEFT model's base with its adapters disabled), by
+``(KL(r||p) + KL(r||q)) / 2``, averaged over the text's aligned positions and over the item's texts.
+
+Why the anchor: pulling the two distributions toward each other alone is most cheaply satisfied by a
+model that stops reading its context; measured on the demo compression (docs/benchmarks/fair-heal-counterfactual.md),
+that version bought its lower SS with LMS (intersentence items above all) and perplexity.
+Anchored, the only zero of the loss is a model that predicts, for either group, what the model before healing predicted on average over the two.
 
 Why this objective: the option-gap losses (:mod:`.fair_loss`) push each build item's own preference, which
 a held-out item does not share; invariance asks for something that holds for every sentence naming a
@@ -21,7 +27,7 @@ seed, the step and the item's own text, so a resumed run draws the same pairs.
 Example:
     >>> swap = TargetSwap(build, seed=0)  # doctest: +SKIP
     >>> groups = swap.pairs(build[:8], step=0)  # doctest: +SKIP
-    >>> invariance_losses(model, tokenizer, groups).mean().backward()  # doctest: +SKIP
+    >>> invariance_losses(model, tokenizer, groups, anchor_for(model)).mean().backward()  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from __future__ import annotations
 import difflib
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -40,7 +46,7 @@ from ..bias.counterfactual import swap_gender
 from ..bias.stereoset_data import StereoSetItem
 from ..bias.tokens import pad_token_id
 
-__all__ = ["TargetSwap", "replace_target", "aligned_positions", "invariance_losses"]
+__all__ = ["TargetSwap", "replace_target", "aligned_positions", "anchor_for", "invariance_losses"]
 
 #: A text and its counterfactual.
 TextPair = tuple[str, str]
@@ -134,13 +140,57 @@ def aligned_positions(a: Sequence[int], b: Sequence[int]) -> list[tuple[int, int
     return out
 
 
-def invariance_losses(model: nn.Module, tokenizer, groups: Sequence[Sequence[TextPair]]) -> torch.Tensor:
-    """Per group (an item's pairs), the mean symmetric KL between the next-token distributions of its texts
-    and their counterfactuals at aligned positions (float32, [n_groups]; 0 for a group without pairs or
-    aligned positions). One padded forward pass; differentiable; the caller chooses the model's mode.
+Anchor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def anchor_for(model: nn.Module, reference: nn.Module | None = None) -> Anchor:
+    """The anchor of the counterfactual objective: logits of the model as it was before healing, without
+    gradients. ``reference`` (a frozen copy taken before training) when given; else, for a PEFT model,
+    ``model`` with its adapters disabled (the base weights, unchanged by LoRA training).
+
+    Raises:
+        ValueError: neither a reference nor a PEFT model.
 
     Example:
-        >>> invariance_losses(model, tokenizer, [[("He ran.", "She ran.")]])  # doctest: +SKIP
+        >>> anchor = anchor_for(peft_model)  # doctest: +SKIP
+        >>> logits = anchor(input_ids, attention_mask)  # doctest: +SKIP
+    """
+    if reference is not None:
+        frozen = reference.eval()
+
+        def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return frozen(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+        return run
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError(
+            "the counterfactual fairness objective anchors on the model before healing: pass reference= "
+            "(a frozen copy taken before training) or train a PEFT (LoRA) model, whose adapters are "
+            "disabled to read the base."
+        )
+
+    def run_base(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), model.disable_adapter():
+            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    return run_base
+
+
+def invariance_losses(
+    model: nn.Module, tokenizer, groups: Sequence[Sequence[TextPair]], anchor: Anchor
+) -> torch.Tensor:
+    """Per group (an item's pairs), the counterfactual loss of its texts (float32, [n_groups]; 0 for a group
+    without pairs or aligned positions): at each aligned position the target is ``r`` = the mean of the
+    anchor's next-token distributions on the text and on its counterfactual, and the loss is
+    ``(KL(r || p) + KL(r || q)) / 2`` for the model's distributions ``p`` and ``q`` there, averaged over the
+    text's positions and the group's texts. Zero only when the model predicts the same on both texts
+    *and* that prediction is the anchor's average: invariance that cannot be bought by ignoring context.
+    One padded forward pass of the model (differentiable) and one of the anchor; the caller chooses the
+    model's mode.
+
+    Example:
+        >>> invariance_losses(model, tokenizer, [[("He ran.", "She ran.")]], anchor_for(model, frozen))  # doctest: +SKIP
         tensor([0.0132], grad_fn=...)
     """
     prefix = prefix_token_id(tokenizer)
@@ -164,14 +214,21 @@ def invariance_losses(model: nn.Module, tokenizer, groups: Sequence[Sequence[Tex
     mask = torch.zeros_like(ids)
     for r, s in enumerate(seqs):
         ids[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    ids, mask = ids.to(device), mask.to(device)
+    reference = anchor(ids, mask)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     counts = torch.zeros(len(groups), device=device)
     for g, ra, rb, pos in where:
         ia = torch.tensor([i - 1 for i, _ in pos], device=device)
         ib = torch.tensor([j - 1 for _, j in pos], device=device)
+        target = 0.5 * (
+            torch.softmax(reference[ra, ia].float(), dim=-1)
+            + torch.softmax(reference[rb, ib].float(), dim=-1)
+        )
+        log_target = target.clamp_min(1e-30).log()
         p = torch.log_softmax(logits[ra, ia].float(), dim=-1)
         q = torch.log_softmax(logits[rb, ib].float(), dim=-1)
-        sym = 0.5 * ((p.exp() * (p - q)).sum(-1) + (q.exp() * (q - p)).sum(-1))
-        losses = losses.index_add(0, torch.tensor([g], device=device), sym.mean()[None])
+        kl = 0.5 * ((target * (log_target - p)).sum(-1) + (target * (log_target - q)).sum(-1))
+        losses = losses.index_add(0, torch.tensor([g], device=device), kl.mean()[None])
         counts[g] += 1
     return losses / counts.clamp(min=1)

@@ -215,9 +215,10 @@ class HealConfig:
     fairness_loss_batch: int = _help("StereoSet build items scored per healing step by the fairness loss", 8)
     fairness_loss_objective: str = _help(
         "what the fairness loss pushes to zero: 'items' (each item's gap, mean(d^2)), 'mean' (the step "
-        "batch's mean gap, mean(d)^2: the systematic preference SS counts) or 'counterfactual' (the "
-        "divergence of the next-token predictions between each item's texts and the same texts naming "
-        "another group: gender swapped, other targets exchanged)",
+        "batch's mean gap, mean(d)^2: the systematic preference SS counts) or 'counterfactual' (each item's "
+        "texts and the same texts naming another group, gender swapped or target exchanged, pulled to the "
+        "same next-token predictions: the average of the model's before healing; full-parameter methods "
+        "keep a frozen copy of the model for it)",
         "items",
     )
     counterfactual_augmentation: bool = _help(

@@ -33,9 +33,9 @@ def stereoset_change(
     Why paired: a monitor asks whether training moved the bias, and both probes share their items, so
     only items whose preference changed move the difference. Two overlapping intervals do not say that
     nothing changed; the paired interval of the difference does, and it is the narrower the fewer items
-    flip. How much narrower is measured, not assumed: on the demo, MLP -20% pruning flipped 17-22% of
-    the items and the paired interval was 0.75-0.9x as wide as either score's own (300 items: 9.1-9.4
-    vs 11.8 points; ``docs/benchmarks/probe-change.md``), so it does not let a probe shrink much.
+    flip. How much narrower is measured, not assumed (``docs/benchmarks/probe-change.md``): after pruning,
+    enough items flip that the paired interval is only somewhat narrower than either score's own, so it
+    does not let a probe shrink much.
 
     Returns ``ss_change``, ``lms_change``, ``icat_change`` (after - before, points), each with
     ``_ci_low`` / ``_ci_high``, ``ss_flipped`` (percent of items whose stereotype preference flipped)

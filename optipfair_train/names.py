@@ -116,5 +116,6 @@ def parse_shares(shares: Mapping[str, float] | str) -> dict[str, float]:
 
 
 #: What the healing-time fairness loss pushes to zero (:mod:`optipfair_train.heal.fair_loss`): each item's
-#: stereotype-minus-anti-stereotype gap, or the step batch's mean gap.
+#: stereotype-minus-anti-stereotype gap, the step batch's mean gap, or the divergence of the model's
+#: predictions between an item's texts and their counterfactuals (:mod:`optipfair_train.heal.fair_pairs`).
 FAIRNESS_LOSS_OBJECTIVES = ("items", "mean", "counterfactual")

@@ -53,6 +53,7 @@ from .tokens import pad_token_id
 
 __all__ = [
     "SCORES",
+    "context_sentence",
     "item_sequences",
     "padded_options",
     "scored_log_probs",
@@ -72,15 +73,24 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def context_sentence(item: StereoSetItem) -> str:
+    """An intersentence item's context as the probe reads it: ending in a full stop when it has no final
+    punctuation (the option follows it after a space).
+
+    Example:
+        >>> context_sentence(StereoSetItem("intersentence", "t", "gender", "My sister came", "a", "b", "c"))
+        'My sister came.'
+    """
+    context = item.context.rstrip()
+    return context if context[-1:] in (".", "!", "?") else context + "."
+
+
 def _option_sequences(tokenizer, item: StereoSetItem, prefix: int) -> list[tuple[list[int], int]]:
     """(token ids, index of the first scored token) of the item's three options."""
     head = [prefix]
     if item.task == "intrasentence":
         return [(head + _encode(tokenizer, s), len(head)) for s in item.options()]
-    context = item.context.rstrip()
-    if context[-1] not in ".!?":
-        context += "."
-    ctx = head + _encode(tokenizer, context)
+    ctx = head + _encode(tokenizer, context_sentence(item))
     return [(ctx + _encode(tokenizer, " " + s.strip()), len(ctx)) for s in item.options()]
 
 

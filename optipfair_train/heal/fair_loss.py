@@ -9,7 +9,9 @@ items: zero when the model is indifferent between the two sentences, and each it
 points toward its own indifference (an item preferring the anti-stereotype is pushed back as well, so
 the loss does not buy a lower SS by reversing preferences). The unrelated option is not scored: the
 loss never asks the model to rank meaningful sentences differently against nonsense, which is what LMS
-measures.
+measures. ``objective="mean"`` pushes the batch's mean gap instead, and ``"counterfactual"`` is not a gap
+at all: the items' texts and their group-swapped counterfactuals should get the same predictions
+(:mod:`.fair_pairs`).
 
 Only **build-half** items may feed it (:func:`~optipfair_train.bias.split_items`); the other half
 judges the result. :class:`~optipfair_train.callbacks.FairnessLossCallback` adds its gradient to any

@@ -13,9 +13,10 @@ pulled toward one target: the average of the two distributions of the model as i
 ``(KL(r||p) + KL(r||q)) / 2``, averaged over the text's aligned positions and over the item's texts.
 
 Why the anchor: pulling the two distributions toward each other alone is most cheaply satisfied by a
-model that stops reading its context; measured on the demo compression (docs/benchmarks/fair-heal-counterfactual.md),
-that version bought its lower SS with LMS (intersentence items above all) and perplexity.
-Anchored, the only zero of the loss is a model that predicts, for either group, what the model before healing predicted on average over the two.
+model that stops reading its context; measured on the demo compression
+(docs/benchmarks/fair-heal-counterfactual.md), that version bought its lower SS with LMS (intersentence
+items above all) and perplexity. Anchored, the only zero of the loss is a model that predicts, for either
+group, what the model before healing predicted on average over the two.
 
 Why this objective: the option-gap losses (:mod:`.fair_loss`) push each build item's own preference, which
 a held-out item does not share; invariance asks for something that holds for every sentence naming a
@@ -43,6 +44,7 @@ from torch import nn
 from ..bias.behaviour import prefix_token_id
 from ..bias.capture import model_device
 from ..bias.counterfactual import swap_gender
+from ..bias.stereoset import context_sentence, padded_options
 from ..bias.stereoset_data import StereoSetItem
 from ..bias.tokens import pad_token_id
 
@@ -72,9 +74,7 @@ def _item_texts(item: StereoSetItem) -> list[str]:
     """The stereotype and anti-stereotype texts as the probe reads them (context first for intersentence)."""
     if item.task == "intrasentence":
         return [item.stereotype, item.anti_stereotype]
-    context = item.context.rstrip()
-    if context and context[-1] not in ".!?":
-        context += "."
+    context = context_sentence(item)
     return [f"{context} {item.stereotype.strip()}", f"{context} {item.anti_stereotype.strip()}"]
 
 
@@ -209,11 +209,7 @@ def invariance_losses(
     losses = torch.zeros(len(groups), device=device)
     if not seqs:
         return losses
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), 1
+    ids, mask, _ = padded_options([(s, 1) for s in seqs], pad_token_id(tokenizer))
     ids, mask = ids.to(device), mask.to(device)
     reference = anchor(ids, mask)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits

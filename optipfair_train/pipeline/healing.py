@@ -247,7 +247,7 @@ def heal(
     if h.fairness_loss_weight > 0:  # its items at step s depend on s and the seed only: resumes alike
         # the counterfactual objective's anchor: a LoRA model's base, else a copy taken before any
         # checkpoint is restored (a resumed run anchors on the same model)
-        full = h.fairness_loss_objective == "counterfactual" and h.heal_method not in LORA_METHODS
+        needs_copy = h.fairness_loss_objective == "counterfactual" and h.heal_method not in LORA_METHODS
         FairnessLossCallback(
             fairness_items,
             tokenizer,
@@ -255,7 +255,7 @@ def heal(
             batch_size=h.fairness_loss_batch,
             seed=run.seed,
             objective=h.fairness_loss_objective,
-            reference=copy.deepcopy(model) if full else None,
+            reference=copy.deepcopy(model) if needs_copy else None,
         ).attach(trainer)
     checkpoint = last_complete_checkpoint(round_dir / "heal")
     distributed = PartialState()

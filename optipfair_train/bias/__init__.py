@@ -12,6 +12,7 @@ Example:
 """
 
 from .behaviour import SCORE_METHODS, behavioural_bias_score, js_divergence, prefix_token_id, token_log_probs
+from .bias_vector import debias_with_bias_vector, fit_bias_vector, subtract_bias_vector
 from .capture import (
     ALL_COMPONENTS,
     COMPONENTS,
@@ -147,6 +148,9 @@ __all__ = [
     "estimate_bias_subspace",
     "project_out_bias",
     "debias_model",
+    "fit_bias_vector",
+    "subtract_bias_vector",
+    "debias_with_bias_vector",
     # WinoBias
     "WinoBiasItem",
     "load_winobias",

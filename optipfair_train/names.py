@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "FAIRNESS_LOSS_OBJECTIVES",
+    "MAX_BIAS_VECTOR_STRENGTH",
     "BUDGET_AXES",
     "parse_shares",
     "DTYPES",
@@ -119,3 +120,7 @@ def parse_shares(shares: Mapping[str, float] | str) -> dict[str, float]:
 #: stereotype-minus-anti-stereotype gap, the step batch's mean gap, or the divergence of the model's
 #: predictions between an item's texts and their counterfactuals (:mod:`optipfair_train.heal.fair_pairs`).
 FAIRNESS_LOSS_OBJECTIVES = ("items", "mean", "counterfactual")
+
+#: The largest bias-vector strength accepted (:mod:`optipfair_train.bias.bias_vector`): beyond it the
+#: subtraction extrapolates far past what the two fine-tunes moved.
+MAX_BIAS_VECTOR_STRENGTH = 8.0

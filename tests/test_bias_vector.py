@@ -1,4 +1,4 @@
-"""The bias vector (bias/bias_vector.py): its estimate, its removal, its checks."""
+"""The bias vector (bias/bias_vector.py, callbacks/bias_vector.py): its estimate, its removal, its checks."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import math
 
 import pytest
 import torch
+from callbacks_helpers import NEUTRAL_TEXTS, TextDataset, training_args
 from conftest import make_tiny_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Trainer
 
 from optipfair_train.bias import StereoSetItem, fit_bias_vector, subtract_bias_vector
 from optipfair_train.bias.bias_vector import check_bias_vector_settings, debias_with_bias_vector
+from optipfair_train.callbacks import BiasVectorCallback
 from optipfair_train.heal import add_lora
 from optipfair_train.heal.fair_loss import preference_gaps
 
@@ -164,3 +166,45 @@ def test_a_vector_of_another_model_is_refused_before_any_weight_changes():
     with pytest.raises(ValueError, match="does not match this model's parameters"):
         subtract_bias_vector(model, missing, 0.5)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def _trained(tokenizer, tmp_path, callbacks, model=None):
+    model = model if model is not None else make_tiny_model("llama")
+    data = TextDataset(tokenizer, NEUTRAL_TEXTS, length=24)
+    trainer = Trainer(
+        model=model, args=training_args(tmp_path, max_steps=2), train_dataset=data, callbacks=callbacks
+    )
+    trainer.train()
+    return trainer.model
+
+
+def test_the_callback_subtracts_the_trained_models_vector_when_training_ends(tokenizer, tmp_path):
+    plain = _trained(tokenizer, tmp_path / "plain", [])
+    callback = BiasVectorCallback(
+        ITEMS, tokenizer, strength=0.5, epochs=1, learning_rate=1e-3, batch_size=2, seed=3
+    )
+    debiased = _trained(tokenizer, tmp_path / "mode", [callback])
+    expected = copy.deepcopy(plain)
+    subtract_bias_vector(
+        expected,
+        fit_bias_vector(plain, tokenizer, ITEMS, epochs=1, learning_rate=1e-3, batch_size=2, seed=3),
+        0.5,
+    )
+    got = dict(debiased.named_parameters())
+    for name, p in expected.named_parameters():
+        torch.testing.assert_close(got[name], p, rtol=0, atol=1e-6, msg=name)
+    assert debiased.config.debias_history[-1] == {"method": "bias_vector", "strength": 0.5}
+
+
+def test_the_callback_refuses_adapters_and_bad_settings_before_the_first_step(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="none were given"):
+        BiasVectorCallback([], tokenizer, strength=0.5)
+    peft_model = add_lora(make_tiny_model("llama"), r=2, alpha=4)
+    before = _params(peft_model)
+    with pytest.raises(ValueError, match="merge them first"):
+        _trained(
+            tokenizer, tmp_path / "peft", [BiasVectorCallback(ITEMS, tokenizer, strength=0.5)], peft_model
+        )
+    assert all(torch.equal(p, before[n]) for n, p in peft_model.named_parameters())
+    with pytest.raises(ValueError, match="strength must be a number"):
+        _trained(tokenizer, tmp_path / "strength", [BiasVectorCallback(ITEMS, tokenizer, strength=-1.0)])

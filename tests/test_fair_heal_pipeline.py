@@ -1,4 +1,5 @@
-"""The healing-time fairness settings of the pipeline: fairness_loss_* and counterfactual_augmentation."""
+"""The healing-time fairness settings of the pipeline: fairness_loss_*, counterfactual_augmentation and
+bias_vector_*."""
 
 from __future__ import annotations
 
@@ -6,11 +7,18 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from pipeline_helpers import assert_same_model, run_cli, tiny_run_settings, write_assets, write_config
 from transformers import TrainerCallback
 
 from optipfair_train import load_pruned_model
-from optipfair_train.bias import StereoSetItem, read_stereoset_jsonl, split_items
+from optipfair_train.bias import (
+    StereoSetItem,
+    fit_bias_vector,
+    read_stereoset_jsonl,
+    split_items,
+    subtract_bias_vector,
+)
 from optipfair_train.cli import main
 from optipfair_train.models import load_model_and_tokenizer
 from optipfair_train.pipeline import PruneThenHeal, load_config
@@ -68,6 +76,17 @@ BAD = {
     "CDA with sft": (
         {"fairness_loss_weight": 0.0, "counterfactual_augmentation": True, "heal_method": "sft"},
         "counterfactual_augmentation: true swaps genders in plain healing text",
+    ),
+    "bias_vector_strength=9": (
+        {"fairness_loss_weight": 0.0, "bias_vector_strength": 9.0}, "bias_vector_strength must be in [0, 8] (0 = off)"
+    ),
+    "bias_vector_items=0": ({"bias_vector_items": 0}, "bias_vector_items must be at least 1, got 0"),
+    "bias_vector_learning_rate=0": (
+        {"bias_vector_learning_rate": 0.0}, "bias_vector_learning_rate must be a positive number"
+    ),
+    "bias vector without stereoset_data": (
+        {"fairness_loss_weight": 0.0, "bias_vector_strength": 0.5, "stereoset_data": ""},
+        "bias_vector_strength > 0 fits the vector on StereoSet build items: set stereoset_data",
     ),
 }  # fmt: skip
 
@@ -149,6 +168,51 @@ def test_a_killed_fairness_run_resumes_to_the_uninterrupted_model(assets, tmp_pa
     killed = run_cli(config, crash_at="heal-step:3")
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (out / "round-1" / "heal" / "checkpoint-2").is_dir()
+    resumed = run_cli(config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_model(out / "final", reference)
+
+
+def _vector(assets: Path, **overrides) -> dict:
+    """One round, LoRA, 4 steps, then the bias vector (one pass over 8 build items) at strength 0.5."""
+    return dict(
+        num_rounds=1, num_layers_to_remove=0, stereoset_data=str(assets / "stereoset.jsonl"),
+        stereoset_sample_size=6, bias_vector_strength=0.5, bias_vector_items=8, bias_vector_epochs=1,
+        bias_vector_learning_rate=1e-3,
+    ) | overrides  # fmt: skip
+
+
+def test_a_pipeline_round_subtracts_the_bias_vector_of_its_healed_model(assets, tmp_path):
+    finals = {}
+    for strength in (0.0, 0.5):
+        out = tmp_path / f"run-{strength}"
+        settings = tiny_run_settings(assets, out, **_vector(assets, bias_vector_strength=strength))
+        config = load_config(None, [x for k, v in settings.items() for x in (f"--{k}", str(v))])
+        PruneThenHeal(config).run()
+        finals[strength] = load_pruned_model(out / "final")
+    _, tokenizer = load_model_and_tokenizer(str(assets / "model"))
+    items = fairness_build_items(str(assets / "stereoset.jsonl"), seed=config.run.seed, count=8)
+    expected = finals[0.0]  # the same run without the mode, minus its own vector (round 1: seed + 1)
+    vector = fit_bias_vector(
+        expected, tokenizer, items, epochs=1, learning_rate=1e-3, seed=config.run.seed + 1
+    )
+    subtract_bias_vector(expected, vector, 0.5)
+    got = dict(finals[0.5].named_parameters())
+    for name, p in expected.named_parameters():
+        torch.testing.assert_close(got[name], p, rtol=0, atol=1e-6, msg=name)
+    assert finals[0.5].config.debias_history[-1] == {"method": "bias_vector", "strength": 0.5}
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_the_bias_vector_resumes_to_the_uninterrupted_model(assets, tmp_path):
+    reference_out = tmp_path / "reference"
+    PruneThenHeal(load_config(write_config(assets, reference_out, **_vector(assets)))).run()
+    reference = {n: t.clone() for n, t in load_pruned_model(reference_out / "final").state_dict().items()}
+    out = tmp_path / "run"
+    config = write_config(assets, out, **_vector(assets))
+    killed = run_cli(config, crash_at="bias-vector")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (out / "round-1" / "model").exists()
     resumed = run_cli(config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_model(out / "final", reference)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..names import MAX_BIAS_VECTOR_STRENGTH
 from .stereoset import item_sequences, padded_options, scored_log_probs
 from .stereoset_data import StereoSetItem
 from .tokens import pad_token_id
@@ -43,9 +44,6 @@ from .tokens import pad_token_id
 __all__ = ["check_bias_vector_settings", "fit_bias_vector", "subtract_bias_vector", "debias_with_bias_vector"]
 
 logger = logging.getLogger(__name__)
-
-#: The largest strength accepted: beyond it the subtraction is extrapolation far past what was fitted.
-MAX_STRENGTH = 8.0
 
 
 def check_bias_vector_settings(
@@ -58,7 +56,7 @@ def check_bias_vector_settings(
     """Refuse settings the bias vector cannot use, before anything is computed or changed.
 
     Raises:
-        ValueError: a strength outside (0, MAX_STRENGTH], epochs or batch size below 1, a learning rate that
+        ValueError: a strength outside (0, MAX_BIAS_VECTOR_STRENGTH], epochs or batch size below 1, a learning rate that
             is not a positive finite number, or a model with PEFT adapters (merge them first: the vector is
             a change of the plain model's weights).
 
@@ -68,9 +66,11 @@ def check_bias_vector_settings(
     if (
         isinstance(strength, bool)
         or not isinstance(strength, (int, float))
-        or not 0 < strength <= MAX_STRENGTH
+        or not 0 < strength <= MAX_BIAS_VECTOR_STRENGTH
     ):
-        raise ValueError(f"bias vector strength must be a number in (0, {MAX_STRENGTH:g}], got {strength!r}")
+        raise ValueError(
+            f"bias vector strength must be a number in (0, {MAX_BIAS_VECTOR_STRENGTH:g}], got {strength!r}"
+        )
     for name, value in (("epochs", epochs), ("batch size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"bias vector {name} must be an integer >= 1, got {value!r}")

@@ -1,5 +1,5 @@
 """Trainer callbacks: pruning on a schedule, bias probes, gradient importance, a fairness guard,
-a fairness loss added to healing.
+a fairness loss added to healing, the bias vector removed when training ends.
 
 They decide *when*; the engine (:func:`optipfair_train.prune_model`, :mod:`optipfair_train.bias`) decides
 *what*. Scalars go through ``trainer.log`` so every ``report_to`` backend receives them on the Trainer's
@@ -14,6 +14,7 @@ Example:
 
 from .base import ReportingCallback, report_to, wandb_active
 from .bias_probe import PROBES, BiasProbeCallback
+from .bias_vector import BiasVectorCallback
 from .fairness_guard import GUARD_FILE, FairnessGuardCallback
 from .fairness_loss import FairnessLossCallback
 from .importance import GradientImportanceCallback
@@ -29,6 +30,7 @@ from .stats import PRUNING_TABLE_COLUMNS, model_structure, pruning_scalars, prun
 from .zeroshot import ZeroShotCallback
 
 __all__ = [
+    "BiasVectorCallback",
     "ZeroShotCallback",
     "PruningCallback",
     "BiasProbeCallback",

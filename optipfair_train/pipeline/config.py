@@ -221,6 +221,15 @@ class HealConfig:
         "keep a frozen copy of the model for it)",
         "items",
     )
+    bias_vector_strength: float = _help(
+        "after each round's healing, subtract this many times the model's bias vector from its weights: the "
+        "difference between two short fine-tunes, on StereoSet build items' stereotype and on their "
+        "anti-stereotype sentences (optipfair_train.bias.bias_vector; needs stereoset_data); 0 = off, at most 8",
+        0.0,
+    )
+    bias_vector_items: int = _help("StereoSet build items the bias vector's two fine-tunes train on", 1000)
+    bias_vector_epochs: int = _help("passes over those items per fine-tune", 2)
+    bias_vector_learning_rate: float = _help("AdamW learning rate of the bias vector's fine-tunes", 2e-5)
     counterfactual_augmentation: bool = _help(
         "add the gender swap of every healing text that names a gender (he <-> she, names, ...), at the "
         "same number of healing sequences; plain-text heal_data with lora/kd/kd_lora only",

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from typing import Any
 
-from ..names import DTYPES, FAIRNESS_LOSS_OBJECTIVES, LAYER_SELECTION_METHODS
+from ..names import DTYPES, FAIRNESS_LOSS_OBJECTIVES, LAYER_SELECTION_METHODS, MAX_BIAS_VECTOR_STRENGTH
 from .config import HEAL_METHODS, LORA_METHODS, TEACHER_TEXT, PipelineConfig, PruningConfig, fairness_heads
 
 __all__ = ["validate"]
@@ -67,6 +67,19 @@ def _check_fairness_loss(config: PipelineConfig) -> None:
     if h.fairness_loss_weight > 0 and h.heal_method == "none":
         raise ValueError(
             "fairness_loss_weight > 0 acts during healing: choose a heal_method other than none."
+        )
+    if not 0 <= h.bias_vector_strength <= MAX_BIAS_VECTOR_STRENGTH:
+        raise ValueError(
+            f"bias_vector_strength must be in [0, {MAX_BIAS_VECTOR_STRENGTH:g}] (0 = off), got {h.bias_vector_strength}."
+        )
+    _check_positive(h, ("bias_vector_items", "bias_vector_epochs"))
+    if not (h.bias_vector_learning_rate > 0 and math.isfinite(h.bias_vector_learning_rate)):
+        raise ValueError(
+            f"bias_vector_learning_rate must be a positive number, got {h.bias_vector_learning_rate}."
+        )
+    if h.bias_vector_strength > 0 and not d.stereoset_data:
+        raise ValueError(
+            "bias_vector_strength > 0 fits the vector on StereoSet build items: set stereoset_data (e.g. 'default')."
         )
     if h.counterfactual_augmentation and (
         h.heal_method in ("none", "sft", "sft_lora") or d.heal_data == TEACHER_TEXT

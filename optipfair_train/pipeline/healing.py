@@ -29,6 +29,7 @@ from ..heal import DistillationTrainer, TeacherCache, add_lora
 from ..pruning import load_pruned_model
 from .config import LORA_METHODS, DataConfig, HealConfig, RunConfig
 from .distributed import unshard
+from .faults import crash_point
 from .state import CheckpointCompletion, last_complete_checkpoint, remove_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ __all__ = [
     "tensorboard_dir",
     "heal",
     "fairness_build_items",
+    "remove_bias_vector",
 ]
 
 
@@ -157,6 +159,39 @@ def fairness_build_items(source: str, seed: int, count: int) -> list:
 
     build, _ = split_items(load_stereoset(source), seed=seed)
     return sample_items(build, count, seed=seed)
+
+
+def remove_bias_vector(
+    model: torch.nn.Module,
+    tokenizer,
+    h: HealConfig,
+    items: list | None,
+    seed: int,
+    show_progress: bool = False,
+) -> torch.nn.Module:
+    """After a round's healing: fit ``model``'s bias vector on StereoSet build ``items`` and subtract
+    ``h.bias_vector_strength`` times it from the weights (:mod:`optipfair_train.bias.bias_vector`); the model
+    unchanged when the strength is 0. Deterministic for a seed (the fine-tunes run in eval mode in a fixed
+    order), so a round resumed after a kill reaches the same weights; every process computes the same.
+
+    Raises:
+        ValueError: a strength > 0 without items.
+
+    Example:
+        >>> model = remove_bias_vector(model, tokenizer, config.heal, items, seed=0)  # doctest: +SKIP
+    """
+    if h.bias_vector_strength <= 0:
+        return model
+    if not items:
+        raise ValueError("bias_vector_strength > 0 needs StereoSet build items (fairness_build_items).")
+    from ..bias.bias_vector import debias_with_bias_vector
+
+    debias_with_bias_vector(
+        model, tokenizer, items, h.bias_vector_strength, epochs=h.bias_vector_epochs,
+        learning_rate=h.bias_vector_learning_rate, seed=seed, show_progress=show_progress,
+    )  # fmt: skip
+    crash_point("bias-vector")  # subtracted in memory, nothing saved yet: a resume must reach the same
+    return model
 
 
 def heal(

@@ -55,7 +55,7 @@ from .config import PipelineConfig
 from .evaluate import StageEvaluator
 from .faults import crash_point
 from .figures import report_figures
-from .healing import NonFiniteLossError, heal, training_args
+from .healing import NonFiniteLossError, heal, remove_bias_vector, training_args
 from .lock import OutputGuard
 from .report import write_report
 from .rounds import round_requests
@@ -179,7 +179,7 @@ class PruneThenHeal:
             self.calibration = data.calibration
         if data.heal_dataset is not None:
             self.heal_dataset = data.heal_dataset
-        self.fairness_items = data.fairness_items
+        self.fairness_items, self.bias_vector_items = data.fairness_items, data.bias_vector_items
 
     # -- evaluation ----------------------------------------------------------------------------------
     def evaluate(self, model, tokenizer, stage: str = "base") -> dict[str, Any]:
@@ -386,6 +386,14 @@ class PruneThenHeal:
                 self._save_state()
                 model = self._load_saved(pruned_dir)
 
+        model = remove_bias_vector(
+            model,
+            tokenizer,
+            config.heal,
+            self.bias_vector_items,
+            config.run.seed + k,
+            config.run.show_progress,
+        )
         healed = self.evaluate(model, tokenizer, stage=f"round-{k}-healed")
         record = {
             "round": k,

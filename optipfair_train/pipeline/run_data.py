@@ -1,5 +1,5 @@
 """The data a pipeline run reads from its config: calibration blocks, the healing set and the fairness
-loss's StereoSet build items.
+loss's and the bias vector's StereoSet build items.
 
 Teacher-written text (``calibration_data`` / ``heal_data: teacher``) is not read here: the unpruned
 model writes it once the run has loaded it (:mod:`.teacher`), so those parts come back as ``None``.
@@ -31,6 +31,7 @@ class RunData:
     calibration: list | None = None
     heal_dataset: Any = None
     fairness_items: list | None = None
+    bias_vector_items: list | None = None
 
 
 def load_run_data(config: PipelineConfig, tokenizer, num_processes: int) -> RunData:
@@ -60,4 +61,6 @@ def load_run_data(config: PipelineConfig, tokenizer, num_processes: int) -> RunD
         out.heal_dataset = text_dataset(tokenizer, texts, seq_len=d.heal_seq_len, num_sequences=sequences)
     if h.fairness_loss_weight > 0:  # build-half items only; the stage probes judge the held-out half
         out.fairness_items = fairness_build_items(d.stereoset_data, config.run.seed, h.fairness_loss_items)
+    if h.bias_vector_strength > 0:  # build-half items as well
+        out.bias_vector_items = fairness_build_items(d.stereoset_data, config.run.seed, h.bias_vector_items)
     return out

@@ -157,20 +157,30 @@ def test_counterfactual_augmentation_adds_the_swapped_text(assets, tmp_path):
     assert "She met her brother." in texts[True] and "He met his sister." in texts[True]
 
 
-@pytest.mark.slow
-def test_a_killed_fairness_run_resumes_to_the_uninterrupted_model(assets, tmp_path):
-    """SIGKILL after healing step 3 (checkpoint-2 complete), rerun: the same final model."""
+def _killed_and_resumed(assets: Path, tmp_path: Path, settings: dict, crash_at: str) -> dict[str, bool]:
+    """Run ``settings`` uninterrupted, then killed at ``crash_at`` and rerun; asserts the same final model
+    and returns what the killed run had left (a heal checkpoint, no round model)."""
     reference_out = tmp_path / "reference"
-    PruneThenHeal(load_config(write_config(assets, reference_out, **_fair(assets)))).run()
+    PruneThenHeal(load_config(write_config(assets, reference_out, **settings))).run()
     reference = {n: t.clone() for n, t in load_pruned_model(reference_out / "final").state_dict().items()}
     out = tmp_path / "run"
-    config = write_config(assets, out, **_fair(assets))
-    killed = run_cli(config, crash_at="heal-step:3")
+    config = write_config(assets, out, **settings)
+    killed = run_cli(config, crash_at=crash_at)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert (out / "round-1" / "heal" / "checkpoint-2").is_dir()
+    checks = {
+        "checkpoint": (out / "round-1" / "heal" / "checkpoint-2").is_dir(),
+        "no round model": not (out / "round-1" / "model").exists(),
+    }
     resumed = run_cli(config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_model(out / "final", reference)
+    return checks
+
+
+@pytest.mark.slow
+def test_a_killed_fairness_run_resumes_to_the_uninterrupted_model(assets, tmp_path):
+    """SIGKILL after healing step 3 (checkpoint-2 complete), rerun: the same final model."""
+    assert _killed_and_resumed(assets, tmp_path, _fair(assets), "heal-step:3")["checkpoint"]
 
 
 def _vector(assets: Path, **overrides) -> dict:
@@ -205,14 +215,5 @@ def test_a_pipeline_round_subtracts_the_bias_vector_of_its_healed_model(assets, 
 
 @pytest.mark.slow
 def test_a_run_killed_after_the_bias_vector_resumes_to_the_uninterrupted_model(assets, tmp_path):
-    reference_out = tmp_path / "reference"
-    PruneThenHeal(load_config(write_config(assets, reference_out, **_vector(assets)))).run()
-    reference = {n: t.clone() for n, t in load_pruned_model(reference_out / "final").state_dict().items()}
-    out = tmp_path / "run"
-    config = write_config(assets, out, **_vector(assets))
-    killed = run_cli(config, crash_at="bias-vector")
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert not (out / "round-1" / "model").exists()
-    resumed = run_cli(config)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_model(out / "final", reference)
+    """SIGKILL once the vector is subtracted in memory (nothing of the round saved), rerun: the same model."""
+    assert _killed_and_resumed(assets, tmp_path, _vector(assets), "bias-vector")["no round model"]

@@ -192,7 +192,7 @@ def main() -> None:
          + [f"{r['seconds']:.0f}"] for n, r in results.items()],
         title="Zero-shot accuracy (95% bootstrap intervals) and evaluation times",
     )  # fmt: skip
-    pairs = modes + [("base", n) for n in results if n != "base"]
+    pairs = modes + [("base", n) for n in results if n != "base" and ("base", n) not in modes]
     change_tables(report, results, pairs, types, args.seed)
     report.table(
         ["change", "zero-shot mean acc change"],

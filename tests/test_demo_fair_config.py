@@ -7,7 +7,7 @@ from optipfair_train.pipeline.config import load_config
 from optipfair_train.pipeline.config_checks import validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-MODE_KEYS = {"fairness_loss_weight", "fairness_loss_objective", "fairness_loss_items", "fairness_loss_batch"}
+MODE_KEYS = {"bias_vector_strength", "bias_vector_items", "bias_vector_epochs", "bias_vector_learning_rate"}
 OWN_KEYS = {"output_dir", "run_name", "reference_run"}
 
 
@@ -21,5 +21,5 @@ def test_demo_fair_differs_from_the_demo_only_in_the_mode_and_its_own_folder():
     a, b = _flat(demo), _flat(fair)
     differing = {key for key in a if a[key] != b[key]}
     assert differing <= MODE_KEYS | OWN_KEYS
-    assert b["fairness_loss_weight"] > 0 and a["fairness_loss_weight"] == 0
+    assert b["bias_vector_strength"] > 0 and a["bias_vector_strength"] == 0
     assert b["reference_run"] == a["output_dir"] != b["output_dir"]

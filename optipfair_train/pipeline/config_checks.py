@@ -50,7 +50,8 @@ def _check_refit(p: PruningConfig) -> None:
 
 
 def _check_fairness_loss(config: PipelineConfig) -> None:
-    """The healing-time fairness settings: the loss on StereoSet build items and counterfactual text."""
+    """The fairness settings of healing: the loss on StereoSet build items, the bias vector subtracted after
+    it, and counterfactual text."""
     h, d = config.heal, config.data
     if h.fairness_loss_weight < 0:
         raise ValueError(f"fairness_loss_weight must be >= 0 (0 = off), got {h.fairness_loss_weight}.")

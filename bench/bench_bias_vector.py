@@ -10,7 +10,7 @@ within 2.5% of the model without the vector (``--tune-items`` tune items; ties g
 
 Models: base; the demo compression (``configs/demo.yaml``: MLP -20% ``hybrid`` + refit on 32 x 256 tokens
 the unpruned model writes) healed with the demo's budget (60 LoRA steps, r=16, lr 2e-4, 4 x 128 demo-text
-tokens a step, through the pipeline's ``heal``, adapters merged); that model minus its own bias vector at
+tokens a step, through the pipeline's ``heal``, which merges the adapters); that model minus its own bias vector at
 the chosen strength; the base minus its own bias vector (``--no-unpruned`` skips it). Each model: SS / LMS /
 ICAT per bias type on the held-out half (all of it by default), paired changes (same items), WinoBias
 (``--wino`` items: the pronoun prior separated from the stereotype), WikiText-2 test perplexity, zero-shot
@@ -31,15 +31,12 @@ from __future__ import annotations
 
 import copy
 import json
-import tempfile
 import time
 
-import torch
-from bench_fair_heal import SEQ_LEN, _checks, _heal, _summary
+from bench_fair_heal import SEQ_LEN, _heal, _summary, demo_compression, measured, mode_tables
 from common import Progress, Report, base_parser, load_workload, setup
-from heldout import add_heldout_flags, cell, change_tables, evaluate, scores_table, stereoset_halves
+from heldout import add_heldout_flags, cell, scores_table, stereoset_halves
 
-from optipfair_train import prune_model
 from optipfair_train.bias import (
     fit_bias_vector,
     sample_items,
@@ -48,28 +45,24 @@ from optipfair_train.bias import (
     stereoset_scores,
     subtract_bias_vector,
 )
-from optipfair_train.data import block_dataloader, load_texts, tokenize_for_lm
+from optipfair_train.data import load_texts, tokenize_for_lm
 from optipfair_train.evaluation import perplexity
-from optipfair_train.heal import sample_teacher_text, text_dataset
-from optipfair_train.zeroshot import load_tasks, zeroshot_change, zeroshot_scores
+from optipfair_train.heal import text_dataset
+from optipfair_train.zeroshot import load_tasks
 
 
 def _choose(model, vector, tokenizer, tune, valid, strengths, seed, log) -> tuple[float, list[list[str]]]:
     """The strength chosen on the tune items (module docstring), and the rows of the choice table."""
-    base_params = {n: p.detach().clone() for n, p in model.named_parameters() if p.is_floating_point()}
     ref = stereoset_scores(model, tokenizer, tune, seed=seed)
     ref_ppl = perplexity(model, input_ids=valid, seq_len=valid.shape[1])
     rows = [["none", f"{ref['ss']:.1f}", f"{ref['lms']:.1f}", "-", f"{ref_ppl:.2f}", "-"]]
     best, best_gap = None, None
     for strength in strengths:
-        subtract_bias_vector(model, vector, strength)
-        r = stereoset_scores(model, tokenizer, tune, seed=seed)
-        ppl = perplexity(model, input_ids=valid, seq_len=valid.shape[1])
-        with torch.no_grad():  # back to the model without the vector
-            for n, p in model.named_parameters():
-                if n in base_params:
-                    p.copy_(base_params[n])
-        model.config.debias_history = model.config.debias_history[:-1]
+        edited = copy.deepcopy(model)
+        subtract_bias_vector(edited, vector, strength)
+        r = stereoset_scores(edited, tokenizer, tune, seed=seed)
+        ppl = perplexity(edited, input_ids=valid, seq_len=valid.shape[1])
+        del edited
         lms = stereoset_change(ref, r, seed=seed)["lms_change"]
         ok = lms >= -1.5 and ppl <= 1.025 * ref_ppl
         gap = abs(r["ss"] - 50)
@@ -118,29 +111,15 @@ def main() -> None:
     tasks = load_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
     report = Report("bias-vector", "The bias vector (task arithmetic) as a fairness mode", args.out)
 
-    with tempfile.TemporaryDirectory(prefix="bench-calibration-") as folder:
-        written = sample_teacher_text(
-            teacher, folder, 4 if quick else 32, 256, special_ids=set(tokenizer.all_special_ids),
-            seed=args.seed, show_progress=False,
-        )  # fmt: skip
-    pruned = copy.deepcopy(teacher)
-    prune_model(
-        pruned, pruning_type="MLP_GLU", neuron_selection_method="hybrid", pruning_percentage=20.0,
-        dataloader=list(block_dataloader(written)), show_progress=False, seed=args.seed, reconstruct=True,
-        damping=0.01,
-    )  # fmt: skip
+    pruned, written = demo_compression(teacher, tokenizer, args)
     texts = load_texts("demo", split="calibration")
     plain = text_dataset(tokenizer, texts, seq_len=SEQ_LEN, num_sequences=args.steps * args.batch)
     healed, heal_seconds = _heal(pruned, tokenizer, plain, args, 0.0, fit)
-    healed = healed.merge_and_unload() if hasattr(healed, "merge_and_unload") else healed
     log(f"pruned and healed ({heal_seconds:.0f} s)")
     results, choices = {}, {}
 
     def measure(name: str, model, extra: dict | None = None) -> None:
-        r = evaluate(model, work, halves, args.seed)
-        start = time.perf_counter()
-        r["zeroshot"] = zeroshot_scores(model, tokenizer, tasks, sample_size=zs_items, seed=args.seed)
-        r["seconds"] += time.perf_counter() - start
+        r = measured(model, work, halves, tasks, zs_items, args.seed)
         r.update(extra or {})
         results[name] = r
         partial = {n: _summary(x) for n, x in results.items()}
@@ -193,18 +172,7 @@ def main() -> None:
         title="Zero-shot accuracy (95% bootstrap intervals) and evaluation times",
     )  # fmt: skip
     pairs = modes + [("base", n) for n in results if n != "base" and ("base", n) not in modes]
-    change_tables(report, results, pairs, types, args.seed)
-    report.table(
-        ["change", "zero-shot mean acc change"],
-        [[f"{a} vs {b}", cell(zeroshot_change(results[b]["zeroshot"], results[a]["zeroshot"], seed=args.seed)["mean"], "acc_change")]
-         for b, a in pairs],
-        title="Zero-shot paired changes (points; paired bootstrap 95% interval)",
-    )  # fmt: skip
-    for before, after in modes:
-        report.text(
-            f"**Targets, {after} vs {before}:**\n\n"
-            + "\n".join(f"- {line}" for line in _checks(results, before, after, args.seed))
-        )
+    mode_tables(report, results, modes, pairs, types, args.seed)
     path = report.write()
     summary = {"command": report.lines[4], "args": {k: str(v) for k, v in vars(args).items()},
                "strengths": {n: c[0] for n, c in choices.items()},

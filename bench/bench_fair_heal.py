@@ -142,6 +142,49 @@ def _summary(r: dict) -> dict:
     return out
 
 
+def demo_compression(teacher, tokenizer, args) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A copy of ``teacher`` at configs/demo.yaml's compression (MLP -20% ``hybrid`` + refit on 32 x 256
+    tokens the unpruned model writes; 4 with ``--quick``), and those tokens."""
+    with tempfile.TemporaryDirectory(prefix="bench-calibration-") as folder:
+        written = sample_teacher_text(
+            teacher, folder, 4 if args.quick else 32, 256, special_ids=set(tokenizer.all_special_ids),
+            seed=args.seed, show_progress=False,
+        )  # fmt: skip
+    pruned = copy.deepcopy(teacher)
+    prune_model(
+        pruned, pruning_type="MLP_GLU", neuron_selection_method="hybrid", pruning_percentage=20.0,
+        dataloader=list(block_dataloader(written)), show_progress=False, seed=args.seed, reconstruct=True,
+        damping=0.01,
+    )  # fmt: skip
+    return pruned, written
+
+
+def measured(model, work, halves, tasks, zeroshot_items: int, seed: int) -> dict:
+    """:func:`heldout.evaluate` plus zero-shot accuracy (its seconds included)."""
+    r = evaluate(model, work, halves, seed)
+    start = time.perf_counter()
+    r["zeroshot"] = zeroshot_scores(model, work.tokenizer, tasks, sample_size=zeroshot_items, seed=seed)
+    r["seconds"] += time.perf_counter() - start
+    return r
+
+
+def mode_tables(report, results: dict, modes: list, pairs: list, types: list[str], seed: int) -> None:
+    """The paired StereoSet / WinoBias / zero-shot change tables of ``pairs`` and the target checks of
+    each ``(before, after)`` in ``modes``."""
+    change_tables(report, results, pairs, types, seed)
+    report.table(
+        ["change", "zero-shot mean acc change"],
+        [[f"{a} vs {b}", cell(zeroshot_change(results[b]["zeroshot"], results[a]["zeroshot"], seed=seed)["mean"], "acc_change")]
+         for b, a in pairs],
+        title="Zero-shot paired changes (points; paired bootstrap 95% interval)",
+    )  # fmt: skip
+    for before, after in modes:
+        report.text(
+            f"**Targets, {after} vs {before}:**\n\n"
+            + "\n".join(f"- {line}" for line in _checks(results, before, after, seed))
+        )
+
+
 def main() -> None:
     parser = base_parser(__doc__)
     add_heldout_flags(parser, items=None, wino=200, eval_tokens=4096)
@@ -211,19 +254,7 @@ def main() -> None:
         "fair-heal", "Fairness during healing: the fairness loss and counterfactual augmentation", args.out
     )
 
-    with tempfile.TemporaryDirectory(
-        prefix="bench-calibration-"
-    ) as folder:  # configs/demo.yaml's calibration
-        written = sample_teacher_text(
-            teacher, folder, 4 if quick else 32, 256, special_ids=set(tokenizer.all_special_ids),
-            seed=args.seed, show_progress=False,
-        )  # fmt: skip
-    pruned = copy.deepcopy(teacher)
-    prune_model(
-        pruned, pruning_type="MLP_GLU", neuron_selection_method="hybrid", pruning_percentage=20.0,
-        dataloader=list(block_dataloader(written)), show_progress=False, seed=args.seed, reconstruct=True,
-        damping=0.01,
-    )  # fmt: skip
+    pruned, written = demo_compression(teacher, tokenizer, args)
     log("pruned (MLP -20% hybrid + refit)")
     texts = load_texts("demo", split="calibration")
     sequences = args.steps * args.batch
@@ -248,10 +279,7 @@ def main() -> None:
     results = {}
 
     def measure(name: str, model, heal_seconds: float | None) -> None:
-        r = evaluate(model, work, halves, args.seed)
-        start = time.perf_counter()
-        r["zeroshot"] = zeroshot_scores(model, tokenizer, tasks, sample_size=zs_items, seed=args.seed)
-        r["seconds"] += time.perf_counter() - start
+        r = measured(model, work, halves, tasks, zs_items, args.seed)
         r["heal_seconds"] = heal_seconds
         results[name] = r
         partial = {n: _summary(x) for n, x in results.items()}  # readable while a long run goes on
@@ -292,18 +320,7 @@ def main() -> None:
     if not args.no_unpruned:
         modes.append(("base + LoRA", heals[-1][0]))
     pairs = modes + [("base", n) for n, *_ in heals]
-    change_tables(report, results, pairs, types, args.seed)
-    report.table(
-        ["change", "zero-shot mean acc change"],
-        [[f"{a} vs {b}", cell(zeroshot_change(results[b]["zeroshot"], results[a]["zeroshot"], seed=args.seed)["mean"], "acc_change")]
-         for b, a in pairs],
-        title="Zero-shot paired changes (points; paired bootstrap 95% interval)",
-    )  # fmt: skip
-    for before, after in modes:
-        report.text(
-            f"**Targets, {after} vs {before}:**\n\n"
-            + "\n".join(f"- {line}" for line in _checks(results, before, after, args.seed))
-        )
+    mode_tables(report, results, modes, pairs, types, args.seed)
     path = report.write()
     summary = {"command": report.lines[4], "args": {k: str(v) for k, v in vars(args).items()},
                "models": {n: _summary(r) for n, r in results.items()}}  # fmt: skip

@@ -114,10 +114,8 @@ def _fine_tuned_change(
         for start in range(0, len(order), batch_size):
             batch = [sequences[i] for i in order[start : start + batch_size]]
             input_ids, attention, scored = padded_options(batch, pad)
-            counts = scored[:, 1:].sum(1).to(torch.float64)
-            loss = -(
-                scored_log_probs(tuned, input_ids, attention, scored) / counts.to(input_ids.device)
-            ).mean()
+            sums = scored_log_probs(tuned, input_ids, attention, scored)  # on the model's device
+            loss = -(sums / scored[:, 1:].sum(1).to(sums)).mean()  # mean token NLL per sentence, then items
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

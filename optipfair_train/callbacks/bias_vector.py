@@ -61,10 +61,8 @@ class BiasVectorCallback(TrainerCallback):
         check_bias_vector_settings(model, self.strength, **self.fit)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        was_training = model.training
         debias_with_bias_vector(
             model, self.tokenizer, self.items, self.strength, seed=self.seed, show_progress=self.show_progress,
             **self.fit,
         )  # fmt: skip
-        model.train(was_training)
         logger.info("bias vector x%g subtracted after step %d", self.strength, state.global_step)
